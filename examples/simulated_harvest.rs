@@ -1,0 +1,371 @@
+//! A simulated harvest: the main job of harvest-supervisor, end to end.
+//!
+//! It starts the supervision tree, harvests N simulated resources of which some fail, panic,
+//! run past their timeout or hang forever, shows a progress bar, prints the supervision
+//! events, and ends with a report. However the resources behave, the session must end with
+//! its finalizer run exactly once and its harvester free; the example exits non-zero only
+//! if the tree itself misbehaves, never because resources failed.
+//!
+//! ```text
+//! cargo run --example simulated_harvest
+//! cargo run --example simulated_harvest -- --resources 500 --hang-rate 0.02 --events events.jsonl
+//! cargo run --example simulated_harvest -- --resource-timeout none --hang-rate 0.01   # the monitor's deadline cuts hangs
+//! ```
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use harvest_supervisor::{
+    BoxError, EventKind, HarvestContext, RecvError, SessionConfig, SessionEvent, SessionReport,
+    SessionRequest, Supervisor, SupervisorConfig, finalizer_fn, harvest_fn,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+/// Harvest simulated resources under the supervision tree.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Number of resources in the session.
+    #[arg(long, default_value_t = 200)]
+    resources: usize,
+    /// Share of resources whose harvest returns an error.
+    #[arg(long, default_value_t = 0.05)]
+    fail_rate: f64,
+    /// Share of resources whose harvest panics.
+    #[arg(long, default_value_t = 0.02)]
+    panic_rate: f64,
+    /// Share of resources that run past the per-resource timeout.
+    #[arg(long, default_value_t = 0.02)]
+    timeout_rate: f64,
+    /// Share of resources that never return at all.
+    #[arg(long, default_value_t = 0.01)]
+    hang_rate: f64,
+    /// Most resources harvested at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Expected time of one resource (the deadline is resources x this + buffer).
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    per_resource_estimate: Duration,
+    /// Slack added to the deadline.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    buffer: Duration,
+    /// Limit of one attempt, or "none" to leave hangs to the monitor's deadline.
+    #[arg(long, default_value = "1s", value_parser = parse_limit)]
+    resource_timeout: Limit,
+    /// How often the monitor checks the deadline.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    monitor_interval: Duration,
+    /// How long the monitor waits before escalating a stuck session.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    escalation_grace: Duration,
+    /// Attempts per resource (1 = no retry).
+    #[arg(long, default_value_t = 1)]
+    max_attempts: u32,
+    /// Write every supervision event of the session to this file, one JSON per line.
+    #[arg(long)]
+    events: Option<PathBuf>,
+    /// Print no event lines, only the progress bar and the report.
+    #[arg(long)]
+    quiet: bool,
+    /// Seed of the simulation, for a reproducible run.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+/// A duration, or none at all.
+#[derive(Clone, Copy, Debug)]
+struct Limit(Option<Duration>);
+
+fn parse_limit(s: &str) -> Result<Limit, humantime::DurationError> {
+    if s == "none" {
+        Ok(Limit(None))
+    } else {
+        humantime::parse_duration(s).map(|d| Limit(Some(d)))
+    }
+}
+
+/// The start of every simulated panic message.
+const SIMULATED_PANIC: &str = "malformed metadata";
+
+/// What a simulated resource does.
+#[derive(Clone, Copy, Debug)]
+enum Behaviour {
+    Succeed(Duration),
+    Fail(Duration),
+    Panic,
+    Slow,
+    Hang,
+}
+
+fn plan(args: &Args) -> HashMap<String, Behaviour> {
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    (0..args.resources)
+        .map(|i| {
+            let roll: f64 = rng.random();
+            let work = Duration::from_millis(rng.random_range(20..200));
+            let mut edge = args.fail_rate;
+            let b = if roll < edge {
+                Behaviour::Fail(work)
+            } else if roll < {
+                edge += args.panic_rate;
+                edge
+            } {
+                Behaviour::Panic
+            } else if roll < {
+                edge += args.timeout_rate;
+                edge
+            } {
+                Behaviour::Slow
+            } else if roll < edge + args.hang_rate {
+                Behaviour::Hang
+            } else {
+                Behaviour::Succeed(work)
+            };
+            (format!("resource-{i:06}"), b)
+        })
+        .collect()
+}
+
+async fn simulate(
+    plan: Arc<HashMap<String, Behaviour>>,
+    ctx: HarvestContext,
+) -> Result<(), BoxError> {
+    match plan.get(&ctx.resource_id.0).copied() {
+        Some(Behaviour::Succeed(work)) => {
+            tokio::time::sleep(work).await;
+            Ok(())
+        }
+        Some(Behaviour::Fail(work)) => {
+            tokio::time::sleep(work).await;
+            Err(format!("remote answered 500 for {}", ctx.resource_id).into())
+        }
+        Some(Behaviour::Panic) => panic!("{SIMULATED_PANIC} in {}", ctx.resource_id),
+        // Slow: long past any sane timeout, but it would end; Hang: never.
+        Some(Behaviour::Slow) => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(())
+        }
+        Some(Behaviour::Hang) | None => std::future::pending().await,
+    }
+}
+
+fn print_event(e: &SessionEvent) {
+    let detail = serde_json::to_value(&e.kind)
+        .ok()
+        .and_then(|v| v.as_object().cloned())
+        .map(|mut o| {
+            o.remove("kind");
+            serde_json::Value::Object(o).to_string()
+        })
+        .unwrap_or_default();
+    eprintln!("  #{:<5} {:<18} {}", e.seq, e.kind.name(), detail);
+}
+
+#[tokio::main]
+async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // Simulated panics are expected: they show as events, not as backtraces on stderr.
+    // Any other panic is a bug and keeps the default report.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info.payload().downcast_ref::<String>().map(String::as_str);
+        if msg.is_some_and(|m| m.starts_with(SIMULATED_PANIC)) {
+            tracing::debug!(%info, "simulated panic");
+        } else {
+            default_hook(info);
+        }
+    }));
+
+    let args = Args::parse();
+    let session = SessionConfig {
+        per_resource_estimate: args.per_resource_estimate,
+        buffer: args.buffer,
+        resource_timeout: args.resource_timeout.0,
+        monitor_interval: args.monitor_interval,
+        escalation_grace: args.escalation_grace,
+        abort_grace: Duration::from_secs(1),
+        max_concurrency: args.concurrency,
+        retry: harvest_supervisor::RetryPolicy {
+            max_attempts: args.max_attempts,
+            initial_backoff: Duration::from_millis(100),
+            ..Default::default()
+        },
+        ..SessionConfig::default()
+    };
+
+    let plan = Arc::new(plan(&args));
+    let finalized = Arc::new(AtomicUsize::new(0));
+    let last_report: Arc<std::sync::Mutex<Option<SessionReport>>> = Arc::default();
+    let harvest = {
+        let plan = Arc::clone(&plan);
+        harvest_fn(move |ctx| simulate(Arc::clone(&plan), ctx))
+    };
+    let finalizer = {
+        let (finalized, last_report) = (Arc::clone(&finalized), Arc::clone(&last_report));
+        finalizer_fn(move |report: SessionReport| {
+            let (finalized, last_report) = (Arc::clone(&finalized), Arc::clone(&last_report));
+            async move {
+                finalized.fetch_add(1, Ordering::SeqCst);
+                if let Ok(mut slot) = last_report.lock() {
+                    *slot = Some(report);
+                }
+                Ok(())
+            }
+        })
+    };
+    let supervisor = Supervisor::builder(harvest, finalizer)
+        .config(SupervisorConfig {
+            session,
+            ..SupervisorConfig::default()
+        })
+        .start()
+        .await?;
+
+    let mut events = supervisor.subscribe();
+    let mut resources: Vec<String> = plan.keys().cloned().collect();
+    resources.sort();
+    let started = tokio::time::Instant::now();
+    let id = supervisor
+        .start(SessionRequest::new("simulated-csw", resources))
+        .await?;
+
+    let bar = ProgressBar::new(args.resources as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}",
+    )?);
+    let mut sink = match &args.events {
+        Some(path) => Some(BufWriter::new(File::create(path)?)),
+        None => None,
+    };
+    let mut log: Vec<SessionEvent> = Vec::new();
+    let mut problems = Vec::new();
+    loop {
+        match events.recv().await {
+            Ok(e) if e.session_id == id => {
+                if !args.quiet {
+                    bar.suspend(|| print_event(&e));
+                }
+                if let Some(out) = sink.as_mut() {
+                    serde_json::to_writer(&mut *out, &*e)?;
+                    out.write_all(b"\n")?;
+                }
+                match &e.kind {
+                    EventKind::WorkerSucceeded { .. }
+                    | EventKind::WorkerFailed { .. }
+                    | EventKind::WorkerPanicked { .. }
+                    | EventKind::WorkerTimedOut { .. }
+                    | EventKind::WorkerCancelled { .. } => bar.inc(1),
+                    EventKind::DeadlineExpired => bar.set_message("deadline expired"),
+                    _ => {}
+                }
+                let done = matches!(e.kind, EventKind::SessionFinished { .. });
+                log.push((*e).clone());
+                if done {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(RecvError::Lagged { missed }) => {
+                bar.suspend(|| eprintln!("  ({missed} events skipped: the printer fell behind)"));
+            }
+            Err(RecvError::Closed) => {
+                problems.push("the event bus closed before the session finished".to_owned());
+                break;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    if let Some(mut out) = sink {
+        out.flush()?;
+    }
+
+    let record = supervisor.session(id).await?;
+    let wall = started.elapsed();
+    println!("\nsession {id}");
+    println!("  status          {}", record.status);
+    println!(
+        "  reason          {}",
+        record.reason().map_or("-".to_owned(), |r| format!("{r:?}"))
+    );
+    let c = record.counts;
+    println!(
+        "  resources       {} = {} ok + {} failed + {} panicked + {} timed out + {} cancelled + {} lost",
+        record.total, c.succeeded, c.failed, c.panicked, c.timed_out, c.cancelled, c.lost
+    );
+    println!(
+        "  workflow time   {}",
+        humantime::format_duration(record.workflow_time)
+    );
+    println!("  took            {:.2?}", wall);
+    if let Some(err) = &record.finalizer_error {
+        println!("  finalizer error {err}");
+    }
+    if let Some(report) = last_report.lock().ok().and_then(|r| r.clone()) {
+        let slowest = report.outcomes.iter().max_by_key(|o| o.elapsed);
+        if let Some(o) = slowest {
+            println!(
+                "  slowest         {} ({}, {:.2?})",
+                o.resource_id,
+                o.outcome.name(),
+                o.elapsed
+            );
+        }
+    }
+
+    // The tree's promises, checked: these are the only reasons to exit non-zero.
+    if !record.status.is_terminal() {
+        problems.push(format!("the session is still {}", record.status));
+    }
+    let runs = finalized.load(Ordering::SeqCst);
+    if runs != 1 {
+        problems.push(format!("the finalizer ran {runs} times"));
+    }
+    if c.total() != record.total {
+        problems.push(format!(
+            "counts add up to {} of {}",
+            c.total(),
+            record.total
+        ));
+    }
+    if log.first().map(|e| e.kind.name()) != Some("SessionStarted")
+        || log.last().map(|e| e.kind.name()) != Some("SessionFinished")
+    {
+        problems.push("the event log does not run from SessionStarted to SessionFinished".into());
+    }
+    if log.windows(2).any(|w| w[0].seq >= w[1].seq) {
+        problems.push("event seq is not strictly increasing".into());
+    }
+    match supervisor
+        .start_session("simulated-csw", Vec::<String>::new())
+        .await
+    {
+        Ok(next) => {
+            supervisor.wait_finished(next).await?;
+        }
+        Err(e) => problems.push(format!("the harvester is not free: {e}")),
+    }
+    supervisor.shutdown().await?;
+
+    if problems.is_empty() {
+        println!("\nok: finalized exactly once, every resource accounted for, harvester free");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for p in &problems {
+            eprintln!("supervision error: {p}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}

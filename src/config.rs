@@ -1,0 +1,283 @@
+//! Plain, serde-friendly configuration, validated up front.
+//!
+//! Durations read and write as human text (`"30s"`, `"20m"`). [`SessionConfig::validate`]
+//! rejects a bad value with a [`ConfigError`] naming the field and the rule, before anything
+//! starts, so a typo never turns into a session that cannot end.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// What to do when a resource fails for good (after its retries).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePolicy {
+    /// Harvest what you can: a failure is recorded and the session goes on.
+    #[default]
+    Continue,
+    /// The first final failure finalizes the session; the rest are cancelled.
+    FailFast,
+}
+
+/// Retry with exponential backoff.
+///
+/// Attempt `n` (from 1) that fails, panics or times out is retried after
+/// `initial_backoff * multiplier^(n-1)`, capped at `max_backoff`, while `n < max_attempts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts per resource, the first included; 1 means no retry.
+    pub max_attempts: u32,
+    /// Delay before the second attempt.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Growth factor of the delay between attempts.
+    pub multiplier: f64,
+    /// Upper bound of any one delay.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 1,
+            initial_backoff: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `failed_attempt + 1`.
+    pub fn backoff(&self, failed_attempt: u32) -> Duration {
+        let exp = failed_attempt.saturating_sub(1).min(64) as i32;
+        let secs = self.initial_backoff.as_secs_f64() * self.multiplier.powi(exp);
+        let max = self.max_backoff.as_secs_f64();
+        // `min` first: a huge power is +inf, and Duration panics on non-finite input.
+        Duration::from_secs_f64(secs.min(max).max(0.0))
+    }
+}
+
+/// The budget and policies of one session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Expected harvest time of one resource; the deadline grows with the resource count.
+    #[serde(with = "humantime_serde")]
+    pub per_resource_estimate: Duration,
+    /// Fixed slack added to the deadline.
+    #[serde(with = "humantime_serde")]
+    pub buffer: Duration,
+    /// Limit of one attempt; `None` leaves hung attempts to the session deadline.
+    #[serde(with = "humantime_serde")]
+    pub resource_timeout: Option<Duration>,
+    /// Limit between two heartbeats of one attempt; `None` turns the check off.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Option<Duration>,
+    /// How often the monitor checks the deadline.
+    #[serde(with = "humantime_serde")]
+    pub monitor_interval: Duration,
+    /// How long the monitor waits for the session to finalize (after the deadline, or while
+    /// its finalizer runs) before it asks the root to force-finalize.
+    #[serde(with = "humantime_serde")]
+    pub escalation_grace: Duration,
+    /// How long an abort waits for workers to honour their cancellation token before
+    /// stopping them.
+    #[serde(with = "humantime_serde")]
+    pub abort_grace: Duration,
+    /// Most workers alive at once.
+    pub max_concurrency: usize,
+    /// Retries of failed, panicked or timed-out attempts.
+    pub retry: RetryPolicy,
+    /// What a final failure does to the session.
+    pub failure_policy: FailurePolicy,
+}
+
+impl Default for SessionConfig {
+    /// GeoNode's budget: 20 s per resource + 1200 s, a 600 s hard limit per task, and a
+    /// monitor every 60 s.
+    fn default() -> Self {
+        Self {
+            per_resource_estimate: Duration::from_secs(20),
+            buffer: Duration::from_secs(1200),
+            resource_timeout: Some(Duration::from_secs(600)),
+            heartbeat_timeout: None,
+            monitor_interval: Duration::from_secs(60),
+            escalation_grace: Duration::from_secs(60),
+            abort_grace: Duration::from_secs(30),
+            max_concurrency: 16,
+            retry: RetryPolicy::default(),
+            failure_policy: FailurePolicy::Continue,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// `resources x per_resource_estimate + buffer`, saturating instead of overflowing.
+    pub fn workflow_time(&self, resources: usize) -> Duration {
+        const NANOS: u128 = 1_000_000_000;
+        let total = self
+            .per_resource_estimate
+            .as_nanos()
+            .saturating_mul(resources as u128)
+            .saturating_add(self.buffer.as_nanos());
+        match u64::try_from(total / NANOS) {
+            // The remainder is below one second: it always fits in u32.
+            Ok(secs) => Duration::new(secs, (total % NANOS) as u32),
+            Err(_) => Duration::MAX,
+        }
+    }
+
+    /// Checks every field; the first broken rule is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn positive(field: &'static str, d: Duration) -> Result<(), ConfigError> {
+            if d.is_zero() {
+                return Err(ConfigError::new(field, "must be greater than zero"));
+            }
+            Ok(())
+        }
+        positive("monitor_interval", self.monitor_interval)?;
+        positive("escalation_grace", self.escalation_grace)?;
+        if let Some(t) = self.resource_timeout {
+            positive("resource_timeout", t)?;
+        }
+        if let Some(t) = self.heartbeat_timeout {
+            positive("heartbeat_timeout", t)?;
+        }
+        if self.per_resource_estimate.is_zero() && self.buffer.is_zero() {
+            return Err(ConfigError::new(
+                "buffer",
+                "per_resource_estimate and buffer cannot both be zero (the deadline would be now)",
+            ));
+        }
+        if self.max_concurrency == 0 {
+            return Err(ConfigError::new("max_concurrency", "must be at least 1"));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(ConfigError::new(
+                "retry.max_attempts",
+                "must be at least 1 (the first attempt counts)",
+            ));
+        }
+        if !self.retry.multiplier.is_finite() || self.retry.multiplier < 1.0 {
+            return Err(ConfigError::new(
+                "retry.multiplier",
+                "must be a finite number >= 1.0",
+            ));
+        }
+        if self.retry.max_backoff < self.retry.initial_backoff {
+            return Err(ConfigError::new(
+                "retry.max_backoff",
+                "must be >= retry.initial_backoff",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Settings of the whole tree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisorConfig {
+    /// The budget a session gets unless its request brings its own.
+    pub session: SessionConfig,
+    /// Events buffered per subscriber; a subscriber further behind than this loses the
+    /// oldest and is told how many.
+    pub event_capacity: usize,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            session: SessionConfig::default(),
+            event_capacity: 4096,
+        }
+    }
+}
+
+impl SupervisorConfig {
+    /// Checks the session defaults and the tree's own settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.session.validate()?;
+        if self.event_capacity == 0 {
+            return Err(ConfigError::new("event_capacity", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workflow_time_is_geonodes_formula() {
+        let c = SessionConfig::default();
+        assert_eq!(c.workflow_time(10), Duration::from_secs(10 * 20 + 1200));
+        assert_eq!(c.workflow_time(0), Duration::from_secs(1200));
+        let huge = SessionConfig {
+            per_resource_estimate: Duration::MAX,
+            ..SessionConfig::default()
+        };
+        assert_eq!(huge.workflow_time(2), Duration::MAX);
+        assert_eq!(
+            c.workflow_time(1_000_000),
+            Duration::from_secs(20_000_000 + 1200)
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let r = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_backoff: Duration::from_secs(5),
+        };
+        assert_eq!(r.backoff(1), Duration::from_secs(1));
+        assert_eq!(r.backoff(2), Duration::from_secs(2));
+        assert_eq!(r.backoff(3), Duration::from_secs(4));
+        assert_eq!(r.backoff(4), Duration::from_secs(5));
+        assert_eq!(r.backoff(u32::MAX), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn config_reads_human_durations() {
+        let c: SessionConfig = serde_json::from_str(
+            r#"{"per_resource_estimate":"2s","buffer":"1m","resource_timeout":"30s","max_concurrency":4}"#,
+        )
+        .expect("parse");
+        assert_eq!(c.per_resource_estimate, Duration::from_secs(2));
+        assert_eq!(c.buffer, Duration::from_secs(60));
+        assert_eq!(c.max_concurrency, 4);
+        c.validate().expect("valid");
+    }
+
+    #[test]
+    fn invalid_fields_are_named() {
+        let mut c = SessionConfig {
+            max_concurrency: 0,
+            ..SessionConfig::default()
+        };
+        assert_eq!(
+            c.validate().expect_err("invalid").field(),
+            "max_concurrency"
+        );
+        c.max_concurrency = 1;
+        c.retry.max_attempts = 0;
+        assert_eq!(
+            c.validate().expect_err("invalid").field(),
+            "retry.max_attempts"
+        );
+        c.retry.max_attempts = 1;
+        c.monitor_interval = Duration::ZERO;
+        assert_eq!(
+            c.validate().expect_err("invalid").field(),
+            "monitor_interval"
+        );
+    }
+}

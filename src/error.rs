@@ -1,0 +1,168 @@
+//! Public errors, one enum per area, each carrying the ids a caller needs to act.
+
+use thiserror::Error;
+
+use crate::model::{HarvesterId, ResourceId, SessionId, SessionStatus};
+
+/// A configuration value broke a rule.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("invalid config `{field}`: {rule}")]
+pub struct ConfigError {
+    field: &'static str,
+    rule: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: &'static str, rule: impl Into<String>) -> Self {
+        Self {
+            field,
+            rule: rule.into(),
+        }
+    }
+
+    /// The field, as written in the config (`"retry.max_attempts"`).
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+
+    /// The rule it broke, in words.
+    pub fn rule(&self) -> &str {
+        &self.rule
+    }
+}
+
+/// A [`crate::SessionStore`] could not do what was asked.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// No session with this id is stored.
+    #[error("unknown session {session_id}")]
+    UnknownSession {
+        /// The id asked for.
+        session_id: SessionId,
+    },
+    /// The harvester already has an active session.
+    #[error("harvester {harvester_id} is busy with session {session_id}")]
+    HarvesterBusy {
+        /// The harvester.
+        harvester_id: HarvesterId,
+        /// Its running session.
+        session_id: SessionId,
+    },
+    /// The session's finalization was already claimed; it takes no more outcomes.
+    #[error("session {session_id} is already finalizing or finalized")]
+    Finalizing {
+        /// The session.
+        session_id: SessionId,
+    },
+    /// The backend failed (I/O, database, serialization).
+    #[error("store backend failed: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A session could not be started.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// One active session per harvester: this one is running.
+    #[error("harvester {harvester_id} is busy with session {session}")]
+    HarvesterBusy {
+        /// The harvester asked for.
+        harvester_id: HarvesterId,
+        /// The session that holds it.
+        session: SessionId,
+    },
+    /// The same resource id appears twice in the request.
+    #[error("resource id {resource_id} appears more than once")]
+    DuplicateResource {
+        /// The repeated id.
+        resource_id: ResourceId,
+    },
+    /// The request's budget is invalid.
+    #[error(transparent)]
+    InvalidConfig(#[from] ConfigError),
+    /// The store refused or failed.
+    #[error("store: {0}")]
+    Store(#[source] StoreError),
+    /// The session actor could not be spawned; the session was finalized as crashed.
+    #[error("could not spawn the session actor for {session_id}: {message}")]
+    Spawn {
+        /// The session that was created and then finalized.
+        session_id: SessionId,
+        /// ractor's spawn error.
+        message: String,
+    },
+    /// The supervisor is not running (shut down, or its actor died).
+    #[error("the supervisor is not running")]
+    SupervisorDown,
+}
+
+impl From<StoreError> for StartError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::HarvesterBusy {
+                harvester_id,
+                session_id,
+            } => Self::HarvesterBusy {
+                harvester_id,
+                session: session_id,
+            },
+            other => Self::Store(other),
+        }
+    }
+}
+
+/// A question or command about one session failed.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// No session with this id.
+    #[error("unknown session {session_id}")]
+    UnknownSession {
+        /// The id asked for.
+        session_id: SessionId,
+    },
+    /// The session already ended (or is ending): abort changes nothing.
+    #[error("session {session_id} is already {status}")]
+    AlreadyFinished {
+        /// The session.
+        session_id: SessionId,
+        /// Its status when asked.
+        status: SessionStatus,
+    },
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[source] StoreError),
+    /// The supervisor is not running.
+    #[error("the supervisor is not running")]
+    SupervisorDown,
+}
+
+impl From<StoreError> for SessionError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::UnknownSession { session_id } => Self::UnknownSession { session_id },
+            other => Self::Store(other),
+        }
+    }
+}
+
+/// Any error of this crate.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// See [`ConfigError`].
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// See [`StoreError`].
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// See [`StartError`].
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// See [`SessionError`].
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The root actor could not be spawned.
+    #[error("could not spawn the supervisor: {0}")]
+    Spawn(String),
+    /// The supervisor is not running.
+    #[error("the supervisor is not running")]
+    SupervisorDown,
+}

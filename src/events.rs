@@ -1,0 +1,326 @@
+//! The supervision event log: what happened to a session, in order.
+//!
+//! Every event goes to three places at once: `tracing` (inside the session's span), the
+//! in-process subscribers (a bounded broadcast: a slow subscriber loses the oldest events and
+//! is told how many, it never slows supervision), and the store (the audit trail).
+//! `seq` is assigned under the same lock that publishes, so every reader sees one session's
+//! events in strictly increasing `seq` order.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::model::{
+    FinalizeReason, HarvesterId, OutcomeCounts, ResourceId, SessionId, SessionStatus,
+};
+use crate::store::SessionStore;
+
+/// One entry of the event log. JSON-lines friendly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionEvent {
+    /// Position in the session's log, from 1, strictly increasing.
+    pub seq: u64,
+    /// Wall-clock time of the event.
+    pub at: DateTime<Utc>,
+    /// The session.
+    pub session_id: SessionId,
+    /// Its harvester.
+    pub harvester_id: HarvesterId,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// What happened. Serialized with a `"kind"` tag holding the variant name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum EventKind {
+    /// The session was created.
+    SessionStarted {
+        /// Resources in the session.
+        total: usize,
+        /// The deadline's budget.
+        #[serde(with = "humantime_serde")]
+        workflow_time: Duration,
+    },
+    /// The session moved between statuses.
+    StatusChanged {
+        /// Old status.
+        from: SessionStatus,
+        /// New status.
+        to: SessionStatus,
+    },
+    /// An attempt started.
+    WorkerStarted {
+        /// Resource.
+        resource_id: ResourceId,
+        /// Attempt number, from 1.
+        attempt: u32,
+    },
+    /// An attempt succeeded.
+    WorkerSucceeded {
+        /// Resource.
+        resource_id: ResourceId,
+        /// Attempt number.
+        attempt: u32,
+        /// Duration of the attempt.
+        #[serde(with = "humantime_serde")]
+        elapsed: Duration,
+    },
+    /// An attempt returned an error.
+    WorkerFailed {
+        /// Resource.
+        resource_id: ResourceId,
+        /// Attempt number.
+        attempt: u32,
+        /// The error, with its sources.
+        error: String,
+    },
+    /// An attempt panicked.
+    WorkerPanicked {
+        /// Resource.
+        resource_id: ResourceId,
+        /// Attempt number.
+        attempt: u32,
+        /// The panic message.
+        message: String,
+    },
+    /// An attempt exceeded its time (or went without a heartbeat too long).
+    WorkerTimedOut {
+        /// Resource.
+        resource_id: ResourceId,
+        /// Attempt number.
+        attempt: u32,
+    },
+    /// An attempt will be retried after `delay`.
+    WorkerRetrying {
+        /// Resource.
+        resource_id: ResourceId,
+        /// The attempt that will run next.
+        next_attempt: u32,
+        /// Backoff before it.
+        #[serde(with = "humantime_serde")]
+        delay: Duration,
+    },
+    /// An attempt ended because the session cancelled it.
+    WorkerCancelled {
+        /// Resource.
+        resource_id: ResourceId,
+        /// Attempt number.
+        attempt: u32,
+    },
+    /// The monitor started ticking.
+    MonitorScheduled {
+        /// Tick period.
+        #[serde(with = "humantime_serde")]
+        interval: Duration,
+        /// Time left until the deadline.
+        #[serde(with = "humantime_serde")]
+        deadline_in: Duration,
+    },
+    /// The monitor checked the session.
+    MonitorTick {
+        /// Time left until the deadline (zero once past).
+        #[serde(with = "humantime_serde")]
+        remaining: Duration,
+    },
+    /// The monitor found the deadline passed and told the session.
+    DeadlineExpired,
+    /// The session did not finalize within `escalation_grace`; the root takes over.
+    MonitorEscalated {
+        /// What the monitor waited for.
+        waiting_for: String,
+    },
+    /// The monitor crashed and was started again.
+    MonitorRestarted {
+        /// Why it crashed.
+        error: String,
+    },
+    /// The monitor was stopped because the session finalized.
+    MonitorCancelled,
+    /// Someone asked to abort the session.
+    AbortRequested,
+    /// The user finalizer is about to run.
+    FinalizerStarted {
+        /// Why the session is being finalized.
+        reason: FinalizeReason,
+    },
+    /// The user finalizer returned (or was given up on).
+    FinalizerFinished {
+        /// Why the session was finalized.
+        reason: FinalizeReason,
+        /// The terminal status.
+        status: SessionStatus,
+        /// The finalizer's error, if any.
+        error: Option<String>,
+    },
+    /// The session is over and its harvester free. Always the last event of a session.
+    SessionFinished {
+        /// Terminal status.
+        status: SessionStatus,
+        /// Why it ended.
+        reason: FinalizeReason,
+        /// Resources in the session.
+        total: usize,
+        /// Reconciled counts.
+        counts: OutcomeCounts,
+    },
+    /// Recovery found this session unfinished from an earlier process.
+    Recovered {
+        /// The status it was left in.
+        previous_status: SessionStatus,
+    },
+}
+
+impl EventKind {
+    /// The variant's name, as in the JSON `"kind"` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::SessionStarted { .. } => "SessionStarted",
+            Self::StatusChanged { .. } => "StatusChanged",
+            Self::WorkerStarted { .. } => "WorkerStarted",
+            Self::WorkerSucceeded { .. } => "WorkerSucceeded",
+            Self::WorkerFailed { .. } => "WorkerFailed",
+            Self::WorkerPanicked { .. } => "WorkerPanicked",
+            Self::WorkerTimedOut { .. } => "WorkerTimedOut",
+            Self::WorkerRetrying { .. } => "WorkerRetrying",
+            Self::WorkerCancelled { .. } => "WorkerCancelled",
+            Self::MonitorScheduled { .. } => "MonitorScheduled",
+            Self::MonitorTick { .. } => "MonitorTick",
+            Self::DeadlineExpired => "DeadlineExpired",
+            Self::MonitorEscalated { .. } => "MonitorEscalated",
+            Self::MonitorRestarted { .. } => "MonitorRestarted",
+            Self::MonitorCancelled => "MonitorCancelled",
+            Self::AbortRequested => "AbortRequested",
+            Self::FinalizerStarted { .. } => "FinalizerStarted",
+            Self::FinalizerFinished { .. } => "FinalizerFinished",
+            Self::SessionFinished { .. } => "SessionFinished",
+            Self::Recovered { .. } => "Recovered",
+        }
+    }
+}
+
+/// The fan-out to in-process subscribers, shared by every session of a supervisor.
+#[derive(Debug, Clone)]
+pub struct EventBus {
+    tx: broadcast::Sender<Arc<SessionEvent>>,
+}
+
+impl EventBus {
+    /// A bus keeping at most `capacity` events per subscriber.
+    pub fn new(capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(capacity.max(1));
+        Self { tx }
+    }
+
+    /// A new subscriber; it sees events published from now on.
+    pub fn subscribe(&self) -> EventSubscription {
+        EventSubscription {
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    fn publish(&self, event: Arc<SessionEvent>) {
+        // An error only means nobody listens; events are in the store and in tracing anyway.
+        let _ = self.tx.send(event);
+    }
+}
+
+/// Why [`EventSubscription::recv`] returned no event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecvError {
+    /// This subscriber fell behind and lost `missed` events; the next `recv` goes on.
+    #[error("subscriber lagged behind and missed {missed} events")]
+    Lagged {
+        /// How many events were dropped for this subscriber.
+        missed: u64,
+    },
+    /// The supervisor is gone; no more events will come.
+    #[error("the event bus is closed")]
+    Closed,
+}
+
+/// One subscriber's view of the event log (all sessions).
+#[derive(Debug)]
+pub struct EventSubscription {
+    rx: broadcast::Receiver<Arc<SessionEvent>>,
+}
+
+impl EventSubscription {
+    /// The next event, or how many were lost if this subscriber fell behind.
+    pub async fn recv(&mut self) -> Result<Arc<SessionEvent>, RecvError> {
+        self.rx.recv().await.map_err(|e| match e {
+            broadcast::error::RecvError::Lagged(missed) => RecvError::Lagged { missed },
+            broadcast::error::RecvError::Closed => RecvError::Closed,
+        })
+    }
+}
+
+/// Emits one session's events. Cloned into every actor that speaks for the session.
+#[derive(Clone)]
+pub(crate) struct SessionEmitter {
+    inner: Arc<EmitterInner>,
+}
+
+struct EmitterInner {
+    session_id: SessionId,
+    harvester_id: HarvesterId,
+    /// Last `seq` handed out; the lock also orders publication (see module docs).
+    seq: Mutex<u64>,
+    bus: EventBus,
+    store: Arc<dyn SessionStore>,
+    span: tracing::Span,
+}
+
+impl SessionEmitter {
+    pub(crate) fn new(
+        session_id: SessionId,
+        harvester_id: HarvesterId,
+        last_seq: u64,
+        bus: EventBus,
+        store: Arc<dyn SessionStore>,
+    ) -> Self {
+        let span = tracing::info_span!("session", %session_id, %harvester_id);
+        Self {
+            inner: Arc::new(EmitterInner {
+                session_id,
+                harvester_id,
+                seq: Mutex::new(last_seq),
+                bus,
+                store,
+                span,
+            }),
+        }
+    }
+
+    /// The session's span, for instrumenting work done on its behalf.
+    pub(crate) fn span(&self) -> &tracing::Span {
+        &self.inner.span
+    }
+
+    pub(crate) fn emit(&self, kind: EventKind) {
+        let inner = &self.inner;
+        // A poisoned lock only means another emit panicked mid-way; the counter is intact.
+        let mut seq = inner.seq.lock().unwrap_or_else(|p| p.into_inner());
+        *seq += 1;
+        let event = Arc::new(SessionEvent {
+            seq: *seq,
+            at: Utc::now(),
+            session_id: inner.session_id,
+            harvester_id: inner.harvester_id.clone(),
+            kind,
+        });
+        inner.span.in_scope(|| {
+            tracing::debug!(seq = event.seq, event = event.kind.name(), detail = ?event.kind);
+        });
+        if let Err(error) = inner.store.append_event(&event) {
+            inner.span.in_scope(|| {
+                tracing::warn!(seq = event.seq, %error, "could not store event");
+            });
+        }
+        inner.bus.publish(event);
+    }
+}

@@ -1,0 +1,234 @@
+//! The exactly-once finalizer.
+//!
+//! Finalizing is a state transition in the store, not a flag in an actor:
+//! 1. **claim** ([`SessionStore::claim_finalization`]): a compare-and-set; the loser stops
+//!    here and the winner alone goes on;
+//! 2. **reconcile**: every resource without a recorded outcome gets the reason's missing
+//!    outcome (`TimedOut`, `Cancelled` or `Lost`, never success);
+//! 3. **run** the user finalizer, catching its panic and, on the root's path, bounding it;
+//! 4. **complete** ([`SessionStore::complete_finalization`]): terminal status, missing
+//!    outcomes, finalizer error, harvester freed.
+//!
+//! If the claimant dies between 1 and 4 (its actor was killed because its finalizer hung),
+//! the root calls [`finalize`] with [`Mode::Force`]: it completes the claimed session without
+//! running the finalizer a second time.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::FutureExt;
+
+use crate::error::StoreError;
+use crate::events::{EventBus, EventKind, SessionEmitter};
+use crate::harvest::{ResourceHarvester, SessionFinalizer, error_chain};
+use crate::model::{
+    FinalizeReason, OutcomeCounts, OutcomeRecord, ResourceId, SessionId, SessionRecord,
+    SessionReport, SessionStatus,
+};
+use crate::store::{Claim, Completed, Completion, SessionStore};
+
+/// What every actor of a supervisor shares.
+pub(crate) struct Deps {
+    pub(crate) store: Arc<dyn SessionStore>,
+    pub(crate) harvester: Arc<dyn ResourceHarvester>,
+    pub(crate) finalizer: Arc<dyn SessionFinalizer>,
+    pub(crate) bus: EventBus,
+}
+
+/// Who is finalizing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The SessionActor: only a won claim goes on.
+    Own,
+    /// The root, after the SessionActor died or was stopped: a claim left behind by the dead
+    /// actor is completed (without running the finalizer again), and the finalizer is bounded
+    /// by the given timeout because nobody watches the root.
+    Force { finalizer_timeout: Duration },
+}
+
+/// How a call to [`finalize`] ended.
+#[derive(Debug)]
+pub(crate) enum Finalized {
+    /// This call made the session terminal.
+    Now(SessionRecord),
+    /// Somebody else already finalized (or, for [`Mode::Own`], is finalizing) it.
+    NotByUs,
+}
+
+/// Attempts and elapsed time of resources still in flight, so that their reconciled
+/// outcome tells the truth about the work done.
+pub(crate) type InFlight = HashMap<ResourceId, (u32, Duration)>;
+
+/// Finalizes session `id` once. See the module docs.
+pub(crate) async fn finalize(
+    deps: &Deps,
+    emitter: &SessionEmitter,
+    id: SessionId,
+    reason: FinalizeReason,
+    in_flight: &InFlight,
+    mode: Mode,
+) -> Result<Finalized, StoreError> {
+    let (before, reason, run_finalizer) = match deps.store.claim_finalization(id, reason).await? {
+        Claim::Claimed(before) => (before, reason, true),
+        Claim::AlreadyFinalized(_) => return Ok(Finalized::NotByUs),
+        Claim::AlreadyClaimed(r) => match mode {
+            Mode::Own => return Ok(Finalized::NotByUs),
+            // The claimant is dead: finish its work under its reason.
+            Mode::Force { .. } => {
+                let claimed = r.finalizing.unwrap_or(reason);
+                (r, claimed, false)
+            }
+        },
+    };
+
+    let (report, missing) = reconcile(deps, &before, reason, in_flight).await?;
+    let status = report.status;
+    let counts = report.counts;
+
+    let finalizer_error = if run_finalizer {
+        emitter.emit(EventKind::FinalizerStarted { reason });
+        let timeout = match mode {
+            Mode::Own => None,
+            Mode::Force { finalizer_timeout } => Some(finalizer_timeout),
+        };
+        run_user_finalizer(deps.finalizer.as_ref(), report, timeout).await
+    } else {
+        Some(
+            "the finalizer did not complete: its session actor died or was stopped while it ran"
+                .to_owned(),
+        )
+    };
+
+    let completion = Completion {
+        reason,
+        status,
+        missing,
+        counts,
+        finalizer_error: finalizer_error.clone(),
+        ended: Utc::now(),
+    };
+    match deps.store.complete_finalization(id, completion).await? {
+        Completed::AlreadyFinalized(_) => Ok(Finalized::NotByUs),
+        Completed::Now(record) => {
+            emitter.emit(EventKind::FinalizerFinished {
+                reason,
+                status,
+                error: finalizer_error,
+            });
+            emitter.emit(EventKind::StatusChanged {
+                from: before.status,
+                to: status,
+            });
+            Ok(Finalized::Now(record))
+        }
+    }
+}
+
+/// The last event of a session, once its monitor is cancelled and its workers stopped.
+pub(crate) fn emit_finished(emitter: &SessionEmitter, record: &SessionRecord) {
+    if let Some(reason) = record.reason() {
+        emitter.emit(EventKind::SessionFinished {
+            status: record.status,
+            reason,
+            total: record.total,
+            counts: record.counts,
+        });
+    }
+}
+
+/// Builds the report: one outcome per resource, the unrecorded ones filled in.
+async fn reconcile(
+    deps: &Deps,
+    before: &SessionRecord,
+    reason: FinalizeReason,
+    in_flight: &InFlight,
+) -> Result<(SessionReport, Vec<OutcomeRecord>), StoreError> {
+    let resources = deps.store.resources(before.id).await?;
+    let mut recorded: HashMap<ResourceId, OutcomeRecord> = deps
+        .store
+        .outcomes(before.id)
+        .await?
+        .into_iter()
+        .map(|o| (o.resource_id.clone(), o))
+        .collect();
+    let mut outcomes = Vec::with_capacity(resources.len());
+    let mut missing = Vec::new();
+    let mut counts = OutcomeCounts::default();
+    for resource_id in resources {
+        let record = match recorded.remove(&resource_id) {
+            Some(r) => r,
+            None => {
+                let (attempts, elapsed) = in_flight
+                    .get(&resource_id)
+                    .copied()
+                    .unwrap_or((0, Duration::ZERO));
+                let r = OutcomeRecord {
+                    resource_id,
+                    outcome: reason.missing_outcome(),
+                    attempts,
+                    elapsed,
+                };
+                missing.push(r.clone());
+                r
+            }
+        };
+        counts.add(&record.outcome);
+        outcomes.push(record);
+    }
+    let aborted = reason == FinalizeReason::Aborted || before.status == SessionStatus::Aborting;
+    let status = counts.terminal_status(outcomes.len(), aborted);
+    let report = SessionReport {
+        session_id: before.id,
+        harvester_id: before.harvester_id.clone(),
+        reason,
+        status,
+        total: outcomes.len(),
+        counts,
+        outcomes,
+        started: before.started,
+    };
+    Ok((report, missing))
+}
+
+/// Runs the user's finalizer; any error, panic or overrun becomes the recorded error.
+async fn run_user_finalizer(
+    finalizer: &dyn SessionFinalizer,
+    report: SessionReport,
+    timeout: Option<Duration>,
+) -> Option<String> {
+    let run = AssertUnwindSafe(finalizer.finalize(report)).catch_unwind();
+    let result = match timeout {
+        None => run.await,
+        Some(limit) => match tokio::time::timeout(limit, run).await {
+            Ok(r) => r,
+            Err(_) => {
+                return Some(format!(
+                    "the finalizer did not return within {}",
+                    humantime::format_duration(limit)
+                ));
+            }
+        },
+    };
+    match result {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(error_chain(e.as_ref())),
+        Err(panic) => Some(format!(
+            "the finalizer panicked: {}",
+            panic_message(&*panic)
+        )),
+    }
+}
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}

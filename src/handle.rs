@@ -1,0 +1,235 @@
+//! [`Supervisor`]: the thin async handle an embedding server holds.
+//!
+//! Every method is one message to the root actor (or one store read); the handle adds no
+//! state of its own, so servers that prefer actor messages can use
+//! [`Supervisor::actor`] instead and lose nothing.
+
+use std::sync::Arc;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef, RpcReplyPort};
+use tokio::task::JoinHandle;
+
+use crate::config::SupervisorConfig;
+use crate::error::{Error, SessionError, StartError};
+use crate::events::{EventBus, EventKind, EventSubscription, RecvError, SessionEvent};
+use crate::finalizer::Deps;
+use crate::harvest::{ResourceHarvester, SessionFinalizer};
+use crate::model::{HarvesterId, OutcomeRecord, ResourceId, SessionId, SessionRecord};
+use crate::store::{MemoryStore, SessionStore};
+use crate::supervisor::{HarvestSupervisor, SessionRequest, SupervisorArgs, SupervisorMessage};
+
+/// Builds a [`Supervisor`]: harvest and finalizer are required, the rest has defaults.
+pub struct SupervisorBuilder {
+    config: SupervisorConfig,
+    store: Option<Arc<dyn SessionStore>>,
+    harvester: Arc<dyn ResourceHarvester>,
+    finalizer: Arc<dyn SessionFinalizer>,
+}
+
+impl SupervisorBuilder {
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: SupervisorConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Uses this store (default: a fresh [`MemoryStore`]).
+    pub fn store(mut self, store: Arc<dyn SessionStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Validates the config, spawns the root, and recovers unfinished sessions of the store.
+    pub async fn start(self) -> Result<Supervisor, Error> {
+        self.config.validate()?;
+        let bus = EventBus::new(self.config.event_capacity);
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn SessionStore>);
+        let deps = Arc::new(Deps {
+            store: Arc::clone(&store),
+            harvester: self.harvester,
+            finalizer: self.finalizer,
+            bus: bus.clone(),
+        });
+        let args = SupervisorArgs {
+            config: self.config,
+            deps,
+        };
+        let (root, join) = Actor::spawn(None, HarvestSupervisor, args)
+            .await
+            .map_err(|e| Error::Spawn(e.to_string()))?;
+        Ok(Supervisor {
+            root,
+            bus,
+            store,
+            join: Some(join),
+        })
+    }
+}
+
+/// The running supervision tree.
+///
+/// ```
+/// use harvest_supervisor::{finalizer_fn, harvest_fn, HarvestContext, SessionStatus, Supervisor};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let supervisor = Supervisor::builder(
+///     harvest_fn(|ctx: HarvestContext| async move {
+///         if ctx.resource_id.0 == "broken" {
+///             return Err("remote said 500".into());
+///         }
+///         Ok(())
+///     }),
+///     finalizer_fn(|report| async move {
+///         tracing::info!(status = %report.status, "harvest over");
+///         Ok(())
+///     }),
+/// )
+/// .start()
+/// .await?;
+///
+/// let id = supervisor.start_session("my-csw", ["a", "b", "broken"]).await?;
+/// let record = supervisor.wait_finished(id).await?;
+/// assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
+/// assert_eq!(record.counts.succeeded, 2);
+/// supervisor.shutdown().await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct Supervisor {
+    root: ActorRef<SupervisorMessage>,
+    bus: EventBus,
+    store: Arc<dyn SessionStore>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl Supervisor {
+    /// Starts building a supervisor around the user's harvest and finalizer.
+    pub fn builder(
+        harvester: impl ResourceHarvester,
+        finalizer: impl SessionFinalizer,
+    ) -> SupervisorBuilder {
+        SupervisorBuilder {
+            config: SupervisorConfig::default(),
+            store: None,
+            harvester: Arc::new(harvester),
+            finalizer: Arc::new(finalizer),
+        }
+    }
+
+    /// The root actor, for embedders that send [`SupervisorMessage`]s themselves.
+    pub fn actor(&self) -> &ActorRef<SupervisorMessage> {
+        &self.root
+    }
+
+    /// The store the tree writes to.
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.store
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        msg: impl FnOnce(RpcReplyPort<T>) -> SupervisorMessage,
+    ) -> Option<T> {
+        match self.root.call(msg, None).await {
+            Ok(CallResult::Success(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Starts a session of `resources` on `harvester_id` with the default budget.
+    pub async fn start_session<R: Into<ResourceId>>(
+        &self,
+        harvester_id: impl Into<HarvesterId>,
+        resources: impl IntoIterator<Item = R>,
+    ) -> Result<SessionId, StartError> {
+        self.start(SessionRequest::new(harvester_id, resources))
+            .await
+    }
+
+    /// Starts a session described by `request`.
+    pub async fn start(&self, request: SessionRequest) -> Result<SessionId, StartError> {
+        self.call(|r| SupervisorMessage::StartSession(Box::new(request), r))
+            .await
+            .unwrap_or(Err(StartError::SupervisorDown))
+    }
+
+    /// Aborts a running session: workers see their cancellation token, and are stopped after
+    /// `abort_grace`; the session ends `aborted`.
+    pub async fn abort(&self, id: SessionId) -> Result<(), SessionError> {
+        self.call(|r| SupervisorMessage::AbortSession(id, r))
+            .await
+            .unwrap_or(Err(SessionError::SupervisorDown))
+    }
+
+    /// One session's record.
+    pub async fn session(&self, id: SessionId) -> Result<SessionRecord, SessionError> {
+        self.call(|r| SupervisorMessage::GetSession(id, r))
+            .await
+            .unwrap_or(Err(SessionError::SupervisorDown))
+    }
+
+    /// Every session, newest first.
+    pub async fn sessions(&self) -> Result<Vec<SessionRecord>, SessionError> {
+        self.call(SupervisorMessage::ListSessions)
+            .await
+            .unwrap_or(Err(SessionError::SupervisorDown))
+    }
+
+    /// The outcomes recorded for a session (all of them, reconciled, once it is terminal).
+    pub async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, SessionError> {
+        Ok(self.store.outcomes(id).await?)
+    }
+
+    /// A session's stored event log.
+    pub async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, SessionError> {
+        Ok(self.store.events(id).await?)
+    }
+
+    /// Follows the event log of every session from now on.
+    pub fn subscribe(&self) -> EventSubscription {
+        self.bus.subscribe()
+    }
+
+    /// Waits until the session's `SessionFinished` event (its record is then terminal, its
+    /// finalizer done and its harvester free) and returns the record.
+    pub async fn wait_finished(&self, id: SessionId) -> Result<SessionRecord, SessionError> {
+        let mut events = self.subscribe();
+        loop {
+            let finished = self
+                .store
+                .events(id)
+                .await?
+                .last()
+                .is_some_and(|e| matches!(e.kind, EventKind::SessionFinished { .. }));
+            if finished {
+                return Ok(self.store.session(id).await?);
+            }
+            loop {
+                match events.recv().await {
+                    Ok(e) if e.session_id == id => {
+                        if matches!(e.kind, EventKind::SessionFinished { .. }) {
+                            return Ok(self.store.session(id).await?);
+                        }
+                    }
+                    Ok(_) => {}
+                    // Missed events: look at the store again.
+                    Err(RecvError::Lagged { .. }) => break,
+                    Err(RecvError::Closed) => return Err(SessionError::SupervisorDown),
+                }
+            }
+        }
+    }
+
+    /// Finalizes every running session with `Shutdown` and stops the tree.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        let _ = self.call(SupervisorMessage::Shutdown).await;
+        if let Some(join) = self.join.take() {
+            join.await.map_err(|_| Error::SupervisorDown)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,152 @@
+//! The two traits an embedder implements: harvest one resource, finalize one session.
+//!
+//! Both are async and object-safe. Plain closures work too, through [`harvest_fn`] and
+//! [`finalizer_fn`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{HarvesterId, ResourceId, SessionId, SessionReport};
+
+/// The error user code returns: any error, kept with its source chain until it is recorded.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Harvests one resource. Called once per attempt, each time in a fresh `ResourceWorker`.
+///
+/// The attempt may succeed, fail, panic, time out or hang: all of them end the attempt with
+/// an outcome; none of them keeps the session from finalizing.
+#[async_trait]
+pub trait ResourceHarvester: Send + Sync + 'static {
+    /// Harvest `ctx.resource_id`. Watch `ctx.cancel` to stop early on abort, and call
+    /// `ctx.heartbeat.beat()` on progress when a `heartbeat_timeout` is configured.
+    async fn harvest(&self, ctx: HarvestContext) -> Result<(), BoxError>;
+}
+
+/// Records a session's outcome. Runs exactly once per session, whatever ended it.
+#[async_trait]
+pub trait SessionFinalizer: Send + Sync + 'static {
+    /// Record the outcome. An error (or a panic) is written on the session as its
+    /// `finalizer_error`; the session still ends and its harvester is still freed.
+    async fn finalize(&self, report: SessionReport) -> Result<(), BoxError>;
+}
+
+/// What one attempt knows about itself.
+#[derive(Debug, Clone)]
+pub struct HarvestContext {
+    /// The session.
+    pub session_id: SessionId,
+    /// The harvester (for dispatching to the right remote).
+    pub harvester_id: HarvesterId,
+    /// The resource to harvest.
+    pub resource_id: ResourceId,
+    /// 1 for the first attempt, 2 for the first retry, ...
+    pub attempt: u32,
+    /// Cancelled on abort, fail-fast, deadline or shutdown: a cooperative stop request.
+    /// Workers that ignore it are stopped after `abort_grace`.
+    pub cancel: CancellationToken,
+    /// Progress signal for `heartbeat_timeout`.
+    pub heartbeat: Heartbeat,
+}
+
+/// A cheap, clonable progress signal for one attempt.
+///
+/// With `heartbeat_timeout` set, an attempt that goes longer than that without a beat is
+/// cut and counts as `TimedOut`, even while `resource_timeout` is far away.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    origin: Instant,
+    /// Milliseconds from `origin` to the last beat.
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Heartbeat {
+    pub(crate) fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Says "still making progress".
+    pub fn beat(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// When the last beat happened (the attempt's start if none yet).
+    pub fn last(&self) -> Instant {
+        self.origin + std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A [`ResourceHarvester`] made from an async closure.
+pub struct HarvestFn<F>(F);
+
+/// Wraps `f(ctx) -> impl Future<Output = Result<(), BoxError>>` as a [`ResourceHarvester`].
+///
+/// ```
+/// use harvest_supervisor::{harvest_fn, HarvestContext};
+/// let harvester = harvest_fn(|ctx: HarvestContext| async move {
+///     tracing::info!(resource = %ctx.resource_id, "harvested");
+///     Ok(())
+/// });
+/// # let _ = harvester;
+/// ```
+pub fn harvest_fn<F, Fut>(f: F) -> HarvestFn<F>
+where
+    F: Fn(HarvestContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    HarvestFn(f)
+}
+
+#[async_trait]
+impl<F, Fut> ResourceHarvester for HarvestFn<F>
+where
+    F: Fn(HarvestContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    async fn harvest(&self, ctx: HarvestContext) -> Result<(), BoxError> {
+        (self.0)(ctx).await
+    }
+}
+
+/// A [`SessionFinalizer`] made from an async closure.
+pub struct FinalizerFn<F>(F);
+
+/// Wraps `f(report) -> impl Future<Output = Result<(), BoxError>>` as a [`SessionFinalizer`].
+pub fn finalizer_fn<F, Fut>(f: F) -> FinalizerFn<F>
+where
+    F: Fn(SessionReport) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    FinalizerFn(f)
+}
+
+#[async_trait]
+impl<F, Fut> SessionFinalizer for FinalizerFn<F>
+where
+    F: Fn(SessionReport) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    async fn finalize(&self, report: SessionReport) -> Result<(), BoxError> {
+        (self.0)(report).await
+    }
+}
+
+/// Renders an error with its whole `source` chain: `outer: inner: root`.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

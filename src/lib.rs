@@ -1,0 +1,62 @@
+//! # harvest-supervisor
+//!
+//! Keeps long-running harvesting sessions from ever getting stuck.
+//!
+//! A *session* harvests many resources of one remote catalogue (a *harvester*), then runs a
+//! *finalizer* that records the outcome and frees the harvester. With a Celery chord, one
+//! task that fails, times out or hangs means the finalizer never runs and the session stays
+//! "on-going" forever. Here an in-process supervision tree (ractor + tokio) runs the
+//! finalizer **exactly once** whatever happens: all done, failures, panics, timeouts, a hung
+//! task (the monitor's deadline), an abort, or a crash.
+//!
+//! ```text
+//! HarvestSupervisor            root: busy lock, start/abort/query, rescue of last resort
+//!  └─ SessionActor             one per running session
+//!      ├─ MonitorActor         watchdog: deadline = resources x estimate + buffer
+//!      └─ ResourceWorker ...   one per attempt, at most `max_concurrency` alive
+//! ```
+//!
+//! - [`Supervisor`]: the async handle you hold ([`SupervisorMessage`] if you prefer actors).
+//! - [`ResourceHarvester`], [`SessionFinalizer`]: what you implement (or [`harvest_fn`],
+//!   [`finalizer_fn`] for closures).
+//! - [`SessionConfig`]: the budget and policies, validated up front.
+//! - [`SessionStore`]: where sessions, outcomes and events live ([`MemoryStore`] here).
+//! - [`SessionEvent`]: the structured supervision log, to subscribe to, or read from the
+//!   store.
+//!
+//! See the [`Supervisor`] docs for a complete example.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod events;
+mod finalizer;
+mod handle;
+pub mod harvest;
+pub mod model;
+mod monitor;
+mod session;
+pub mod store;
+mod supervisor;
+mod worker;
+
+pub use config::{FailurePolicy, RetryPolicy, SessionConfig, SupervisorConfig};
+pub use error::{ConfigError, Error, SessionError, StartError, StoreError};
+pub use events::{EventKind, EventSubscription, RecvError, SessionEvent};
+pub use handle::{Supervisor, SupervisorBuilder};
+pub use harvest::{
+    BoxError, HarvestContext, Heartbeat, ResourceHarvester, SessionFinalizer, finalizer_fn,
+    harvest_fn,
+};
+pub use model::{
+    FinalizeReason, HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome,
+    SessionId, SessionRecord, SessionReport, SessionStatus,
+};
+pub use store::{MemoryStore, SessionStore};
+pub use supervisor::{SessionRequest, SupervisorMessage};
+
+/// Compiles the README's code blocks as doc tests, so the embedding example cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

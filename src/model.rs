@@ -1,0 +1,373 @@
+//! The vocabulary of a harvest: ids, statuses, outcomes, reasons and records.
+//!
+//! Status names keep GeoNode's spelling (`on-going`, `finished-all-ok`, ...) on the wire, so
+//! a server that already shows GeoNode sessions can show ours unchanged.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Identifies one harvesting session. Time-ordered (UUID v7), so sorting ids sorts by start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SessionId(pub Uuid);
+
+impl SessionId {
+    /// A fresh, time-ordered id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for SessionId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self(s.to_owned())
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                Self(s)
+            }
+        }
+    };
+}
+
+string_id!(
+    /// Identifies a harvester (one remote catalogue). At most one session runs per harvester.
+    HarvesterId
+);
+string_id!(
+    /// Identifies one resource of a session; unique within the session.
+    ResourceId
+);
+
+/// Where a session is in its life. Serialized with GeoNode's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SessionStatus {
+    /// Created; no resource has been started yet.
+    Pending,
+    /// Resources are being harvested.
+    OnGoing,
+    /// An abort was requested; workers are being cancelled.
+    Aborting,
+    /// Terminal: the session was aborted.
+    Aborted,
+    /// Terminal: every resource succeeded (or there were none).
+    FinishedAllOk,
+    /// Terminal: some resources succeeded, some did not.
+    FinishedSomeFailed,
+    /// Terminal: no resource succeeded.
+    FinishedAllFailed,
+}
+
+impl SessionStatus {
+    /// True for the statuses a session never leaves.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Pending | Self::OnGoing | Self::Aborting)
+    }
+
+    /// GeoNode's name for the status (`"on-going"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::OnGoing => "on-going",
+            Self::Aborting => "aborting",
+            Self::Aborted => "aborted",
+            Self::FinishedAllOk => "finished-all-ok",
+            Self::FinishedSomeFailed => "finished-some-failed",
+            Self::FinishedAllFailed => "finished-all-failed",
+        }
+    }
+}
+
+impl fmt::Display for SessionStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How one resource ended. Only `Succeeded` counts as success.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum ResourceOutcome {
+    /// The harvest returned `Ok`.
+    Succeeded,
+    /// The harvest returned an error (its message).
+    Failed {
+        /// The error the harvest returned, with its sources.
+        error: String,
+    },
+    /// The harvest panicked (the panic message).
+    Panicked {
+        /// The panic payload, when it was a string.
+        message: String,
+    },
+    /// The attempt exceeded `resource_timeout`, or the session deadline cut it.
+    TimedOut,
+    /// The session was aborted, failed fast or shut down before the resource finished.
+    Cancelled,
+    /// The process running it died; found unfinished by recovery or after a crash.
+    Lost,
+}
+
+impl ResourceOutcome {
+    /// True only for [`ResourceOutcome::Succeeded`].
+    pub fn is_success(&self) -> bool {
+        matches!(self, Self::Succeeded)
+    }
+
+    /// Short kebab-case name, for logs and counters.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed { .. } => "failed",
+            Self::Panicked { .. } => "panicked",
+            Self::TimedOut => "timed-out",
+            Self::Cancelled => "cancelled",
+            Self::Lost => "lost",
+        }
+    }
+}
+
+/// The final outcome of one resource, as recorded in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeRecord {
+    /// Which resource.
+    pub resource_id: ResourceId,
+    /// How it ended.
+    #[serde(flatten)]
+    pub outcome: ResourceOutcome,
+    /// Attempts made (0 when the resource never started).
+    pub attempts: u32,
+    /// From the first attempt's start to the final outcome, backoff included.
+    #[serde(with = "humantime_serde")]
+    pub elapsed: Duration,
+}
+
+/// Why a session was finalized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FinalizeReason {
+    /// Every resource reached a final outcome.
+    Completed,
+    /// A resource failed for good under `FailurePolicy::FailFast`.
+    FailFast,
+    /// The monitor's deadline (`workflow_time`) passed first.
+    DeadlineExpired,
+    /// An abort was requested.
+    Aborted,
+    /// The SessionActor died (panic, kill, stuck and escalated) before it finalized.
+    SessionCrashed,
+    /// Found unfinished in the store when a supervisor started (an earlier process died).
+    Interrupted,
+    /// The supervisor was shut down while the session ran.
+    Shutdown,
+}
+
+impl FinalizeReason {
+    /// The outcome a resource with nothing recorded gets under this reason: never success.
+    pub fn missing_outcome(self) -> ResourceOutcome {
+        match self {
+            Self::DeadlineExpired => ResourceOutcome::TimedOut,
+            Self::Aborted | Self::FailFast | Self::Shutdown => ResourceOutcome::Cancelled,
+            Self::Completed | Self::SessionCrashed | Self::Interrupted => ResourceOutcome::Lost,
+        }
+    }
+}
+
+/// How many resources ended which way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeCounts {
+    /// `Succeeded`.
+    pub succeeded: usize,
+    /// `Failed`.
+    pub failed: usize,
+    /// `Panicked`.
+    pub panicked: usize,
+    /// `TimedOut`.
+    pub timed_out: usize,
+    /// `Cancelled`.
+    pub cancelled: usize,
+    /// `Lost`.
+    pub lost: usize,
+}
+
+impl OutcomeCounts {
+    /// Counts one more outcome.
+    pub fn add(&mut self, outcome: &ResourceOutcome) {
+        let slot = match outcome {
+            ResourceOutcome::Succeeded => &mut self.succeeded,
+            ResourceOutcome::Failed { .. } => &mut self.failed,
+            ResourceOutcome::Panicked { .. } => &mut self.panicked,
+            ResourceOutcome::TimedOut => &mut self.timed_out,
+            ResourceOutcome::Cancelled => &mut self.cancelled,
+            ResourceOutcome::Lost => &mut self.lost,
+        };
+        *slot += 1;
+    }
+
+    /// Sum of every count: equals the session's total once it is finalized.
+    pub fn total(&self) -> usize {
+        self.succeeded + self.failed + self.panicked + self.timed_out + self.cancelled + self.lost
+    }
+
+    /// Everything but `succeeded`.
+    pub fn unsuccessful(&self) -> usize {
+        self.total() - self.succeeded
+    }
+
+    /// The terminal status these counts give, for `total` resources, under `reason`.
+    ///
+    /// An abort always ends `aborted` (GeoNode's `aborting -> aborted`); otherwise success
+    /// must be proven for every resource of the total to be `finished-all-ok`.
+    pub fn terminal_status(&self, total: usize, aborted: bool) -> SessionStatus {
+        if aborted {
+            SessionStatus::Aborted
+        } else if self.succeeded == total {
+            SessionStatus::FinishedAllOk
+        } else if self.succeeded == 0 {
+            SessionStatus::FinishedAllFailed
+        } else {
+            SessionStatus::FinishedSomeFailed
+        }
+    }
+}
+
+/// The store's record of one session: what an admin page shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// The session.
+    pub id: SessionId,
+    /// The harvester it harvests.
+    pub harvester_id: HarvesterId,
+    /// Current status.
+    pub status: SessionStatus,
+    /// Number of resources.
+    pub total: usize,
+    /// When the session was created; the deadline counts from here.
+    pub started: DateTime<Utc>,
+    /// When finalization completed.
+    pub ended: Option<DateTime<Utc>>,
+    /// `resources x per_resource_estimate + buffer`.
+    #[serde(with = "humantime_serde")]
+    pub workflow_time: Duration,
+    /// Set once finalization was claimed (the exactly-once guard), with its reason.
+    pub finalizing: Option<FinalizeReason>,
+    /// Outcomes recorded so far; reconciled against `total` at finalization.
+    pub counts: OutcomeCounts,
+    /// The user finalizer's error, or why it did not finish.
+    pub finalizer_error: Option<String>,
+}
+
+impl SessionRecord {
+    /// The reason the session was finalized with, once terminal.
+    pub fn reason(&self) -> Option<FinalizeReason> {
+        if self.status.is_terminal() {
+            self.finalizing
+        } else {
+            None
+        }
+    }
+}
+
+/// What the finalizer is given: the reconciled outcome of the whole session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionReport {
+    /// The session.
+    pub session_id: SessionId,
+    /// Its harvester.
+    pub harvester_id: HarvesterId,
+    /// Why it is being finalized.
+    pub reason: FinalizeReason,
+    /// The terminal status it will get.
+    pub status: SessionStatus,
+    /// Number of resources.
+    pub total: usize,
+    /// Reconciled counts: `counts.total() == total`.
+    pub counts: OutcomeCounts,
+    /// One final outcome per resource, in resource order.
+    pub outcomes: Vec<OutcomeRecord>,
+    /// When the session was created.
+    pub started: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_serialize_with_geonode_names() {
+        let json = serde_json::to_string(&SessionStatus::FinishedSomeFailed).expect("serialize");
+        assert_eq!(json, "\"finished-some-failed\"");
+        let back: SessionStatus = serde_json::from_str("\"on-going\"").expect("parse");
+        assert_eq!(back, SessionStatus::OnGoing);
+    }
+
+    #[test]
+    fn zero_resources_is_all_ok_and_missing_is_never_success() {
+        let counts = OutcomeCounts::default();
+        assert_eq!(
+            counts.terminal_status(0, false),
+            SessionStatus::FinishedAllOk
+        );
+        for reason in [
+            FinalizeReason::Completed,
+            FinalizeReason::FailFast,
+            FinalizeReason::DeadlineExpired,
+            FinalizeReason::Aborted,
+            FinalizeReason::SessionCrashed,
+            FinalizeReason::Interrupted,
+            FinalizeReason::Shutdown,
+        ] {
+            assert!(!reason.missing_outcome().is_success());
+        }
+    }
+
+    #[test]
+    fn terminal_status_follows_counts() {
+        let mut c = OutcomeCounts::default();
+        c.add(&ResourceOutcome::Succeeded);
+        c.add(&ResourceOutcome::TimedOut);
+        assert_eq!(
+            c.terminal_status(2, false),
+            SessionStatus::FinishedSomeFailed
+        );
+        assert_eq!(c.terminal_status(2, true), SessionStatus::Aborted);
+        let mut f = OutcomeCounts::default();
+        f.add(&ResourceOutcome::Lost);
+        assert_eq!(
+            f.terminal_status(1, false),
+            SessionStatus::FinishedAllFailed
+        );
+    }
+}

@@ -1,0 +1,158 @@
+//! `MonitorActor`: the watchdog, GeoNode's `harvesting_session_monitor` done right.
+//!
+//! Every `monitor_interval` it reads the session's record **from the store** (never by asking
+//! the SessionActor, which may be the thing that is stuck) and:
+//! - stops when the session is terminal;
+//! - once past `started + workflow_time`, tells the session `DeadlineExpired`;
+//! - if the session has not finalized `escalation_grace` after that, or its finalizer has
+//!   run for longer than `escalation_grace`, asks the root to force-finalize it.
+//!
+//! A store error makes the handler fail: the monitor dies, and its SessionActor restarts it
+//! with the same deadline (an `Instant` fixed when the session was created).
+
+pub(crate) mod messages;
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::events::EventKind;
+use crate::session::{SessionMessage, SessionShared};
+use crate::supervisor::SupervisorMessage;
+pub use messages::MonitorMessage;
+
+/// The actor (stateless; see [`MonitorState`]).
+pub(crate) struct MonitorActor;
+
+/// What a monitor watches.
+pub(crate) struct MonitorArgs {
+    pub(crate) shared: Arc<SessionShared>,
+    pub(crate) session: ActorRef<SessionMessage>,
+}
+
+/// Mutable data of one monitor.
+pub(crate) struct MonitorState {
+    args: MonitorArgs,
+    /// The interval timer; aborted in `post_stop` (and it ends by itself within one period
+    /// when the actor is killed, since sending to a dead actor fails).
+    timer: JoinHandle<()>,
+    /// When `DeadlineExpired` was sent to the session.
+    deadline_sent: Option<Instant>,
+    /// When a finalization claim was first seen while the session was not yet terminal.
+    claim_seen: Option<Instant>,
+    /// Escalate once; the root takes it from there.
+    escalated: bool,
+}
+
+impl Actor for MonitorActor {
+    type Msg = MonitorMessage;
+    type State = MonitorState;
+    type Arguments = MonitorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: MonitorArgs,
+    ) -> Result<MonitorState, ActorProcessingErr> {
+        let interval = args.shared.config.monitor_interval;
+        let timer = myself.send_interval(interval, || MonitorMessage::CheckDeadline);
+        args.shared.emitter.emit(EventKind::MonitorScheduled {
+            interval,
+            deadline_in: args
+                .shared
+                .deadline
+                .saturating_duration_since(Instant::now()),
+        });
+        Ok(MonitorState {
+            args,
+            timer,
+            deadline_sent: None,
+            claim_seen: None,
+            escalated: false,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut MonitorState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.timer.abort();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: MonitorMessage,
+        state: &mut MonitorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            MonitorMessage::CheckDeadline => check(myself, state).await,
+        }
+    }
+}
+
+async fn check(
+    myself: ActorRef<MonitorMessage>,
+    state: &mut MonitorState,
+) -> Result<(), ActorProcessingErr> {
+    let shared = Arc::clone(&state.args.shared);
+    let record = shared.deps.store.session(shared.id).await?;
+    if record.status.is_terminal() {
+        myself.stop(None);
+        return Ok(());
+    }
+    let now = Instant::now();
+    let grace = shared.config.escalation_grace;
+    if record.finalizing.is_some() {
+        // The finalizer is running; ticks are no longer interesting, a hung finalizer is.
+        let since = *state.claim_seen.get_or_insert(now);
+        if now.duration_since(since) >= grace {
+            escalate(state, "the finalizer to return");
+        }
+        return Ok(());
+    }
+    let remaining = shared.deadline.saturating_duration_since(now);
+    shared.emitter.emit(EventKind::MonitorTick { remaining });
+    if !remaining.is_zero() {
+        return Ok(());
+    }
+    match state.deadline_sent {
+        None => {
+            shared.emitter.emit(EventKind::DeadlineExpired);
+            state.deadline_sent = Some(now);
+            if state
+                .args
+                .session
+                .send_message(SessionMessage::DeadlineExpired)
+                .is_err()
+            {
+                // The session actor is gone without finalizing: no point waiting.
+                escalate(state, "a session actor that is gone");
+            }
+        }
+        Some(sent) if now.duration_since(sent) >= grace => {
+            escalate(state, "the session to finalize after its deadline");
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}
+
+fn escalate(state: &mut MonitorState, waiting_for: &str) {
+    if state.escalated {
+        return;
+    }
+    state.escalated = true;
+    let shared = &state.args.shared;
+    shared.emitter.emit(EventKind::MonitorEscalated {
+        waiting_for: waiting_for.to_owned(),
+    });
+    // If the root is gone the whole tree is going down; nothing better to do here.
+    let _ = shared.root.send_message(SupervisorMessage::Escalate {
+        session_id: shared.id,
+    });
+}

@@ -1,0 +1,556 @@
+//! `SessionActor`: one running session.
+//!
+//! It spawns its MonitorActor first, moves the session `pending -> on-going`, keeps at most
+//! `max_concurrency` ResourceWorkers alive, applies the retry and failure policies, records
+//! each final outcome in the store as it arrives, and finalizes (through
+//! [`crate::finalizer`]) when every resource is done, on `FailFast`, on the monitor's
+//! `DeadlineExpired`, on abort, or on shutdown. Then it cancels the monitor and stops,
+//! which kills any worker still alive.
+//!
+//! A handler returns `Err` only on a store failure; the actor then dies and the root
+//! finalizes the session from the store with `SessionCrashed`.
+
+pub(crate) mod messages;
+pub(crate) mod state;
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{FailurePolicy, SessionConfig};
+use crate::error::{SessionError, StoreError};
+use crate::events::{EventKind, SessionEmitter};
+use crate::finalizer::{self, Deps, Finalized, Mode};
+use crate::harvest::{HarvestContext, Heartbeat};
+use crate::model::{
+    FinalizeReason, HarvesterId, OutcomeRecord, ResourceId, ResourceOutcome, SessionId,
+    SessionStatus,
+};
+use crate::monitor::{MonitorActor, MonitorArgs};
+use crate::supervisor::SupervisorMessage;
+use crate::worker::{AttemptReport, AttemptResult, ResourceWorker, WorkerArgs, WorkerState};
+pub use messages::SessionMessage;
+use state::{Phase, SessionState, Slot, Waiting};
+
+/// What a session's actors (session, monitor) and the root share about it.
+pub(crate) struct SessionShared {
+    pub(crate) id: SessionId,
+    pub(crate) harvester_id: HarvesterId,
+    pub(crate) resources: Arc<[ResourceId]>,
+    pub(crate) config: SessionConfig,
+    /// `started + workflow_time`, on tokio's clock (so paused-clock tests control it).
+    pub(crate) deadline: Instant,
+    pub(crate) deps: Arc<Deps>,
+    pub(crate) emitter: SessionEmitter,
+    pub(crate) root: ActorRef<SupervisorMessage>,
+    /// Parent of every attempt's token: cancelled on abort, fail-fast, deadline, shutdown.
+    pub(crate) cancel: CancellationToken,
+}
+
+/// The actor; its config is the [`SessionShared`] it is spawned with.
+pub(crate) struct SessionActor;
+
+/// The two halves of a session actor's state.
+pub(crate) struct Session {
+    shared: Arc<SessionShared>,
+    st: SessionState,
+}
+
+impl Actor for SessionActor {
+    type Msg = SessionMessage;
+    type State = Session;
+    type Arguments = Arc<SessionShared>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        shared: Arc<SessionShared>,
+    ) -> Result<Session, ActorProcessingErr> {
+        Ok(Session {
+            shared,
+            st: SessionState::new(),
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        s: &mut Session,
+    ) -> Result<(), ActorProcessingErr> {
+        let span = s.shared.emitter.span().clone();
+        begin(&myself, s).instrument(span).await
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: SessionMessage,
+        s: &mut Session,
+    ) -> Result<(), ActorProcessingErr> {
+        let span = s.shared.emitter.span().clone();
+        on_message(&myself, message, s).instrument(span).await
+    }
+
+    // Never the default: it would stop the session whenever a worker exits.
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        s: &mut Session,
+    ) -> Result<(), ActorProcessingErr> {
+        let span = s.shared.emitter.span().clone();
+        on_child_event(&myself, event, s).instrument(span).await
+    }
+}
+
+async fn begin(
+    myself: &ActorRef<SessionMessage>,
+    s: &mut Session,
+) -> Result<(), ActorProcessingErr> {
+    spawn_monitor(myself, s).await;
+    let store = &s.shared.deps.store;
+    if store
+        .transition(s.shared.id, SessionStatus::Pending, SessionStatus::OnGoing)
+        .await?
+    {
+        s.shared.emitter.emit(EventKind::StatusChanged {
+            from: SessionStatus::Pending,
+            to: SessionStatus::OnGoing,
+        });
+    } else {
+        // Aborted while pending (the root moved it to `aborting`), or already finalized.
+        let record = store.session(s.shared.id).await?;
+        if record.status != SessionStatus::Aborting || record.finalizing.is_some() {
+            s.st.phase = Phase::Finalized;
+            stop_monitor(s, false);
+            myself.stop(Some(STOP_FINALIZED.to_owned()));
+            return Ok(());
+        }
+        s.st.phase = Phase::Aborting;
+    }
+    advance(myself, s).await
+}
+
+/// The exit reason of a session actor that finalized (or found its session finalized).
+pub(crate) const STOP_FINALIZED: &str = "finalized";
+
+async fn on_message(
+    myself: &ActorRef<SessionMessage>,
+    message: SessionMessage,
+    s: &mut Session,
+) -> Result<(), ActorProcessingErr> {
+    match message {
+        SessionMessage::DeadlineExpired => {
+            finalize(myself, s, FinalizeReason::DeadlineExpired).await
+        }
+        SessionMessage::Shutdown => finalize(myself, s, FinalizeReason::Shutdown).await,
+        SessionMessage::AbortGraceElapsed => {
+            if s.st.phase == Phase::Aborting {
+                finalize(myself, s, FinalizeReason::Aborted).await?;
+            }
+            Ok(())
+        }
+        SessionMessage::AbortSession(reply) => {
+            let answer = abort(myself, s).await;
+            let failed = matches!(answer, Err(SessionError::Store(_)));
+            let _ = reply.send(answer);
+            if failed {
+                return Err("store failed while aborting".into());
+            }
+            advance(myself, s).await
+        }
+        SessionMessage::RetryDue { index } => {
+            if s.st.phase == Phase::Running
+                && let Some(w) = s.st.waiting.remove(&index)
+            {
+                s.st.ready
+                    .push_back((index, w.next_attempt, w.first_started));
+                advance(myself, s).await?;
+            }
+            Ok(())
+        }
+        SessionMessage::RespawnMonitor => {
+            if s.st.phase != Phase::Finalized && s.st.monitor.is_none() {
+                spawn_monitor(myself, s).await;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn abort(myself: &ActorRef<SessionMessage>, s: &mut Session) -> Result<(), SessionError> {
+    let id = s.shared.id;
+    match s.st.phase {
+        Phase::Aborting => return Ok(()),
+        Phase::Finalized => {
+            let status = s.shared.deps.store.session(id).await?.status;
+            return Err(SessionError::AlreadyFinished {
+                session_id: id,
+                status,
+            });
+        }
+        Phase::Running => {}
+    }
+    let store = &s.shared.deps.store;
+    if !store
+        .transition(id, SessionStatus::OnGoing, SessionStatus::Aborting)
+        .await?
+    {
+        let status = store.session(id).await?.status;
+        return Err(SessionError::AlreadyFinished {
+            session_id: id,
+            status,
+        });
+    }
+    s.shared.emitter.emit(EventKind::AbortRequested);
+    s.shared.emitter.emit(EventKind::StatusChanged {
+        from: SessionStatus::OnGoing,
+        to: SessionStatus::Aborting,
+    });
+    s.st.phase = Phase::Aborting;
+    s.shared.cancel.cancel();
+    s.st.stop_retry_timers();
+    s.st.abort_timer = Some(myself.send_after(s.shared.config.abort_grace, || {
+        SessionMessage::AbortGraceElapsed
+    }));
+    Ok(())
+}
+
+/// Starts what may start, and finalizes when nothing is left to wait for.
+async fn advance(
+    myself: &ActorRef<SessionMessage>,
+    s: &mut Session,
+) -> Result<(), ActorProcessingErr> {
+    match s.st.phase {
+        Phase::Finalized => Ok(()),
+        Phase::Aborting => {
+            if s.st.in_flight.is_empty() {
+                finalize(myself, s, FinalizeReason::Aborted).await?;
+            }
+            Ok(())
+        }
+        Phase::Running => {
+            let total = s.shared.resources.len();
+            while s.st.in_flight.len() < s.shared.config.max_concurrency {
+                let Some((index, attempt, first)) = s.st.next_attempt(total) else {
+                    break;
+                };
+                start_worker(myself, s, index, attempt, first).await?;
+                if s.st.phase != Phase::Running {
+                    return Ok(());
+                }
+            }
+            if s.st.done == total {
+                finalize(myself, s, FinalizeReason::Completed).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn start_worker(
+    myself: &ActorRef<SessionMessage>,
+    s: &mut Session,
+    index: usize,
+    attempt: u32,
+    first_started: Instant,
+) -> Result<(), ActorProcessingErr> {
+    let shared = &s.shared;
+    let Some(resource_id) = shared.resources.get(index).cloned() else {
+        return Ok(());
+    };
+    let args = WorkerArgs {
+        harvester: Arc::clone(&shared.deps.harvester),
+        ctx: HarvestContext {
+            session_id: shared.id,
+            harvester_id: shared.harvester_id.clone(),
+            resource_id: resource_id.clone(),
+            attempt,
+            cancel: shared.cancel.child_token(),
+            heartbeat: Heartbeat::new(),
+        },
+        resource_timeout: shared.config.resource_timeout,
+        heartbeat_timeout: shared.config.heartbeat_timeout,
+    };
+    shared.emitter.emit(EventKind::WorkerStarted {
+        resource_id: resource_id.clone(),
+        attempt,
+    });
+    match Actor::spawn_linked(None, ResourceWorker, args, myself.get_cell()).await {
+        Ok((worker, _)) => {
+            let slot = Slot {
+                index,
+                attempt,
+                first_started,
+                cell: worker.get_cell(),
+            };
+            s.st.in_flight.insert(worker.get_id(), slot);
+            Ok(())
+        }
+        Err(e) => {
+            // Could not even start: a failed attempt of this resource, not of the session.
+            let error = format!("could not spawn the worker: {e}");
+            on_attempt(
+                myself,
+                s,
+                (index, attempt, first_started),
+                Ended::SpawnFailed(error),
+            )
+            .await
+        }
+    }
+}
+
+async fn on_child_event(
+    myself: &ActorRef<SessionMessage>,
+    event: SupervisionEvent,
+    s: &mut Session,
+) -> Result<(), ActorProcessingErr> {
+    let is_monitor = |cell: &ractor::ActorCell| {
+        s.st.monitor
+            .as_ref()
+            .is_some_and(|m| m.get_id() == cell.get_id())
+    };
+    match event {
+        SupervisionEvent::ActorTerminated(cell, final_state, _) => {
+            if is_monitor(&cell) {
+                s.st.monitor = None;
+                return Ok(());
+            }
+            let Some(slot) = s.st.in_flight.remove(&cell.get_id()) else {
+                return Ok(());
+            };
+            let report = final_state
+                .and_then(|mut b| b.take::<WorkerState>().ok())
+                .and_then(|w| w.report)
+                .unwrap_or(AttemptReport {
+                    result: AttemptResult::Failed("the worker stopped without a report".into()),
+                    elapsed: slot.first_started.elapsed(),
+                });
+            on_attempt(
+                myself,
+                s,
+                (slot.index, slot.attempt, slot.first_started),
+                Ended::Report(report),
+            )
+            .await?;
+            advance(myself, s).await
+        }
+        SupervisionEvent::ActorFailed(cell, error) => {
+            if is_monitor(&cell) {
+                s.st.monitor = None;
+                if s.st.phase != Phase::Finalized {
+                    s.shared.emitter.emit(EventKind::MonitorRestarted {
+                        error: error.to_string(),
+                    });
+                    spawn_monitor(myself, s).await;
+                }
+                return Ok(());
+            }
+            let Some(slot) = s.st.in_flight.remove(&cell.get_id()) else {
+                return Ok(());
+            };
+            let panicked = Ended::Panicked(error.to_string());
+            on_attempt(
+                myself,
+                s,
+                (slot.index, slot.attempt, slot.first_started),
+                panicked,
+            )
+            .await?;
+            advance(myself, s).await
+        }
+        _ => Ok(()),
+    }
+}
+
+/// How an attempt ended, as the session learns it.
+enum Ended {
+    /// The worker stopped with its report.
+    Report(AttemptReport),
+    /// The user's harvest panicked (ractor's `ActorFailed`), with the message.
+    Panicked(String),
+    /// The worker could not be spawned.
+    SpawnFailed(String),
+}
+
+/// One attempt ended: schedule its retry, or record its final outcome (finalizing on
+/// `FailFast`). The caller then calls [`advance`].
+async fn on_attempt(
+    myself: &ActorRef<SessionMessage>,
+    s: &mut Session,
+    (index, attempt, first_started): (usize, u32, Instant),
+    ended: Ended,
+) -> Result<(), ActorProcessingErr> {
+    if s.st.phase == Phase::Finalized {
+        return Ok(());
+    }
+    let Some(resource_id) = s.shared.resources.get(index).cloned() else {
+        return Ok(());
+    };
+    let (outcome, elapsed) = match ended {
+        Ended::Report(r) => (
+            match r.result {
+                AttemptResult::Succeeded => ResourceOutcome::Succeeded,
+                AttemptResult::Failed(error) => ResourceOutcome::Failed { error },
+                AttemptResult::TimedOut => ResourceOutcome::TimedOut,
+                AttemptResult::Cancelled => ResourceOutcome::Cancelled,
+            },
+            r.elapsed,
+        ),
+        Ended::Panicked(message) => (
+            ResourceOutcome::Panicked { message },
+            first_started.elapsed(),
+        ),
+        Ended::SpawnFailed(error) => (ResourceOutcome::Failed { error }, std::time::Duration::ZERO),
+    };
+    emit_attempt(&s.shared.emitter, &resource_id, attempt, &outcome, elapsed);
+
+    let retryable = matches!(
+        outcome,
+        ResourceOutcome::Failed { .. }
+            | ResourceOutcome::Panicked { .. }
+            | ResourceOutcome::TimedOut
+    );
+    if s.st.phase == Phase::Running && retryable && attempt < s.shared.config.retry.max_attempts {
+        let delay = s.shared.config.retry.backoff(attempt);
+        s.shared.emitter.emit(EventKind::WorkerRetrying {
+            resource_id,
+            next_attempt: attempt + 1,
+            delay,
+        });
+        let timer = myself.send_after(delay, move || SessionMessage::RetryDue { index });
+        s.st.waiting.insert(
+            index,
+            Waiting {
+                next_attempt: attempt + 1,
+                first_started,
+                timer,
+            },
+        );
+        return Ok(());
+    }
+
+    let failed = !outcome.is_success();
+    let record = OutcomeRecord {
+        resource_id,
+        outcome,
+        attempts: attempt,
+        elapsed: first_started.elapsed(),
+    };
+    match s
+        .shared
+        .deps
+        .store
+        .record_outcome(s.shared.id, record)
+        .await
+    {
+        Ok(()) | Err(StoreError::Finalizing { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    s.st.done += 1;
+    if failed
+        && s.st.phase == Phase::Running
+        && s.shared.config.failure_policy == FailurePolicy::FailFast
+    {
+        return finalize(myself, s, FinalizeReason::FailFast).await;
+    }
+    Ok(())
+}
+
+fn emit_attempt(
+    emitter: &SessionEmitter,
+    resource_id: &ResourceId,
+    attempt: u32,
+    outcome: &ResourceOutcome,
+    elapsed: std::time::Duration,
+) {
+    let resource_id = resource_id.clone();
+    emitter.emit(match outcome {
+        ResourceOutcome::Succeeded => EventKind::WorkerSucceeded {
+            resource_id,
+            attempt,
+            elapsed,
+        },
+        ResourceOutcome::Failed { error } => EventKind::WorkerFailed {
+            resource_id,
+            attempt,
+            error: error.clone(),
+        },
+        ResourceOutcome::Panicked { message } => EventKind::WorkerPanicked {
+            resource_id,
+            attempt,
+            message: message.clone(),
+        },
+        ResourceOutcome::TimedOut => EventKind::WorkerTimedOut {
+            resource_id,
+            attempt,
+        },
+        ResourceOutcome::Cancelled | ResourceOutcome::Lost => EventKind::WorkerCancelled {
+            resource_id,
+            attempt,
+        },
+    });
+}
+
+/// Finalizes once: stops the workers, runs the finalizer, cancels the monitor, stops.
+async fn finalize(
+    myself: &ActorRef<SessionMessage>,
+    s: &mut Session,
+    reason: FinalizeReason,
+) -> Result<(), ActorProcessingErr> {
+    if s.st.phase == Phase::Finalized {
+        return Ok(());
+    }
+    s.st.phase = Phase::Finalized;
+    s.shared.cancel.cancel();
+    let unfinished = s.st.wind_down(&s.shared.resources);
+    let shared = Arc::clone(&s.shared);
+    let result = finalizer::finalize(
+        &shared.deps,
+        &shared.emitter,
+        shared.id,
+        reason,
+        &unfinished,
+        Mode::Own,
+    )
+    .await?;
+    match result {
+        Finalized::Now(record) => {
+            stop_monitor(s, true);
+            finalizer::emit_finished(&shared.emitter, &record);
+        }
+        Finalized::NotByUs => stop_monitor(s, false),
+    }
+    myself.stop(Some(STOP_FINALIZED.to_owned()));
+    Ok(())
+}
+
+fn stop_monitor(s: &mut Session, announce: bool) {
+    if let Some(monitor) = s.st.monitor.take() {
+        monitor.stop(None);
+        if announce {
+            s.shared.emitter.emit(EventKind::MonitorCancelled);
+        }
+    }
+}
+
+async fn spawn_monitor(myself: &ActorRef<SessionMessage>, s: &mut Session) {
+    let args = MonitorArgs {
+        shared: Arc::clone(&s.shared),
+        session: myself.clone(),
+    };
+    match Actor::spawn_linked(None, MonitorActor, args, myself.get_cell()).await {
+        Ok((monitor, _)) => s.st.monitor = Some(monitor),
+        Err(error) => {
+            // pre_start failures give no supervision event: retry on our own timer, so the
+            // session is never left without its watchdog.
+            tracing::warn!(%error, "could not spawn the monitor; retrying");
+            let retry_in = s.shared.config.monitor_interval;
+            myself.send_after(retry_in, || SessionMessage::RespawnMonitor);
+        }
+    }
+}

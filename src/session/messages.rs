@@ -1,0 +1,26 @@
+//! Messages of the `SessionActor`.
+
+use ractor::RpcReplyPort;
+
+use crate::error::SessionError;
+
+/// What a SessionActor is told. Worker reports arrive as supervision events, not here.
+#[derive(Debug)]
+pub enum SessionMessage {
+    /// From the monitor: `started + workflow_time` has passed. Finalizes with
+    /// `DeadlineExpired`; unfinished resources count as `TimedOut`.
+    DeadlineExpired,
+    /// From the root: abort the session (cooperative cancel first, stop after `abort_grace`).
+    AbortSession(RpcReplyPort<Result<(), SessionError>>),
+    /// Self-sent `abort_grace` after an abort: stop the workers still running and finalize.
+    AbortGraceElapsed,
+    /// Self-sent when a retry's backoff is over: the resource may start its next attempt.
+    RetryDue {
+        /// Index of the resource in the session's list.
+        index: usize,
+    },
+    /// Self-sent when the monitor could not be spawned: try again.
+    RespawnMonitor,
+    /// From the root: the supervisor shuts down; finalize now with `Shutdown`.
+    Shutdown,
+}

@@ -1,0 +1,161 @@
+//! `SessionStore`: the one place sessions, outcomes and events live.
+//!
+//! The store is the authority the tree leans on when an actor cannot be trusted:
+//! - the **busy lock**: [`SessionStore::create_session`] refuses a harvester that has an
+//!   active session, atomically, so two starts can never both pass;
+//! - the **exactly-once guard**: [`SessionStore::claim_finalization`] is a compare-and-set
+//!   from "not yet claimed, not terminal"; only its winner runs the user finalizer, and
+//!   [`SessionStore::complete_finalization`] writes the terminal status once and frees the
+//!   harvester only if it is still held by *this* session;
+//! - the **record** the monitor reads, so a stuck SessionActor cannot hide a deadline.
+
+pub mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::error::StoreError;
+use crate::events::SessionEvent;
+use crate::model::{
+    FinalizeReason, HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, SessionId,
+    SessionRecord, SessionStatus,
+};
+
+pub use memory::MemoryStore;
+
+/// A session to create, in status `pending`.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// Its id.
+    pub id: SessionId,
+    /// Its harvester, which must be free.
+    pub harvester_id: HarvesterId,
+    /// The resources, unique.
+    pub resources: Vec<ResourceId>,
+    /// Creation time; the deadline counts from here.
+    pub started: DateTime<Utc>,
+    /// The deadline's budget.
+    pub workflow_time: Duration,
+}
+
+/// The answer to [`SessionStore::claim_finalization`].
+#[derive(Debug, Clone)]
+pub enum Claim {
+    /// The caller won: it alone runs the finalizer. The record is as it was *before* the
+    /// claim (so `status` tells whether the session was aborting).
+    Claimed(SessionRecord),
+    /// Someone else claimed it and has not completed yet.
+    AlreadyClaimed(SessionRecord),
+    /// The session is terminal already.
+    AlreadyFinalized(SessionRecord),
+}
+
+/// What [`SessionStore::complete_finalization`] writes.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// Why the session ends (normally the claimed reason).
+    pub reason: FinalizeReason,
+    /// Terminal status.
+    pub status: SessionStatus,
+    /// Outcomes for the resources that had none (reconciliation), written with it.
+    pub missing: Vec<OutcomeRecord>,
+    /// Reconciled counts (their total equals the session's).
+    pub counts: OutcomeCounts,
+    /// The user finalizer's error, or why it did not finish.
+    pub finalizer_error: Option<String>,
+    /// End time.
+    pub ended: DateTime<Utc>,
+}
+
+/// The answer to [`SessionStore::complete_finalization`].
+#[derive(Debug, Clone)]
+pub enum Completed {
+    /// This call made the session terminal and freed its harvester.
+    Now(SessionRecord),
+    /// It was terminal already; nothing changed.
+    AlreadyFinalized(SessionRecord),
+}
+
+/// Storage of sessions, outcomes and events. Implementations must make `create_session`,
+/// `transition`, `claim_finalization` and `complete_finalization` atomic per session.
+///
+/// ```
+/// use harvest_supervisor::store::{MemoryStore, NewSession, SessionStore};
+/// use harvest_supervisor::{SessionId, SessionStatus};
+/// # tokio_test_block(async {
+/// let store = MemoryStore::new();
+/// let id = SessionId::new();
+/// store.create_session(NewSession {
+///     id,
+///     harvester_id: "csw".into(),
+///     resources: vec!["a".into()],
+///     started: chrono::Utc::now(),
+///     workflow_time: std::time::Duration::from_secs(60),
+/// }).await.expect("created");
+/// assert_eq!(store.session(id).await.expect("stored").status, SessionStatus::Pending);
+/// # });
+/// # fn tokio_test_block(f: impl std::future::Future<Output = ()>) {
+/// #     tokio::runtime::Builder::new_current_thread().build().expect("rt").block_on(f)
+/// # }
+/// ```
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Creates a `pending` session, taking its harvester's busy lock;
+    /// `StoreError::HarvesterBusy` if another session of that harvester is not terminal.
+    async fn create_session(&self, new: NewSession) -> Result<SessionRecord, StoreError>;
+
+    /// One session's record.
+    async fn session(&self, id: SessionId) -> Result<SessionRecord, StoreError>;
+
+    /// Every session, newest first.
+    async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// The session holding `harvester`'s busy lock, if any.
+    async fn active_session(
+        &self,
+        harvester: &HarvesterId,
+    ) -> Result<Option<SessionId>, StoreError>;
+
+    /// A session's resources, in order.
+    async fn resources(&self, id: SessionId) -> Result<Vec<ResourceId>, StoreError>;
+
+    /// Moves the session from `from` to `to` (both non-terminal). Returns false, changing
+    /// nothing, if it is not in `from` or its finalization was claimed.
+    async fn transition(
+        &self,
+        id: SessionId,
+        from: SessionStatus,
+        to: SessionStatus,
+    ) -> Result<bool, StoreError>;
+
+    /// Records a resource's final outcome. `StoreError::Finalizing` once finalization was
+    /// claimed: reconciliation has already counted that resource.
+    async fn record_outcome(&self, id: SessionId, outcome: OutcomeRecord)
+    -> Result<(), StoreError>;
+
+    /// The outcomes recorded so far.
+    async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError>;
+
+    /// Appends an event to the audit trail. Must not block: a durable store queues it.
+    fn append_event(&self, event: &SessionEvent) -> Result<(), StoreError>;
+
+    /// A session's events, by `seq`.
+    async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError>;
+
+    /// The exactly-once guard: claims finalization with `reason` if nobody has.
+    async fn claim_finalization(
+        &self,
+        id: SessionId,
+        reason: FinalizeReason,
+    ) -> Result<Claim, StoreError>;
+
+    /// Makes a claimed session terminal, writes the missing outcomes, and frees its
+    /// harvester if this session still holds it.
+    async fn complete_finalization(
+        &self,
+        id: SessionId,
+        completion: Completion,
+    ) -> Result<Completed, StoreError>;
+}

@@ -1,0 +1,204 @@
+//! In-memory [`SessionStore`] on `dashmap`: for tests, and for servers that need no history
+//! across restarts.
+//!
+//! Each session sits in its own map entry; every operation holds that entry's shard lock
+//! for a short, await-free section, which is what makes the compare-and-sets atomic. The busy
+//! lock is a second map, harvester -> session, taken with the entry API.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+use crate::error::StoreError;
+use crate::events::SessionEvent;
+use crate::model::{
+    FinalizeReason, HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, SessionId,
+    SessionRecord, SessionStatus,
+};
+use crate::store::{Claim, Completed, Completion, NewSession, SessionStore};
+
+struct StoredSession {
+    record: SessionRecord,
+    resources: Arc<[ResourceId]>,
+    outcomes: Vec<OutcomeRecord>,
+    events: Vec<SessionEvent>,
+}
+
+/// Sessions kept in process memory. Cheap to clone (shared maps).
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    sessions: Arc<DashMap<SessionId, StoredSession>>,
+    active: Arc<DashMap<HarvesterId, SessionId>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(
+        &self,
+        id: SessionId,
+        f: impl FnOnce(&mut StoredSession) -> T,
+    ) -> Result<T, StoreError> {
+        let mut entry = self
+            .sessions
+            .get_mut(&id)
+            .ok_or(StoreError::UnknownSession { session_id: id })?;
+        Ok(f(entry.value_mut()))
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    async fn create_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
+        match self.active.entry(new.harvester_id.clone()) {
+            Entry::Occupied(held) => Err(StoreError::HarvesterBusy {
+                harvester_id: new.harvester_id,
+                session_id: *held.get(),
+            }),
+            Entry::Vacant(slot) => {
+                let record = SessionRecord {
+                    id: new.id,
+                    harvester_id: new.harvester_id,
+                    status: SessionStatus::Pending,
+                    total: new.resources.len(),
+                    started: new.started,
+                    ended: None,
+                    workflow_time: new.workflow_time,
+                    finalizing: None,
+                    counts: OutcomeCounts::default(),
+                    finalizer_error: None,
+                };
+                // Insert the session before releasing the harvester entry, so nobody sees
+                // a lock pointing at a session that does not exist.
+                self.sessions.insert(
+                    new.id,
+                    StoredSession {
+                        record: record.clone(),
+                        resources: new.resources.into(),
+                        outcomes: Vec::new(),
+                        events: Vec::new(),
+                    },
+                );
+                slot.insert(new.id);
+                Ok(record)
+            }
+        }
+    }
+
+    async fn session(&self, id: SessionId) -> Result<SessionRecord, StoreError> {
+        self.with(id, |s| s.record.clone())
+    }
+
+    async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        let mut all: Vec<SessionRecord> = self.sessions.iter().map(|s| s.record.clone()).collect();
+        // Ids are UUID v7: ordering them orders by creation.
+        all.sort_by_key(|r| std::cmp::Reverse(r.id));
+        Ok(all)
+    }
+
+    async fn active_session(
+        &self,
+        harvester: &HarvesterId,
+    ) -> Result<Option<SessionId>, StoreError> {
+        Ok(self.active.get(harvester).map(|s| *s))
+    }
+
+    async fn resources(&self, id: SessionId) -> Result<Vec<ResourceId>, StoreError> {
+        self.with(id, |s| s.resources.to_vec())
+    }
+
+    async fn transition(
+        &self,
+        id: SessionId,
+        from: SessionStatus,
+        to: SessionStatus,
+    ) -> Result<bool, StoreError> {
+        self.with(id, |s| {
+            let r = &mut s.record;
+            if r.status == from && r.finalizing.is_none() && !to.is_terminal() {
+                r.status = to;
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    async fn record_outcome(
+        &self,
+        id: SessionId,
+        outcome: OutcomeRecord,
+    ) -> Result<(), StoreError> {
+        self.with(id, |s| {
+            if s.record.finalizing.is_some() {
+                return Err(StoreError::Finalizing { session_id: id });
+            }
+            s.record.counts.add(&outcome.outcome);
+            s.outcomes.push(outcome);
+            Ok(())
+        })?
+    }
+
+    async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
+        self.with(id, |s| s.outcomes.clone())
+    }
+
+    fn append_event(&self, event: &SessionEvent) -> Result<(), StoreError> {
+        self.with(event.session_id, |s| s.events.push(event.clone()))
+    }
+
+    async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
+        self.with(id, |s| s.events.clone())
+    }
+
+    async fn claim_finalization(
+        &self,
+        id: SessionId,
+        reason: FinalizeReason,
+    ) -> Result<Claim, StoreError> {
+        self.with(id, |s| {
+            let r = &mut s.record;
+            if r.status.is_terminal() {
+                Claim::AlreadyFinalized(r.clone())
+            } else if r.finalizing.is_some() {
+                Claim::AlreadyClaimed(r.clone())
+            } else {
+                let before = r.clone();
+                r.finalizing = Some(reason);
+                Claim::Claimed(before)
+            }
+        })
+    }
+
+    async fn complete_finalization(
+        &self,
+        id: SessionId,
+        completion: Completion,
+    ) -> Result<Completed, StoreError> {
+        let done = self.with(id, |s| {
+            if s.record.status.is_terminal() {
+                return Completed::AlreadyFinalized(s.record.clone());
+            }
+            s.outcomes.extend(completion.missing);
+            let r = &mut s.record;
+            r.status = completion.status;
+            r.finalizing = Some(completion.reason);
+            r.counts = completion.counts;
+            r.finalizer_error = completion.finalizer_error;
+            r.ended = Some(completion.ended);
+            Completed::Now(r.clone())
+        })?;
+        if let Completed::Now(record) = &done {
+            // Free the harvester only if this session holds it: a stale finalizer must never
+            // free a harvester that a newer session runs on.
+            self.active
+                .remove_if(&record.harvester_id, |_, holder| *holder == id);
+        }
+        Ok(done)
+    }
+}

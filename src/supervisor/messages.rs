@@ -1,0 +1,63 @@
+//! Messages of the root `HarvestSupervisor`: the API of the tree for embedders that talk to
+//! actors directly. [`crate::Supervisor`] wraps them in async methods.
+
+use ractor::RpcReplyPort;
+
+use crate::config::SessionConfig;
+use crate::error::{SessionError, StartError};
+use crate::model::{HarvesterId, ResourceId, SessionId, SessionRecord};
+
+/// A session to start.
+#[derive(Debug, Clone)]
+pub struct SessionRequest {
+    /// The harvester; it must have no active session.
+    pub harvester_id: HarvesterId,
+    /// The resources, each id once. Empty is fine: the session finishes `finished-all-ok`.
+    pub resources: Vec<ResourceId>,
+    /// This session's budget; `None` takes the supervisor's default.
+    pub config: Option<SessionConfig>,
+}
+
+impl SessionRequest {
+    /// A request with the supervisor's default budget.
+    pub fn new<R: Into<ResourceId>>(
+        harvester_id: impl Into<HarvesterId>,
+        resources: impl IntoIterator<Item = R>,
+    ) -> Self {
+        Self {
+            harvester_id: harvester_id.into(),
+            resources: resources.into_iter().map(Into::into).collect(),
+            config: None,
+        }
+    }
+
+    /// Gives this session its own budget.
+    pub fn with_config(mut self, config: SessionConfig) -> Self {
+        self.config = Some(config);
+        self
+    }
+}
+
+/// What the root answers.
+#[derive(Debug)]
+pub enum SupervisorMessage {
+    /// Start a session; `HarvesterBusy` if its harvester has one running.
+    StartSession(
+        Box<SessionRequest>,
+        RpcReplyPort<Result<SessionId, StartError>>,
+    ),
+    /// Abort a session. `UnknownSession`, or `AlreadyFinished` if it is over.
+    AbortSession(SessionId, RpcReplyPort<Result<(), SessionError>>),
+    /// One session's record, from the store.
+    GetSession(SessionId, RpcReplyPort<Result<SessionRecord, SessionError>>),
+    /// Every session's record, newest first.
+    ListSessions(RpcReplyPort<Result<Vec<SessionRecord>, SessionError>>),
+    /// Finalize every running session with `Shutdown`, then stop the root. Replies when done.
+    Shutdown(RpcReplyPort<()>),
+    /// From a monitor: this session did not finalize within `escalation_grace`; stop its
+    /// actor and finalize it from the store.
+    Escalate {
+        /// The stuck session.
+        session_id: SessionId,
+    },
+}

@@ -1,0 +1,256 @@
+//! How resource outcomes decide a session's end: success, failures, panics, timeouts,
+//! retries, fail-fast, the concurrency window, and the empty session.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{FinalizerMode, Recorder, config, event_names, finished, ids, supervisor};
+use harvest_supervisor::{
+    EventKind, FailurePolicy, FinalizeReason, HarvestContext, ResourceOutcome, RetryPolicy,
+    SessionRequest, SessionStatus, Supervisor, SupervisorConfig, harvest_fn,
+};
+
+#[tokio::test(start_paused = true)]
+async fn all_resources_succeed_finishes_all_ok_and_frees_the_harvester() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor(config(), &rec).await;
+    let id = sup
+        .start_session("csw", ids("ok", 10))
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+
+    assert_eq!(record.status, SessionStatus::FinishedAllOk);
+    assert_eq!(record.reason(), Some(FinalizeReason::Completed));
+    assert_eq!(record.counts.succeeded, 10);
+    assert_eq!(rec.calls(), 1, "the finalizer ran exactly once");
+
+    // The monitor was cancelled and handled no tick after finalization, even an hour later.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let names = event_names(&sup, id).await;
+    let cancelled = names
+        .iter()
+        .position(|n| *n == "MonitorCancelled")
+        .expect("monitor cancelled");
+    let finalizer = names
+        .iter()
+        .position(|n| *n == "FinalizerStarted")
+        .expect("finalizer ran");
+    assert!(finalizer < cancelled);
+    assert!(!names[finalizer..].contains(&"MonitorTick"), "{names:?}");
+    assert_eq!(names.last(), Some(&"SessionFinished"));
+    assert_eq!(rec.calls(), 1);
+
+    // The harvester is free: a new session starts at once.
+    let again = sup
+        .start_session("csw", ids("ok", 1))
+        .await
+        .expect("harvester is free");
+    assert_eq!(
+        finished(&sup, again).await.status,
+        SessionStatus::FinishedAllOk
+    );
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn some_failures_finish_some_failed_and_all_failures_finish_all_failed() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor(config(), &rec).await;
+
+    let some = sup
+        .start_session("a", ["ok-1", "fail-2", "ok-3"])
+        .await
+        .expect("start");
+    let record = finished(&sup, some).await;
+    assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
+    assert_eq!((record.counts.succeeded, record.counts.failed), (2, 1));
+    let report = &rec.reports_for(some)[0];
+    let failed = report
+        .outcomes
+        .iter()
+        .find(|o| o.resource_id.0 == "fail-2")
+        .expect("outcome of fail-2");
+    assert!(
+        matches!(&failed.outcome, ResourceOutcome::Failed { error } if error.contains("remote said 500")),
+        "{failed:?}"
+    );
+
+    let all = sup.start_session("b", ids("fail", 3)).await.expect("start");
+    assert_eq!(
+        finished(&sup, all).await.status,
+        SessionStatus::FinishedAllFailed
+    );
+    assert_eq!(rec.calls(), 2);
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_harvest_is_recorded_with_its_message_and_the_session_goes_on() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor(config(), &rec).await;
+    let id = sup
+        .start_session("csw", ["ok-1", "panic-2", "ok-3", "ok-4", "ok-5"])
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
+    assert_eq!((record.counts.succeeded, record.counts.panicked), (4, 1));
+    let report = &rec.reports_for(id)[0];
+    let panicked = &report.outcomes[1];
+    assert!(
+        matches!(&panicked.outcome, ResourceOutcome::Panicked { message } if message.contains("parser exploded on panic-2")),
+        "{panicked:?}"
+    );
+    assert_eq!(rec.calls(), 1);
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_over_resource_timeout_times_out_and_the_session_goes_on() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let cfg = harvest_supervisor::SessionConfig {
+        resource_timeout: Some(Duration::from_secs(30)),
+        ..config()
+    };
+    let sup = supervisor(cfg, &rec).await;
+    let id = sup
+        .start_session("csw", ["ok-1", "sleep60-2", "hang-3"])
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::Completed));
+    assert_eq!((record.counts.succeeded, record.counts.timed_out), (1, 2));
+    let report = &rec.reports_for(id)[0];
+    let slow = &report.outcomes[1];
+    assert_eq!(slow.outcome, ResourceOutcome::TimedOut);
+    assert_eq!(slow.elapsed, Duration::from_secs(30));
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn zero_resources_finish_all_ok_at_once() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor(config(), &rec).await;
+    let started = tokio::time::Instant::now();
+    let id = sup
+        .start_session("csw", Vec::<String>::new())
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.status, SessionStatus::FinishedAllOk);
+    assert_eq!(record.total, 0);
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "finished without waiting for anything"
+    );
+    assert_eq!(rec.calls(), 1);
+    sup.start_session("csw", ["ok-1"])
+        .await
+        .expect("harvester is free");
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resource_failing_twice_succeeds_on_its_third_attempt_after_backoff() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let cfg = harvest_supervisor::SessionConfig {
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_secs(2),
+            multiplier: 3.0,
+            max_backoff: Duration::from_secs(60),
+        },
+        ..config()
+    };
+    let sup = supervisor(cfg, &rec).await;
+    let started = tokio::time::Instant::now();
+    let id = sup.start_session("csw", ["flaky2-1"]).await.expect("start");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.status, SessionStatus::FinishedAllOk);
+    let outcome = &rec.reports_for(id)[0].outcomes[0];
+    assert_eq!(outcome.outcome, ResourceOutcome::Succeeded);
+    assert_eq!(outcome.attempts, 3);
+    // Backoff 2 s, then 6 s, on the paused clock.
+    assert_eq!(outcome.elapsed, Duration::from_secs(8));
+    assert!(started.elapsed() >= Duration::from_secs(8));
+    let delays: Vec<Duration> = sup
+        .events(id)
+        .await
+        .expect("events")
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::WorkerRetrying { delay, .. } => Some(delay),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delays, [Duration::from_secs(2), Duration::from_secs(6)]);
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn fail_fast_finalizes_on_the_first_final_failure_and_cancels_the_rest() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let cfg = harvest_supervisor::SessionConfig {
+        failure_policy: FailurePolicy::FailFast,
+        max_concurrency: 2,
+        ..config()
+    };
+    let sup = supervisor(cfg, &rec).await;
+    let id = sup
+        .start_session("csw", ["fail-1", "hang-2", "ok-3", "ok-4"])
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::FailFast));
+    assert_eq!(record.status, SessionStatus::FinishedAllFailed);
+    assert_eq!(record.counts.failed, 1);
+    assert_eq!(record.counts.cancelled, 3, "{:?}", record.counts);
+    assert_eq!(record.counts.total(), 4);
+    assert_eq!(rec.calls(), 1);
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn never_more_than_max_concurrency_workers_are_alive() {
+    let alive = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (a, p) = (Arc::clone(&alive), Arc::clone(&peak));
+    let harvest = harvest_fn(move |ctx: HarvestContext| {
+        let (alive, peak) = (Arc::clone(&a), Arc::clone(&p));
+        async move {
+            let now = alive.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(
+                10 + (ctx.resource_id.0.len() as u64 % 7),
+            ))
+            .await;
+            alive.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = Supervisor::builder(harvest, rec.clone())
+        .config(SupervisorConfig {
+            session: harvest_supervisor::SessionConfig {
+                max_concurrency: 3,
+                ..config()
+            },
+            ..SupervisorConfig::default()
+        })
+        .start()
+        .await
+        .expect("start");
+    let id = sup
+        .start(SessionRequest::new("csw", ids("r", 50)))
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.counts.succeeded, 50);
+    assert_eq!(peak.load(Ordering::SeqCst), 3);
+    sup.shutdown().await.expect("shutdown");
+}
