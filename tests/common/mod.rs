@@ -6,6 +6,8 @@
 //! `flaky<N>-*` fails its first N attempts.
 #![allow(dead_code)]
 
+pub mod faulty;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -124,7 +126,22 @@ impl SessionFinalizer for Recorder {
 
 /// A supervisor over the scripted harvest with `session` as default budget.
 pub async fn supervisor(session: SessionConfig, recorder: &Recorder) -> Supervisor {
+    supervisor_on(
+        Arc::new(harvest_supervisor::MemoryStore::new()),
+        session,
+        recorder,
+    )
+    .await
+}
+
+/// The same, on a given store.
+pub async fn supervisor_on(
+    store: Arc<dyn harvest_supervisor::SessionStore>,
+    session: SessionConfig,
+    recorder: &Recorder,
+) -> Supervisor {
     Supervisor::builder(harvest_fn(scripted), recorder.clone())
+        .store(store)
         .config(SupervisorConfig {
             session,
             ..SupervisorConfig::default()

@@ -1,0 +1,143 @@
+//! Bad input gets a typed error and changes nothing: invalid config, duplicate resource ids,
+//! unknown sessions, a busy harvester (also under 100 concurrent starts).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{FinalizerMode, Recorder, config, finished, supervisor};
+use harvest_supervisor::{
+    Error, SessionConfig, SessionError, SessionId, SessionRequest, StartError, Supervisor,
+    SupervisorConfig, finalizer_fn, harvest_fn,
+};
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_session_config_is_rejected_naming_the_field() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor(config(), &rec).await;
+    let bad = SessionConfig {
+        max_concurrency: 0,
+        ..config()
+    };
+    match sup
+        .start(SessionRequest::new("csw", ["ok-1"]).with_config(bad))
+        .await
+    {
+        Err(StartError::InvalidConfig(e)) => {
+            assert_eq!(e.field(), "max_concurrency");
+            assert!(e.to_string().contains("at least 1"), "{e}");
+        }
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+    assert!(
+        sup.sessions().await.expect("list").is_empty(),
+        "nothing was created"
+    );
+    sup.start_session("csw", ["ok-1"])
+        .await
+        .expect("harvester untouched");
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_supervisor_config_fails_at_start() {
+    let config = SupervisorConfig {
+        session: SessionConfig {
+            monitor_interval: Duration::ZERO,
+            ..SessionConfig::default()
+        },
+        ..SupervisorConfig::default()
+    };
+    let started = Supervisor::builder(
+        harvest_fn(|_| async { Ok(()) }),
+        finalizer_fn(|_| async { Ok(()) }),
+    )
+    .config(config)
+    .start()
+    .await;
+    match started {
+        Err(Error::Config(e)) => assert_eq!(e.field(), "monitor_interval"),
+        Err(other) => panic!("expected a config error, got {other:?}"),
+        Ok(_) => panic!("an invalid config must not start"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn duplicate_resource_ids_are_rejected() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor(config(), &rec).await;
+    match sup.start_session("csw", ["ok-1", "ok-2", "ok-1"]).await {
+        Err(StartError::DuplicateResource { resource_id }) => assert_eq!(resource_id.0, "ok-1"),
+        other => panic!("expected DuplicateResource, got {other:?}"),
+    }
+    assert!(sup.sessions().await.expect("list").is_empty());
+    assert_eq!(rec.calls(), 0);
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_session_ids_are_typed_errors() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor(config(), &rec).await;
+    let ghost = SessionId::new();
+    assert!(matches!(
+        sup.session(ghost).await,
+        Err(SessionError::UnknownSession { session_id }) if session_id == ghost
+    ));
+    assert!(matches!(
+        sup.abort(ghost).await,
+        Err(SessionError::UnknownSession { session_id }) if session_id == ghost
+    ));
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_start_for_a_busy_harvester_names_the_running_session() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor(config(), &rec).await;
+    let first = sup.start_session("csw", ["sleep5-1"]).await.expect("start");
+    match sup.start_session("csw", ["ok-1"]).await {
+        Err(StartError::HarvesterBusy {
+            harvester_id,
+            session,
+        }) => {
+            assert_eq!(harvester_id.0, "csw");
+            assert_eq!(session, first);
+        }
+        other => panic!("expected HarvesterBusy, got {other:?}"),
+    }
+    // Another harvester is not affected.
+    sup.start_session("wms", ["ok-1"])
+        .await
+        .expect("other harvester");
+    finished(&sup, first).await;
+    sup.start_session("csw", ["ok-1"])
+        .await
+        .expect("free again");
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hundred_concurrent_starts_for_one_harvester_have_exactly_one_winner() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = Arc::new(supervisor(config(), &rec).await);
+    let starts = (0..100).map(|i| {
+        let sup = Arc::clone(&sup);
+        tokio::spawn(async move { sup.start_session("csw", [format!("sleep5-{i}")]).await })
+    });
+    let results = futures::future::join_all(starts).await;
+    let mut winners = Vec::new();
+    let mut busy = 0;
+    for r in results {
+        match r.expect("task") {
+            Ok(id) => winners.push(id),
+            Err(StartError::HarvesterBusy { .. }) => busy += 1,
+            Err(other) => panic!("unexpected error {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    assert_eq!(busy, 99);
+    assert_eq!(sup.sessions().await.expect("list").len(), 1);
+    sup.abort(winners[0]).await.expect("abort");
+}

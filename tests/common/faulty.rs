@@ -1,0 +1,109 @@
+//! A `SessionStore` over `MemoryStore` with faults a test can switch on: failing reads,
+//! a held `pending -> on-going` transition, outcome writes that never return.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use harvest_supervisor::store::{Claim, Completed, Completion, NewSession};
+use harvest_supervisor::{
+    FinalizeReason, HarvesterId, MemoryStore, OutcomeRecord, ResourceId, SessionEvent, SessionId,
+    SessionRecord, SessionStatus, SessionStore, StoreError,
+};
+use tokio::sync::Semaphore;
+
+pub struct FaultyStore {
+    pub inner: MemoryStore,
+    /// The next this-many `session()` reads fail.
+    pub failing_reads: AtomicUsize,
+    /// While set, `pending -> on-going` waits for a permit of `begin_gate`.
+    pub hold_begin: AtomicBool,
+    pub begin_gate: Arc<Semaphore>,
+    /// While set, `record_outcome` never returns.
+    pub hang_outcome_writes: AtomicBool,
+}
+
+impl FaultyStore {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemoryStore::new(),
+            failing_reads: AtomicUsize::new(0),
+            hold_begin: AtomicBool::new(false),
+            begin_gate: Arc::new(Semaphore::new(0)),
+            hang_outcome_writes: AtomicBool::new(false),
+        })
+    }
+}
+
+fn injected() -> StoreError {
+    StoreError::Backend("injected read failure".into())
+}
+
+#[async_trait]
+impl SessionStore for FaultyStore {
+    async fn create_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
+        self.inner.create_session(new).await
+    }
+    async fn session(&self, id: SessionId) -> Result<SessionRecord, StoreError> {
+        let fail = self
+            .failing_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(injected());
+        }
+        self.inner.session(id).await
+    }
+    async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        self.inner.list_sessions().await
+    }
+    async fn active_session(&self, h: &HarvesterId) -> Result<Option<SessionId>, StoreError> {
+        self.inner.active_session(h).await
+    }
+    async fn resources(&self, id: SessionId) -> Result<Vec<ResourceId>, StoreError> {
+        self.inner.resources(id).await
+    }
+    async fn transition(
+        &self,
+        id: SessionId,
+        from: SessionStatus,
+        to: SessionStatus,
+    ) -> Result<bool, StoreError> {
+        if from == SessionStatus::Pending
+            && to == SessionStatus::OnGoing
+            && self.hold_begin.load(Ordering::SeqCst)
+        {
+            let _permit = self.begin_gate.acquire().await;
+        }
+        self.inner.transition(id, from, to).await
+    }
+    async fn record_outcome(&self, id: SessionId, o: OutcomeRecord) -> Result<(), StoreError> {
+        if self.hang_outcome_writes.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.inner.record_outcome(id, o).await
+    }
+    async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
+        self.inner.outcomes(id).await
+    }
+    fn append_event(&self, event: &SessionEvent) -> Result<(), StoreError> {
+        self.inner.append_event(event)
+    }
+    async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
+        self.inner.events(id).await
+    }
+    async fn claim_finalization(
+        &self,
+        id: SessionId,
+        reason: FinalizeReason,
+    ) -> Result<Claim, StoreError> {
+        self.inner.claim_finalization(id, reason).await
+    }
+    async fn complete_finalization(
+        &self,
+        id: SessionId,
+        c: Completion,
+    ) -> Result<Completed, StoreError> {
+        self.inner.complete_finalization(id, c).await
+    }
+}

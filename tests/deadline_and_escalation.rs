@@ -1,0 +1,163 @@
+//! The watchdog: a hung harvest meets the monitor's deadline, a stuck session is escalated
+//! to the root, and a crashed monitor is restarted with the deadline intact.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::faulty::FaultyStore;
+use common::{FinalizerMode, Recorder, config, finished, has_event, supervisor, supervisor_on};
+use harvest_supervisor::{EventKind, FinalizeReason, ResourceOutcome, SessionStatus};
+use tokio::time::Instant;
+
+#[tokio::test(start_paused = true)]
+async fn finalizes_when_monitor_deadline_expires_and_hung_resources_count_as_timed_out() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor(config(), &rec).await; // no resource_timeout
+    let started = Instant::now();
+    let id = sup
+        .start_session("csw", ["ok-1", "hang-2", "hang-3"])
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+
+    // workflow_time = 3 x 10 s + 100 s; the monitor ticks every 5 s.
+    assert_eq!(record.workflow_time, Duration::from_secs(130));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(130) && took <= Duration::from_secs(135),
+        "{took:?}"
+    );
+    assert_eq!(record.reason(), Some(FinalizeReason::DeadlineExpired));
+    assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
+    assert_eq!((record.counts.succeeded, record.counts.timed_out), (1, 2));
+    let report = &rec.reports_for(id)[0];
+    assert_eq!(report.outcomes[1].outcome, ResourceOutcome::TimedOut);
+    assert_eq!(
+        report.outcomes[1].attempts, 1,
+        "the hung attempt is counted"
+    );
+    assert_eq!(rec.calls(), 1);
+
+    let only_hangs = sup
+        .start_session("csw", ["hang-1"])
+        .await
+        .expect("harvester free");
+    let record = finished(&sup, only_hangs).await;
+    assert_eq!(
+        record.status,
+        SessionStatus::FinishedAllFailed,
+        "never all-ok"
+    );
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_finalizer_that_never_returns_is_escalated_and_the_root_frees_the_harvester() {
+    let rec = Recorder::new(FinalizerMode::Hang);
+    let sup = supervisor(config(), &rec).await;
+    let id = sup
+        .start_session("csw", ["ok-1", "ok-2"])
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+
+    assert!(record.status.is_terminal());
+    assert_eq!(
+        record.status,
+        SessionStatus::FinishedAllOk,
+        "the resources did succeed"
+    );
+    assert_eq!(record.reason(), Some(FinalizeReason::Completed));
+    let error = record.finalizer_error.expect("the hang is recorded");
+    assert!(error.contains("did not complete"), "{error}");
+    assert!(
+        has_event(&sup, id, |k| matches!(
+            k,
+            EventKind::MonitorEscalated { .. }
+        ))
+        .await
+    );
+    assert_eq!(rec.calls(), 1, "the finalizer is never started twice");
+    sup.start_session("csw", ["ok-1"])
+        .await
+        .expect("harvester is free");
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_actor_stuck_in_a_handler_is_force_finalized_by_the_root() {
+    let store = FaultyStore::new();
+    store.hang_outcome_writes.store(true, Ordering::SeqCst);
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor_on(store.clone(), config(), &rec).await;
+    let started = Instant::now();
+    let id = sup
+        .start_session("csw", ["ok-1", "ok-2"])
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+
+    // Deadline 120 s, then escalation_grace 20 s, on 5 s ticks.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(140) && took <= Duration::from_secs(150),
+        "{took:?}"
+    );
+    assert_eq!(record.reason(), Some(FinalizeReason::DeadlineExpired));
+    assert_eq!(record.counts.total(), 2);
+    assert_eq!(
+        record.counts.succeeded, 0,
+        "nothing was recorded, nothing counts as success"
+    );
+    assert_eq!(rec.calls(), 1, "the root ran the finalizer");
+    assert!(
+        has_event(&sup, id, |k| matches!(
+            k,
+            EventKind::MonitorEscalated { .. }
+        ))
+        .await
+    );
+
+    store.hang_outcome_writes.store(false, Ordering::SeqCst);
+    let next = sup
+        .start_session("csw", ["ok-1"])
+        .await
+        .expect("harvester is free");
+    assert_eq!(
+        finished(&sup, next).await.status,
+        SessionStatus::FinishedAllOk
+    );
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_monitor_is_restarted_and_the_deadline_still_holds() {
+    let store = FaultyStore::new();
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor_on(store.clone(), config(), &rec).await;
+    let started = Instant::now();
+    let id = sup.start_session("csw", ["hang-1"]).await.expect("start");
+    // The monitor's next two reads of the record fail: it crashes, is restarted, crashes again.
+    store.failing_reads.store(2, Ordering::SeqCst);
+    let record = finished(&sup, id).await;
+
+    let restarts = sup
+        .events(id)
+        .await
+        .expect("events")
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::MonitorRestarted { .. }))
+        .count();
+    assert_eq!(restarts, 2);
+    assert_eq!(record.reason(), Some(FinalizeReason::DeadlineExpired));
+    let took = started.elapsed();
+    // Deadline 110 s from the session's start, not from the restart.
+    assert!(
+        took >= Duration::from_secs(110) && took <= Duration::from_secs(116),
+        "{took:?}"
+    );
+    assert_eq!(rec.calls(), 1);
+    sup.shutdown().await.expect("shutdown");
+}

@@ -1,0 +1,190 @@
+//! The `SessionStore` contract, written once and generic over the store, so that every store
+//! (memory today, durable next) passes the same suite: the busy lock, the finalization
+//! compare-and-set, and what a claimed or finished session refuses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use harvest_supervisor::store::{Claim, Completed, Completion, NewSession};
+use harvest_supervisor::{
+    FinalizeReason, MemoryStore, OutcomeCounts, OutcomeRecord, ResourceOutcome, SessionId,
+    SessionStatus, SessionStore, StoreError,
+};
+
+fn new_session(harvester: &str, n: usize) -> NewSession {
+    NewSession {
+        id: SessionId::new(),
+        harvester_id: harvester.into(),
+        resources: (0..n).map(|i| format!("r{i}").into()).collect(),
+        started: chrono::Utc::now(),
+        workflow_time: Duration::from_secs(60),
+    }
+}
+
+fn completion(status: SessionStatus) -> Completion {
+    Completion {
+        reason: FinalizeReason::Completed,
+        status,
+        missing: Vec::new(),
+        counts: OutcomeCounts::default(),
+        finalizer_error: None,
+        ended: chrono::Utc::now(),
+    }
+}
+
+async fn busy_lock_admits_one_of_many_concurrent_creates(store: Arc<dyn SessionStore>) {
+    let tasks = (0..100).map(|_| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.create_session(new_session("csw", 1)).await })
+    });
+    let results = futures::future::join_all(tasks).await;
+    let won = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    let busy = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Err(StoreError::HarvesterBusy { .. }))))
+        .count();
+    assert_eq!((won, busy), (1, 99));
+}
+
+async fn exactly_one_concurrent_claim_wins(store: Arc<dyn SessionStore>) {
+    let record = store
+        .create_session(new_session("claims", 2))
+        .await
+        .expect("create");
+    let tasks = (0..50).map(|_| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            store
+                .claim_finalization(record.id, FinalizeReason::DeadlineExpired)
+                .await
+        })
+    });
+    let results = futures::future::join_all(tasks).await;
+    let claimed = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Ok(Claim::Claimed(_)))))
+        .count();
+    assert_eq!(claimed, 1);
+    let after = store.session(record.id).await.expect("record");
+    assert_eq!(after.finalizing, Some(FinalizeReason::DeadlineExpired));
+    assert!(!after.status.is_terminal(), "a claim alone is not the end");
+}
+
+async fn a_claimed_session_refuses_outcomes_and_transitions(store: Arc<dyn SessionStore>) {
+    let r = store
+        .create_session(new_session("refuse", 2))
+        .await
+        .expect("create");
+    assert!(
+        store
+            .transition(r.id, SessionStatus::Pending, SessionStatus::OnGoing)
+            .await
+            .expect("t")
+    );
+    let ok = OutcomeRecord {
+        resource_id: "r0".into(),
+        outcome: ResourceOutcome::Succeeded,
+        attempts: 1,
+        elapsed: Duration::from_secs(1),
+    };
+    store
+        .record_outcome(r.id, ok.clone())
+        .await
+        .expect("before the claim");
+    assert_eq!(store.session(r.id).await.expect("r").counts.succeeded, 1);
+    assert!(matches!(
+        store.claim_finalization(r.id, FinalizeReason::Aborted).await,
+        Ok(Claim::Claimed(before)) if before.status == SessionStatus::OnGoing
+    ));
+    assert!(matches!(
+        store
+            .record_outcome(
+                r.id,
+                OutcomeRecord {
+                    resource_id: "r1".into(),
+                    ..ok
+                }
+            )
+            .await,
+        Err(StoreError::Finalizing { .. })
+    ));
+    assert!(
+        !store
+            .transition(r.id, SessionStatus::OnGoing, SessionStatus::Aborting)
+            .await
+            .expect("t")
+    );
+    assert_eq!(store.outcomes(r.id).await.expect("o").len(), 1);
+}
+
+async fn completion_is_once_and_frees_only_its_own_harvester(store: Arc<dyn SessionStore>) {
+    let old = store
+        .create_session(new_session("free", 1))
+        .await
+        .expect("create");
+    store
+        .claim_finalization(old.id, FinalizeReason::Completed)
+        .await
+        .expect("claim");
+    let missing = OutcomeRecord {
+        resource_id: "r0".into(),
+        outcome: ResourceOutcome::Lost,
+        attempts: 0,
+        elapsed: Duration::ZERO,
+    };
+    let mut c = completion(SessionStatus::FinishedAllFailed);
+    c.missing = vec![missing.clone()];
+    c.counts.lost = 1;
+    assert!(matches!(
+        store.complete_finalization(old.id, c.clone()).await,
+        Ok(Completed::Now(_))
+    ));
+    assert_eq!(store.outcomes(old.id).await.expect("o"), vec![missing]);
+    assert_eq!(store.active_session(&"free".into()).await.expect("a"), None);
+
+    // A newer session holds the harvester; a stale completion of the old one changes nothing.
+    let new = store
+        .create_session(new_session("free", 1))
+        .await
+        .expect("harvester was free");
+    assert!(matches!(
+        store.complete_finalization(old.id, completion(SessionStatus::FinishedAllOk)).await,
+        Ok(Completed::AlreadyFinalized(r)) if r.status == SessionStatus::FinishedAllFailed
+    ));
+    assert_eq!(
+        store.active_session(&"free".into()).await.expect("a"),
+        Some(new.id)
+    );
+    assert!(matches!(
+        store
+            .claim_finalization(old.id, FinalizeReason::Aborted)
+            .await,
+        Ok(Claim::AlreadyFinalized(_))
+    ));
+}
+
+async fn unknown_ids_are_typed_errors(store: Arc<dyn SessionStore>) {
+    let ghost = SessionId::new();
+    assert!(
+        matches!(store.session(ghost).await, Err(StoreError::UnknownSession { session_id }) if session_id == ghost)
+    );
+    assert!(matches!(
+        store
+            .claim_finalization(ghost, FinalizeReason::Completed)
+            .await,
+        Err(StoreError::UnknownSession { .. })
+    ));
+}
+
+async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
+    busy_lock_admits_one_of_many_concurrent_creates(make()).await;
+    exactly_one_concurrent_claim_wins(make()).await;
+    a_claimed_session_refuses_outcomes_and_transitions(make()).await;
+    completion_is_once_and_frees_only_its_own_harvester(make()).await;
+    unknown_ids_are_typed_errors(make()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_keeps_the_contract() {
+    contract(|| Arc::new(MemoryStore::new())).await;
+}
