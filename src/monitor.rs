@@ -17,6 +17,7 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::events::EventKind;
 use crate::session::{SessionMessage, SessionShared};
@@ -90,7 +91,13 @@ impl Actor for MonitorActor {
         state: &mut MonitorState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            MonitorMessage::CheckDeadline => check(myself, state).await,
+            MonitorMessage::CheckDeadline => {
+                // Each tick is its own root span that follows the session's, so a timer that
+                // runs for hours does not grow one span without bound.
+                let span = tracing::debug_span!(parent: None, "monitor_tick", session_id = %state.args.shared.id);
+                span.follows_from(state.args.shared.emitter.span());
+                check(myself, state).instrument(span).await
+            }
         }
     }
 }

@@ -274,6 +274,7 @@ async fn start_worker(
         },
         resource_timeout: shared.config.resource_timeout,
         heartbeat_timeout: shared.config.heartbeat_timeout,
+        span: tracing::info_span!(parent: shared.emitter.span(), "resource", %resource_id, attempt),
     };
     shared.emitter.emit(EventKind::WorkerStarted {
         resource_id: resource_id.clone(),

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::harvest::{HarvestContext, Heartbeat, ResourceHarvester, error_chain};
 pub(crate) use messages::{AttemptReport, AttemptResult, WorkerMessage};
@@ -27,6 +28,8 @@ pub(crate) struct WorkerArgs {
     pub(crate) ctx: HarvestContext,
     pub(crate) resource_timeout: Option<Duration>,
     pub(crate) heartbeat_timeout: Option<Duration>,
+    /// `resource` span (with `resource_id` and `attempt`) inside the session's span.
+    pub(crate) span: tracing::Span,
 }
 
 /// The worker's state; its final value is the report the session reads.
@@ -57,7 +60,8 @@ impl Actor for ResourceWorker {
         state: &mut WorkerState,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(args) = state.args.take() {
-            state.report = Some(run_attempt(args).await);
+            let span = args.span.clone();
+            state.report = Some(run_attempt(args).instrument(span).await);
         }
         myself.stop(None);
         Ok(())

@@ -254,3 +254,39 @@ async fn never_more_than_max_concurrency_workers_are_alive() {
     assert_eq!(peak.load(Ordering::SeqCst), 3);
     sup.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_silent_past_heartbeat_timeout_times_out_while_a_beating_one_goes_on() {
+    let harvest = harvest_fn(|ctx: HarvestContext| async move {
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            if ctx.resource_id.0 == "beating" {
+                ctx.heartbeat.beat();
+            }
+        }
+        Ok(())
+    });
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = Supervisor::builder(harvest, rec.clone())
+        .config(SupervisorConfig {
+            session: harvest_supervisor::SessionConfig {
+                heartbeat_timeout: Some(Duration::from_secs(12)),
+                ..config()
+            },
+            ..SupervisorConfig::default()
+        })
+        .start()
+        .await
+        .expect("start");
+    let id = sup
+        .start_session("csw", ["beating", "silent"])
+        .await
+        .expect("start");
+    finished(&sup, id).await;
+    let report = &rec.reports_for(id)[0];
+    assert_eq!(report.outcomes[0].outcome, ResourceOutcome::Succeeded);
+    assert_eq!(report.outcomes[0].elapsed, Duration::from_secs(50));
+    assert_eq!(report.outcomes[1].outcome, ResourceOutcome::TimedOut);
+    assert_eq!(report.outcomes[1].elapsed, Duration::from_secs(12));
+    sup.shutdown().await.expect("shutdown");
+}

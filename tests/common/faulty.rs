@@ -21,6 +21,8 @@ pub struct FaultyStore {
     pub begin_gate: Arc<Semaphore>,
     /// While set, `record_outcome` never returns.
     pub hang_outcome_writes: AtomicBool,
+    /// While set, `record_outcome` fails (a disk error).
+    pub failing_outcome_writes: AtomicBool,
 }
 
 impl FaultyStore {
@@ -31,6 +33,7 @@ impl FaultyStore {
             hold_begin: AtomicBool::new(false),
             begin_gate: Arc::new(Semaphore::new(0)),
             hang_outcome_writes: AtomicBool::new(false),
+            failing_outcome_writes: AtomicBool::new(false),
         })
     }
 }
@@ -80,6 +83,9 @@ impl SessionStore for FaultyStore {
     async fn record_outcome(&self, id: SessionId, o: OutcomeRecord) -> Result<(), StoreError> {
         if self.hang_outcome_writes.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
+        }
+        if self.failing_outcome_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("injected write failure".into()));
         }
         self.inner.record_outcome(id, o).await
     }

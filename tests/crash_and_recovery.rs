@@ -1,0 +1,102 @@
+//! The rescues of last resort: a SessionActor that dies is finalized by the root; sessions a
+//! dead supervisor left behind are finalized by the next one; shutdown finalizes what runs.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::faulty::FaultyStore;
+use common::{FinalizerMode, Recorder, config, finished, has_event, supervisor_on};
+use harvest_supervisor::{
+    EventKind, FinalizeReason, MemoryStore, ResourceOutcome, SessionStatus, SessionStore,
+};
+
+#[tokio::test(start_paused = true)]
+async fn a_session_actor_that_dies_is_finalized_by_the_root_as_crashed() {
+    let store = FaultyStore::new();
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor_on(store.clone(), config(), &rec).await;
+    store.failing_outcome_writes.store(true, Ordering::SeqCst);
+    // The first outcome write fails: the session actor's handler errors and the actor dies.
+    let id = sup
+        .start_session("csw", ["ok-1", "hang-2"])
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+    store.failing_outcome_writes.store(false, Ordering::SeqCst);
+
+    assert_eq!(record.reason(), Some(FinalizeReason::SessionCrashed));
+    assert_eq!(record.status, SessionStatus::FinishedAllFailed);
+    assert_eq!(
+        record.counts.lost, 2,
+        "unrecorded outcomes are lost, never successes"
+    );
+    assert_eq!(rec.calls(), 1);
+    sup.start_session("csw", ["ok-1"])
+        .await
+        .expect("harvester is free");
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_supervisor_finalizes_sessions_a_dead_one_left_unfinished() {
+    let store = Arc::new(MemoryStore::new());
+    let first = Recorder::new(FinalizerMode::Ok);
+    let dead = supervisor_on(store.clone(), config(), &first).await;
+    let id = dead
+        .start_session("csw", ["ok-1", "hang-2", "hang-3"])
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The process dies: every actor is gone at once, nothing finalizes.
+    dead.actor().kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let left = store.session(id).await.expect("record");
+    assert_eq!(left.status, SessionStatus::OnGoing);
+    assert_eq!(first.calls(), 0);
+
+    let next = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor_on(store.clone(), config(), &next).await;
+    let record = finished(&sup, id).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::Interrupted));
+    assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
+    assert_eq!((record.counts.succeeded, record.counts.lost), (1, 2));
+    let report = &next.reports_for(id)[0];
+    assert_eq!(report.outcomes[1].outcome, ResourceOutcome::Lost);
+    assert_eq!(next.calls(), 1);
+    assert!(has_event(&sup, id, |k| matches!(k, EventKind::Recovered { .. })).await);
+    let events = sup.events(id).await.expect("events");
+    assert!(
+        events.windows(2).all(|w| w[0].seq < w[1].seq),
+        "seq goes on from the stored log"
+    );
+    sup.start_session("csw", ["ok-1"])
+        .await
+        .expect("harvester is free");
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_finalizes_running_sessions_with_shutdown() {
+    let store = Arc::new(MemoryStore::new());
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor_on(store.clone(), config(), &rec).await;
+    let a = sup
+        .start_session("a", ["ok-1", "hang-2"])
+        .await
+        .expect("start");
+    let b = sup.start_session("b", ["coop-1"]).await.expect("start");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sup.shutdown().await.expect("shutdown");
+
+    for id in [a, b] {
+        let record = store.session(id).await.expect("record");
+        assert!(record.status.is_terminal(), "{record:?}");
+        assert_eq!(record.reason(), Some(FinalizeReason::Shutdown));
+    }
+    assert_eq!(store.session(a).await.expect("a").counts.cancelled, 1);
+    assert_eq!(rec.calls(), 2);
+    assert_eq!(store.active_session(&"a".into()).await.expect("lock"), None);
+}
