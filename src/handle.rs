@@ -199,12 +199,15 @@ impl Supervisor {
     pub async fn wait_finished(&self, id: SessionId) -> Result<SessionRecord, SessionError> {
         let mut events = self.subscribe();
         loop {
-            let finished = self
-                .store
-                .events(id)
-                .await?
-                .last()
-                .is_some_and(|e| matches!(e.kind, EventKind::SessionFinished { .. }));
+            // Read the (possibly long) event log only once the record says it is over.
+            let terminal = self.store.session(id).await?.status.is_terminal();
+            let finished = terminal
+                && self
+                    .store
+                    .events(id)
+                    .await?
+                    .last()
+                    .is_some_and(|e| matches!(e.kind, EventKind::SessionFinished { .. }));
             if finished {
                 return Ok(self.store.session(id).await?);
             }

@@ -141,6 +141,13 @@ async fn a_crashed_monitor_is_restarted_and_the_deadline_still_holds() {
     let id = sup.start_session("csw", ["hang-1"]).await.expect("start");
     // The monitor's next two reads of the record fail: it crashes, is restarted, crashes again.
     store.failing_reads.store(2, Ordering::SeqCst);
+    // Ticks at 5 s (crash, restart) and 10 s (crash, restart): nobody else reads meanwhile.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(
+        store.failing_reads.load(Ordering::SeqCst),
+        0,
+        "the monitor took both failures"
+    );
     let record = finished(&sup, id).await;
 
     let restarts = sup

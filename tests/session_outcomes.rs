@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{FinalizerMode, Recorder, config, event_names, finished, ids, supervisor};
+use common::{
+    FinalizerMode, Recorder, config, event_names, finished, ids, supervisor, supervisor_with,
+};
 use harvest_supervisor::{
     EventKind, FailurePolicy, FinalizeReason, HarvestContext, ResourceOutcome, RetryPolicy,
-    SessionRequest, SessionStatus, Supervisor, SupervisorConfig, harvest_fn,
+    SessionRequest, SessionStatus, harvest_fn,
 };
 
 #[tokio::test(start_paused = true)]
@@ -234,17 +236,11 @@ async fn never_more_than_max_concurrency_workers_are_alive() {
         }
     });
     let rec = Recorder::new(FinalizerMode::Ok);
-    let sup = Supervisor::builder(harvest, rec.clone())
-        .config(SupervisorConfig {
-            session: harvest_supervisor::SessionConfig {
-                max_concurrency: 3,
-                ..config()
-            },
-            ..SupervisorConfig::default()
-        })
-        .start()
-        .await
-        .expect("start");
+    let cfg = harvest_supervisor::SessionConfig {
+        max_concurrency: 3,
+        ..config()
+    };
+    let sup = supervisor_with(harvest, cfg, &rec).await;
     let id = sup
         .start(SessionRequest::new("csw", ids("r", 50)))
         .await
@@ -267,17 +263,11 @@ async fn an_attempt_silent_past_heartbeat_timeout_times_out_while_a_beating_one_
         Ok(())
     });
     let rec = Recorder::new(FinalizerMode::Ok);
-    let sup = Supervisor::builder(harvest, rec.clone())
-        .config(SupervisorConfig {
-            session: harvest_supervisor::SessionConfig {
-                heartbeat_timeout: Some(Duration::from_secs(12)),
-                ..config()
-            },
-            ..SupervisorConfig::default()
-        })
-        .start()
-        .await
-        .expect("start");
+    let cfg = harvest_supervisor::SessionConfig {
+        heartbeat_timeout: Some(Duration::from_secs(12)),
+        ..config()
+    };
+    let sup = supervisor_with(harvest, cfg, &rec).await;
     let id = sup
         .start_session("csw", ["beating", "silent"])
         .await

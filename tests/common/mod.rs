@@ -134,6 +134,22 @@ pub async fn supervisor(session: SessionConfig, recorder: &Recorder) -> Supervis
     .await
 }
 
+/// A supervisor over a test's own harvest, on a memory store.
+pub async fn supervisor_with(
+    harvest: impl harvest_supervisor::ResourceHarvester,
+    session: SessionConfig,
+    recorder: &Recorder,
+) -> Supervisor {
+    Supervisor::builder(harvest, recorder.clone())
+        .config(SupervisorConfig {
+            session,
+            ..SupervisorConfig::default()
+        })
+        .start()
+        .await
+        .expect("supervisor starts")
+}
+
 /// The same, on a given store.
 pub async fn supervisor_on(
     store: Arc<dyn harvest_supervisor::SessionStore>,
