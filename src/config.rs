@@ -63,6 +63,23 @@ impl RetryPolicy {
 }
 
 /// The budget and policies of one session.
+///
+/// ```
+/// use harvest_supervisor::SessionConfig;
+/// use std::time::Duration;
+///
+/// // Fields left out keep GeoNode's defaults.
+/// let config: SessionConfig = serde_json::from_str(
+///     r#"{ "per_resource_estimate": "2s", "buffer": "5m", "max_concurrency": 32,
+///          "retry": { "max_attempts": 3, "initial_backoff": "500ms" } }"#,
+/// )?;
+/// config.validate()?;
+/// assert_eq!(config.workflow_time(100), Duration::from_secs(100 * 2 + 300));
+///
+/// let broken = SessionConfig { max_concurrency: 0, ..config };
+/// assert_eq!(broken.validate().unwrap_err().field(), "max_concurrency");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SessionConfig {

@@ -158,7 +158,33 @@ impl Supervisor {
     }
 
     /// Aborts a running session: workers see their cancellation token, and are stopped after
-    /// `abort_grace`; the session ends `aborted`.
+    /// `abort_grace`; the session ends `aborted`. A finished session answers
+    /// [`SessionError::AlreadyFinished`] and is left as it was.
+    ///
+    /// ```
+    /// use harvest_supervisor::{finalizer_fn, harvest_fn, HarvestContext, SessionStatus, Supervisor};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let supervisor = Supervisor::builder(
+    ///     // A polite harvest: it returns as soon as the session is cancelled.
+    ///     harvest_fn(|ctx: HarvestContext| async move {
+    ///         ctx.cancel.cancelled().await;
+    ///         Err("cancelled".into())
+    ///     }),
+    ///     finalizer_fn(|_| async { Ok(()) }),
+    /// )
+    /// .start()
+    /// .await?;
+    /// let id = supervisor.start_session("csw", ["a", "b"]).await?;
+    /// supervisor.abort(id).await?;
+    /// let record = supervisor.wait_finished(id).await?;
+    /// assert_eq!(record.status, SessionStatus::Aborted);
+    /// assert_eq!(record.counts.cancelled, 2);
+    /// # supervisor.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn abort(&self, id: SessionId) -> Result<(), SessionError> {
         self.call(|r| SupervisorMessage::AbortSession(id, r))
             .await
@@ -189,7 +215,34 @@ impl Supervisor {
         Ok(self.store.events(id).await?)
     }
 
-    /// Follows the event log of every session from now on.
+    /// Follows the event log of every session from now on. Subscribers are bounded
+    /// ([`crate::SupervisorConfig::event_capacity`]): one that falls behind gets
+    /// [`RecvError::Lagged`] with the number it missed, and never slows the tree.
+    ///
+    /// ```
+    /// use harvest_supervisor::{finalizer_fn, harvest_fn, EventKind, Supervisor};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let supervisor = Supervisor::builder(
+    ///     harvest_fn(|_| async { Ok(()) }),
+    ///     finalizer_fn(|_| async { Ok(()) }),
+    /// )
+    /// .start()
+    /// .await?;
+    /// let mut events = supervisor.subscribe();
+    /// let id = supervisor.start_session("csw", ["a"]).await?;
+    /// loop {
+    ///     let event = events.recv().await?;
+    ///     println!("{}", serde_json::to_string(&*event)?); // JSON lines
+    ///     if event.session_id == id && matches!(event.kind, EventKind::SessionFinished { .. }) {
+    ///         break;
+    ///     }
+    /// }
+    /// # supervisor.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn subscribe(&self) -> EventSubscription {
         self.bus.subscribe()
     }
