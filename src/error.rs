@@ -1,5 +1,7 @@
 //! Public errors, one enum per area, each carrying the ids a caller needs to act.
 
+use std::path::PathBuf;
+
 use thiserror::Error;
 
 use crate::model::{HarvesterId, ResourceId, SessionId, SessionStatus};
@@ -54,6 +56,47 @@ pub enum StoreError {
         /// The session.
         session_id: SessionId,
     },
+    /// The file is not a harvest-supervisor database (another format, or another
+    /// application's SQLite database). It was left untouched.
+    #[error("{}: not a harvest-supervisor database; the file was left untouched", .path.display())]
+    NotADatabase {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file was written by a newer version of this library. It was left untouched.
+    #[error("{}: schema version {found} is newer than this build supports ({supported})", .path.display())]
+    SchemaTooNew {
+        /// The file.
+        path: PathBuf,
+        /// Its schema version.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+    /// The file (or its folder) cannot be written.
+    #[error("{}: the database is read-only", .path.display())]
+    ReadOnly {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Another process holds the database locked for longer than the busy timeout.
+    #[error("{}: the database is locked by another connection", .path.display())]
+    Locked {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The database file could not be opened or prepared.
+    #[error("{}: {source}", .path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What the database said.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The store's writer is gone (the store was closed, or its thread died).
+    #[error("the store is closed")]
+    Closed,
     /// The backend failed (I/O, database, serialization).
     #[error("store backend failed: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),

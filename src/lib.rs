@@ -53,7 +53,7 @@ pub use model::{
     FinalizeReason, HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome,
     SessionId, SessionRecord, SessionReport, SessionStatus,
 };
-pub use store::{MemoryStore, SessionStore};
+pub use store::{MemoryStore, SessionStore, SqliteStore};
 pub use supervisor::{SessionRequest, SupervisorMessage};
 
 /// Compiles the README's code blocks as doc tests, so the embedding example cannot rot.

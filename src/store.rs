@@ -10,6 +10,7 @@
 //! - the **record** the monitor reads, so a stuck SessionActor cannot hide a deadline.
 
 pub mod memory;
+pub mod sqlite;
 
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use crate::model::{
 };
 
 pub use memory::MemoryStore;
+pub use sqlite::{Durability, SqliteOptions, SqliteStore};
 
 /// A session to create, in status `pending`.
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use harvest_supervisor::store::{Claim, Completed, Completion, NewSession};
 use harvest_supervisor::{
     FinalizeReason, MemoryStore, OutcomeCounts, OutcomeRecord, ResourceOutcome, SessionId,
-    SessionStatus, SessionStore, StoreError,
+    SessionStatus, SessionStore, SqliteStore, StoreError,
 };
 
 fn new_session(harvester: &str, n: usize) -> NewSession {
@@ -176,7 +176,27 @@ async fn unknown_ids_are_typed_errors(store: Arc<dyn SessionStore>) {
     ));
 }
 
+async fn history_and_events_persist_in_order(store: Arc<dyn SessionStore>) {
+    let a = store.create_session(new_session("h1", 3)).await.expect("a");
+    let b = store.create_session(new_session("h2", 0)).await.expect("b");
+    let listed: Vec<SessionId> = store
+        .list_sessions()
+        .await
+        .expect("list")
+        .iter()
+        .map(|r| r.id)
+        .filter(|id| *id == a.id || *id == b.id)
+        .collect();
+    assert_eq!(listed, vec![b.id, a.id], "newest first");
+    let resources = store.resources(a.id).await.expect("resources");
+    assert_eq!(resources, vec!["r0".into(), "r1".into(), "r2".into()]);
+    assert_eq!(a.total, 3);
+    assert_eq!(a.status, SessionStatus::Pending);
+    assert_eq!(a.workflow_time, Duration::from_secs(60));
+}
+
 async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
+    history_and_events_persist_in_order(make()).await;
     busy_lock_admits_one_of_many_concurrent_creates(make()).await;
     exactly_one_concurrent_claim_wins(make()).await;
     a_claimed_session_refuses_outcomes_and_transitions(make()).await;
@@ -187,4 +207,48 @@ async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_keeps_the_contract() {
     contract(|| Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_keeps_the_contract() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut stores = Vec::new();
+    for i in 0..6 {
+        stores.push(
+            SqliteStore::open(dir.path().join(format!("s{i}.db")))
+                .await
+                .expect("open"),
+        );
+    }
+    let next = std::sync::Mutex::new(stores.into_iter());
+    contract(|| {
+        let store = next.lock().expect("lock").next().expect("a store per part");
+        Arc::new(store) as Arc<dyn SessionStore>
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_one_file_share_the_busy_lock_and_the_claim() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("shared.db");
+    let one: Arc<dyn SessionStore> = Arc::new(SqliteStore::open(&path).await.expect("one"));
+    let two: Arc<dyn SessionStore> = Arc::new(SqliteStore::open(&path).await.expect("two"));
+    let record = one
+        .create_session(new_session("csw", 1))
+        .await
+        .expect("create");
+    assert!(matches!(
+        two.create_session(new_session("csw", 1)).await,
+        Err(StoreError::HarvesterBusy { session_id, .. }) if session_id == record.id
+    ));
+    let (a, b) = tokio::join!(
+        one.claim_finalization(record.id, FinalizeReason::Completed),
+        two.claim_finalization(record.id, FinalizeReason::DeadlineExpired),
+    );
+    let won = [a.expect("a"), b.expect("b")]
+        .iter()
+        .filter(|c| matches!(c, Claim::Claimed(_)))
+        .count();
+    assert_eq!(won, 1, "one claim across both connections");
 }

@@ -1,0 +1,545 @@
+//! The durable store: one SQLite file (the library is bundled: nothing to install).
+//!
+//! - WAL journal, `synchronous = FULL` by default (an acknowledged write survives a power
+//!   cut; [`Durability::Process`] trades that for speed and still survives a process kill);
+//! - a versioned schema (`PRAGMA user_version`) migrated forward in one transaction, and an
+//!   `application_id` so that another application's database is refused, never altered;
+//! - one connection on its own thread with group commit (see [`writer`]);
+//! - every compare-and-set is one SQL statement guarded by its `WHERE`, so the busy lock and
+//!   the exactly-once guard hold across processes sharing the file, not only in this one.
+//!
+//! What a crash can lose: nothing that was acknowledged (every `async` method answers after
+//! its commit). Events are appended without waiting; those not yet committed (at most
+//! `commit_delay` worth) can be lost. [`SqliteStore::flush`] is a barrier.
+
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::error::StoreError;
+use crate::events::SessionEvent;
+use crate::model::{
+    FinalizeReason, HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome,
+    SessionId, SessionRecord, SessionStatus,
+};
+use crate::store::{Claim, Completed, Completion, NewSession, SessionStore};
+use writer::Writer;
+
+/// How hard a commit tries to reach the disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous = FULL`: acknowledged writes survive a power cut.
+    #[default]
+    PowerLoss,
+    /// `synchronous = NORMAL` (WAL): acknowledged writes survive a process kill; a power
+    /// cut may lose the last commits.
+    Process,
+}
+
+/// Options of [`SqliteStore::open_with`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// See [`Durability`].
+    pub durability: Durability,
+    /// How long a batch of event appends alone waits for company before committing.
+    pub commit_delay: Duration,
+    /// How long to wait for another process's lock before giving up with `Locked`.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::default(),
+            commit_delay: Duration::from_millis(5),
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Sessions in a SQLite database file.
+///
+/// ```
+/// use harvest_supervisor::store::{SessionStore, SqliteStore};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("hs-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// let store = SqliteStore::open(dir.join("harvests.db")).await?;
+/// assert!(store.list_sessions().await?.is_empty());
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: Writer,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database at `path` with default options.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, SqliteOptions::default()).await
+    }
+
+    /// Opens (or creates) the database at `path`. A file that is not ours, is newer than
+    /// this build, is read-only or stays locked gets a typed error naming it, and is left
+    /// exactly as it was.
+    pub async fn open_with(
+        path: impl AsRef<Path>,
+        options: SqliteOptions,
+    ) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let p = path.clone();
+        let opts = options.clone();
+        let conn = tokio::task::spawn_blocking(move || schema::open(&p, &opts))
+            .await
+            .map_err(|e| StoreError::Backend(Box::new(e)))??;
+        let writer = Writer::spawn(conn, options.commit_delay)
+            .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        Ok(Self { writer, path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits until every write sent before (events included) is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.writer.flush().await
+    }
+}
+
+pub(crate) fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+/// An enum as its serde name (`"on-going"`, `"deadline-expired"`).
+fn text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => Ok(s),
+        Ok(other) => Err(StoreError::Backend(format!("not a name: {other}").into())),
+        Err(e) => Err(StoreError::Backend(Box::new(e))),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(s: String) -> rusqlite::Result<T> {
+    serde_json::from_value(serde_json::Value::String(s)).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+fn duration(n: i64) -> Duration {
+    Duration::from_nanos(u64::try_from(n).unwrap_or(0))
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn usize_of(n: i64) -> usize {
+    usize::try_from(n).unwrap_or(0)
+}
+
+const RECORD_COLUMNS: &str = "id, harvester_id, status, total, started, ended, workflow_time_ns, \
+     finalizing, succeeded, failed, panicked, timed_out, cancelled, lost, finalizer_error";
+
+fn record(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
+    let id: String = row.get(0)?;
+    let id = uuid::Uuid::parse_str(&id).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    let finalizing: Option<String> = row.get(7)?;
+    Ok(SessionRecord {
+        id: SessionId(id),
+        harvester_id: HarvesterId(row.get(1)?),
+        status: parse(row.get(2)?)?,
+        total: usize_of(row.get(3)?),
+        started: row.get::<_, DateTime<Utc>>(4)?,
+        ended: row.get::<_, Option<DateTime<Utc>>>(5)?,
+        workflow_time: duration(row.get(6)?),
+        finalizing: finalizing.map(parse).transpose()?,
+        counts: OutcomeCounts {
+            succeeded: usize_of(row.get(8)?),
+            failed: usize_of(row.get(9)?),
+            panicked: usize_of(row.get(10)?),
+            timed_out: usize_of(row.get(11)?),
+            cancelled: usize_of(row.get(12)?),
+            lost: usize_of(row.get(13)?),
+        },
+        finalizer_error: row.get(14)?,
+    })
+}
+
+fn load(conn: &Connection, id: SessionId) -> Result<SessionRecord, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {RECORD_COLUMNS} FROM sessions WHERE id = ?1"
+    ))
+    .and_then(|mut s| s.query_row([id.to_string()], record).optional())
+    .map_err(backend)?
+    .ok_or(StoreError::UnknownSession { session_id: id })
+}
+
+/// An outcome as (name, detail) columns.
+fn outcome_columns(o: &ResourceOutcome) -> (&'static str, Option<&str>) {
+    match o {
+        ResourceOutcome::Failed { error } => (o.name(), Some(error)),
+        ResourceOutcome::Panicked { message } => (o.name(), Some(message)),
+        _ => (o.name(), None),
+    }
+}
+
+fn outcome_of(name: &str, detail: Option<String>) -> rusqlite::Result<ResourceOutcome> {
+    let detail = detail.unwrap_or_default();
+    Ok(match name {
+        "succeeded" => ResourceOutcome::Succeeded,
+        "failed" => ResourceOutcome::Failed { error: detail },
+        "panicked" => ResourceOutcome::Panicked { message: detail },
+        "timed-out" => ResourceOutcome::TimedOut,
+        "cancelled" => ResourceOutcome::Cancelled,
+        "lost" => ResourceOutcome::Lost,
+        other => {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Text,
+                format!("unknown outcome {other}").into(),
+            ));
+        }
+    })
+}
+
+/// The counter column an outcome adds to.
+fn counter(o: &ResourceOutcome) -> &'static str {
+    match o {
+        ResourceOutcome::Succeeded => "succeeded",
+        ResourceOutcome::Failed { .. } => "failed",
+        ResourceOutcome::Panicked { .. } => "panicked",
+        ResourceOutcome::TimedOut => "timed_out",
+        ResourceOutcome::Cancelled => "cancelled",
+        ResourceOutcome::Lost => "lost",
+    }
+}
+
+fn insert_outcome(conn: &Connection, id: &str, o: &OutcomeRecord) -> rusqlite::Result<usize> {
+    let (name, detail) = outcome_columns(&o.outcome);
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO outcomes (session_id, resource_id, outcome, detail, attempts, elapsed_ns) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![id, o.resource_id.0, name, detail, o.attempts, nanos(o.elapsed)])
+}
+
+#[async_trait]
+impl SessionStore for SqliteStore {
+    async fn create_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
+        self.writer
+            .call(move |conn| {
+                let id = new.id.to_string();
+                let taken = conn
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO harvester_locks (harvester_id, session_id) VALUES (?1, ?2)",
+                    )
+                    .and_then(|mut s| s.execute(params![new.harvester_id.0, id]))
+                    .map_err(backend)?;
+                if taken == 0 {
+                    let holder: String = conn
+                        .query_row(
+                            "SELECT session_id FROM harvester_locks WHERE harvester_id = ?1",
+                            [&new.harvester_id.0],
+                            |r| r.get(0),
+                        )
+                        .map_err(backend)?;
+                    let holder = uuid::Uuid::parse_str(&holder)
+                        .map_err(|e| StoreError::Backend(Box::new(e)))?;
+                    return Err(StoreError::HarvesterBusy {
+                        harvester_id: new.harvester_id,
+                        session_id: SessionId(holder),
+                    });
+                }
+                conn.prepare_cached(
+                    "INSERT INTO sessions (id, harvester_id, status, total, started, workflow_time_ns) \
+                     VALUES (?1, ?2, 'pending', ?3, ?4, ?5)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        id,
+                        new.harvester_id.0,
+                        count(new.resources.len()),
+                        new.started,
+                        nanos(new.workflow_time)
+                    ])
+                })
+                .map_err(backend)?;
+                let mut insert = conn
+                    .prepare_cached(
+                        "INSERT INTO resources (session_id, position, resource_id) VALUES (?1, ?2, ?3)",
+                    )
+                    .map_err(backend)?;
+                for (i, r) in new.resources.iter().enumerate() {
+                    insert.execute(params![id, count(i), r.0]).map_err(backend)?;
+                }
+                load(conn, new.id)
+            })
+            .await
+    }
+
+    async fn session(&self, id: SessionId) -> Result<SessionRecord, StoreError> {
+        self.writer.call(move |conn| load(conn, id)).await
+    }
+
+    async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        self.writer
+            .call(|conn| {
+                let mut s = conn
+                    .prepare_cached(&format!(
+                        "SELECT {RECORD_COLUMNS} FROM sessions ORDER BY id DESC"
+                    ))
+                    .map_err(backend)?;
+                let rows = s.query_map([], record).map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+            })
+            .await
+    }
+
+    async fn active_session(
+        &self,
+        harvester: &HarvesterId,
+    ) -> Result<Option<SessionId>, StoreError> {
+        let harvester = harvester.0.clone();
+        self.writer
+            .call(move |conn| {
+                let holder: Option<String> = conn
+                    .query_row(
+                        "SELECT session_id FROM harvester_locks WHERE harvester_id = ?1",
+                        [harvester],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(backend)?;
+                holder
+                    .map(|h| uuid::Uuid::parse_str(&h).map(SessionId))
+                    .transpose()
+                    .map_err(|e| StoreError::Backend(Box::new(e)))
+            })
+            .await
+    }
+
+    async fn resources(&self, id: SessionId) -> Result<Vec<ResourceId>, StoreError> {
+        self.writer
+            .call(move |conn| {
+                load(conn, id)?;
+                let mut s = conn
+                    .prepare_cached(
+                        "SELECT resource_id FROM resources WHERE session_id = ?1 ORDER BY position",
+                    )
+                    .map_err(backend)?;
+                let rows = s
+                    .query_map([id.to_string()], |r| r.get(0).map(ResourceId))
+                    .map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+            })
+            .await
+    }
+
+    async fn transition(
+        &self,
+        id: SessionId,
+        from: SessionStatus,
+        to: SessionStatus,
+    ) -> Result<bool, StoreError> {
+        if to.is_terminal() {
+            return Ok(false);
+        }
+        let (from, to) = (text(&from)?, text(&to)?);
+        self.writer
+            .call(move |conn| {
+                let changed = conn
+                    .prepare_cached(
+                        "UPDATE sessions SET status = ?3 \
+                         WHERE id = ?1 AND status = ?2 AND finalizing IS NULL",
+                    )
+                    .and_then(|mut s| s.execute(params![id.to_string(), from, to]))
+                    .map_err(backend)?;
+                if changed == 0 {
+                    load(conn, id)?;
+                }
+                Ok(changed == 1)
+            })
+            .await
+    }
+
+    async fn record_outcome(
+        &self,
+        id: SessionId,
+        outcome: OutcomeRecord,
+    ) -> Result<(), StoreError> {
+        self.writer
+            .call(move |conn| {
+                let sid = id.to_string();
+                let open = conn
+                    .prepare_cached(&format!(
+                        "UPDATE sessions SET {c} = {c} + 1 WHERE id = ?1 AND finalizing IS NULL",
+                        c = counter(&outcome.outcome)
+                    ))
+                    .and_then(|mut s| s.execute([&sid]))
+                    .map_err(backend)?;
+                if open == 0 {
+                    load(conn, id)?;
+                    return Err(StoreError::Finalizing { session_id: id });
+                }
+                insert_outcome(conn, &sid, &outcome).map_err(backend)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
+        self.writer
+            .call(move |conn| {
+                load(conn, id)?;
+                let mut s = conn
+                    .prepare_cached(
+                        "SELECT resource_id, outcome, detail, attempts, elapsed_ns FROM outcomes \
+                         WHERE session_id = ?1 ORDER BY rowid",
+                    )
+                    .map_err(backend)?;
+                let rows = s
+                    .query_map([id.to_string()], |r| {
+                        let name: String = r.get(1)?;
+                        Ok(OutcomeRecord {
+                            resource_id: ResourceId(r.get(0)?),
+                            outcome: outcome_of(&name, r.get(2)?)?,
+                            attempts: r.get(3)?,
+                            elapsed: duration(r.get(4)?),
+                        })
+                    })
+                    .map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+            })
+            .await
+    }
+
+    fn append_event(&self, event: &SessionEvent) -> Result<(), StoreError> {
+        let body = serde_json::to_string(event).map_err(|e| StoreError::Backend(Box::new(e)))?;
+        let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
+        self.writer.event(event.session_id.to_string(), seq, body)
+    }
+
+    async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
+        self.writer
+            .call(move |conn| {
+                load(conn, id)?;
+                let mut s = conn
+                    .prepare_cached("SELECT body FROM events WHERE session_id = ?1 ORDER BY seq")
+                    .map_err(backend)?;
+                let rows = s
+                    .query_map([id.to_string()], |r| r.get::<_, String>(0))
+                    .map_err(backend)?;
+                let mut events = Vec::new();
+                for body in rows {
+                    let body = body.map_err(backend)?;
+                    events.push(
+                        serde_json::from_str(&body)
+                            .map_err(|e| StoreError::Backend(Box::new(e)))?,
+                    );
+                }
+                Ok(events)
+            })
+            .await
+    }
+
+    async fn claim_finalization(
+        &self,
+        id: SessionId,
+        reason: FinalizeReason,
+    ) -> Result<Claim, StoreError> {
+        let reason_text = text(&reason)?;
+        self.writer
+            .call(move |conn| {
+                let before = load(conn, id)?;
+                if before.status.is_terminal() {
+                    return Ok(Claim::AlreadyFinalized(before));
+                }
+                // The WHERE is the guard: another process may have claimed since `load`.
+                let won = conn
+                    .prepare_cached(
+                        "UPDATE sessions SET finalizing = ?2 WHERE id = ?1 AND finalizing IS NULL \
+                         AND status IN ('pending', 'on-going', 'aborting')",
+                    )
+                    .and_then(|mut s| s.execute(params![id.to_string(), reason_text]))
+                    .map_err(backend)?;
+                if won == 1 {
+                    Ok(Claim::Claimed(before))
+                } else {
+                    let now = load(conn, id)?;
+                    Ok(if now.status.is_terminal() {
+                        Claim::AlreadyFinalized(now)
+                    } else {
+                        Claim::AlreadyClaimed(now)
+                    })
+                }
+            })
+            .await
+    }
+
+    async fn complete_finalization(
+        &self,
+        id: SessionId,
+        completion: Completion,
+    ) -> Result<Completed, StoreError> {
+        let status = text(&completion.status)?;
+        let reason = text(&completion.reason)?;
+        self.writer
+            .call(move |conn| {
+                let sid = id.to_string();
+                let c = completion.counts;
+                let done = conn
+                    .prepare_cached(
+                        "UPDATE sessions SET status = ?2, finalizing = ?3, ended = ?4, \
+                         finalizer_error = ?5, succeeded = ?6, failed = ?7, panicked = ?8, \
+                         timed_out = ?9, cancelled = ?10, lost = ?11 \
+                         WHERE id = ?1 AND status IN ('pending', 'on-going', 'aborting')",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            sid,
+                            status,
+                            reason,
+                            completion.ended,
+                            completion.finalizer_error,
+                            count(c.succeeded),
+                            count(c.failed),
+                            count(c.panicked),
+                            count(c.timed_out),
+                            count(c.cancelled),
+                            count(c.lost),
+                        ])
+                    })
+                    .map_err(backend)?;
+                if done == 0 {
+                    return Ok(Completed::AlreadyFinalized(load(conn, id)?));
+                }
+                for o in &completion.missing {
+                    insert_outcome(conn, &sid, o).map_err(backend)?;
+                }
+                // Only this session's own lock: never a newer session's.
+                conn.prepare_cached("DELETE FROM harvester_locks WHERE session_id = ?1")
+                    .and_then(|mut s| s.execute([&sid]))
+                    .map_err(backend)?;
+                Ok(Completed::Now(load(conn, id)?))
+            })
+            .await
+    }
+}

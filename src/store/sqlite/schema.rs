@@ -1,0 +1,159 @@
+//! Opening a database file safely, and its versioned schema.
+//!
+//! Checks come before any write, so a file we must refuse is never touched: the file must
+//! be writable, be SQLite, carry our `application_id` (or be empty), and have a schema
+//! version this build knows. Then WAL is switched on and missing migrations run in one
+//! transaction.
+
+use std::path::Path;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+use crate::error::StoreError;
+use crate::store::sqlite::{Durability, SqliteOptions};
+
+/// The schema version this build writes. Each entry of [`MIGRATIONS`] moves one version up.
+pub(super) const VERSION: i64 = 1;
+
+/// "HRVS": marks a file as ours, so that another application's database is refused.
+const APPLICATION_ID: i64 = 0x4852_5653;
+
+/// `MIGRATIONS[n]` moves the schema from version `n` to `n + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: sessions, their resources, outcomes and events, and the busy locks.
+    "CREATE TABLE sessions (
+        id               TEXT PRIMARY KEY,   -- UUID v7: text order is creation order
+        harvester_id     TEXT NOT NULL,
+        status           TEXT NOT NULL,
+        total            INTEGER NOT NULL,
+        started          TEXT NOT NULL,
+        ended            TEXT,
+        workflow_time_ns INTEGER NOT NULL,
+        finalizing       TEXT,               -- the claimed reason: the exactly-once guard
+        succeeded        INTEGER NOT NULL DEFAULT 0,
+        failed           INTEGER NOT NULL DEFAULT 0,
+        panicked         INTEGER NOT NULL DEFAULT 0,
+        timed_out        INTEGER NOT NULL DEFAULT 0,
+        cancelled        INTEGER NOT NULL DEFAULT 0,
+        lost             INTEGER NOT NULL DEFAULT 0,
+        finalizer_error  TEXT
+    );
+    CREATE INDEX sessions_by_harvester ON sessions (harvester_id, id);
+    CREATE INDEX sessions_by_status ON sessions (status, id);
+    CREATE TABLE resources (
+        session_id  TEXT NOT NULL,
+        position    INTEGER NOT NULL,
+        resource_id TEXT NOT NULL,
+        PRIMARY KEY (session_id, position)
+    ) WITHOUT ROWID;
+    CREATE TABLE outcomes (
+        session_id  TEXT NOT NULL,
+        resource_id TEXT NOT NULL,
+        outcome     TEXT NOT NULL,
+        detail      TEXT,
+        attempts    INTEGER NOT NULL,
+        elapsed_ns  INTEGER NOT NULL,
+        UNIQUE (session_id, resource_id)
+    );
+    CREATE TABLE events (
+        session_id TEXT NOT NULL,
+        seq        INTEGER NOT NULL,
+        body       TEXT NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE harvester_locks (
+        harvester_id TEXT PRIMARY KEY,
+        session_id   TEXT NOT NULL UNIQUE
+    );",
+];
+
+/// Opens `path` for the store, or says precisely why not.
+pub(super) fn open(path: &Path, options: &SqliteOptions) -> Result<Connection, StoreError> {
+    let refuse = |e: rusqlite::Error| classify(path, e);
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().readonly()
+    {
+        // Checked by hand: as root, SQLite would write through the permission bits.
+        return Err(StoreError::ReadOnly {
+            path: path.to_path_buf(),
+        });
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(refuse)?;
+    conn.busy_timeout(options.busy_timeout).map_err(refuse)?;
+
+    // Reading the header is where a file that is not SQLite fails.
+    let app: i64 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(refuse)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(refuse)?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(refuse)?;
+    if app != APPLICATION_ID && (app != 0 || tables > 0) {
+        return Err(StoreError::NotADatabase {
+            path: path.to_path_buf(),
+        });
+    }
+    if version > VERSION {
+        return Err(StoreError::SchemaTooNew {
+            path: path.to_path_buf(),
+            found: version,
+            supported: VERSION,
+        });
+    }
+
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(refuse)?;
+    let sync = match options.durability {
+        Durability::PowerLoss => "FULL",
+        Durability::Process => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)
+        .map_err(refuse)?;
+
+    // Take the write lock once now: a database another process keeps locked is refused at
+    // open, not at the first outcome of a session.
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(refuse)?;
+    let migrated = migrate(&conn, version);
+    let end = if migrated.is_ok() {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
+    conn.execute_batch(end).map_err(refuse)?;
+    migrated.map_err(refuse)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection, from: i64) -> rusqlite::Result<()> {
+    let start = usize::try_from(from).unwrap_or(0);
+    for step in MIGRATIONS.iter().skip(start) {
+        conn.execute_batch(step)?;
+    }
+    if from < VERSION {
+        conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+        conn.pragma_update(None, "user_version", VERSION)?;
+    }
+    Ok(())
+}
+
+fn classify(path: &Path, e: rusqlite::Error) -> StoreError {
+    let path = path.to_path_buf();
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => StoreError::NotADatabase { path },
+        Some(ErrorCode::ReadOnly) => StoreError::ReadOnly { path },
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked { path },
+        _ => StoreError::File {
+            path,
+            source: Box::new(e),
+        },
+    }
+}

@@ -1,0 +1,205 @@
+//! The SQLite store's one connection, on a thread of its own, with group commit.
+//!
+//! Every operation is a job sent to this thread. The thread takes whatever is queued (up to
+//! [`MAX_BATCH`]), runs it in one transaction, each job inside a savepoint so a failing job
+//! rolls back alone, commits once, and only then answers the callers: an answer means
+//! "durable". Under load one commit (one fsync) serves hundreds of operations; alone, an
+//! operation waits for nobody. Event appends need no answer: when a batch holds nothing but
+//! events, the thread waits up to `commit_delay` for more before committing, which is the
+//! most a crash can lose of the audit trail (and never anything acknowledged: use
+//! `flush` as a barrier).
+//!
+//! Blocking I/O never runs on the async runtime: callers only send and await an answer.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use crate::error::StoreError;
+
+/// Most operations in one transaction: bounds the latency a batch adds to its first job.
+pub(crate) const MAX_BATCH: usize = 4096;
+
+/// Operations queued at most; a full queue makes senders wait (backpressure from the disk).
+pub(crate) const QUEUE: usize = 16 * 1024;
+
+/// What to do after the batch's commit: answer the caller with the job's result, or with
+/// the commit's error.
+type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// A job run inside the batch transaction (`None`: the transaction could not begin, do
+/// nothing). `false` means it failed and its savepoint is rolled back.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Answer) + Send>;
+
+pub(crate) enum Command {
+    /// An operation whose caller waits for the answer.
+    Job(Job),
+    /// An event row (session id, seq, JSON) to append; nobody waits.
+    Event(String, i64, String),
+    /// Answer once everything sent before is committed.
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+}
+
+impl Command {
+    fn waits(&self) -> bool {
+        !matches!(self, Command::Event(..))
+    }
+}
+
+/// The sending half, held by the store.
+#[derive(Clone)]
+pub(crate) struct Writer {
+    tx: SyncSender<Command>,
+}
+
+impl Writer {
+    /// Starts the thread that owns `conn`.
+    pub(crate) fn spawn(conn: Connection, commit_delay: Duration) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("harvest-store".into())
+            .spawn(move || run(conn, rx, commit_delay))?;
+        Ok(Self { tx })
+    }
+
+    /// Runs `f` on the connection inside the next batch; answers after the commit.
+    pub(crate) async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = match conn {
+                Some(conn) => f(conn),
+                None => Err(StoreError::Closed),
+            };
+            let ok = result.is_ok();
+            let answer: Answer = Box::new(move |commit_error| {
+                let _ = reply.send(match commit_error {
+                    Some(e) => Err(StoreError::Backend(format!("commit failed: {e}").into())),
+                    None => result,
+                });
+            });
+            (ok, answer)
+        });
+        self.send(Command::Job(job))?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues an event row; never waits unless the queue is full.
+    pub(crate) fn event(&self, session: String, seq: i64, body: String) -> Result<(), StoreError> {
+        self.send(Command::Event(session, seq, body))
+    }
+
+    /// Waits until everything sent before is committed.
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Flush(reply))?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn send(&self, command: Command) -> Result<(), StoreError> {
+        match self.tx.try_send(command) {
+            Ok(()) => Ok(()),
+            // Backpressure: the disk is behind by a whole queue. Wait for room rather than
+            // drop an operation.
+            Err(TrySendError::Full(command)) => {
+                self.tx.send(command).map_err(|_| StoreError::Closed)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+        }
+    }
+}
+
+fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration) {
+    let mut batch = Vec::with_capacity(64);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        if !commit_delay.is_zero() && !batch.iter().any(Command::waits) {
+            let until = Instant::now() + commit_delay;
+            while batch.len() < MAX_BATCH {
+                let left = until.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(c) => {
+                        let waits = c.waits();
+                        batch.push(c);
+                        if waits {
+                            break;
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+        commit(&conn, &mut batch);
+    }
+}
+
+fn commit(conn: &Connection, batch: &mut Vec<Command>) {
+    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+    let mut flushes = Vec::new();
+    let begun = conn.execute_batch("BEGIN IMMEDIATE");
+    if let Err(e) = &begun {
+        tracing::error!(error = %e, "store: could not begin a transaction");
+    }
+    for command in batch.drain(..) {
+        match command {
+            Command::Job(job) if begun.is_err() => answers.push(job(None).1),
+            Command::Job(job) => {
+                if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                    tracing::error!(error = %e, "store: savepoint failed");
+                    answers.push(job(None).1);
+                    continue;
+                }
+                let (ok, answer) = job(Some(conn));
+                let end = if ok {
+                    "RELEASE job"
+                } else {
+                    "ROLLBACK TO job; RELEASE job"
+                };
+                if let Err(e) = conn.execute_batch(end) {
+                    tracing::error!(error = %e, "store: savepoint failed");
+                }
+                answers.push(answer);
+            }
+            Command::Event(..) if begun.is_err() => {}
+            Command::Event(session, seq, body) => {
+                let inserted = conn
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO events (session_id, seq, body) VALUES (?1, ?2, ?3)",
+                    )
+                    .and_then(|mut s| s.execute((&session, seq, &body)));
+                if let Err(e) = inserted {
+                    tracing::warn!(error = %e, %session, seq, "store: could not write an event");
+                }
+            }
+            Command::Flush(reply) => flushes.push(reply),
+        }
+    }
+    let committed = match begun {
+        Ok(()) => conn.execute_batch("COMMIT").map_err(|e| {
+            // Leave no half transaction behind for the next batch.
+            let _ = conn.execute_batch("ROLLBACK");
+            e.to_string()
+        }),
+        Err(e) => Err(e.to_string()),
+    };
+    let error = committed.err();
+    for answer in answers {
+        answer(error.as_deref());
+    }
+    for reply in flushes {
+        let _ = reply.send(match &error {
+            Some(e) => Err(StoreError::Backend(format!("commit failed: {e}").into())),
+            None => Ok(()),
+        });
+    }
+}

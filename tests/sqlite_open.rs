@@ -1,0 +1,148 @@
+//! Opening a database file: every file we must refuse gets a typed error naming it and is
+//! left byte-for-byte as it was.
+
+use std::path::Path;
+use std::time::Duration;
+
+use harvest_supervisor::StoreError;
+use harvest_supervisor::store::{SessionStore, SqliteOptions, SqliteStore};
+
+fn bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).expect("read the file")
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_database_is_refused_and_untouched() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("notes.db");
+    std::fs::write(
+        &path,
+        b"these are my harvesting notes, not a database\n".repeat(200),
+    )
+    .expect("write");
+    let before = bytes(&path);
+    match SqliteStore::open(&path).await {
+        Err(StoreError::NotADatabase { path: named }) => assert_eq!(named, path),
+        Err(other) => panic!("expected NotADatabase, got {other}"),
+        Ok(_) => panic!("a text file must not open"),
+    }
+    assert_eq!(bytes(&path), before);
+}
+
+#[tokio::test]
+async fn another_applications_sqlite_database_is_refused_and_untouched() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("other.db");
+    {
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.execute_batch(
+            "CREATE TABLE invoices (id INTEGER PRIMARY KEY); INSERT INTO invoices VALUES (1);",
+        )
+        .expect("other schema");
+    }
+    let before = bytes(&path);
+    assert!(matches!(
+        SqliteStore::open(&path).await,
+        Err(StoreError::NotADatabase { .. })
+    ));
+    assert_eq!(bytes(&path), before);
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused_and_untouched() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("future.db");
+    drop(SqliteStore::open(&path).await.expect("create"));
+    {
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.pragma_update(None, "user_version", 99).expect("bump");
+        conn.pragma_update(None, "journal_mode", "DELETE")
+            .expect("no wal");
+    }
+    let before = bytes(&path);
+    match SqliteStore::open(&path).await {
+        Err(StoreError::SchemaTooNew {
+            found,
+            supported,
+            path: named,
+        }) => {
+            assert_eq!((found, supported), (99, 1));
+            assert_eq!(named, path);
+        }
+        Err(other) => panic!("expected SchemaTooNew, got {other}"),
+        Ok(_) => panic!("a newer schema must not open"),
+    }
+    assert_eq!(bytes(&path), before);
+}
+
+#[tokio::test]
+async fn a_read_only_file_is_refused_and_untouched() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("ro.db");
+    drop(SqliteStore::open(&path).await.expect("create"));
+    let before = bytes(&path);
+    let mut perms = std::fs::metadata(&path).expect("meta").permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&path, perms).expect("chmod");
+    let opened = SqliteStore::open(&path).await;
+    assert!(
+        matches!(&opened, Err(StoreError::ReadOnly { path: named }) if *named == path),
+        "{:?}",
+        opened.err()
+    );
+    assert_eq!(bytes(&path), before);
+}
+
+#[tokio::test]
+async fn a_database_locked_by_another_connection_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("locked.db");
+    drop(SqliteStore::open(&path).await.expect("create"));
+    let holder = rusqlite::Connection::open(&path).expect("open");
+    holder.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+    let options = SqliteOptions {
+        busy_timeout: Duration::from_millis(50),
+        ..SqliteOptions::default()
+    };
+    let opened = SqliteStore::open_with(&path, options).await;
+    let message = opened
+        .as_ref()
+        .err()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(
+        matches!(&opened, Err(StoreError::Locked { path: named }) if *named == path),
+        "{message}"
+    );
+    assert!(message.contains("locked.db"), "{message}");
+    holder.execute_batch("COMMIT").expect("unlock");
+    let store = SqliteStore::open(&path).await.expect("opens once unlocked");
+    assert!(store.list_sessions().await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn reopening_keeps_what_was_written() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("keep.db");
+    let id = harvest_supervisor::SessionId::new();
+    {
+        let store = SqliteStore::open(&path).await.expect("open");
+        store
+            .create_session(harvest_supervisor::store::NewSession {
+                id,
+                harvester_id: "csw".into(),
+                resources: vec!["a".into(), "b".into()],
+                started: chrono::Utc::now(),
+                workflow_time: Duration::from_secs(90),
+            })
+            .await
+            .expect("create");
+    }
+    let store = SqliteStore::open(&path).await.expect("reopen");
+    let record = store.session(id).await.expect("record");
+    assert_eq!(record.total, 2);
+    assert_eq!(
+        store.active_session(&"csw".into()).await.expect("lock"),
+        Some(id)
+    );
+}
