@@ -12,8 +12,13 @@ use harvest_supervisor::{
 };
 use tokio::sync::Semaphore;
 
+/// Told of each acknowledged outcome.
+pub type AckHook = Box<dyn Fn(&OutcomeRecord) + Send + Sync>;
+
 pub struct FaultyStore {
-    pub inner: MemoryStore,
+    pub inner: Arc<dyn SessionStore>,
+    /// Called after each outcome the inner store acknowledged.
+    pub on_outcome_ack: Option<AckHook>,
     /// The next this-many `session()` reads fail.
     pub failing_reads: AtomicUsize,
     /// While set, `pending -> on-going` waits for a permit of `begin_gate`.
@@ -27,14 +32,19 @@ pub struct FaultyStore {
 
 impl FaultyStore {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            inner: MemoryStore::new(),
+        Arc::new(Self::wrapping(Arc::new(MemoryStore::new())))
+    }
+
+    pub fn wrapping(inner: Arc<dyn SessionStore>) -> Self {
+        Self {
+            inner,
+            on_outcome_ack: None,
             failing_reads: AtomicUsize::new(0),
             hold_begin: AtomicBool::new(false),
             begin_gate: Arc::new(Semaphore::new(0)),
             hang_outcome_writes: AtomicBool::new(false),
             failing_outcome_writes: AtomicBool::new(false),
-        })
+        }
     }
 }
 
@@ -87,7 +97,12 @@ impl SessionStore for FaultyStore {
         if self.failing_outcome_writes.load(Ordering::SeqCst) {
             return Err(StoreError::Backend("injected write failure".into()));
         }
-        self.inner.record_outcome(id, o).await
+        let ack = o.clone();
+        self.inner.record_outcome(id, o).await?;
+        if let Some(hook) = &self.on_outcome_ack {
+            hook(&ack);
+        }
+        Ok(())
     }
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
         self.inner.outcomes(id).await
