@@ -7,8 +7,18 @@ use std::time::Duration;
 use harvest_supervisor::StoreError;
 use harvest_supervisor::store::{SessionStore, SqliteOptions, SqliteStore};
 
-fn bytes(path: &Path) -> Vec<u8> {
-    std::fs::read(path).expect("read the file")
+/// Length and FNV-1a hash of the file: compared whole, printed short.
+fn bytes(path: &Path) -> (usize, u64) {
+    let data = std::fs::read(path).expect("read the file");
+    let hash = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (data.len(), hash)
+}
+
+async fn create(path: &Path) {
+    let store = SqliteStore::open(path).await.expect("create");
+    store.close().await.expect("close");
 }
 
 #[tokio::test]
@@ -52,7 +62,7 @@ async fn another_applications_sqlite_database_is_refused_and_untouched() {
 async fn a_newer_schema_is_refused_and_untouched() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("future.db");
-    drop(SqliteStore::open(&path).await.expect("create"));
+    create(&path).await;
     {
         let conn = rusqlite::Connection::open(&path).expect("open");
         conn.pragma_update(None, "user_version", 99).expect("bump");
@@ -79,7 +89,7 @@ async fn a_newer_schema_is_refused_and_untouched() {
 async fn a_read_only_file_is_refused_and_untouched() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("ro.db");
-    drop(SqliteStore::open(&path).await.expect("create"));
+    create(&path).await;
     let before = bytes(&path);
     let mut perms = std::fs::metadata(&path).expect("meta").permissions();
     perms.set_readonly(true);
@@ -97,7 +107,7 @@ async fn a_read_only_file_is_refused_and_untouched() {
 async fn a_database_locked_by_another_connection_is_refused_with_its_path() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("locked.db");
-    drop(SqliteStore::open(&path).await.expect("create"));
+    create(&path).await;
     let holder = rusqlite::Connection::open(&path).expect("open");
     holder.execute_batch("BEGIN EXCLUSIVE").expect("lock");
     let options = SqliteOptions {
@@ -145,4 +155,26 @@ async fn reopening_keeps_what_was_written() {
         store.active_session(&"csw".into()).await.expect("lock"),
         Some(id)
     );
+}
+
+#[tokio::test]
+async fn a_closed_store_answers_closed_and_keeps_what_it_committed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("closed.db");
+    let store = SqliteStore::open(&path).await.expect("open");
+    let id = harvest_supervisor::SessionId::new();
+    store
+        .create_session(harvest_supervisor::store::NewSession {
+            id,
+            harvester_id: "csw".into(),
+            resources: vec![],
+            started: chrono::Utc::now(),
+            workflow_time: Duration::from_secs(1),
+        })
+        .await
+        .expect("create");
+    store.close().await.expect("close");
+    assert!(matches!(store.session(id).await, Err(StoreError::Closed)));
+    let reopened = SqliteStore::open(&path).await.expect("reopen");
+    assert_eq!(reopened.session(id).await.expect("kept").id, id);
 }

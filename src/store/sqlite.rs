@@ -116,6 +116,12 @@ impl SqliteStore {
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.writer.flush().await
     }
+
+    /// Commits what is queued and closes the file; every clone of this store is closed.
+    /// Dropping the last clone closes it too, but in the background.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.writer.close().await
+    }
 }
 
 pub(crate) fn backend(e: rusqlite::Error) -> StoreError {

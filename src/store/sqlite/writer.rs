@@ -40,6 +40,8 @@ pub(crate) enum Command {
     Event(String, i64, String),
     /// Answer once everything sent before is committed.
     Flush(oneshot::Sender<Result<(), StoreError>>),
+    /// Commit what is queued, close the connection (checkpointing the WAL), then answer.
+    Close(oneshot::Sender<()>),
 }
 
 impl Command {
@@ -93,6 +95,13 @@ impl Writer {
         self.send(Command::Event(session, seq, body))
     }
 
+    /// Commits what is queued and closes the connection; later calls get `Closed`.
+    pub(crate) async fn close(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Close(reply))?;
+        answer.await.map_err(|_| StoreError::Closed)
+    }
+
     /// Waits until everything sent before is committed.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
@@ -115,12 +124,19 @@ impl Writer {
 
 fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration) {
     let mut batch = Vec::with_capacity(64);
+    let mut closing = None;
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(c) => batch.push(c),
                 Err(_) => break,
+            }
+        }
+        // Nothing after a close request runs; its senders see `Closed`.
+        if let Some(at) = batch.iter().position(|c| matches!(c, Command::Close(_))) {
+            if let Some(Command::Close(reply)) = batch.drain(at..).next() {
+                closing = Some(reply);
             }
         }
         if !commit_delay.is_zero() && !batch.iter().any(Command::waits) {
@@ -140,6 +156,15 @@ fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration) {
             }
         }
         commit(&conn, &mut batch);
+        if closing.is_some() {
+            break;
+        }
+    }
+    if let Err((_, e)) = conn.close() {
+        tracing::error!(error = %e, "store: closing the database failed");
+    }
+    if let Some(reply) = closing {
+        let _ = reply.send(());
     }
 }
 
@@ -182,6 +207,8 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
                 }
             }
             Command::Flush(reply) => flushes.push(reply),
+            // Taken out of the batch by `run` before it commits.
+            Command::Close(reply) => drop(reply),
         }
     }
     let committed = match begun {
