@@ -21,6 +21,19 @@ pub enum FailurePolicy {
     FailFast,
 }
 
+/// What a supervisor does at start with sessions an earlier process left unfinished.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecoveryPolicy {
+    /// Finalize them once with `Interrupted`; unrecorded resources count as `Lost`.
+    #[default]
+    Finalize,
+    /// Harvest again, under the same session and with a fresh deadline, every resource
+    /// without a success; then finalize normally. Sessions caught aborting or finalizing
+    /// are finalized as with `Finalize`.
+    Resume,
+}
+
 /// Retry with exponential backoff.
 ///
 /// Attempt `n` (from 1) that fails, panics or times out is retried after
@@ -205,6 +218,8 @@ pub struct SupervisorConfig {
     /// Events buffered per subscriber; a subscriber further behind than this loses the
     /// oldest and is told how many.
     pub event_capacity: usize,
+    /// What to do at start with sessions an earlier process left unfinished.
+    pub recovery: RecoveryPolicy,
 }
 
 impl Default for SupervisorConfig {
@@ -212,6 +227,7 @@ impl Default for SupervisorConfig {
         Self {
             session: SessionConfig::default(),
             event_capacity: 4096,
+            recovery: RecoveryPolicy::default(),
         }
     }
 }

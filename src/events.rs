@@ -172,6 +172,9 @@ pub enum EventKind {
     Recovered {
         /// The status it was left in.
         previous_status: SessionStatus,
+        /// `Some(n)`: resumed, re-harvesting the `n` resources without a success;
+        /// `None`: finalized as `Interrupted`.
+        resuming: Option<usize>,
     },
 }
 

@@ -41,7 +41,7 @@ pub mod store;
 mod supervisor;
 mod worker;
 
-pub use config::{FailurePolicy, RetryPolicy, SessionConfig, SupervisorConfig};
+pub use config::{FailurePolicy, RecoveryPolicy, RetryPolicy, SessionConfig, SupervisorConfig};
 pub use error::{ConfigError, Error, SessionError, StartError, StoreError};
 pub use events::{EventKind, EventSubscription, RecvError, SessionEvent};
 pub use handle::{Supervisor, SupervisorBuilder};

@@ -48,6 +48,8 @@ pub(crate) struct SessionShared {
     pub(crate) root: ActorRef<SupervisorMessage>,
     /// Parent of every attempt's token: cancelled on abort, fail-fast, deadline, shutdown.
     pub(crate) cancel: CancellationToken,
+    /// Taken over from a dead process by recovery: the store already moved it `on-going`.
+    pub(crate) resumed: bool,
 }
 
 /// The actor; its config is the [`SessionShared`] it is spawned with.
@@ -112,7 +114,9 @@ async fn begin(
 ) -> Result<(), ActorProcessingErr> {
     spawn_monitor(myself, s).await;
     let store = &s.shared.deps.store;
-    if store
+    if s.shared.resumed {
+        // `resume_session` set it on-going; the remaining resources start now.
+    } else if store
         .transition(s.shared.id, SessionStatus::Pending, SessionStatus::OnGoing)
         .await?
     {

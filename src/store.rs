@@ -146,12 +146,23 @@ pub trait SessionStore: Send + Sync + 'static {
     /// A session's events, by `seq`.
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError>;
 
+    /// The highest stored `seq` of a session's events (0 if none): where a new emitter
+    /// for it goes on.
+    async fn last_event_seq(&self, id: SessionId) -> Result<u64, StoreError>;
+
     /// The exactly-once guard: claims finalization with `reason` if nobody has.
     async fn claim_finalization(
         &self,
         id: SessionId,
         reason: FinalizeReason,
     ) -> Result<Claim, StoreError>;
+
+    /// Prepares an unfinished session to be harvested again under the same id
+    /// (`RecoveryPolicy::Resume`): if it is `pending` or `on-going` and nobody claimed its
+    /// finalization, keeps its successes, forgets every other outcome, sets it `on-going`
+    /// and returns the resources without a success, in order. `None` if it cannot resume
+    /// (it was aborting or finalizing): finalize it instead.
+    async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError>;
 
     /// Makes a claimed session terminal, writes the missing outcomes, and frees its
     /// harvester if this session still holds it.

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::SupervisorConfig;
+use crate::config::{RecoveryPolicy, SupervisorConfig};
 use crate::error::{SessionError, StartError};
 use crate::events::{EventKind, SessionEmitter};
 use crate::finalizer::{self, Deps, Finalized, InFlight, Mode};
@@ -78,10 +78,10 @@ impl Actor for HarvestSupervisor {
 
     async fn post_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
-        recover(state).await
+        recover(&myself, state).await
     }
 
     async fn handle(
@@ -197,22 +197,65 @@ async fn start_session(
         total,
         workflow_time,
     });
+    let shared = session_shared(
+        myself,
+        state,
+        id,
+        request.harvester_id,
+        resources,
+        config,
+        emitter,
+        false,
+    );
+    spawn_session(myself, state, shared)
+        .await
+        .map(|()| id)
+        .map_err(|message| StartError::Spawn {
+            session_id: id,
+            message,
+        })
+}
+
+/// What a new session actor is spawned with; its deadline counts from now.
+#[allow(clippy::too_many_arguments)]
+fn session_shared(
+    myself: &ActorRef<SupervisorMessage>,
+    state: &RootState,
+    id: SessionId,
+    harvester_id: crate::model::HarvesterId,
+    resources: Arc<[crate::model::ResourceId]>,
+    config: crate::config::SessionConfig,
+    emitter: SessionEmitter,
+    resumed: bool,
+) -> Arc<SessionShared> {
     let now = Instant::now();
+    let budget = config.workflow_time(resources.len());
     // A budget too large for the clock means "no deadline in practice": ~30 years.
     let deadline = now
-        .checked_add(workflow_time)
+        .checked_add(budget)
         .unwrap_or_else(|| now + std::time::Duration::from_secs(1 << 30));
-    let shared = Arc::new(SessionShared {
+    Arc::new(SessionShared {
         id,
-        harvester_id: request.harvester_id,
+        harvester_id,
         resources,
         config,
         deadline,
-        deps: Arc::clone(deps),
+        deps: Arc::clone(&state.deps),
         emitter,
         root: myself.clone(),
         cancel: CancellationToken::new(),
-    });
+        resumed,
+    })
+}
+
+/// Spawns the session's actor and registers it. If it cannot be spawned, the session (which
+/// holds its harvester) is finalized as crashed, so nothing is left stuck.
+async fn spawn_session(
+    myself: &ActorRef<SupervisorMessage>,
+    state: &mut RootState,
+    shared: Arc<SessionShared>,
+) -> Result<(), String> {
+    let id = shared.id;
     match Actor::spawn_linked(None, SessionActor, Arc::clone(&shared), myself.get_cell()).await {
         Ok((actor, _)) => {
             state.by_actor.insert(actor.get_id(), id);
@@ -224,10 +267,9 @@ async fn start_session(
                     forcing: false,
                 },
             );
-            Ok(id)
+            Ok(())
         }
         Err(e) => {
-            // The session exists and holds its harvester: finalize it so nothing is stuck.
             let timeout = shared.config.escalation_grace;
             spawn_force(
                 state,
@@ -237,10 +279,7 @@ async fn start_session(
                 timeout,
                 false,
             );
-            Err(StartError::Spawn {
-                session_id: id,
-                message: e.to_string(),
-            })
+            Err(e.to_string())
         }
     }
 }
@@ -345,15 +384,19 @@ fn spawn_force(
     state.forced.push(task);
 }
 
-/// Finalizes, with `Interrupted`, every session the store holds unfinished: their process
-/// is gone (this root has no actor for them).
-async fn recover(state: &mut RootState) -> Result<(), ActorProcessingErr> {
+/// Takes over every session the store holds unfinished (its process is gone: this root has
+/// no actor for it): finalized with `Interrupted`, or, under `RecoveryPolicy::Resume`,
+/// harvested again where it had not succeeded, with a fresh deadline.
+async fn recover(
+    myself: &ActorRef<SupervisorMessage>,
+    state: &mut RootState,
+) -> Result<(), ActorProcessingErr> {
     let store = Arc::clone(&state.deps.store);
     for record in store.list_sessions().await? {
         if record.status.is_terminal() {
             continue;
         }
-        let last_seq = store.events(record.id).await?.last().map_or(0, |e| e.seq);
+        let last_seq = store.last_event_seq(record.id).await?;
         let emitter = SessionEmitter::new(
             record.id,
             record.harvester_id.clone(),
@@ -361,18 +404,43 @@ async fn recover(state: &mut RootState) -> Result<(), ActorProcessingErr> {
             state.deps.bus.clone(),
             Arc::clone(&store),
         );
+        let remaining = match state.config.recovery {
+            RecoveryPolicy::Resume => store.resume_session(record.id).await?,
+            RecoveryPolicy::Finalize => None,
+        };
         emitter.emit(EventKind::Recovered {
             previous_status: record.status,
+            resuming: remaining.as_ref().map(Vec::len),
         });
-        let timeout = state.config.session.escalation_grace;
-        spawn_force(
-            state,
-            &emitter,
-            record.id,
-            FinalizeReason::Interrupted,
-            timeout,
-            false,
-        );
+        match remaining {
+            Some(remaining) => {
+                let config = state.config.session.clone();
+                let shared = session_shared(
+                    myself,
+                    state,
+                    record.id,
+                    record.harvester_id,
+                    remaining.into(),
+                    config,
+                    emitter,
+                    true,
+                );
+                if let Err(error) = spawn_session(myself, state, shared).await {
+                    tracing::error!(session_id = %record.id, %error, "could not resume the session");
+                }
+            }
+            None => {
+                let timeout = state.config.session.escalation_grace;
+                spawn_force(
+                    state,
+                    &emitter,
+                    record.id,
+                    FinalizeReason::Interrupted,
+                    timeout,
+                    false,
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -100,3 +100,57 @@ async fn shutdown_finalizes_running_sessions_with_shutdown() {
     assert_eq!(rec.calls(), 2);
     assert_eq!(store.active_session(&"a".into()).await.expect("lock"), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn resume_recovery_harvests_what_had_not_succeeded_under_the_same_session() {
+    let store = Arc::new(MemoryStore::new());
+    let first = Recorder::new(FinalizerMode::Ok);
+    let dead = supervisor_on(store.clone(), config(), &first).await;
+    let id = dead
+        .start_session("csw", ["ok-1", "fail-2", "hang-3", "ok-4"])
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    dead.actor().kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(store.session(id).await.expect("record").counts.failed, 1);
+
+    // The remote is healthy again: every resource harvests fine now.
+    let next = Recorder::new(FinalizerMode::Ok);
+    let sup = harvest_supervisor::Supervisor::builder(
+        harvest_supervisor::harvest_fn(|_| async { Ok(()) }),
+        next.clone(),
+    )
+    .store(store.clone())
+    .config(harvest_supervisor::SupervisorConfig {
+        session: config(),
+        recovery: harvest_supervisor::RecoveryPolicy::Resume,
+        ..Default::default()
+    })
+    .start()
+    .await
+    .expect("start");
+    let record = finished(&sup, id).await;
+
+    assert_eq!(record.status, SessionStatus::FinishedAllOk);
+    assert_eq!(record.reason(), Some(FinalizeReason::Completed));
+    assert_eq!(record.counts.succeeded, 4);
+    assert_eq!(next.calls(), 1);
+    assert_eq!(first.calls(), 0);
+    let report = &next.reports_for(id)[0];
+    assert_eq!(report.outcomes.len(), 4);
+    assert!(
+        has_event(&sup, id, |k| matches!(
+            k,
+            EventKind::Recovered {
+                resuming: Some(2),
+                previous_status: SessionStatus::OnGoing
+            }
+        ))
+        .await
+    );
+    sup.start_session("csw", ["ok-1"])
+        .await
+        .expect("harvester is free");
+    sup.shutdown().await.expect("shutdown");
+}

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use common::faulty::FaultyStore;
 use harvest_supervisor::{
-    BoxError, FinalizeReason, HarvestContext, ResourceOutcome, SessionConfig, SessionId,
-    SessionReport, SessionStatus, SessionStore, SqliteStore, Supervisor, SupervisorConfig,
-    finalizer_fn, harvest_fn,
+    BoxError, FinalizeReason, HarvestContext, RecoveryPolicy, ResourceOutcome, SessionConfig,
+    SessionId, SessionReport, SessionStatus, SessionStore, SqliteStore, Supervisor,
+    SupervisorConfig, finalizer_fn, harvest_fn,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -168,6 +168,10 @@ async fn run_child_until(db: &Path, point: KillPoint) -> (SessionId, Vec<(String
 }
 
 async fn crash_and_recover(point: KillPoint) {
+    crash_and_recover_with(point, RecoveryPolicy::Finalize).await;
+}
+
+async fn crash_and_recover_with(point: KillPoint, recovery: RecoveryPolicy) {
     if std::env::var(CHILD_DB).is_ok() {
         return; // inside a child: only `child_process` runs
     }
@@ -189,6 +193,10 @@ async fn crash_and_recover(point: KillPoint) {
         }),
     )
     .store(store.clone())
+    .config(SupervisorConfig {
+        recovery,
+        ..SupervisorConfig::default()
+    })
     .start()
     .await
     .expect("supervisor on the same file");
@@ -200,8 +208,13 @@ async fn crash_and_recover(point: KillPoint) {
     // Finalized exactly once across both processes.
     assert!(record.status.is_terminal());
     assert_eq!(finalizer_runs(&db), 1, "{point:?}");
-    match point {
-        KillPoint::DuringFinalizer => {
+    match (point, recovery) {
+        (KillPoint::AfterAcks(_), RecoveryPolicy::Resume) => {
+            // Re-harvested on a healthy remote: the session ends as if never interrupted.
+            assert_eq!(record.reason(), Some(FinalizeReason::Completed));
+            assert_eq!(record.status, SessionStatus::FinishedAllOk);
+        }
+        (KillPoint::DuringFinalizer, _) => {
             // The child claimed and started it: recovery completes it without a rerun.
             assert_eq!(record.reason(), Some(FinalizeReason::Completed));
             let error = record
@@ -210,12 +223,16 @@ async fn crash_and_recover(point: KillPoint) {
                 .expect("interrupted finalizer noted");
             assert!(error.contains("did not complete"), "{error}");
         }
-        KillPoint::AfterAcks(_) => assert_eq!(record.reason(), Some(FinalizeReason::Interrupted)),
+        (KillPoint::AfterAcks(_), RecoveryPolicy::Finalize) => {
+            assert_eq!(record.reason(), Some(FinalizeReason::Interrupted));
+        }
     }
 
-    // Every acknowledged outcome is there, as acknowledged.
+    // Every acknowledged outcome is there, as acknowledged (a resumed session harvests its
+    // failures again, so only its successes must survive as they were).
     let outcomes = store.outcomes(id).await.expect("outcomes");
-    for (resource, outcome) in &acks {
+    let resumed = recovery == RecoveryPolicy::Resume && matches!(point, KillPoint::AfterAcks(_));
+    for (resource, outcome) in acks.iter().filter(|(_, o)| !resumed || o == "succeeded") {
         let stored = outcomes
             .iter()
             .find(|o| &o.resource_id.0 == resource)
@@ -228,7 +245,7 @@ async fn crash_and_recover(point: KillPoint) {
     assert_eq!(outcomes.len(), RESOURCES);
     let acked_ok = acks.iter().filter(|(_, o)| o == "succeeded").count();
     assert!(c.succeeded >= acked_ok);
-    if let KillPoint::AfterAcks(_) = point {
+    if matches!(point, KillPoint::AfterAcks(_)) && !resumed {
         assert_eq!(
             c.lost,
             outcomes
@@ -261,6 +278,11 @@ async fn killed_early_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_mid_session_loses_nothing_acknowledged() {
     crash_and_recover(KillPoint::AfterAcks(RESOURCES / 2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_session_and_resumed_harvests_the_rest_under_the_same_session() {
+    crash_and_recover_with(KillPoint::AfterAcks(RESOURCES / 2), RecoveryPolicy::Resume).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

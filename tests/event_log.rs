@@ -91,6 +91,7 @@ async fn a_slow_subscriber_never_blocks_the_tree_and_is_told_what_it_missed() {
         .config(SupervisorConfig {
             session: config(),
             event_capacity: 8,
+            ..SupervisorConfig::default()
         })
         .start()
         .await

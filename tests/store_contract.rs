@@ -195,7 +195,82 @@ async fn history_and_events_persist_in_order(store: Arc<dyn SessionStore>) {
     assert_eq!(a.workflow_time, Duration::from_secs(60));
 }
 
+async fn resume_keeps_successes_and_returns_the_rest(store: Arc<dyn SessionStore>) {
+    let r = store
+        .create_session(new_session("resume", 4))
+        .await
+        .expect("create");
+    store
+        .transition(r.id, SessionStatus::Pending, SessionStatus::OnGoing)
+        .await
+        .expect("t");
+    let outcome = |id: &str, outcome| OutcomeRecord {
+        resource_id: id.into(),
+        outcome,
+        attempts: 1,
+        elapsed: Duration::from_secs(1),
+    };
+    store
+        .record_outcome(r.id, outcome("r0", ResourceOutcome::Succeeded))
+        .await
+        .expect("r0");
+    store
+        .record_outcome(
+            r.id,
+            outcome(
+                "r2",
+                ResourceOutcome::Failed {
+                    error: "500".into(),
+                },
+            ),
+        )
+        .await
+        .expect("r2");
+    store
+        .record_outcome(r.id, outcome("r3", ResourceOutcome::Succeeded))
+        .await
+        .expect("r3");
+
+    let remaining = store
+        .resume_session(r.id)
+        .await
+        .expect("resume")
+        .expect("resumable");
+    assert_eq!(remaining, vec!["r1".into(), "r2".into()]);
+    let after = store.session(r.id).await.expect("record");
+    assert_eq!(after.status, SessionStatus::OnGoing);
+    assert_eq!((after.counts.succeeded, after.counts.failed), (2, 0));
+    assert_eq!(store.outcomes(r.id).await.expect("outcomes").len(), 2);
+    // The forgotten failure can be recorded anew.
+    store
+        .record_outcome(r.id, outcome("r2", ResourceOutcome::Succeeded))
+        .await
+        .expect("again");
+    assert_eq!(store.outcomes(r.id).await.expect("outcomes").len(), 3);
+
+    // Aborting or claimed sessions are not resumed.
+    let a = store
+        .create_session(new_session("resume-abort", 1))
+        .await
+        .expect("create");
+    store
+        .transition(a.id, SessionStatus::Pending, SessionStatus::Aborting)
+        .await
+        .expect("t");
+    assert_eq!(store.resume_session(a.id).await.expect("answer"), None);
+    let c = store
+        .create_session(new_session("resume-claim", 1))
+        .await
+        .expect("create");
+    store
+        .claim_finalization(c.id, FinalizeReason::Completed)
+        .await
+        .expect("claim");
+    assert_eq!(store.resume_session(c.id).await.expect("answer"), None);
+}
+
 async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
+    resume_keeps_successes_and_returns_the_rest(make()).await;
     history_and_events_persist_in_order(make()).await;
     busy_lock_admits_one_of_many_concurrent_creates(make()).await;
     exactly_one_concurrent_claim_wins(make()).await;
@@ -213,7 +288,7 @@ async fn memory_store_keeps_the_contract() {
 async fn sqlite_store_keeps_the_contract() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut stores = Vec::new();
-    for i in 0..6 {
+    for i in 0..7 {
         stores.push(
             SqliteStore::open(dir.path().join(format!("s{i}.db")))
                 .await

@@ -156,6 +156,10 @@ impl SessionStore for MemoryStore {
         self.with(id, |s| s.events.clone())
     }
 
+    async fn last_event_seq(&self, id: SessionId) -> Result<u64, StoreError> {
+        self.with(id, |s| s.events.iter().map(|e| e.seq).max().unwrap_or(0))
+    }
+
     async fn claim_finalization(
         &self,
         id: SessionId,
@@ -172,6 +176,32 @@ impl SessionStore for MemoryStore {
                 r.finalizing = Some(reason);
                 Claim::Claimed(before)
             }
+        })
+    }
+
+    async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError> {
+        self.with(id, |s| {
+            let r = &mut s.record;
+            let resumable = matches!(r.status, SessionStatus::Pending | SessionStatus::OnGoing)
+                && r.finalizing.is_none();
+            if !resumable {
+                return None;
+            }
+            s.outcomes.retain(|o| o.outcome.is_success());
+            let done: std::collections::HashSet<&ResourceId> =
+                s.outcomes.iter().map(|o| &o.resource_id).collect();
+            let remaining = s
+                .resources
+                .iter()
+                .filter(|r| !done.contains(r))
+                .cloned()
+                .collect();
+            r.status = SessionStatus::OnGoing;
+            r.counts = OutcomeCounts {
+                succeeded: s.outcomes.len(),
+                ..OutcomeCounts::default()
+            };
+            Some(remaining)
         })
     }
 

@@ -466,6 +466,22 @@ impl SessionStore for SqliteStore {
             .await
     }
 
+    async fn last_event_seq(&self, id: SessionId) -> Result<u64, StoreError> {
+        self.writer
+            .call(move |conn| {
+                load(conn, id)?;
+                let seq: Option<i64> = conn
+                    .query_row(
+                        "SELECT max(seq) FROM events WHERE session_id = ?1",
+                        [id.to_string()],
+                        |r| r.get(0),
+                    )
+                    .map_err(backend)?;
+                Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
+            })
+            .await
+    }
+
     async fn claim_finalization(
         &self,
         id: SessionId,
@@ -496,6 +512,43 @@ impl SessionStore for SqliteStore {
                         Claim::AlreadyClaimed(now)
                     })
                 }
+            })
+            .await
+    }
+
+    async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError> {
+        self.writer
+            .call(move |conn| {
+                let sid = id.to_string();
+                let reopened = conn
+                    .prepare_cached(
+                        "UPDATE sessions SET status = 'on-going', failed = 0, panicked = 0, \
+                         timed_out = 0, cancelled = 0, lost = 0 \
+                         WHERE id = ?1 AND finalizing IS NULL AND status IN ('pending', 'on-going')",
+                    )
+                    .and_then(|mut s| s.execute([&sid]))
+                    .map_err(backend)?;
+                if reopened == 0 {
+                    load(conn, id)?;
+                    return Ok(None);
+                }
+                conn.prepare_cached(
+                    "DELETE FROM outcomes WHERE session_id = ?1 AND outcome <> 'succeeded'",
+                )
+                .and_then(|mut s| s.execute([&sid]))
+                .map_err(backend)?;
+                let mut s = conn
+                    .prepare_cached(
+                        "SELECT r.resource_id FROM resources r WHERE r.session_id = ?1 \
+                         AND NOT EXISTS (SELECT 1 FROM outcomes o WHERE o.session_id = r.session_id \
+                                         AND o.resource_id = r.resource_id) \
+                         ORDER BY r.position",
+                    )
+                    .map_err(backend)?;
+                let rows = s
+                    .query_map([&sid], |r| r.get(0).map(ResourceId))
+                    .map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map(Some).map_err(backend)
             })
             .await
     }

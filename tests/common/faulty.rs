@@ -113,12 +113,18 @@ impl SessionStore for FaultyStore {
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
         self.inner.events(id).await
     }
+    async fn last_event_seq(&self, id: SessionId) -> Result<u64, StoreError> {
+        self.inner.last_event_seq(id).await
+    }
     async fn claim_finalization(
         &self,
         id: SessionId,
         reason: FinalizeReason,
     ) -> Result<Claim, StoreError> {
         self.inner.claim_finalization(id, reason).await
+    }
+    async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError> {
+        self.inner.resume_session(id).await
     }
     async fn complete_finalization(
         &self,
