@@ -16,8 +16,19 @@ use crate::events::{EventBus, EventKind, EventSubscription, RecvError, SessionEv
 use crate::finalizer::Deps;
 use crate::harvest::{ResourceHarvester, SessionFinalizer};
 use crate::model::{HarvesterId, OutcomeRecord, ResourceId, SessionId, SessionRecord};
-use crate::store::{MemoryStore, SessionStore};
+use crate::store::{MemoryStore, SessionPage, SessionQuery, SessionStore};
 use crate::supervisor::{HarvestSupervisor, SessionRequest, SupervisorArgs, SupervisorMessage};
+
+/// Everything stored about one session (see [`Supervisor::report`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SessionDetail {
+    /// The record.
+    pub record: SessionRecord,
+    /// Its outcomes (one per resource once it is terminal).
+    pub outcomes: Vec<OutcomeRecord>,
+    /// Its event log, by `seq`.
+    pub events: Vec<SessionEvent>,
+}
 
 /// Builds a [`Supervisor`]: harvest and finalizer are required, the rest has defaults.
 pub struct SupervisorBuilder {
@@ -203,6 +214,20 @@ impl Supervisor {
         self.call(SupervisorMessage::ListSessions)
             .await
             .unwrap_or(Err(SessionError::SupervisorDown))
+    }
+
+    /// A page of history for an admin page: newest first, by harvester and/or status.
+    pub async fn history(&self, query: &SessionQuery) -> Result<SessionPage, SessionError> {
+        Ok(self.store.query_sessions(query).await?)
+    }
+
+    /// One session's full report: its record, its outcomes and its event log.
+    pub async fn report(&self, id: SessionId) -> Result<SessionDetail, SessionError> {
+        Ok(SessionDetail {
+            record: self.store.session(id).await?,
+            outcomes: self.store.outcomes(id).await?,
+            events: self.store.events(id).await?,
+        })
     }
 
     /// The outcomes recorded for a session (all of them, reconciled, once it is terminal).

@@ -44,7 +44,7 @@ mod worker;
 pub use config::{FailurePolicy, RecoveryPolicy, RetryPolicy, SessionConfig, SupervisorConfig};
 pub use error::{ConfigError, Error, SessionError, StartError, StoreError};
 pub use events::{EventKind, EventSubscription, RecvError, SessionEvent};
-pub use handle::{Supervisor, SupervisorBuilder};
+pub use handle::{SessionDetail, Supervisor, SupervisorBuilder};
 pub use harvest::{
     BoxError, HarvestContext, Heartbeat, ResourceHarvester, SessionFinalizer, finalizer_fn,
     harvest_fn,
@@ -53,7 +53,7 @@ pub use model::{
     FinalizeReason, HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome,
     SessionId, SessionRecord, SessionReport, SessionStatus,
 };
-pub use store::{MemoryStore, SessionStore, SqliteStore};
+pub use store::{MemoryStore, SessionPage, SessionQuery, SessionStore, SqliteStore};
 pub use supervisor::{SessionRequest, SupervisorMessage};
 
 /// Compiles the README's code blocks as doc tests, so the embedding example cannot rot.

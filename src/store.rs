@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
 use crate::events::SessionEvent;
@@ -40,6 +41,67 @@ pub struct NewSession {
     pub started: DateTime<Utc>,
     /// The deadline's budget.
     pub workflow_time: Duration,
+}
+
+/// A page of session history: newest first, optionally one harvester's or one status's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SessionQuery {
+    /// Only this harvester's sessions.
+    pub harvester_id: Option<HarvesterId>,
+    /// Only sessions in this status.
+    pub status: Option<SessionStatus>,
+    /// Only sessions older than this one: the `next` cursor of the previous page.
+    pub before: Option<SessionId>,
+    /// Page size, from 1 to [`SessionQuery::MAX_LIMIT`] (other values are clamped).
+    pub limit: usize,
+}
+
+impl SessionQuery {
+    /// The largest page served.
+    pub const MAX_LIMIT: usize = 1000;
+
+    /// `limit`, clamped to `1..=MAX_LIMIT`.
+    pub fn page_size(&self) -> usize {
+        self.limit.clamp(1, Self::MAX_LIMIT)
+    }
+}
+
+impl Default for SessionQuery {
+    fn default() -> Self {
+        Self {
+            harvester_id: None,
+            status: None,
+            before: None,
+            limit: 50,
+        }
+    }
+}
+
+/// One page of [`SessionStore::query_sessions`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionPage {
+    /// The sessions, newest first.
+    pub sessions: Vec<SessionRecord>,
+    /// Pass as `before` to get the next page; `None` on the last page.
+    pub next: Option<SessionId>,
+}
+
+impl SessionPage {
+    /// Cuts `newest_first` (which may hold one more than `limit`) into a page.
+    pub(crate) fn from_overfetch(mut newest_first: Vec<SessionRecord>, limit: usize) -> Self {
+        let more = newest_first.len() > limit;
+        newest_first.truncate(limit);
+        let next = if more {
+            newest_first.last().map(|r| r.id)
+        } else {
+            None
+        };
+        Self {
+            sessions: newest_first,
+            next,
+        }
+    }
 }
 
 /// The answer to [`SessionStore::claim_finalization`].
@@ -113,6 +175,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Every session, newest first.
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// A page of history, newest first (keyset pagination: stable while sessions are added).
+    async fn query_sessions(&self, query: &SessionQuery) -> Result<SessionPage, StoreError>;
 
     /// The session holding `harvester`'s busy lock, if any.
     async fn active_session(

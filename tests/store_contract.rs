@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use harvest_supervisor::store::{Claim, Completed, Completion, NewSession};
+use harvest_supervisor::store::{Claim, Completed, Completion, NewSession, SessionQuery};
 use harvest_supervisor::{
     FinalizeReason, MemoryStore, OutcomeCounts, OutcomeRecord, ResourceOutcome, SessionId,
     SessionStatus, SessionStore, SqliteStore, StoreError,
@@ -269,7 +269,66 @@ async fn resume_keeps_successes_and_returns_the_rest(store: Arc<dyn SessionStore
     assert_eq!(store.resume_session(c.id).await.expect("answer"), None);
 }
 
+async fn history_pages_by_harvester_and_status_newest_first(store: Arc<dyn SessionStore>) {
+    let mut csw = Vec::new();
+    for _ in 0..5 {
+        let r = store
+            .create_session(new_session("page-csw", 0))
+            .await
+            .expect("create");
+        store
+            .claim_finalization(r.id, FinalizeReason::Completed)
+            .await
+            .expect("claim");
+        store
+            .complete_finalization(r.id, completion(SessionStatus::FinishedAllOk))
+            .await
+            .expect("complete");
+        csw.push(r.id);
+    }
+    let running = store
+        .create_session(new_session("page-csw", 0))
+        .await
+        .expect("create");
+    store
+        .create_session(new_session("page-wms", 0))
+        .await
+        .expect("other harvester");
+    csw.reverse(); // newest first
+
+    let mut query = SessionQuery {
+        harvester_id: Some("page-csw".into()),
+        status: Some(SessionStatus::FinishedAllOk),
+        limit: 2,
+        ..SessionQuery::default()
+    };
+    let mut seen = Vec::new();
+    loop {
+        let page = store.query_sessions(&query).await.expect("page");
+        assert!(page.sessions.len() <= 2);
+        seen.extend(page.sessions.iter().map(|r| r.id));
+        match page.next {
+            Some(next) => query.before = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, csw, "every finished csw session once, newest first");
+
+    let all_csw = store
+        .query_sessions(&SessionQuery {
+            harvester_id: Some("page-csw".into()),
+            limit: 0,
+            ..SessionQuery::default()
+        })
+        .await
+        .expect("page");
+    assert_eq!(all_csw.sessions.len(), 1, "limit 0 is read as 1");
+    assert_eq!(all_csw.sessions[0].id, running.id);
+    assert!(all_csw.next.is_some());
+}
+
 async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
+    history_pages_by_harvester_and_status_newest_first(make()).await;
     resume_keeps_successes_and_returns_the_rest(make()).await;
     history_and_events_persist_in_order(make()).await;
     busy_lock_admits_one_of_many_concurrent_creates(make()).await;
@@ -288,7 +347,7 @@ async fn memory_store_keeps_the_contract() {
 async fn sqlite_store_keeps_the_contract() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut stores = Vec::new();
-    for i in 0..7 {
+    for i in 0..8 {
         stores.push(
             SqliteStore::open(dir.path().join(format!("s{i}.db")))
                 .await

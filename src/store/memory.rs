@@ -17,7 +17,9 @@ use crate::model::{
     FinalizeReason, HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, SessionId,
     SessionRecord, SessionStatus,
 };
-use crate::store::{Claim, Completed, Completion, NewSession, SessionStore};
+use crate::store::{
+    Claim, Completed, Completion, NewSession, SessionPage, SessionQuery, SessionStore,
+};
 
 struct StoredSession {
     record: SessionRecord,
@@ -99,6 +101,26 @@ impl SessionStore for MemoryStore {
         // Ids are UUID v7: ordering them orders by creation.
         all.sort_by_key(|r| std::cmp::Reverse(r.id));
         Ok(all)
+    }
+
+    async fn query_sessions(&self, query: &SessionQuery) -> Result<SessionPage, StoreError> {
+        let limit = query.page_size();
+        let mut hits: Vec<SessionRecord> = self
+            .sessions
+            .iter()
+            .map(|s| s.record.clone())
+            .filter(|r| {
+                query
+                    .harvester_id
+                    .as_ref()
+                    .is_none_or(|h| *h == r.harvester_id)
+            })
+            .filter(|r| query.status.is_none_or(|st| st == r.status))
+            .filter(|r| query.before.is_none_or(|b| r.id < b))
+            .collect();
+        hits.sort_by_key(|r| std::cmp::Reverse(r.id));
+        hits.truncate(limit + 1);
+        Ok(SessionPage::from_overfetch(hits, limit))
     }
 
     async fn active_session(

@@ -28,7 +28,9 @@ use crate::model::{
     FinalizeReason, HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome,
     SessionId, SessionRecord, SessionStatus,
 };
-use crate::store::{Claim, Completed, Completion, NewSession, SessionStore};
+use crate::store::{
+    Claim, Completed, Completion, NewSession, SessionPage, SessionQuery, SessionStore,
+};
 use writer::Writer;
 
 /// How hard a commit tries to reach the disk.
@@ -315,6 +317,30 @@ impl SessionStore for SqliteStore {
                     .map_err(backend)?;
                 let rows = s.query_map([], record).map_err(backend)?;
                 rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+            })
+            .await
+    }
+
+    async fn query_sessions(&self, query: &SessionQuery) -> Result<SessionPage, StoreError> {
+        let limit = query.page_size();
+        let harvester = query.harvester_id.as_ref().map(|h| h.0.clone());
+        let status = query.status.as_ref().map(text).transpose()?;
+        let before = query.before.map(|b| b.to_string());
+        self.writer
+            .call(move |conn| {
+                let mut s = conn
+                    .prepare_cached(&format!(
+                        "SELECT {RECORD_COLUMNS} FROM sessions \
+                         WHERE (?1 IS NULL OR harvester_id = ?1) AND (?2 IS NULL OR status = ?2) \
+                           AND (?3 IS NULL OR id < ?3) \
+                         ORDER BY id DESC LIMIT ?4"
+                    ))
+                    .map_err(backend)?;
+                let rows = s
+                    .query_map(params![harvester, status, before, count(limit + 1)], record)
+                    .map_err(backend)?;
+                let hits = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
+                Ok(SessionPage::from_overfetch(hits, limit))
             })
             .await
     }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use harvest_supervisor::store::{Claim, Completed, Completion, NewSession};
+use harvest_supervisor::store::{
+    Claim, Completed, Completion, NewSession, SessionPage, SessionQuery,
+};
 use harvest_supervisor::{
     FinalizeReason, HarvesterId, MemoryStore, OutcomeRecord, ResourceId, SessionEvent, SessionId,
     SessionRecord, SessionStatus, SessionStore, StoreError,
@@ -69,6 +71,9 @@ impl SessionStore for FaultyStore {
     }
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
         self.inner.list_sessions().await
+    }
+    async fn query_sessions(&self, q: &SessionQuery) -> Result<SessionPage, StoreError> {
+        self.inner.query_sessions(q).await
     }
     async fn active_session(&self, h: &HarvesterId) -> Result<Option<SessionId>, StoreError> {
         self.inner.active_session(h).await
