@@ -6,10 +6,15 @@
 //! its finalizer run exactly once and its harvester free; the example exits non-zero only
 //! if the tree itself misbehaves, never because resources failed.
 //!
+//! Sessions live in a SQLite file (`--db`, default `simulated_harvest.db`; `--memory` for
+//! none), so a run can be killed and the next run recovers what it left.
+//!
 //! ```text
 //! cargo run --example simulated_harvest
 //! cargo run --example simulated_harvest -- --resources 500 --hang-rate 0.02 --events events.jsonl
 //! cargo run --example simulated_harvest -- --resource-timeout none --hang-rate 0.01   # the monitor's deadline cuts hangs
+//! cargo run --example simulated_harvest -- --crash-after 50    # dies mid-session, like a power cut
+//! cargo run --example simulated_harvest -- --resume            # picks the interrupted session up again
 //! ```
 
 use std::collections::HashMap;
@@ -18,13 +23,14 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::Parser;
 use harvest_supervisor::{
-    BoxError, EventKind, HarvestContext, RecvError, SessionConfig, SessionEvent, SessionReport,
-    SessionRequest, Supervisor, SupervisorConfig, finalizer_fn, harvest_fn,
+    BoxError, EventKind, EventSubscription, HarvestContext, RecoveryPolicy, RecvError,
+    SessionConfig, SessionEvent, SessionId, SessionRecord, SessionReport, SessionRequest,
+    SessionStore, SqliteStore, Supervisor, SupervisorConfig, finalizer_fn, harvest_fn,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -78,6 +84,20 @@ struct Args {
     /// Seed of the simulation, for a reproducible run.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// The database file (the durable store): sessions, outcomes and events survive a crash.
+    #[arg(long, default_value = "simulated_harvest.db")]
+    db: PathBuf,
+    /// Keep everything in memory instead of the database file.
+    #[arg(long, conflicts_with_all = ["resume", "crash_after"])]
+    memory: bool,
+    /// Simulate a power cut: kill this process after N resources have finished. Run again
+    /// (with or without --resume) to see the interrupted session recovered.
+    #[arg(long, value_name = "N")]
+    crash_after: Option<u64>,
+    /// Resume interrupted sessions found in the database (re-harvest what had not
+    /// succeeded) instead of finalizing them as interrupted; start no new session then.
+    #[arg(long)]
+    resume: bool,
 }
 
 /// A duration, or none at all.
@@ -169,6 +189,9 @@ fn print_event(e: &SessionEvent) {
     eprintln!("  #{:<5} {:<18} {}", e.seq, e.kind.name(), detail);
 }
 
+/// Finalizer reports of this process, by session.
+type Reports = Arc<Mutex<HashMap<SessionId, Vec<SessionReport>>>>;
+
 #[tokio::main]
 async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
@@ -207,41 +230,139 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
 
     let plan = Arc::new(plan(&args));
-    let finalized = Arc::new(AtomicUsize::new(0));
-    let last_report: Arc<std::sync::Mutex<Option<SessionReport>>> = Arc::default();
+    let reports: Reports = Arc::default();
     let harvest = {
         let plan = Arc::clone(&plan);
         harvest_fn(move |ctx| simulate(Arc::clone(&plan), ctx))
     };
     let finalizer = {
-        let (finalized, last_report) = (Arc::clone(&finalized), Arc::clone(&last_report));
+        let reports = Arc::clone(&reports);
         finalizer_fn(move |report: SessionReport| {
-            let (finalized, last_report) = (Arc::clone(&finalized), Arc::clone(&last_report));
+            let reports = Arc::clone(&reports);
             async move {
-                finalized.fetch_add(1, Ordering::SeqCst);
-                if let Ok(mut slot) = last_report.lock() {
-                    *slot = Some(report);
+                if let Ok(mut all) = reports.lock() {
+                    all.entry(report.session_id).or_default().push(report);
                 }
                 Ok(())
             }
         })
     };
+
+    // The store, and the sessions an earlier (crashed) run left unfinished in it.
+    let (store, unfinished): (Arc<dyn SessionStore>, Vec<SessionRecord>) = if args.memory {
+        (Arc::new(harvest_supervisor::MemoryStore::new()), Vec::new())
+    } else {
+        let store = SqliteStore::open(&args.db).await?;
+        let unfinished = store
+            .list_sessions()
+            .await?
+            .into_iter()
+            .filter(|r| !r.status.is_terminal())
+            .collect();
+        println!("store: {}", args.db.display());
+        (Arc::new(store), unfinished)
+    };
     let supervisor = Supervisor::builder(harvest, finalizer)
+        .store(store)
         .config(SupervisorConfig {
             session,
+            recovery: if args.resume {
+                RecoveryPolicy::Resume
+            } else {
+                RecoveryPolicy::Finalize
+            },
             ..SupervisorConfig::default()
         })
         .start()
         .await?;
 
-    let mut events = supervisor.subscribe();
-    let mut resources: Vec<String> = plan.keys().cloned().collect();
-    resources.sort();
-    let started = tokio::time::Instant::now();
-    let id = supervisor
-        .start(SessionRequest::new("simulated-csw", resources))
-        .await?;
+    let mut problems = Vec::new();
+    for left in &unfinished {
+        println!(
+            "\nrecovering session {} (left {} by an earlier run, {}/{} outcomes recorded){}",
+            left.id,
+            left.status,
+            left.counts.total(),
+            left.total,
+            if args.resume { ": resuming" } else { "" }
+        );
+        let record = supervisor.wait_finished(left.id).await?;
+        print_record(&record, None, &reports);
+        problems.extend(check(&record, None, &reports, false));
+    }
 
+    // A --resume run that found something to resume is that resumption; otherwise harvest.
+    let resuming = args.resume && !unfinished.is_empty();
+    if !resuming {
+        let mut events = supervisor.subscribe();
+        let mut resources: Vec<String> = plan.keys().cloned().collect();
+        resources.sort();
+        let started = tokio::time::Instant::now();
+        let id = supervisor
+            .start(SessionRequest::new("simulated-csw", resources))
+            .await?;
+        let log = follow(id, &mut events, &args, &mut problems).await?;
+        let record = supervisor.session(id).await?;
+        print_record(&record, Some(started.elapsed()), &reports);
+        problems.extend(check(&record, Some(&log), &reports, true));
+    }
+
+    // The harvester must be free for a next session.
+    match supervisor
+        .start_session("simulated-csw", Vec::<String>::new())
+        .await
+    {
+        Ok(next) => {
+            supervisor.wait_finished(next).await?;
+        }
+        Err(e) => problems.push(format!("the harvester is not free: {e}")),
+    }
+    supervisor.shutdown().await?;
+
+    if problems.is_empty() {
+        println!("\nok: finalized exactly once, every resource accounted for, harvester free");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for p in &problems {
+            eprintln!("supervision error: {p}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Shows one event: a line, a JSON line in the `--events` file, a tick of the bar.
+fn follow_step(
+    e: &SessionEvent,
+    bar: &ProgressBar,
+    sink: &mut Option<BufWriter<File>>,
+    quiet: bool,
+) -> std::io::Result<()> {
+    if !quiet {
+        bar.suspend(|| print_event(e));
+    }
+    if let Some(out) = sink.as_mut() {
+        serde_json::to_writer(&mut *out, e)?;
+        out.write_all(b"\n")?;
+    }
+    match &e.kind {
+        EventKind::WorkerSucceeded { .. }
+        | EventKind::WorkerFailed { .. }
+        | EventKind::WorkerPanicked { .. }
+        | EventKind::WorkerTimedOut { .. }
+        | EventKind::WorkerCancelled { .. } => bar.inc(1),
+        EventKind::DeadlineExpired => bar.set_message("deadline expired"),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Follows a session's events, with a progress bar, until `SessionFinished`.
+async fn follow(
+    id: SessionId,
+    events: &mut EventSubscription,
+    args: &Args,
+    problems: &mut Vec<String>,
+) -> Result<Vec<SessionEvent>, Box<dyn std::error::Error>> {
     let bar = ProgressBar::new(args.resources as u64);
     bar.set_style(ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}",
@@ -251,25 +372,20 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         None => None,
     };
     let mut log: Vec<SessionEvent> = Vec::new();
-    let mut problems = Vec::new();
     loop {
         match events.recv().await {
             Ok(e) if e.session_id == id => {
-                if !args.quiet {
-                    bar.suspend(|| print_event(&e));
-                }
-                if let Some(out) = sink.as_mut() {
-                    serde_json::to_writer(&mut *out, &*e)?;
-                    out.write_all(b"\n")?;
-                }
-                match &e.kind {
-                    EventKind::WorkerSucceeded { .. }
-                    | EventKind::WorkerFailed { .. }
-                    | EventKind::WorkerPanicked { .. }
-                    | EventKind::WorkerTimedOut { .. }
-                    | EventKind::WorkerCancelled { .. } => bar.inc(1),
-                    EventKind::DeadlineExpired => bar.set_message("deadline expired"),
-                    _ => {}
+                follow_step(&e, &bar, &mut sink, args.quiet)?;
+                let finished = bar.position();
+                if args.crash_after.is_some_and(|n| finished >= n) {
+                    // (Not `bar.position()` inside `suspend`: that holds the bar's lock.)
+                    bar.suspend(|| {
+                        eprintln!(
+                            "simulated crash after {finished} resources: run again to recover"
+                        );
+                    });
+                    // No destructor, no flush, no finalizer: as a power cut would leave it.
+                    std::process::exit(86);
                 }
                 let done = matches!(e.kind, EventKind::SessionFinished { .. });
                 log.push((*e).clone());
@@ -291,10 +407,11 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Some(mut out) = sink {
         out.flush()?;
     }
+    Ok(log)
+}
 
-    let record = supervisor.session(id).await?;
-    let wall = started.elapsed();
-    println!("\nsession {id}");
+fn print_record(record: &SessionRecord, took: Option<Duration>, reports: &Reports) {
+    println!("\nsession {}", record.id);
     println!("  status          {}", record.status);
     println!(
         "  reason          {}",
@@ -309,63 +426,69 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         "  workflow time   {}",
         humantime::format_duration(record.workflow_time)
     );
-    println!("  took            {:.2?}", wall);
+    if let Some(took) = took {
+        println!("  took            {took:.2?}");
+    }
     if let Some(err) = &record.finalizer_error {
         println!("  finalizer error {err}");
     }
-    if let Some(report) = last_report.lock().ok().and_then(|r| r.clone()) {
-        let slowest = report.outcomes.iter().max_by_key(|o| o.elapsed);
-        if let Some(o) = slowest {
-            println!(
-                "  slowest         {} ({}, {:.2?})",
-                o.resource_id,
-                o.outcome.name(),
-                o.elapsed
-            );
-        }
+    let report = reports
+        .lock()
+        .ok()
+        .and_then(|r| r.get(&record.id).and_then(|v| v.last().cloned()));
+    if let Some(o) = report
+        .as_ref()
+        .and_then(|r| r.outcomes.iter().max_by_key(|o| o.elapsed))
+    {
+        println!(
+            "  slowest         {} ({}, {:.2?})",
+            o.resource_id,
+            o.outcome.name(),
+            o.elapsed
+        );
     }
+}
 
-    // The tree's promises, checked: these are the only reasons to exit non-zero.
+/// The tree's promises for one session: the only reasons to exit non-zero.
+fn check(
+    record: &SessionRecord,
+    log: Option<&[SessionEvent]>,
+    reports: &Reports,
+    finalized_here: bool,
+) -> Vec<String> {
+    let mut problems = Vec::new();
     if !record.status.is_terminal() {
-        problems.push(format!("the session is still {}", record.status));
+        problems.push(format!("session {} is still {}", record.id, record.status));
     }
-    let runs = finalized.load(Ordering::SeqCst);
-    if runs != 1 {
-        problems.push(format!("the finalizer ran {runs} times"));
-    }
-    if c.total() != record.total {
+    let runs = reports
+        .lock()
+        .map(|r| r.get(&record.id).map_or(0, Vec::len))
+        .unwrap_or(0);
+    // A recovered session's finalizer may have been started by the crashed run already.
+    if runs > 1 || (finalized_here && runs != 1) {
         problems.push(format!(
-            "counts add up to {} of {}",
-            c.total(),
+            "the finalizer of {} ran {runs} times here",
+            record.id
+        ));
+    }
+    if record.counts.total() != record.total {
+        problems.push(format!(
+            "counts of {} add up to {} of {}",
+            record.id,
+            record.counts.total(),
             record.total
         ));
     }
-    if log.first().map(|e| e.kind.name()) != Some("SessionStarted")
-        || log.last().map(|e| e.kind.name()) != Some("SessionFinished")
-    {
-        problems.push("the event log does not run from SessionStarted to SessionFinished".into());
-    }
-    if log.windows(2).any(|w| w[0].seq >= w[1].seq) {
-        problems.push("event seq is not strictly increasing".into());
-    }
-    match supervisor
-        .start_session("simulated-csw", Vec::<String>::new())
-        .await
-    {
-        Ok(next) => {
-            supervisor.wait_finished(next).await?;
+    if let Some(log) = log {
+        if log.first().map(|e| e.kind.name()) != Some("SessionStarted")
+            || log.last().map(|e| e.kind.name()) != Some("SessionFinished")
+        {
+            problems
+                .push("the event log does not run from SessionStarted to SessionFinished".into());
         }
-        Err(e) => problems.push(format!("the harvester is not free: {e}")),
-    }
-    supervisor.shutdown().await?;
-
-    if problems.is_empty() {
-        println!("\nok: finalized exactly once, every resource accounted for, harvester free");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        for p in &problems {
-            eprintln!("supervision error: {p}");
+        if log.windows(2).any(|w| w[0].seq >= w[1].seq) {
+            problems.push("event seq is not strictly increasing".into());
         }
-        Ok(ExitCode::FAILURE)
     }
+    problems
 }

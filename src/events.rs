@@ -226,9 +226,38 @@ impl EventBus {
         }
     }
 
+    /// A handle that can subscribe without keeping the bus open: once the tree (the root
+    /// and every session) is gone, its subscribers see [`RecvError::Closed`] instead of
+    /// waiting forever.
+    pub(crate) fn downgrade(&self) -> WeakEventBus {
+        WeakEventBus {
+            tx: self.tx.downgrade(),
+        }
+    }
+
     fn publish(&self, event: Arc<SessionEvent>) {
         // An error only means nobody listens; events are in the store and in tracing anyway.
         let _ = self.tx.send(event);
+    }
+}
+
+/// An [`EventBus`] that does not keep it open (see [`EventBus::downgrade`]).
+#[derive(Debug, Clone)]
+pub(crate) struct WeakEventBus {
+    tx: broadcast::WeakSender<Arc<SessionEvent>>,
+}
+
+impl WeakEventBus {
+    /// A subscriber of the bus, or one that is closed already if the bus is gone.
+    pub(crate) fn subscribe(&self) -> EventSubscription {
+        match self.tx.upgrade() {
+            Some(tx) => EventSubscription { rx: tx.subscribe() },
+            None => {
+                let (tx, rx) = broadcast::channel(1);
+                drop(tx);
+                EventSubscription { rx }
+            }
+        }
     }
 }
 

@@ -12,7 +12,9 @@ use tokio::task::JoinHandle;
 
 use crate::config::SupervisorConfig;
 use crate::error::{Error, SessionError, StartError};
-use crate::events::{EventBus, EventKind, EventSubscription, RecvError, SessionEvent};
+use crate::events::{
+    EventBus, EventKind, EventSubscription, RecvError, SessionEvent, WeakEventBus,
+};
 use crate::finalizer::Deps;
 use crate::harvest::{ResourceHarvester, SessionFinalizer};
 use crate::model::{HarvesterId, OutcomeRecord, ResourceId, SessionId, SessionRecord};
@@ -73,7 +75,7 @@ impl SupervisorBuilder {
             .map_err(|e| Error::Spawn(e.to_string()))?;
         Ok(Supervisor {
             root,
-            bus,
+            bus: bus.downgrade(),
             store,
             join: Some(join),
         })
@@ -112,7 +114,9 @@ impl SupervisorBuilder {
 /// ```
 pub struct Supervisor {
     root: ActorRef<SupervisorMessage>,
-    bus: EventBus,
+    /// Weak, so that subscribers hear `Closed` once the tree is gone, even while a handle
+    /// lives on.
+    bus: WeakEventBus,
     store: Arc<dyn SessionStore>,
     join: Option<JoinHandle<()>>,
 }

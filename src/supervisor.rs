@@ -81,7 +81,8 @@ impl Actor for HarvestSupervisor {
         myself: ActorRef<Self::Msg>,
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
-        recover(&myself, state).await
+        recover(&myself, state).await;
+        Ok(())
     }
 
     async fn handle(
@@ -387,59 +388,80 @@ fn spawn_force(
 /// Takes over every session the store holds unfinished (its process is gone: this root has
 /// no actor for it): finalized with `Interrupted`, or, under `RecoveryPolicy::Resume`,
 /// harvested again where it had not succeeded, with a fresh deadline.
-async fn recover(
-    myself: &ActorRef<SupervisorMessage>,
-    state: &mut RootState,
-) -> Result<(), ActorProcessingErr> {
+async fn recover(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
     let store = Arc::clone(&state.deps.store);
-    for record in store.list_sessions().await? {
+    // A store that cannot be read now is reported, not fatal: the root stays up to serve
+    // what it can, and the next start tries again.
+    let records = match store.list_sessions().await {
+        Ok(records) => records,
+        Err(error) => {
+            tracing::error!(%error, "recovery could not list the stored sessions");
+            return;
+        }
+    };
+    for record in records {
         if record.status.is_terminal() {
             continue;
         }
-        let last_seq = store.last_event_seq(record.id).await?;
-        let emitter = SessionEmitter::new(
-            record.id,
-            record.harvester_id.clone(),
-            last_seq,
-            state.deps.bus.clone(),
-            Arc::clone(&store),
-        );
-        let remaining = match state.config.recovery {
-            RecoveryPolicy::Resume => store.resume_session(record.id).await?,
-            RecoveryPolicy::Finalize => None,
-        };
-        emitter.emit(EventKind::Recovered {
-            previous_status: record.status,
-            resuming: remaining.as_ref().map(Vec::len),
-        });
-        match remaining {
-            Some(remaining) => {
-                let config = state.config.session.clone();
-                let shared = session_shared(
-                    myself,
-                    state,
-                    record.id,
-                    record.harvester_id,
-                    remaining.into(),
-                    config,
-                    emitter,
-                    true,
-                );
-                if let Err(error) = spawn_session(myself, state, shared).await {
-                    tracing::error!(session_id = %record.id, %error, "could not resume the session");
-                }
+        if let Err(error) = recover_one(myself, state, record.clone()).await {
+            tracing::error!(session_id = %record.id, %error, "could not recover the session");
+        }
+    }
+}
+
+async fn recover_one(
+    myself: &ActorRef<SupervisorMessage>,
+    state: &mut RootState,
+    record: crate::model::SessionRecord,
+) -> Result<(), crate::error::StoreError> {
+    let store = Arc::clone(&state.deps.store);
+    let last_seq = store.last_event_seq(record.id).await?;
+    let emitter = SessionEmitter::new(
+        record.id,
+        record.harvester_id.clone(),
+        last_seq,
+        state.deps.bus.clone(),
+        Arc::clone(&store),
+    );
+    let remaining = match state.config.recovery {
+        // If it cannot be reopened, it is at least finalized below.
+        RecoveryPolicy::Resume => store.resume_session(record.id).await.unwrap_or_else(|error| {
+            tracing::error!(session_id = %record.id, %error, "could not resume; finalizing instead");
+            None
+        }),
+        RecoveryPolicy::Finalize => None,
+    };
+    emitter.emit(EventKind::Recovered {
+        previous_status: record.status,
+        resuming: remaining.as_ref().map(Vec::len),
+    });
+    match remaining {
+        Some(remaining) => {
+            let config = state.config.session.clone();
+            let shared = session_shared(
+                myself,
+                state,
+                record.id,
+                record.harvester_id,
+                remaining.into(),
+                config,
+                emitter,
+                true,
+            );
+            if let Err(error) = spawn_session(myself, state, shared).await {
+                tracing::error!(session_id = %record.id, %error, "could not resume the session");
             }
-            None => {
-                let timeout = state.config.session.escalation_grace;
-                spawn_force(
-                    state,
-                    &emitter,
-                    record.id,
-                    FinalizeReason::Interrupted,
-                    timeout,
-                    false,
-                );
-            }
+        }
+        None => {
+            let timeout = state.config.session.escalation_grace;
+            spawn_force(
+                state,
+                &emitter,
+                record.id,
+                FinalizeReason::Interrupted,
+                timeout,
+                false,
+            );
         }
     }
     Ok(())

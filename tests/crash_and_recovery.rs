@@ -56,6 +56,11 @@ async fn a_new_supervisor_finalizes_sessions_a_dead_one_left_unfinished() {
     let left = store.session(id).await.expect("record");
     assert_eq!(left.status, SessionStatus::OnGoing);
     assert_eq!(first.calls(), 0);
+    // A handle whose tree is gone answers instead of waiting forever.
+    assert!(matches!(
+        tokio::time::timeout(common::TIMEOUT, dead.wait_finished(id)).await,
+        Ok(Err(harvest_supervisor::SessionError::SupervisorDown))
+    ));
 
     let next = Recorder::new(FinalizerMode::Ok);
     let sup = supervisor_on(store.clone(), config(), &next).await;
