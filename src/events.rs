@@ -168,6 +168,14 @@ pub enum EventKind {
         /// Reconciled counts.
         counts: OutcomeCounts,
     },
+    /// The store failed a write; the session goes on (the data is kept in memory and
+    /// written with the finalization).
+    StoreFailed {
+        /// What was being written.
+        operation: String,
+        /// The store's error.
+        error: String,
+    },
     /// Recovery found this session unfinished from an earlier process.
     Recovered {
         /// The status it was left in.
@@ -201,6 +209,7 @@ impl EventKind {
             Self::FinalizerStarted { .. } => "FinalizerStarted",
             Self::FinalizerFinished { .. } => "FinalizerFinished",
             Self::SessionFinished { .. } => "SessionFinished",
+            Self::StoreFailed { .. } => "StoreFailed",
             Self::Recovered { .. } => "Recovered",
         }
     }

@@ -62,13 +62,25 @@ pub(crate) enum Finalized {
 /// outcome tells the truth about the work done.
 pub(crate) type InFlight = HashMap<ResourceId, (u32, Duration)>;
 
+/// What the finalizing actor knows that the store may not.
+#[derive(Debug, Default)]
+pub(crate) struct Local {
+    /// Resources unfinished at finalization, with the work they had done.
+    pub(crate) in_flight: InFlight,
+    /// Final outcomes the store failed to record: they are the truth, and are written
+    /// with the completion.
+    pub(crate) unrecorded: Vec<OutcomeRecord>,
+    /// Store failures seen during the session, for the report.
+    pub(crate) store_errors: Vec<String>,
+}
+
 /// Finalizes session `id` once. See the module docs.
 pub(crate) async fn finalize(
     deps: &Deps,
     emitter: &SessionEmitter,
     id: SessionId,
     reason: FinalizeReason,
-    in_flight: &InFlight,
+    local: &Local,
     mode: Mode,
 ) -> Result<Finalized, StoreError> {
     let (before, reason, run_finalizer) = match deps.store.claim_finalization(id, reason).await? {
@@ -84,7 +96,7 @@ pub(crate) async fn finalize(
         },
     };
 
-    let (report, missing) = reconcile(deps, &before, reason, in_flight).await?;
+    let (report, missing) = reconcile(deps, &before, reason, local).await?;
     let status = report.status;
     let counts = report.counts;
 
@@ -144,7 +156,7 @@ async fn reconcile(
     deps: &Deps,
     before: &SessionRecord,
     reason: FinalizeReason,
-    in_flight: &InFlight,
+    local: &Local,
 ) -> Result<(SessionReport, Vec<OutcomeRecord>), StoreError> {
     let resources = deps.store.resources(before.id).await?;
     let mut recorded: HashMap<ResourceId, OutcomeRecord> = deps
@@ -154,26 +166,34 @@ async fn reconcile(
         .into_iter()
         .map(|o| (o.resource_id.clone(), o))
         .collect();
+    let mut unrecorded: HashMap<&ResourceId, &OutcomeRecord> = local
+        .unrecorded
+        .iter()
+        .map(|o| (&o.resource_id, o))
+        .collect();
     let mut outcomes = Vec::with_capacity(resources.len());
     let mut missing = Vec::new();
     let mut counts = OutcomeCounts::default();
     for resource_id in resources {
-        let record = match recorded.remove(&resource_id) {
-            Some(r) => r,
-            None => {
-                let (attempts, elapsed) = in_flight
-                    .get(&resource_id)
-                    .copied()
-                    .unwrap_or((0, Duration::ZERO));
-                let r = OutcomeRecord {
-                    resource_id,
-                    outcome: reason.missing_outcome(),
-                    attempts,
-                    elapsed,
-                };
-                missing.push(r.clone());
-                r
-            }
+        let record = if let Some(r) = recorded.remove(&resource_id) {
+            r
+        } else if let Some(r) = unrecorded.remove(&resource_id) {
+            missing.push(r.clone());
+            r.clone()
+        } else {
+            let (attempts, elapsed) = local
+                .in_flight
+                .get(&resource_id)
+                .copied()
+                .unwrap_or((0, Duration::ZERO));
+            let r = OutcomeRecord {
+                resource_id,
+                outcome: reason.missing_outcome(),
+                attempts,
+                elapsed,
+            };
+            missing.push(r.clone());
+            r
         };
         counts.add(&record.outcome);
         outcomes.push(record);
@@ -189,6 +209,7 @@ async fn reconcile(
         counts,
         outcomes,
         started: before.started,
+        store_errors: local.store_errors.clone(),
     };
     Ok((report, missing))
 }

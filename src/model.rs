@@ -319,6 +319,10 @@ pub struct SessionReport {
     pub outcomes: Vec<OutcomeRecord>,
     /// When the session was created.
     pub started: DateTime<Utc>,
+    /// Store failures during the session (an outcome the store could not record is still
+    /// in `outcomes`, from the session's memory). Empty when all went well.
+    #[serde(default)]
+    pub store_errors: Vec<String>,
 }
 
 #[cfg(test)]

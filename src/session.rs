@@ -450,11 +450,21 @@ async fn on_attempt(
         .shared
         .deps
         .store
-        .record_outcome(s.shared.id, record)
+        .record_outcome(s.shared.id, record.clone())
         .await
     {
         Ok(()) | Err(StoreError::Finalizing { .. }) => {}
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            // A failed write must neither lose the outcome nor stop the session: keep it
+            // for the finalizer (which writes it with the completion) and report the error.
+            let error = crate::harvest::error_chain(&e);
+            s.shared.emitter.emit(EventKind::StoreFailed {
+                operation: format!("record the outcome of {}", record.resource_id),
+                error: error.clone(),
+            });
+            s.st.store_failed(error);
+            s.st.unrecorded.push(record);
+        }
     }
     s.st.done += 1;
     if failed
@@ -512,14 +522,14 @@ async fn finalize(
     }
     s.st.phase = Phase::Finalized;
     s.shared.cancel.cancel();
-    let unfinished = s.st.wind_down(&s.shared.resources);
+    let local = s.st.wind_down(&s.shared.resources);
     let shared = Arc::clone(&s.shared);
     let result = finalizer::finalize(
         &shared.deps,
         &shared.emitter,
         shared.id,
         reason,
-        &unfinished,
+        &local,
         Mode::Own,
     )
     .await?;

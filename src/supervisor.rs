@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::config::{RecoveryPolicy, SupervisorConfig};
 use crate::error::{SessionError, StartError};
 use crate::events::{EventKind, SessionEmitter};
-use crate::finalizer::{self, Deps, Finalized, InFlight, Mode};
+use crate::finalizer::{self, Deps, Finalized, Local, Mode};
 use crate::model::{FinalizeReason, SessionId, SessionStatus};
 use crate::session::{STOP_FINALIZED, SessionActor, SessionMessage, SessionShared};
 use crate::store::NewSession;
@@ -353,6 +353,12 @@ fn force(state: &mut RootState, id: SessionId, reason: FinalizeReason) {
     spawn_force(state, &emitter, id, reason, timeout, true);
 }
 
+/// Attempts of a forced finalization against a failing store, and their backoff: about
+/// five minutes in all before giving up (the next start's recovery tries again).
+const FORCE_ATTEMPTS: u32 = 10;
+const FORCE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const FORCE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn spawn_force(
     state: &mut RootState,
     emitter: &SessionEmitter,
@@ -367,17 +373,30 @@ fn spawn_force(
     let task = tokio::spawn(
         async move {
             let mode = Mode::Force { finalizer_timeout };
-            match finalizer::finalize(&deps, &emitter, id, reason, &InFlight::new(), mode).await {
-                Ok(Finalized::Now(record)) => {
-                    if had_monitor {
-                        // It died with its session actor (children are killed with it).
-                        emitter.emit(EventKind::MonitorCancelled);
+            let mut delay = FORCE_RETRY_FIRST;
+            for attempt in 1..=FORCE_ATTEMPTS {
+                match finalizer::finalize(&deps, &emitter, id, reason, &Local::default(), mode)
+                    .await
+                {
+                    Ok(Finalized::Now(record)) => {
+                        if had_monitor {
+                            // It died with its session actor (children are killed with it).
+                            emitter.emit(EventKind::MonitorCancelled);
+                        }
+                        finalizer::emit_finished(&emitter, &record);
+                        return;
                     }
-                    finalizer::emit_finished(&emitter, &record);
+                    Ok(Finalized::NotByUs) => return,
+                    Err(error) => {
+                        // The store is the guard: without it nothing can be finalized safely.
+                        // Try again; a claim made before the failure is completed then.
+                        tracing::error!(%error, attempt, "could not finalize the session; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(FORCE_RETRY_MAX);
+                    }
                 }
-                Ok(Finalized::NotByUs) => {}
-                Err(error) => tracing::error!(%error, "could not finalize the session"),
             }
+            tracing::error!("gave up finalizing the session: the store keeps failing");
         }
         .instrument(span),
     );

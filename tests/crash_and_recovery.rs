@@ -18,14 +18,14 @@ async fn a_session_actor_that_dies_is_finalized_by_the_root_as_crashed() {
     let store = FaultyStore::new();
     let rec = Recorder::new(FinalizerMode::Ok);
     let sup = supervisor_on(store.clone(), config(), &rec).await;
-    store.failing_outcome_writes.store(true, Ordering::SeqCst);
-    // The first outcome write fails: the session actor's handler errors and the actor dies.
+    // The session's first store write (pending -> on-going) fails: its actor dies at once.
+    store.failing_transitions.store(true, Ordering::SeqCst);
     let id = sup
         .start_session("csw", ["ok-1", "hang-2"])
         .await
         .expect("start");
     let record = finished(&sup, id).await;
-    store.failing_outcome_writes.store(false, Ordering::SeqCst);
+    store.failing_transitions.store(false, Ordering::SeqCst);
 
     assert_eq!(record.reason(), Some(FinalizeReason::SessionCrashed));
     assert_eq!(record.status, SessionStatus::FinishedAllFailed);
@@ -33,6 +33,40 @@ async fn a_session_actor_that_dies_is_finalized_by_the_root_as_crashed() {
         record.counts.lost, 2,
         "unrecorded outcomes are lost, never successes"
     );
+    assert_eq!(rec.calls(), 1);
+    sup.start_session("csw", ["ok-1"])
+        .await
+        .expect("harvester is free");
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_outcome_writes_neither_stop_the_session_nor_lose_its_outcomes() {
+    let store = FaultyStore::new();
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor_on(store.clone(), config(), &rec).await;
+    store.failing_outcome_writes.store(true, Ordering::SeqCst);
+    let id = sup
+        .start_session("csw", ["ok-1", "fail-2", "ok-3"])
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+    store.failing_outcome_writes.store(false, Ordering::SeqCst);
+
+    // The session ended as it would have with a healthy disk...
+    assert_eq!(record.reason(), Some(FinalizeReason::Completed));
+    assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
+    assert_eq!((record.counts.succeeded, record.counts.failed), (2, 1));
+    // ...the outcomes were written with the completion, and the finalizer was told.
+    assert_eq!(store.outcomes(id).await.expect("outcomes").len(), 3);
+    let report = &rec.reports_for(id)[0];
+    assert_eq!(report.store_errors.len(), 3);
+    assert!(
+        report.store_errors[0].contains("injected write failure"),
+        "{:?}",
+        report.store_errors
+    );
+    assert!(has_event(&sup, id, |k| matches!(k, EventKind::StoreFailed { .. })).await);
     assert_eq!(rec.calls(), 1);
     sup.start_session("csw", ["ok-1"])
         .await

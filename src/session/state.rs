@@ -7,10 +7,13 @@ use ractor::{ActorCell, ActorId, ActorRef, MessagingErr};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::finalizer::InFlight;
-use crate::model::ResourceId;
+use crate::finalizer::{InFlight, Local};
+use crate::model::{OutcomeRecord, ResourceId};
 use crate::monitor::MonitorMessage;
 use crate::session::SessionMessage;
+
+/// Store errors kept for the report; more are counted in the last line.
+pub(crate) const MAX_STORE_ERRORS: usize = 20;
 
 /// Where the session actor is. Finalization is not a phase it can leave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +56,10 @@ pub(crate) struct SessionState {
     /// Resources with a final outcome.
     pub(crate) done: usize,
     pub(crate) monitor: Option<ActorRef<MonitorMessage>>,
+    /// Final outcomes the store failed to record, kept for the finalizer.
+    pub(crate) unrecorded: Vec<OutcomeRecord>,
+    /// Store failures seen, for the report (the first [`MAX_STORE_ERRORS`]).
+    pub(crate) store_errors: Vec<String>,
     pub(crate) abort_timer: Option<JoinHandle<Result<(), MessagingErr<SessionMessage>>>>,
 }
 
@@ -66,6 +73,8 @@ impl SessionState {
             waiting: HashMap::new(),
             done: 0,
             monitor: None,
+            unrecorded: Vec::new(),
+            store_errors: Vec::new(),
             abort_timer: None,
         }
     }
@@ -91,9 +100,26 @@ impl SessionState {
         }
     }
 
-    /// Kills every running worker, stops every timer, and returns what the unfinished
-    /// resources had done, for reconciliation.
-    pub(crate) fn wind_down(&mut self, resources: &[ResourceId]) -> InFlight {
+    /// Notes a store failure for the report.
+    pub(crate) fn store_failed(&mut self, error: String) {
+        match self.store_errors.len() {
+            n if n < MAX_STORE_ERRORS => self.store_errors.push(error),
+            n if n == MAX_STORE_ERRORS => self.store_errors.push("... and more".to_owned()),
+            _ => {}
+        }
+    }
+
+    /// Kills every running worker, stops every timer, and hands over what only this actor
+    /// knows: the unfinished resources' work, unrecorded outcomes, store errors.
+    pub(crate) fn wind_down(&mut self, resources: &[ResourceId]) -> Local {
+        Local {
+            in_flight: self.stop_all(resources),
+            unrecorded: std::mem::take(&mut self.unrecorded),
+            store_errors: std::mem::take(&mut self.store_errors),
+        }
+    }
+
+    fn stop_all(&mut self, resources: &[ResourceId]) -> InFlight {
         let mut unfinished = InFlight::new();
         let mut note = |index: usize, attempts: u32, first: Instant| {
             if let Some(id) = resources.get(index) {

@@ -30,6 +30,8 @@ pub struct FaultyStore {
     pub hang_outcome_writes: AtomicBool,
     /// While set, `record_outcome` fails (a disk error).
     pub failing_outcome_writes: AtomicBool,
+    /// While set, `transition` fails.
+    pub failing_transitions: AtomicBool,
 }
 
 impl FaultyStore {
@@ -46,6 +48,7 @@ impl FaultyStore {
             begin_gate: Arc::new(Semaphore::new(0)),
             hang_outcome_writes: AtomicBool::new(false),
             failing_outcome_writes: AtomicBool::new(false),
+            failing_transitions: AtomicBool::new(false),
         }
     }
 }
@@ -87,6 +90,9 @@ impl SessionStore for FaultyStore {
         from: SessionStatus,
         to: SessionStatus,
     ) -> Result<bool, StoreError> {
+        if self.failing_transitions.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("injected transition failure".into()));
+        }
         if from == SessionStatus::Pending
             && to == SessionStatus::OnGoing
             && self.hold_begin.load(Ordering::SeqCst)
