@@ -178,3 +178,43 @@ async fn a_closed_store_answers_closed_and_keeps_what_it_committed() {
     let reopened = SqliteStore::open(&path).await.expect("reopen");
     assert_eq!(reopened.session(id).await.expect("kept").id, id);
 }
+
+#[tokio::test]
+async fn close_right_after_event_appends_still_closes_cleanly() {
+    // Events alone make the writer wait for company; a close arriving then must be honoured.
+    let dir = tempfile::tempdir().expect("dir");
+    let store = SqliteStore::open(dir.path().join("events.db"))
+        .await
+        .expect("open");
+    let id = harvest_supervisor::SessionId::new();
+    store
+        .create_session(harvest_supervisor::store::NewSession {
+            id,
+            harvester_id: "csw".into(),
+            resources: vec![],
+            started: chrono::Utc::now(),
+            workflow_time: Duration::from_secs(1),
+        })
+        .await
+        .expect("create");
+    for seq in 1..=3 {
+        store
+            .append_event(&harvest_supervisor::SessionEvent {
+                seq,
+                at: chrono::Utc::now(),
+                session_id: id,
+                harvester_id: "csw".into(),
+                kind: harvest_supervisor::EventKind::AbortRequested,
+            })
+            .expect("append");
+    }
+    store.close().await.expect("close answers");
+    let reopened = SqliteStore::open(dir.path().join("events.db"))
+        .await
+        .expect("reopen");
+    assert_eq!(
+        reopened.events(id).await.expect("events").len(),
+        3,
+        "events committed before close"
+    );
+}

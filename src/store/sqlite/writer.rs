@@ -133,12 +133,6 @@ fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration) {
                 Err(_) => break,
             }
         }
-        // Nothing after a close request runs; its senders see `Closed`.
-        if let Some(at) = batch.iter().position(|c| matches!(c, Command::Close(_))) {
-            if let Some(Command::Close(reply)) = batch.drain(at..).next() {
-                closing = Some(reply);
-            }
-        }
         if !commit_delay.is_zero() && !batch.iter().any(Command::waits) {
             let until = Instant::now() + commit_delay;
             while batch.len() < MAX_BATCH {
@@ -153,6 +147,13 @@ fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration) {
                     }
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                 }
+            }
+        }
+        // Only once the whole batch is gathered (the wait above may have added the close):
+        // nothing after a close request runs; its senders see `Closed`.
+        if let Some(at) = batch.iter().position(|c| matches!(c, Command::Close(_))) {
+            if let Some(Command::Close(reply)) = batch.drain(at..).next() {
+                closing = Some(reply);
             }
         }
         commit(&conn, &mut batch);
