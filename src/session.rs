@@ -12,6 +12,7 @@
 
 pub(crate) mod messages;
 pub(crate) mod state;
+pub(crate) mod writes;
 
 use std::sync::Arc;
 
@@ -34,6 +35,7 @@ use crate::supervisor::SupervisorMessage;
 use crate::worker::{AttemptReport, AttemptResult, ResourceWorker, WorkerArgs, WorkerState};
 pub use messages::SessionMessage;
 use state::{Phase, SessionState, Slot, Waiting};
+use writes::Written;
 
 /// What a session's actors (session, monitor) and the root share about it.
 pub(crate) struct SessionShared {
@@ -446,26 +448,11 @@ async fn on_attempt(
         attempts: attempt,
         elapsed: first_started.elapsed(),
     };
-    match s
-        .shared
-        .deps
-        .store
-        .record_outcome(s.shared.id, record.clone())
-        .await
-    {
-        Ok(()) | Err(StoreError::Finalizing { .. }) => {}
-        Err(e) => {
-            // A failed write must neither lose the outcome nor stop the session: keep it
-            // for the finalizer (which writes it with the completion) and report the error.
-            let error = crate::harvest::error_chain(&e);
-            s.shared.emitter.emit(EventKind::StoreFailed {
-                operation: format!("record the outcome of {}", record.resource_id),
-                error: error.clone(),
-            });
-            s.st.store_failed(error);
-            s.st.unrecorded.push(record);
-        }
-    }
+    let answered =
+        s.st.writes
+            .submit(&s.shared.deps.store, s.shared.id, record)
+            .await;
+    settle_writes(s, answered);
     s.st.done += 1;
     if failed
         && s.st.phase == Phase::Running
@@ -522,6 +509,9 @@ async fn finalize(
     }
     s.st.phase = Phase::Finalized;
     s.shared.cancel.cancel();
+    // Every outcome write must be answered first: a failed one is reconciled from memory.
+    let answered = s.st.writes.drain().await;
+    settle_writes(s, answered);
     let local = s.st.wind_down(&s.shared.resources);
     let shared = Arc::clone(&s.shared);
     let result = finalizer::finalize(
@@ -542,6 +532,26 @@ async fn finalize(
     }
     myself.stop(Some(STOP_FINALIZED.to_owned()));
     Ok(())
+}
+
+/// Takes note of answered outcome writes. A failed write must neither lose the outcome nor
+/// stop the session: it is kept for the finalizer (which writes it with the completion) and
+/// the error is reported.
+fn settle_writes(s: &mut Session, answered: Vec<Written>) {
+    for (record, result) in answered {
+        match result {
+            Ok(()) | Err(StoreError::Finalizing { .. }) => {}
+            Err(e) => {
+                let error = crate::harvest::error_chain(&e);
+                s.shared.emitter.emit(EventKind::StoreFailed {
+                    operation: format!("record the outcome of {}", record.resource_id),
+                    error: error.clone(),
+                });
+                s.st.store_failed(error);
+                s.st.unrecorded.push(record);
+            }
+        }
+    }
 }
 
 fn stop_monitor(s: &mut Session, announce: bool) {

@@ -11,6 +11,7 @@ use crate::finalizer::{InFlight, Local};
 use crate::model::{OutcomeRecord, ResourceId};
 use crate::monitor::MonitorMessage;
 use crate::session::SessionMessage;
+use crate::session::writes::OutcomeWrites;
 
 /// Store errors kept for the report; more are counted in the last line.
 pub(crate) const MAX_STORE_ERRORS: usize = 20;
@@ -56,6 +57,8 @@ pub(crate) struct SessionState {
     /// Resources with a final outcome.
     pub(crate) done: usize,
     pub(crate) monitor: Option<ActorRef<MonitorMessage>>,
+    /// Outcome writes submitted and not yet answered.
+    pub(crate) writes: OutcomeWrites,
     /// Final outcomes the store failed to record, kept for the finalizer.
     pub(crate) unrecorded: Vec<OutcomeRecord>,
     /// Store failures seen, for the report (the first [`MAX_STORE_ERRORS`]).
@@ -73,6 +76,7 @@ impl SessionState {
             waiting: HashMap::new(),
             done: 0,
             monitor: None,
+            writes: OutcomeWrites::default(),
             unrecorded: Vec::new(),
             store_errors: Vec::new(),
             abort_timer: None,

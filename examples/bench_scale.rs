@@ -1,0 +1,507 @@
+//! Scale benchmarks of supervision overhead, side by side in one run.
+//!
+//! ```text
+//! cargo run --release --example bench_scale -- all              # every table of BENCHMARKS.md
+//! cargo run --release --example bench_scale -- throughput --n 10000 --reps 5
+//! cargo run --release --example bench_scale -- latency --runs 500
+//! cargo run --release --example bench_scale -- watchdog --sessions 10000
+//! cargo run --release --example bench_scale -- one --imp memory --n 1000   # one case, JSON
+//! ```
+//!
+//! Each throughput case runs in a fresh child process (`one`), so its peak RSS (VmHWM) is its
+//! own. Implementations, all with a window of 64 in flight:
+//! - `floor`: N no-op futures through a tokio `JoinSet`, then one closure;
+//! - `actor`: a bare ractor parent that `spawn_linked`s no-op children, counts their
+//!   terminations, then calls a closure;
+//! - `memory`: one harvest-supervisor session of N no-op resources on the memory store;
+//! - `sqlite`: the same on the durable store (a fresh file in a temp dir).
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use harvest_supervisor::{
+    FailurePolicy, SessionConfig, SessionRequest, SessionStore, SqliteStore, Supervisor,
+    SupervisorConfig, finalizer_fn, harvest_fn,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+const WINDOW: usize = 64;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Every benchmark, as markdown tables.
+    All {
+        /// Repetitions per throughput case (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Include the 1,000,000-resource sessions.
+        #[arg(long)]
+        million: bool,
+    },
+    /// Throughput of the four implementations at one N.
+    Throughput {
+        #[arg(long)]
+        n: usize,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
+    /// One case in this process; prints one JSON line.
+    One {
+        #[arg(long, value_enum)]
+        imp: Imp,
+        #[arg(long)]
+        n: usize,
+    },
+    /// Failure-to-finalizer (FailFast) and last-outcome-to-finalizer (Continue) latency.
+    Latency {
+        #[arg(long, default_value_t = 500)]
+        runs: usize,
+    },
+    /// Many idle sessions, each with one slow resource, under a 1 s monitor interval.
+    Watchdog {
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+        #[arg(long, default_value_t = 10)]
+        idle_secs: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+enum Imp {
+    Floor,
+    Actor,
+    Memory,
+    Sqlite,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Sample {
+    imp: Imp,
+    n: usize,
+    secs: f64,
+    peak_rss_kib: u64,
+}
+
+/// Peak resident set size of this process (VmHWM), in KiB.
+fn peak_rss_kib() -> u64 {
+    proc_status_kib("VmHWM:")
+}
+
+fn rss_kib() -> u64 {
+    proc_status_kib("VmRSS:")
+}
+
+fn proc_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU time of this process so far, from `/proc/self/stat` (in clock ticks
+/// of 10 ms: `getconf CLK_TCK` is 100 on Linux).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at state, field 3.
+    let after = stat.rsplit(") ").next().unwrap_or("");
+    let fields: Vec<u64> = after
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+// ---------- the four implementations ----------
+
+async fn run_floor(n: usize) -> Duration {
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    let mut started = 0;
+    let mut done = 0;
+    while done < n {
+        while started < n && set.len() < WINDOW {
+            set.spawn(async {});
+            started += 1;
+        }
+        if set.join_next().await.is_some() {
+            done += 1;
+        }
+    }
+    let finished = std::hint::black_box(|| done)();
+    assert_eq!(finished, n);
+    start.elapsed()
+}
+
+struct Child;
+impl Actor for Child {
+    type Msg = ();
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+    async fn post_start(&self, me: ActorRef<()>, _: &mut ()) -> Result<(), ActorProcessingErr> {
+        me.stop(None);
+        Ok(())
+    }
+}
+
+struct Parent;
+struct ParentState {
+    n: usize,
+    started: usize,
+    done: usize,
+    finish: Option<oneshot::Sender<()>>,
+}
+impl Parent {
+    async fn fill(me: &ActorRef<()>, s: &mut ParentState) -> Result<(), ActorProcessingErr> {
+        while s.started < s.n && s.started - s.done < WINDOW {
+            Actor::spawn_linked(None, Child, (), me.get_cell()).await?;
+            s.started += 1;
+        }
+        Ok(())
+    }
+}
+impl Actor for Parent {
+    type Msg = ();
+    type State = ParentState;
+    type Arguments = (usize, oneshot::Sender<()>);
+    async fn pre_start(
+        &self,
+        _: ActorRef<()>,
+        (n, finish): (usize, oneshot::Sender<()>),
+    ) -> Result<ParentState, ActorProcessingErr> {
+        Ok(ParentState {
+            n,
+            started: 0,
+            done: 0,
+            finish: Some(finish),
+        })
+    }
+    async fn post_start(
+        &self,
+        me: ActorRef<()>,
+        s: &mut ParentState,
+    ) -> Result<(), ActorProcessingErr> {
+        Self::fill(&me, s).await
+    }
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<()>,
+        evt: SupervisionEvent,
+        s: &mut ParentState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorTerminated(..) | SupervisionEvent::ActorFailed(..) = evt {
+            s.done += 1;
+            if s.done == s.n {
+                if let Some(f) = s.finish.take() {
+                    let _ = f.send(());
+                }
+                me.stop(None);
+                return Ok(());
+            }
+            Self::fill(&me, s).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn run_actor(n: usize) -> Duration {
+    let start = Instant::now();
+    let (tx, rx) = oneshot::channel();
+    let (_parent, join) = Actor::spawn(None, Parent, (n, tx)).await.expect("parent");
+    rx.await.expect("all children done");
+    let took = start.elapsed();
+    let _ = join.await;
+    took
+}
+
+fn bench_config() -> SessionConfig {
+    SessionConfig {
+        max_concurrency: WINDOW,
+        resource_timeout: None,
+        ..SessionConfig::default()
+    }
+}
+
+async fn run_session(n: usize, store: Option<Arc<dyn SessionStore>>) -> Duration {
+    let resources: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+    let (tx, rx) = oneshot::channel::<()>();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let finalizer = finalizer_fn(move |_| {
+        let f = tx.lock().ok().and_then(|mut t| t.take());
+        async move {
+            if let Some(f) = f {
+                let _ = f.send(());
+            }
+            Ok(())
+        }
+    });
+    let mut builder =
+        Supervisor::builder(harvest_fn(|_| async { Ok(()) }), finalizer).config(SupervisorConfig {
+            session: bench_config(),
+            ..SupervisorConfig::default()
+        });
+    if let Some(store) = store {
+        builder = builder.store(store);
+    }
+    let sup = builder.start().await.expect("supervisor");
+    let start = Instant::now();
+    sup.start(SessionRequest::new("bench", resources))
+        .await
+        .expect("start");
+    rx.await.expect("finalized");
+    let took = start.elapsed();
+    sup.shutdown().await.expect("shutdown");
+    took
+}
+
+async fn run_one(imp: Imp, n: usize) -> Sample {
+    let took = match imp {
+        Imp::Floor => run_floor(n).await,
+        Imp::Actor => run_actor(n).await,
+        Imp::Memory => run_session(n, None).await,
+        Imp::Sqlite => {
+            let dir = std::env::temp_dir().join(format!("hs-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            let store = SqliteStore::open(dir.join("bench.db")).await.expect("db");
+            let took = run_session(n, Some(Arc::new(store.clone()))).await;
+            store.close().await.expect("close");
+            let _ = std::fs::remove_dir_all(&dir);
+            took
+        }
+    };
+    Sample {
+        imp,
+        n,
+        secs: took.as_secs_f64(),
+        peak_rss_kib: peak_rss_kib(),
+    }
+}
+
+/// Runs one case in a fresh process of this binary.
+fn child_case(imp: Imp, n: usize) -> Sample {
+    let exe = std::env::current_exe().expect("this binary");
+    let imp_name = format!("{imp:?}").to_lowercase();
+    let out = Command::new(exe)
+        .args(["one", "--imp", &imp_name, "--n", &n.to_string()])
+        .output()
+        .expect("run the case");
+    assert!(
+        out.status.success(),
+        "case {imp:?} n={n} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON sample")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median µs per item and median peak RSS (MiB) of `reps` runs.
+fn measure(imp: Imp, n: usize, reps: usize) -> (f64, f64) {
+    let samples: Vec<Sample> = (0..reps).map(|_| child_case(imp, n)).collect();
+    let us = median(samples.iter().map(|s| s.secs * 1e6 / s.n as f64).collect());
+    let rss = median(
+        samples
+            .iter()
+            .map(|s| s.peak_rss_kib as f64 / 1024.0)
+            .collect(),
+    );
+    (us, rss)
+}
+
+fn throughput_table(ns: &[usize], reps: usize, million: bool) {
+    println!(
+        "| N | floor µs | actor µs | memory µs | sqlite µs | memory/actor | memory/floor | sqlite/memory | peak RSS floor / actor / memory / sqlite (MiB) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &n in ns {
+        let (f, fr) = measure(Imp::Floor, n, reps);
+        let (a, ar) = measure(Imp::Actor, n, reps);
+        let (m, mr) = measure(Imp::Memory, n, reps);
+        let (s, sr) = measure(Imp::Sqlite, n, reps);
+        println!(
+            "| {n} | {f:.2} | {a:.2} | {m:.2} | {s:.2} | {:.2} | {:.2} | {:.2} | {fr:.0} / {ar:.0} / {mr:.0} / {sr:.0} |",
+            m / a,
+            m / f,
+            s / m
+        );
+    }
+    if million {
+        let n = 1_000_000;
+        let (m, mr) = measure(Imp::Memory, n, 1);
+        let (s, sr) = measure(Imp::Sqlite, n, 1);
+        println!(
+            "| {n} (one run) | | | {m:.2} | {s:.2} | | | {:.2} | - / - / {mr:.0} / {sr:.0} |",
+            s / m
+        );
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Time from the trigger (a failure under FailFast, the last outcome under Continue) to the
+/// user finalizer starting, measured inside the harvest and the finalizer.
+async fn latency(runs: usize) {
+    for policy in [FailurePolicy::FailFast, FailurePolicy::Continue] {
+        let trigger: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+        let t = Arc::clone(&trigger);
+        let harvest = harvest_fn(move |ctx| {
+            let t = Arc::clone(&t);
+            async move {
+                // Let the other resources finish first, so this is the trigger.
+                if ctx.resource_id.0 == "trigger" {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    if let Ok(mut slot) = t.lock() {
+                        *slot = Some(Instant::now());
+                    }
+                    return Err("the failure".into());
+                }
+                Ok(())
+            }
+        });
+        let t = Arc::clone(&trigger);
+        let finalizer = finalizer_fn(move |_| {
+            let started = t.lock().ok().and_then(|s| *s).map(|at| at.elapsed());
+            let tx = tx.clone();
+            async move {
+                if let Some(d) = started {
+                    let _ = tx.send(d);
+                }
+                Ok(())
+            }
+        });
+        let sup = Supervisor::builder(harvest, finalizer)
+            .config(SupervisorConfig {
+                session: SessionConfig {
+                    failure_policy: policy,
+                    ..bench_config()
+                },
+                ..SupervisorConfig::default()
+            })
+            .start()
+            .await
+            .expect("supervisor");
+        let mut samples = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let mut resources: Vec<String> = (0..8).map(|i| format!("r{i}")).collect();
+            resources.push("trigger".into());
+            let id = sup
+                .start(SessionRequest::new("lat", resources))
+                .await
+                .expect("start");
+            sup.wait_finished(id).await.expect("finished");
+            samples.push(rx.recv().await.expect("a latency"));
+        }
+        samples.sort();
+        println!(
+            "| {policy:?} | {runs} | {:.1} | {:.1} | {:.1} |",
+            percentile(&samples, 0.5).as_secs_f64() * 1e6,
+            percentile(&samples, 0.99).as_secs_f64() * 1e6,
+            samples.last().map_or(0.0, |d| d.as_secs_f64() * 1e6),
+        );
+        sup.shutdown().await.expect("shutdown");
+    }
+}
+
+/// Many sessions, each with one resource that sleeps, under a 1 s monitor interval.
+async fn watchdog(sessions: usize, idle: Duration) {
+    let harvest = harvest_fn(|_| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok(())
+    });
+    let sup = Supervisor::builder(harvest, finalizer_fn(|_| async { Ok(()) }))
+        .config(SupervisorConfig {
+            session: SessionConfig {
+                monitor_interval: Duration::from_secs(1),
+                ..bench_config()
+            },
+            ..SupervisorConfig::default()
+        })
+        .start()
+        .await
+        .expect("supervisor");
+    let rss_before = rss_kib();
+    for i in 0..sessions {
+        sup.start_session(format!("h{i}"), ["slow"])
+            .await
+            .expect("start");
+    }
+    // Let every session start its worker and monitor, then measure the idle cost.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_loaded = rss_kib();
+    let cpu0 = cpu_time();
+    let wall0 = Instant::now();
+    tokio::time::sleep(idle).await;
+    let cpu = cpu_time() - cpu0;
+    let wall = wall0.elapsed();
+    let per_session_kib = (rss_loaded.saturating_sub(rss_before)) as f64 / sessions as f64;
+    println!(
+        "| {sessions} | {:.1} s | {:.2} % of one core | {:.1} KiB |",
+        wall.as_secs_f64(),
+        cpu.as_secs_f64() / wall.as_secs_f64() * 100.0,
+        per_session_kib
+    );
+    std::process::exit(0); // the sessions would otherwise run for an hour
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::One { imp, n } => {
+            let sample = run_one(imp, n).await;
+            println!("{}", serde_json::to_string(&sample).expect("json"));
+        }
+        Cmd::Throughput { n, reps } => throughput_table(&[n], reps, false),
+        Cmd::Latency { runs } => {
+            println!("| policy | runs | p50 µs | p99 µs | max µs |\n|---|---|---|---|---|");
+            latency(runs).await;
+        }
+        Cmd::Watchdog {
+            sessions,
+            idle_secs,
+        } => {
+            println!("| sessions | idle | CPU | memory per session |\n|---|---|---|---|");
+            watchdog(sessions, Duration::from_secs(idle_secs)).await;
+        }
+        Cmd::All { reps, million } => {
+            println!("## Throughput (median of {reps} runs, window {WINDOW})\n");
+            throughput_table(&[1_000, 10_000, 100_000], reps, million);
+            println!("\n## Latency to the finalizer\n");
+            println!("| policy | runs | p50 µs | p99 µs | max µs |\n|---|---|---|---|---|");
+            latency(500).await;
+            println!("\n## Watchdog scale\n");
+            let exe = std::env::current_exe().expect("this binary");
+            let out = Command::new(exe)
+                .args(["watchdog"])
+                .output()
+                .expect("watchdog");
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+    }
+}

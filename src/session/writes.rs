@@ -1,0 +1,74 @@
+//! Outcome writes in flight.
+//!
+//! A session does not wait for each outcome's commit before it handles the next message:
+//! that would allow one commit (one fsync) per resource and no group commit at all. It
+//! submits the write and goes on; the store commits many together. Before finalizing, the
+//! session waits for every write it submitted ([`OutcomeWrites::drain`]), so a failed write
+//! is never forgotten: its outcome is kept for the finalizer, which writes it with the
+//! completion. A crash can lose only writes that were not yet committed, which recovery
+//! then counts as `Lost` (never as success).
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+
+use crate::error::StoreError;
+use crate::model::{OutcomeRecord, SessionId};
+use crate::store::SessionStore;
+
+/// Submitted writes allowed in flight before the session waits for the oldest ones: bounds
+/// memory when the disk is slower than the harvest.
+const MAX_IN_FLIGHT: usize = 4096;
+
+/// A write's outcome and its result.
+pub(crate) type Written = (OutcomeRecord, Result<(), StoreError>);
+
+/// The writes a session has submitted and not yet seen answered.
+#[derive(Default)]
+pub(crate) struct OutcomeWrites {
+    pending: FuturesUnordered<BoxFuture<'static, Written>>,
+}
+
+impl OutcomeWrites {
+    /// Submits the write of `record`, and returns every write answered by now (with the
+    /// memory store, this one at once).
+    pub(crate) async fn submit(
+        &mut self,
+        store: &Arc<dyn SessionStore>,
+        id: SessionId,
+        record: OutcomeRecord,
+    ) -> Vec<Written> {
+        let store = Arc::clone(store);
+        self.pending.push(
+            async move {
+                let result = store.record_outcome(id, record.clone()).await;
+                (record, result)
+            }
+            .boxed(),
+        );
+        let mut answered = Vec::new();
+        // Polling sends the new write to the store and collects finished ones without
+        // waiting; `now_or_never` leaves the unfinished in the set.
+        while let Some(Some(done)) = self.pending.next().now_or_never() {
+            answered.push(done);
+        }
+        while self.pending.len() > MAX_IN_FLIGHT {
+            match self.pending.next().await {
+                Some(done) => answered.push(done),
+                None => break,
+            }
+        }
+        answered
+    }
+
+    /// Waits for every submitted write.
+    pub(crate) async fn drain(&mut self) -> Vec<Written> {
+        let mut answered = Vec::with_capacity(self.pending.len());
+        while let Some(done) = self.pending.next().await {
+            answered.push(done);
+        }
+        answered
+    }
+}
