@@ -374,7 +374,7 @@ async fn latency(runs: usize) {
             let t = Arc::clone(&t);
             async move {
                 // Let the other resources finish first, so this is the trigger.
-                if ctx.resource_id.0 == "trigger" {
+                if ctx.resource_id == "trigger" {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                     if let Ok(mut slot) = t.lock() {
                         *slot = Some(Instant::now());

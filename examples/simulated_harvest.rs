@@ -158,7 +158,7 @@ async fn simulate(
     plan: Arc<HashMap<String, Behaviour>>,
     ctx: HarvestContext,
 ) -> Result<(), BoxError> {
-    match plan.get(&ctx.resource_id.0).copied() {
+    match plan.get(ctx.resource_id.as_str()).copied() {
         Some(Behaviour::Succeed(work)) => {
             tokio::time::sleep(work).await;
             Ok(())

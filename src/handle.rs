@@ -91,7 +91,7 @@ impl SupervisorBuilder {
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let supervisor = Supervisor::builder(
 ///     harvest_fn(|ctx: HarvestContext| async move {
-///         if ctx.resource_id.0 == "broken" {
+///         if ctx.resource_id == "broken" {
 ///             return Err("remote said 500".into());
 ///         }
 ///         Ok(())

@@ -275,7 +275,9 @@ async fn start_worker(
             harvester_id: shared.harvester_id.clone(),
             resource_id: resource_id.clone(),
             attempt,
-            cancel: shared.cancel.child_token(),
+            // One token for the whole session: a clone is cheaper than a child token (which
+            // allocates and locks the parent), and attempts are only ever cancelled together.
+            cancel: shared.cancel.clone(),
             heartbeat: Heartbeat::new(),
         },
         resource_timeout: shared.config.resource_timeout,

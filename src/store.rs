@@ -12,6 +12,7 @@
 pub mod memory;
 pub mod sqlite;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -206,7 +207,8 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError>;
 
     /// Appends an event to the audit trail. Must not block: a durable store queues it.
-    fn append_event(&self, event: &SessionEvent) -> Result<(), StoreError>;
+    /// (Shared, so a store that keeps events in memory need not copy them.)
+    fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError>;
 
     /// A session's events, by `seq`.
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError>;

@@ -46,7 +46,7 @@ async fn abort_while_running_cancels_cooperatively_then_stops_workers_after_the_
         report
             .outcomes
             .iter()
-            .find(|o| o.resource_id.0 == rid)
+            .find(|o| o.resource_id == rid)
             .map(|o| o.outcome.clone())
             .expect("outcome")
     };

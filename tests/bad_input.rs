@@ -68,7 +68,7 @@ async fn duplicate_resource_ids_are_rejected() {
     let rec = Recorder::new(FinalizerMode::Ok);
     let sup = supervisor(config(), &rec).await;
     match sup.start_session("csw", ["ok-1", "ok-2", "ok-1"]).await {
-        Err(StartError::DuplicateResource { resource_id }) => assert_eq!(resource_id.0, "ok-1"),
+        Err(StartError::DuplicateResource { resource_id }) => assert_eq!(resource_id, "ok-1"),
         other => panic!("expected DuplicateResource, got {other:?}"),
     }
     assert!(sup.sessions().await.expect("list").is_empty());
@@ -102,7 +102,7 @@ async fn a_second_start_for_a_busy_harvester_names_the_running_session() {
             harvester_id,
             session,
         }) => {
-            assert_eq!(harvester_id.0, "csw");
+            assert_eq!(harvester_id, "csw");
             assert_eq!(session, first);
         }
         other => panic!("expected HarvesterBusy, got {other:?}"),

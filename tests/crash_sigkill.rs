@@ -65,12 +65,7 @@ async fn child_process() {
     }));
     let harvest = harvest_fn(|ctx: HarvestContext| async move {
         tokio::time::sleep(Duration::from_millis(40)).await;
-        let n: usize = ctx
-            .resource_id
-            .0
-            .trim_start_matches('r')
-            .parse()
-            .unwrap_or(0);
+        let n: usize = ctx.resource_id.trim_start_matches('r').parse().unwrap_or(0);
         if n % 5 == 4 {
             return Err::<(), BoxError>("remote said 500".into());
         }
@@ -235,7 +230,7 @@ async fn crash_and_recover_with(point: KillPoint, recovery: RecoveryPolicy) {
     for (resource, outcome) in acks.iter().filter(|(_, o)| !resumed || o == "succeeded") {
         let stored = outcomes
             .iter()
-            .find(|o| &o.resource_id.0 == resource)
+            .find(|o| o.resource_id.as_str() == resource)
             .unwrap_or_else(|| panic!("acknowledged outcome of {resource} lost"));
         assert_eq!(stored.outcome.name(), outcome);
     }

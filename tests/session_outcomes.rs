@@ -74,7 +74,7 @@ async fn some_failures_finish_some_failed_and_all_failures_finish_all_failed() {
     let failed = report
         .outcomes
         .iter()
-        .find(|o| o.resource_id.0 == "fail-2")
+        .find(|o| o.resource_id == "fail-2")
         .expect("outcome of fail-2");
     assert!(
         matches!(&failed.outcome, ResourceOutcome::Failed { error } if error.contains("remote said 500")),
@@ -228,7 +228,7 @@ async fn never_more_than_max_concurrency_workers_are_alive() {
             let now = alive.fetch_add(1, Ordering::SeqCst) + 1;
             peak.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(
-                10 + (ctx.resource_id.0.len() as u64 % 7),
+                10 + (ctx.resource_id.len() as u64 % 7),
             ))
             .await;
             alive.fetch_sub(1, Ordering::SeqCst);
@@ -256,7 +256,7 @@ async fn an_attempt_silent_past_heartbeat_timeout_times_out_while_a_beating_one_
     let harvest = harvest_fn(|ctx: HarvestContext| async move {
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_secs(5)).await;
-            if ctx.resource_id.0 == "beating" {
+            if ctx.resource_id == "beating" {
                 ctx.heartbeat.beat();
             }
         }

@@ -199,13 +199,13 @@ async fn close_right_after_event_appends_still_closes_cleanly() {
         .expect("create");
     for seq in 1..=3 {
         store
-            .append_event(&harvest_supervisor::SessionEvent {
+            .append_event(&std::sync::Arc::new(harvest_supervisor::SessionEvent {
                 seq,
                 at: chrono::Utc::now(),
                 session_id: id,
                 harvester_id: "csw".into(),
                 kind: harvest_supervisor::EventKind::AbortRequested,
-            })
+            }))
             .expect("append");
     }
     store.close().await.expect("close answers");

@@ -189,7 +189,7 @@ async fn history_and_events_persist_in_order(store: Arc<dyn SessionStore>) {
         .collect();
     assert_eq!(listed, vec![b.id, a.id], "newest first");
     let resources = store.resources(a.id).await.expect("resources");
-    assert_eq!(resources, vec!["r0".into(), "r1".into(), "r2".into()]);
+    assert_eq!(resources, ["r0", "r1", "r2"]);
     assert_eq!(a.total, 3);
     assert_eq!(a.status, SessionStatus::Pending);
     assert_eq!(a.workflow_time, Duration::from_secs(60));
@@ -236,7 +236,7 @@ async fn resume_keeps_successes_and_returns_the_rest(store: Arc<dyn SessionStore
         .await
         .expect("resume")
         .expect("resumable");
-    assert_eq!(remaining, vec!["r1".into(), "r2".into()]);
+    assert_eq!(remaining, ["r1", "r2"]);
     let after = store.session(r.id).await.expect("record");
     assert_eq!(after.status, SessionStatus::OnGoing);
     assert_eq!((after.counts.succeeded, after.counts.failed), (2, 0));

@@ -41,16 +41,20 @@ impl OutcomeWrites {
         record: OutcomeRecord,
     ) -> Vec<Written> {
         let store = Arc::clone(store);
-        self.pending.push(
-            async move {
-                let result = store.record_outcome(id, record.clone()).await;
-                (record, result)
-            }
-            .boxed(),
-        );
+        let mut write = async move {
+            let result = store.record_outcome(id, record.clone()).await;
+            (record, result)
+        }
+        .boxed();
         let mut answered = Vec::new();
-        // Polling sends the new write to the store and collects finished ones without
-        // waiting; `now_or_never` leaves the unfinished in the set.
+        // Poll once here: that sends the write to the store, and a store that answers at
+        // once (the memory store) never costs a slot in the set.
+        match write.as_mut().now_or_never() {
+            Some(done) => answered.push(done),
+            None => self.pending.push(write),
+        }
+        // Collect the writes finished meanwhile without waiting; `now_or_never` leaves the
+        // unfinished in the set.
         while let Some(Some(done)) = self.pending.next().now_or_never() {
             answered.push(done);
         }

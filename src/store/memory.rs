@@ -5,6 +5,7 @@
 //! for a short, await-free section, which is what makes the compare-and-sets atomic. The busy
 //! lock is a second map, harvester -> session, taken with the entry API.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -25,20 +26,44 @@ struct StoredSession {
     record: SessionRecord,
     resources: Arc<[ResourceId]>,
     outcomes: Vec<OutcomeRecord>,
-    events: Vec<SessionEvent>,
+    /// The newest `event_limit` events, shared with the emitter (no copy).
+    events: VecDeque<Arc<SessionEvent>>,
 }
 
 /// Sessions kept in process memory. Cheap to clone (shared maps).
-#[derive(Clone, Default)]
+///
+/// It keeps the newest [`MemoryStore::DEFAULT_EVENT_LIMIT`] events of each session (see
+/// [`MemoryStore::with_event_limit`]): a million-resource session emits millions, and a
+/// memory store must not grow without bound. The durable store keeps them all.
+#[derive(Clone)]
 pub struct MemoryStore {
     sessions: Arc<DashMap<SessionId, StoredSession>>,
     active: Arc<DashMap<HarvesterId, SessionId>>,
+    event_limit: usize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_event_limit(Self::DEFAULT_EVENT_LIMIT)
+    }
 }
 
 impl MemoryStore {
+    /// Events kept per session by default.
+    pub const DEFAULT_EVENT_LIMIT: usize = 100_000;
+
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store keeping the newest `limit` events of each session (at least 1).
+    pub fn with_event_limit(limit: usize) -> Self {
+        Self {
+            sessions: Arc::default(),
+            active: Arc::default(),
+            event_limit: limit.max(1),
+        }
     }
 
     fn with<T>(
@@ -83,7 +108,7 @@ impl SessionStore for MemoryStore {
                         record: record.clone(),
                         resources: new.resources.into(),
                         outcomes: Vec::new(),
-                        events: Vec::new(),
+                        events: VecDeque::new(),
                     },
                 );
                 slot.insert(new.id);
@@ -170,16 +195,22 @@ impl SessionStore for MemoryStore {
         self.with(id, |s| s.outcomes.clone())
     }
 
-    fn append_event(&self, event: &SessionEvent) -> Result<(), StoreError> {
-        self.with(event.session_id, |s| s.events.push(event.clone()))
+    fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError> {
+        let limit = self.event_limit;
+        self.with(event.session_id, |s| {
+            if s.events.len() >= limit {
+                s.events.pop_front();
+            }
+            s.events.push_back(Arc::clone(event));
+        })
     }
 
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
-        self.with(id, |s| s.events.clone())
+        self.with(id, |s| s.events.iter().map(|e| (**e).clone()).collect())
     }
 
     async fn last_event_seq(&self, id: SessionId) -> Result<u64, StoreError> {
-        self.with(id, |s| s.events.iter().map(|e| e.seq).max().unwrap_or(0))
+        self.with(id, |s| s.events.back().map_or(0, |e| e.seq))
     }
 
     async fn claim_finalization(
@@ -252,5 +283,46 @@ impl SessionStore for MemoryStore {
                 .remove_if(&record.harvester_id, |_, holder| *holder == id);
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventKind;
+
+    #[tokio::test]
+    async fn keeps_only_the_newest_events_of_a_session() {
+        let store = MemoryStore::with_event_limit(3);
+        let id = SessionId::new();
+        store
+            .create_session(NewSession {
+                id,
+                harvester_id: "h".into(),
+                resources: Vec::new(),
+                started: chrono::Utc::now(),
+                workflow_time: std::time::Duration::from_secs(1),
+            })
+            .await
+            .expect("create");
+        for seq in 1..=5 {
+            let event = Arc::new(SessionEvent {
+                seq,
+                at: chrono::Utc::now(),
+                session_id: id,
+                harvester_id: "h".into(),
+                kind: EventKind::MonitorCancelled,
+            });
+            store.append_event(&event).expect("append");
+        }
+        let seqs: Vec<u64> = store
+            .events(id)
+            .await
+            .expect("events")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [3, 4, 5]);
+        assert_eq!(store.last_event_seq(id).await.expect("seq"), 5);
     }
 }

@@ -16,6 +16,7 @@ mod schema;
 mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -172,7 +173,7 @@ fn record(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
     let finalizing: Option<String> = row.get(7)?;
     Ok(SessionRecord {
         id: SessionId(id),
-        harvester_id: HarvesterId(row.get(1)?),
+        harvester_id: HarvesterId::from(row.get::<_, String>(1)?),
         status: parse(row.get(2)?)?,
         total: usize_of(row.get(3)?),
         started: row.get::<_, DateTime<Utc>>(4)?,
@@ -246,7 +247,7 @@ fn insert_outcome(conn: &Connection, id: &str, o: &OutcomeRecord) -> rusqlite::R
         "INSERT OR IGNORE INTO outcomes (session_id, resource_id, outcome, detail, attempts, elapsed_ns) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![id, o.resource_id.0, name, detail, o.attempts, nanos(o.elapsed)])
+    .execute(params![id, o.resource_id.as_str(), name, detail, o.attempts, nanos(o.elapsed)])
 }
 
 #[async_trait]
@@ -259,13 +260,13 @@ impl SessionStore for SqliteStore {
                     .prepare_cached(
                         "INSERT OR IGNORE INTO harvester_locks (harvester_id, session_id) VALUES (?1, ?2)",
                     )
-                    .and_then(|mut s| s.execute(params![new.harvester_id.0, id]))
+                    .and_then(|mut s| s.execute(params![new.harvester_id.as_str(), id]))
                     .map_err(backend)?;
                 if taken == 0 {
                     let holder: String = conn
                         .query_row(
                             "SELECT session_id FROM harvester_locks WHERE harvester_id = ?1",
-                            [&new.harvester_id.0],
+                            [new.harvester_id.as_str()],
                             |r| r.get(0),
                         )
                         .map_err(backend)?;
@@ -283,7 +284,7 @@ impl SessionStore for SqliteStore {
                 .and_then(|mut s| {
                     s.execute(params![
                         id,
-                        new.harvester_id.0,
+                        new.harvester_id.as_str(),
                         count(new.resources.len()),
                         new.started,
                         nanos(new.workflow_time)
@@ -296,7 +297,7 @@ impl SessionStore for SqliteStore {
                     )
                     .map_err(backend)?;
                 for (i, r) in new.resources.iter().enumerate() {
-                    insert.execute(params![id, count(i), r.0]).map_err(backend)?;
+                    insert.execute(params![id, count(i), r.as_str()]).map_err(backend)?;
                 }
                 load(conn, new.id)
             })
@@ -323,7 +324,7 @@ impl SessionStore for SqliteStore {
 
     async fn query_sessions(&self, query: &SessionQuery) -> Result<SessionPage, StoreError> {
         let limit = query.page_size();
-        let harvester = query.harvester_id.as_ref().map(|h| h.0.clone());
+        let harvester = query.harvester_id.as_ref().map(ToString::to_string);
         let status = query.status.as_ref().map(text).transpose()?;
         let before = query.before.map(|b| b.to_string());
         self.writer
@@ -349,7 +350,7 @@ impl SessionStore for SqliteStore {
         &self,
         harvester: &HarvesterId,
     ) -> Result<Option<SessionId>, StoreError> {
-        let harvester = harvester.0.clone();
+        let harvester = harvester.to_string();
         self.writer
             .call(move |conn| {
                 let holder: Option<String> = conn
@@ -378,7 +379,9 @@ impl SessionStore for SqliteStore {
                     )
                     .map_err(backend)?;
                 let rows = s
-                    .query_map([id.to_string()], |r| r.get(0).map(ResourceId))
+                    .query_map([id.to_string()], |r| {
+                        r.get::<_, String>(0).map(ResourceId::from)
+                    })
                     .map_err(backend)?;
                 rows.collect::<Result<Vec<_>, _>>().map_err(backend)
             })
@@ -451,7 +454,7 @@ impl SessionStore for SqliteStore {
                     .query_map([id.to_string()], |r| {
                         let name: String = r.get(1)?;
                         Ok(OutcomeRecord {
-                            resource_id: ResourceId(r.get(0)?),
+                            resource_id: ResourceId::from(r.get::<_, String>(0)?),
                             outcome: outcome_of(&name, r.get(2)?)?,
                             attempts: r.get(3)?,
                             elapsed: duration(r.get(4)?),
@@ -463,8 +466,8 @@ impl SessionStore for SqliteStore {
             .await
     }
 
-    fn append_event(&self, event: &SessionEvent) -> Result<(), StoreError> {
-        let body = serde_json::to_string(event).map_err(|e| StoreError::Backend(Box::new(e)))?;
+    fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError> {
+        let body = serde_json::to_string(&**event).map_err(|e| StoreError::Backend(Box::new(e)))?;
         let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
         self.writer.event(event.session_id.to_string(), seq, body)
     }
@@ -572,7 +575,7 @@ impl SessionStore for SqliteStore {
                     )
                     .map_err(backend)?;
                 let rows = s
-                    .query_map([&sid], |r| r.get(0).map(ResourceId))
+                    .query_map([&sid], |r| r.get::<_, String>(0).map(ResourceId::from))
                     .map_err(backend)?;
                 rows.collect::<Result<Vec<_>, _>>().map(Some).map_err(backend)
             })

@@ -118,7 +118,7 @@ impl SessionStore for FaultyStore {
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
         self.inner.outcomes(id).await
     }
-    fn append_event(&self, event: &SessionEvent) -> Result<(), StoreError> {
+    fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError> {
         self.inner.append_event(event)
     }
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {

@@ -37,7 +37,7 @@ pub fn config() -> SessionConfig {
 
 /// The harvest behaviour a resource id asks for.
 pub async fn scripted(ctx: HarvestContext) -> Result<(), BoxError> {
-    let id = ctx.resource_id.0.clone();
+    let id = ctx.resource_id.to_string();
     let kind = id.split('-').next().unwrap_or("");
     let number = |prefix: &str| -> u64 {
         kind.trim_start_matches(prefix)
