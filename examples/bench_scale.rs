@@ -317,17 +317,24 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median µs per item and median peak RSS (MiB) of `reps` runs.
-fn measure(imp: Imp, n: usize, reps: usize) -> (f64, f64) {
-    let samples: Vec<Sample> = (0..reps).map(|_| child_case(imp, n)).collect();
-    let us = median(samples.iter().map(|s| s.secs * 1e6 / s.n as f64).collect());
-    let rss = median(
-        samples
-            .iter()
-            .map(|s| s.peak_rss_kib as f64 / 1024.0)
-            .collect(),
-    );
-    (us, rss)
+/// Median µs per item and median peak RSS (MiB) of `reps` runs of each implementation.
+/// Runs are interleaved (floor, actor, memory, sqlite, floor, ...) so that a noisy
+/// neighbour slows every implementation alike and the ratios stay honest.
+fn measure(imps: &[Imp], n: usize, reps: usize) -> Vec<(f64, f64)> {
+    let mut samples: Vec<Vec<Sample>> = imps.iter().map(|_| Vec::new()).collect();
+    for _ in 0..reps {
+        for (i, imp) in imps.iter().enumerate() {
+            samples[i].push(child_case(*imp, n));
+        }
+    }
+    samples
+        .into_iter()
+        .map(|s| {
+            let us = median(s.iter().map(|x| x.secs * 1e6 / x.n as f64).collect());
+            let rss = median(s.iter().map(|x| x.peak_rss_kib as f64 / 1024.0).collect());
+            (us, rss)
+        })
+        .collect()
 }
 
 fn throughput_table(ns: &[usize], reps: usize, million: bool) {
@@ -335,25 +342,24 @@ fn throughput_table(ns: &[usize], reps: usize, million: bool) {
         "| N | floor µs | actor µs | memory µs | sqlite µs | memory/actor | memory/floor | sqlite/memory | peak RSS floor / actor / memory / sqlite (MiB) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
+    let all = [Imp::Floor, Imp::Actor, Imp::Memory, Imp::Sqlite];
     for &n in ns {
-        let (f, fr) = measure(Imp::Floor, n, reps);
-        let (a, ar) = measure(Imp::Actor, n, reps);
-        let (m, mr) = measure(Imp::Memory, n, reps);
-        let (s, sr) = measure(Imp::Sqlite, n, reps);
+        let m = measure(&all, n, reps);
+        let [(f, fr), (a, ar), (mm, mr), (s, sr)] = [m[0], m[1], m[2], m[3]];
         println!(
-            "| {n} | {f:.2} | {a:.2} | {m:.2} | {s:.2} | {:.2} | {:.2} | {:.2} | {fr:.0} / {ar:.0} / {mr:.0} / {sr:.0} |",
-            m / a,
-            m / f,
-            s / m
+            "| {n} | {f:.2} | {a:.2} | {mm:.2} | {s:.2} | {:.2} | {:.2} | {:.2} | {fr:.0} / {ar:.0} / {mr:.0} / {sr:.0} |",
+            mm / a,
+            mm / f,
+            s / mm
         );
     }
     if million {
         let n = 1_000_000;
-        let (m, mr) = measure(Imp::Memory, n, 1);
-        let (s, sr) = measure(Imp::Sqlite, n, 1);
+        let m = measure(&[Imp::Memory, Imp::Sqlite], n, 1);
+        let [(mm, mr), (s, sr)] = [m[0], m[1]];
         println!(
-            "| {n} (one run) | | | {m:.2} | {s:.2} | | | {:.2} | - / - / {mr:.0} / {sr:.0} |",
-            s / m
+            "| {n} (one run) | | | {mm:.2} | {s:.2} | | | {:.2} | - / - / {mr:.0} / {sr:.0} |",
+            s / mm
         );
     }
 }

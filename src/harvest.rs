@@ -60,27 +60,35 @@ pub struct HarvestContext {
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
     origin: Instant,
-    /// Milliseconds from `origin` to the last beat.
-    last_ms: Arc<AtomicU64>,
+    /// Milliseconds from `origin` to the last beat; `None` when nobody watches (no
+    /// `heartbeat_timeout`), so an attempt that cannot time out by silence allocates nothing.
+    last_ms: Option<Arc<AtomicU64>>,
 }
 
 impl Heartbeat {
-    pub(crate) fn new() -> Self {
+    /// A heartbeat that is watched (`watched`) or merely accepted.
+    pub(crate) fn new(watched: bool) -> Self {
         Self {
             origin: Instant::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
+            last_ms: watched.then(|| Arc::new(AtomicU64::new(0))),
         }
     }
 
     /// Says "still making progress".
     pub fn beat(&self) {
-        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        if let Some(last) = &self.last_ms {
+            let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+            last.fetch_max(ms, Ordering::Relaxed);
+        }
     }
 
-    /// When the last beat happened (the attempt's start if none yet).
+    /// When the last beat happened (the attempt's start if none yet, or if unwatched).
     pub fn last(&self) -> Instant {
-        self.origin + std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+        let ms = self
+            .last_ms
+            .as_ref()
+            .map_or(0, |l| l.load(Ordering::Relaxed));
+        self.origin + std::time::Duration::from_millis(ms)
     }
 }
 

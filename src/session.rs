@@ -278,7 +278,7 @@ async fn start_worker(
             // One token for the whole session: a clone is cheaper than a child token (which
             // allocates and locks the parent), and attempts are only ever cancelled together.
             cancel: shared.cancel.clone(),
-            heartbeat: Heartbeat::new(),
+            heartbeat: Heartbeat::new(shared.config.heartbeat_timeout.is_some()),
         },
         resource_timeout: shared.config.resource_timeout,
         heartbeat_timeout: shared.config.heartbeat_timeout,

@@ -73,26 +73,33 @@ async fn run_attempt(args: WorkerArgs) -> AttemptReport {
     let cancel = args.ctx.cancel.clone();
     let heartbeat = args.ctx.heartbeat.clone();
     let harvest = args.harvester.harvest(args.ctx);
-    let limit = async {
-        match args.resource_timeout {
-            Some(t) => tokio::time::sleep(t).await,
-            None => std::future::pending().await,
+    let ended = if args.resource_timeout.is_none() && args.heartbeat_timeout.is_none() {
+        // No limit to watch: await the harvest alone (a hang is the monitor's business).
+        Some(harvest.await)
+    } else {
+        let limit = async {
+            match args.resource_timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let idle = async {
+            match args.heartbeat_timeout {
+                Some(t) => idle_watch(&heartbeat, t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = harvest => Some(r),
+            () = limit => None,
+            () = idle => None,
         }
     };
-    let idle = async {
-        match args.heartbeat_timeout {
-            Some(t) => idle_watch(&heartbeat, t).await,
-            None => std::future::pending().await,
-        }
-    };
-    let result = tokio::select! {
-        r = harvest => match r {
-            Ok(()) => AttemptResult::Succeeded,
-            Err(_) if cancel.is_cancelled() => AttemptResult::Cancelled,
-            Err(e) => AttemptResult::Failed(error_chain(e.as_ref())),
-        },
-        () = limit => AttemptResult::TimedOut,
-        () = idle => AttemptResult::TimedOut,
+    let result = match ended {
+        Some(Ok(())) => AttemptResult::Succeeded,
+        Some(Err(_)) if cancel.is_cancelled() => AttemptResult::Cancelled,
+        Some(Err(e)) => AttemptResult::Failed(error_chain(e.as_ref())),
+        None => AttemptResult::TimedOut,
     };
     AttemptReport {
         result,
