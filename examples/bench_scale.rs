@@ -16,20 +16,21 @@
 //! - `memory`: one harvest-supervisor session of N no-op resources on the memory store;
 //! - `sqlite`: the same on the durable store (a fresh file in a temp dir).
 
+#[path = "../benches/common/mod.rs"]
+mod impls;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use harvest_supervisor::{
-    FailurePolicy, SessionConfig, SessionRequest, SessionStore, SqliteStore, Supervisor,
-    SupervisorConfig, finalizer_fn, harvest_fn,
+    FailurePolicy, SessionConfig, SessionRequest, SqliteStore, Supervisor, SupervisorConfig,
+    finalizer_fn, harvest_fn,
 };
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 
-const WINDOW: usize = 64;
+use impls::WINDOW;
 
 #[derive(Parser)]
 struct Cli {
@@ -128,161 +129,16 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-// ---------- the four implementations ----------
-
-async fn run_floor(n: usize) -> Duration {
-    let start = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    let mut started = 0;
-    let mut done = 0;
-    while done < n {
-        while started < n && set.len() < WINDOW {
-            set.spawn(async {});
-            started += 1;
-        }
-        if set.join_next().await.is_some() {
-            done += 1;
-        }
-    }
-    let finished = std::hint::black_box(|| done)();
-    assert_eq!(finished, n);
-    start.elapsed()
-}
-
-struct Child;
-impl Actor for Child {
-    type Msg = ();
-    type State = ();
-    type Arguments = ();
-    async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
-        Ok(())
-    }
-    async fn post_start(&self, me: ActorRef<()>, _: &mut ()) -> Result<(), ActorProcessingErr> {
-        me.stop(None);
-        Ok(())
-    }
-}
-
-struct Parent;
-struct ParentState {
-    n: usize,
-    started: usize,
-    done: usize,
-    finish: Option<oneshot::Sender<()>>,
-}
-impl Parent {
-    async fn fill(me: &ActorRef<()>, s: &mut ParentState) -> Result<(), ActorProcessingErr> {
-        while s.started < s.n && s.started - s.done < WINDOW {
-            Actor::spawn_linked(None, Child, (), me.get_cell()).await?;
-            s.started += 1;
-        }
-        Ok(())
-    }
-}
-impl Actor for Parent {
-    type Msg = ();
-    type State = ParentState;
-    type Arguments = (usize, oneshot::Sender<()>);
-    async fn pre_start(
-        &self,
-        _: ActorRef<()>,
-        (n, finish): (usize, oneshot::Sender<()>),
-    ) -> Result<ParentState, ActorProcessingErr> {
-        Ok(ParentState {
-            n,
-            started: 0,
-            done: 0,
-            finish: Some(finish),
-        })
-    }
-    async fn post_start(
-        &self,
-        me: ActorRef<()>,
-        s: &mut ParentState,
-    ) -> Result<(), ActorProcessingErr> {
-        Self::fill(&me, s).await
-    }
-    async fn handle_supervisor_evt(
-        &self,
-        me: ActorRef<()>,
-        evt: SupervisionEvent,
-        s: &mut ParentState,
-    ) -> Result<(), ActorProcessingErr> {
-        if let SupervisionEvent::ActorTerminated(..) | SupervisionEvent::ActorFailed(..) = evt {
-            s.done += 1;
-            if s.done == s.n {
-                if let Some(f) = s.finish.take() {
-                    let _ = f.send(());
-                }
-                me.stop(None);
-                return Ok(());
-            }
-            Self::fill(&me, s).await?;
-        }
-        Ok(())
-    }
-}
-
-async fn run_actor(n: usize) -> Duration {
-    let start = Instant::now();
-    let (tx, rx) = oneshot::channel();
-    let (_parent, join) = Actor::spawn(None, Parent, (n, tx)).await.expect("parent");
-    rx.await.expect("all children done");
-    let took = start.elapsed();
-    let _ = join.await;
-    took
-}
-
-fn bench_config() -> SessionConfig {
-    SessionConfig {
-        max_concurrency: WINDOW,
-        resource_timeout: None,
-        ..SessionConfig::default()
-    }
-}
-
-async fn run_session(n: usize, store: Option<Arc<dyn SessionStore>>) -> Duration {
-    let resources: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
-    let (tx, rx) = oneshot::channel::<()>();
-    let tx = std::sync::Mutex::new(Some(tx));
-    let finalizer = finalizer_fn(move |_| {
-        let f = tx.lock().ok().and_then(|mut t| t.take());
-        async move {
-            if let Some(f) = f {
-                let _ = f.send(());
-            }
-            Ok(())
-        }
-    });
-    let mut builder =
-        Supervisor::builder(harvest_fn(|_| async { Ok(()) }), finalizer).config(SupervisorConfig {
-            session: bench_config(),
-            ..SupervisorConfig::default()
-        });
-    if let Some(store) = store {
-        builder = builder.store(store);
-    }
-    let sup = builder.start().await.expect("supervisor");
-    let start = Instant::now();
-    sup.start(SessionRequest::new("bench", resources))
-        .await
-        .expect("start");
-    rx.await.expect("finalized");
-    let took = start.elapsed();
-    sup.shutdown().await.expect("shutdown");
-    took
-}
-
 async fn run_one(imp: Imp, n: usize) -> Sample {
     let took = match imp {
-        Imp::Floor => run_floor(n).await,
-        Imp::Actor => run_actor(n).await,
-        Imp::Memory => run_session(n, None).await,
+        Imp::Floor => impls::run_floor(n).await,
+        Imp::Actor => impls::run_actor(n).await,
+        Imp::Memory => impls::run_session(n, None).await,
         Imp::Sqlite => {
             let dir = std::env::temp_dir().join(format!("hs-bench-{}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("temp dir");
             let store = SqliteStore::open(dir.join("bench.db")).await.expect("db");
-            let took = run_session(n, Some(Arc::new(store.clone()))).await;
+            let took = impls::run_session(n, Some(Arc::new(store.clone()))).await;
             store.close().await.expect("close");
             let _ = std::fs::remove_dir_all(&dir);
             took
@@ -405,7 +261,7 @@ async fn latency(runs: usize) {
             .config(SupervisorConfig {
                 session: SessionConfig {
                     failure_policy: policy,
-                    ..bench_config()
+                    ..impls::bench_config()
                 },
                 ..SupervisorConfig::default()
             })
@@ -444,7 +300,7 @@ async fn watchdog(sessions: usize, idle: Duration) {
         .config(SupervisorConfig {
             session: SessionConfig {
                 monitor_interval: Duration::from_secs(1),
-                ..bench_config()
+                ..impls::bench_config()
             },
             ..SupervisorConfig::default()
         })

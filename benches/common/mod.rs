@@ -1,0 +1,163 @@
+//! The four implementations measured side by side, shared by `cargo bench` and the scale
+//! binary `examples/bench_scale.rs`. All keep 64 items in flight.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harvest_supervisor::{
+    SessionConfig, SessionRequest, SessionStore, Supervisor, SupervisorConfig, finalizer_fn,
+    harvest_fn,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::oneshot;
+
+/// Items in flight at once, in every implementation.
+pub const WINDOW: usize = 64;
+
+/// Floor: N no-op futures through a `JoinSet` kept at `WINDOW`, then one closure.
+pub async fn run_floor(n: usize) -> Duration {
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    let mut started = 0;
+    let mut done = 0;
+    while done < n {
+        while started < n && set.len() < WINDOW {
+            set.spawn(async {});
+            started += 1;
+        }
+        if set.join_next().await.is_some() {
+            done += 1;
+        }
+    }
+    let finished = std::hint::black_box(|| done)();
+    assert_eq!(finished, n);
+    start.elapsed()
+}
+
+struct Child;
+impl Actor for Child {
+    type Msg = ();
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+    async fn post_start(&self, me: ActorRef<()>, _: &mut ()) -> Result<(), ActorProcessingErr> {
+        me.stop(None);
+        Ok(())
+    }
+}
+
+struct Parent;
+struct ParentState {
+    n: usize,
+    started: usize,
+    done: usize,
+    finish: Option<oneshot::Sender<()>>,
+}
+impl Parent {
+    async fn fill(me: &ActorRef<()>, s: &mut ParentState) -> Result<(), ActorProcessingErr> {
+        while s.started < s.n && s.started - s.done < WINDOW {
+            Actor::spawn_linked(None, Child, (), me.get_cell()).await?;
+            s.started += 1;
+        }
+        Ok(())
+    }
+}
+impl Actor for Parent {
+    type Msg = ();
+    type State = ParentState;
+    type Arguments = (usize, oneshot::Sender<()>);
+    async fn pre_start(
+        &self,
+        _: ActorRef<()>,
+        (n, finish): (usize, oneshot::Sender<()>),
+    ) -> Result<ParentState, ActorProcessingErr> {
+        Ok(ParentState {
+            n,
+            started: 0,
+            done: 0,
+            finish: Some(finish),
+        })
+    }
+    async fn post_start(
+        &self,
+        me: ActorRef<()>,
+        s: &mut ParentState,
+    ) -> Result<(), ActorProcessingErr> {
+        Self::fill(&me, s).await
+    }
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<()>,
+        evt: SupervisionEvent,
+        s: &mut ParentState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorTerminated(..) | SupervisionEvent::ActorFailed(..) = evt {
+            s.done += 1;
+            if s.done == s.n {
+                if let Some(f) = s.finish.take() {
+                    let _ = f.send(());
+                }
+                me.stop(None);
+                return Ok(());
+            }
+            Self::fill(&me, s).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Actor floor: a bare ractor parent spawning no-op linked children, `WINDOW` alive.
+pub async fn run_actor(n: usize) -> Duration {
+    let start = Instant::now();
+    let (tx, rx) = oneshot::channel();
+    let (_parent, join) = Actor::spawn(None, Parent, (n, tx)).await.expect("parent");
+    rx.await.expect("all children done");
+    let took = start.elapsed();
+    let _ = join.await;
+    took
+}
+
+/// The session budget of the benchmarks: `WINDOW` workers, no per-attempt timer.
+pub fn bench_config() -> SessionConfig {
+    SessionConfig {
+        max_concurrency: WINDOW,
+        resource_timeout: None,
+        ..SessionConfig::default()
+    }
+}
+
+/// One harvest-supervisor session of N no-op resources, from start to finalizer.
+pub async fn run_session(n: usize, store: Option<Arc<dyn SessionStore>>) -> Duration {
+    let resources: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+    let (tx, rx) = oneshot::channel::<()>();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let finalizer = finalizer_fn(move |_| {
+        let f = tx.lock().ok().and_then(|mut t| t.take());
+        async move {
+            if let Some(f) = f {
+                let _ = f.send(());
+            }
+            Ok(())
+        }
+    });
+    let mut builder =
+        Supervisor::builder(harvest_fn(|_| async { Ok(()) }), finalizer).config(SupervisorConfig {
+            session: bench_config(),
+            ..SupervisorConfig::default()
+        });
+    if let Some(store) = store {
+        builder = builder.store(store);
+    }
+    let sup = builder.start().await.expect("supervisor");
+    let start = Instant::now();
+    sup.start(SessionRequest::new("bench", resources))
+        .await
+        .expect("start");
+    rx.await.expect("finalized");
+    let took = start.elapsed();
+    sup.shutdown().await.expect("shutdown");
+    took
+}
