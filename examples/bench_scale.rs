@@ -68,6 +68,18 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         runs: usize,
     },
+    /// CPU of bare ractor actors that only receive a 1 s `send_interval` tick.
+    TimerFloor {
+        #[arg(long, default_value_t = 10_000)]
+        actors: usize,
+        #[arg(long, default_value_t = 10)]
+        idle_secs: u64,
+    },
+    /// Memory of idle bare ractor actors (the floor of a session's three actors).
+    ActorMemory {
+        #[arg(long, default_value_t = 30_000)]
+        actors: usize,
+    },
     /// Many idle sessions, each with one slow resource, under a 1 s monitor interval.
     Watchdog {
         #[arg(long, default_value_t = 10_000)]
@@ -343,6 +355,31 @@ async fn main() {
         Cmd::Latency { runs } => {
             println!("| policy | runs | p50 µs | p99 µs | max µs |\n|---|---|---|---|---|");
             latency(runs).await;
+        }
+        Cmd::TimerFloor { actors, idle_secs } => {
+            let mut refs = Vec::with_capacity(actors);
+            for _ in 0..actors {
+                refs.push(impls::spawn_ticking(Duration::from_secs(1)).await);
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let cpu0 = cpu_time();
+            let wall0 = Instant::now();
+            tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+            let share = (cpu_time() - cpu0).as_secs_f64() / wall0.elapsed().as_secs_f64();
+            println!(
+                "| {actors} ractor actors ticked every 1 s | {:.2} % of one core |",
+                share * 100.0
+            );
+        }
+        Cmd::ActorMemory { actors } => {
+            let before = rss_kib();
+            let mut refs = Vec::with_capacity(actors);
+            for _ in 0..actors {
+                refs.push(impls::spawn_idle().await);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let per = (rss_kib().saturating_sub(before)) as f64 / actors as f64;
+            println!("| {actors} idle ractor actors | {per:.1} KiB each |");
         }
         Cmd::Watchdog {
             sessions,

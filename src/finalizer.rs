@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -36,6 +37,43 @@ pub(crate) struct Deps {
     pub(crate) harvester: Arc<dyn ResourceHarvester>,
     pub(crate) finalizer: Arc<dyn SessionFinalizer>,
     pub(crate) bus: EventBus,
+}
+
+/// Where a session's finalization stands, as this process last wrote it to the store.
+///
+/// The store is the authority; this cell mirrors its transitions (written right after them
+/// by whoever made them, never by answering a question), so the monitor can look every tick
+/// at no cost and read the store itself only now and then. A stuck SessionActor cannot
+/// block it: it is a plain atomic.
+#[derive(Debug, Default)]
+pub(crate) struct Lifecycle(AtomicU8);
+
+impl Lifecycle {
+    const CLAIMED: u8 = 1;
+    const TERMINAL: u8 = 2;
+
+    fn raise(&self, to: u8) {
+        self.0.fetch_max(to, Ordering::AcqRel);
+    }
+
+    /// Finalization was claimed (by anyone).
+    pub(crate) fn is_claimed(&self) -> bool {
+        self.0.load(Ordering::Acquire) >= Self::CLAIMED
+    }
+
+    /// The session is terminal.
+    pub(crate) fn is_terminal(&self) -> bool {
+        self.0.load(Ordering::Acquire) >= Self::TERMINAL
+    }
+
+    /// Mirrors what the store says about the session.
+    pub(crate) fn observe(&self, record: &SessionRecord) {
+        if record.status.is_terminal() {
+            self.raise(Self::TERMINAL);
+        } else if record.finalizing.is_some() {
+            self.raise(Self::CLAIMED);
+        }
+    }
 }
 
 /// Who is finalizing.
@@ -81,11 +119,18 @@ pub(crate) async fn finalize(
     id: SessionId,
     reason: FinalizeReason,
     local: &Local,
+    lifecycle: &Lifecycle,
     mode: Mode,
 ) -> Result<Finalized, StoreError> {
     let (before, reason, run_finalizer) = match deps.store.claim_finalization(id, reason).await? {
-        Claim::Claimed(before) => (before, reason, true),
-        Claim::AlreadyFinalized(_) => return Ok(Finalized::NotByUs),
+        Claim::Claimed(before) => {
+            lifecycle.raise(Lifecycle::CLAIMED);
+            (before, reason, true)
+        }
+        Claim::AlreadyFinalized(r) => {
+            lifecycle.observe(&r);
+            return Ok(Finalized::NotByUs);
+        }
         Claim::AlreadyClaimed(r) => match mode {
             Mode::Own => return Ok(Finalized::NotByUs),
             // The claimant is dead: finish its work under its reason.
@@ -122,7 +167,9 @@ pub(crate) async fn finalize(
         finalizer_error: finalizer_error.clone(),
         ended: Utc::now(),
     };
-    match deps.store.complete_finalization(id, completion).await? {
+    let completed = deps.store.complete_finalization(id, completion).await?;
+    lifecycle.raise(Lifecycle::TERMINAL);
+    match completed {
         Completed::AlreadyFinalized(_) => Ok(Finalized::NotByUs),
         Completed::Now(record) => {
             emitter.emit(EventKind::FinalizerFinished {

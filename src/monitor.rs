@@ -1,7 +1,9 @@
 //! `MonitorActor`: the watchdog, GeoNode's `harvesting_session_monitor` done right.
 //!
-//! Every `monitor_interval` it reads the session's record **from the store** (never by asking
-//! the SessionActor, which may be the thing that is stuck) and:
+//! Every `monitor_interval` it looks at the session's state **without asking the
+//! SessionActor**, which may be the thing that is stuck: a lifecycle cell that mirrors the
+//! store's finalization state every tick, and the store's record itself on the first tick,
+//! every tenth, and whenever a decision is due. Then it:
 //! - stops when the session is terminal;
 //! - once past `started + workflow_time`, tells the session `DeadlineExpired`;
 //! - if the session has not finalized `escalation_grace` after that, or its finalizer has
@@ -45,6 +47,10 @@ pub(crate) struct MonitorState {
     claim_seen: Option<Instant>,
     /// Escalate once; the root takes it from there.
     escalated: bool,
+    /// Ticks handled, to space out reads of the store.
+    ticks: u64,
+    /// When the last `MonitorTick` event was emitted.
+    last_tick_event: Option<Instant>,
 }
 
 impl Actor for MonitorActor {
@@ -72,6 +78,8 @@ impl Actor for MonitorActor {
             deadline_sent: None,
             claim_seen: None,
             escalated: false,
+            ticks: 0,
+            last_tick_event: None,
         })
     }
 
@@ -102,19 +110,37 @@ impl Actor for MonitorActor {
     }
 }
 
+/// Ticks between two reads of the store when nothing else calls for one.
+const STORE_CHECK_EVERY: u64 = 10;
+
+/// `MonitorTick` events are written at most this often per session (and on the deadline):
+/// with a short interval and thousands of sessions, one event per tick would flood the
+/// audit trail with nothing new.
+const TICK_EVENT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn check(
     myself: ActorRef<MonitorMessage>,
     state: &mut MonitorState,
 ) -> Result<(), ActorProcessingErr> {
     let shared = Arc::clone(&state.args.shared);
-    let record = shared.deps.store.session(shared.id).await?;
-    if record.status.is_terminal() {
+    let now = Instant::now();
+    let remaining = shared.deadline.saturating_duration_since(now);
+    state.ticks += 1;
+    // The store is the authority; the lifecycle cell mirrors what this process wrote to
+    // it. Read the store on the first tick, whenever a decision is due (the deadline has
+    // passed, or a finalizer runs), and every few ticks otherwise. A failed read crashes
+    // this monitor; its session restarts it.
+    let decide = remaining.is_zero() || shared.lifecycle.is_claimed();
+    if state.ticks == 1 || decide || state.ticks % STORE_CHECK_EVERY == 0 {
+        let record = shared.deps.store.session(shared.id).await?;
+        shared.lifecycle.observe(&record);
+    }
+    if shared.lifecycle.is_terminal() {
         myself.stop(None);
         return Ok(());
     }
-    let now = Instant::now();
     let grace = shared.config.escalation_grace;
-    if record.finalizing.is_some() {
+    if shared.lifecycle.is_claimed() {
         // The finalizer is running; ticks are no longer interesting, a hung finalizer is.
         let since = *state.claim_seen.get_or_insert(now);
         if now.duration_since(since) >= grace {
@@ -122,8 +148,13 @@ async fn check(
         }
         return Ok(());
     }
-    let remaining = shared.deadline.saturating_duration_since(now);
-    shared.emitter.emit(EventKind::MonitorTick { remaining });
+    let tick_event_due = state
+        .last_tick_event
+        .is_none_or(|at| now.duration_since(at) >= TICK_EVENT_EVERY);
+    if tick_event_due || remaining.is_zero() {
+        shared.emitter.emit(EventKind::MonitorTick { remaining });
+        state.last_tick_event = Some(now);
+    }
     if !remaining.is_zero() {
         return Ok(());
     }

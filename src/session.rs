@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::config::{FailurePolicy, SessionConfig};
 use crate::error::{SessionError, StoreError};
 use crate::events::{EventKind, SessionEmitter};
-use crate::finalizer::{self, Deps, Finalized, Mode};
+use crate::finalizer::{self, Deps, Finalized, Lifecycle, Mode};
 use crate::harvest::{HarvestContext, Heartbeat};
 use crate::model::{
     FinalizeReason, HarvesterId, OutcomeRecord, ResourceId, ResourceOutcome, SessionId,
@@ -52,6 +52,8 @@ pub(crate) struct SessionShared {
     pub(crate) cancel: CancellationToken,
     /// Taken over from a dead process by recovery: the store already moved it `on-going`.
     pub(crate) resumed: bool,
+    /// Mirror of the store's finalization state, for the monitor's cheap ticks.
+    pub(crate) lifecycle: Arc<Lifecycle>,
 }
 
 /// The actor; its config is the [`SessionShared`] it is spawned with.
@@ -522,6 +524,7 @@ async fn finalize(
         shared.id,
         reason,
         &local,
+        &shared.lifecycle,
         Mode::Own,
     )
     .await?;

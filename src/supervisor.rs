@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::config::{RecoveryPolicy, SupervisorConfig};
 use crate::error::{SessionError, StartError};
 use crate::events::{EventKind, SessionEmitter};
-use crate::finalizer::{self, Deps, Finalized, Local, Mode};
+use crate::finalizer::{self, Deps, Finalized, Lifecycle, Local, Mode};
 use crate::model::{FinalizeReason, SessionId, SessionStatus};
 use crate::session::{STOP_FINALIZED, SessionActor, SessionMessage, SessionShared};
 use crate::store::NewSession;
@@ -246,6 +246,7 @@ fn session_shared(
         root: myself.clone(),
         cancel: CancellationToken::new(),
         resumed,
+        lifecycle: Arc::default(),
     })
 }
 
@@ -275,6 +276,7 @@ async fn spawn_session(
             spawn_force(
                 state,
                 &shared.emitter,
+                Arc::clone(&shared.lifecycle),
                 id,
                 FinalizeReason::SessionCrashed,
                 timeout,
@@ -350,7 +352,8 @@ fn force(state: &mut RootState, id: SessionId, reason: FinalizeReason) {
     running.actor.kill();
     let emitter = running.shared.emitter.clone();
     let timeout = running.shared.config.escalation_grace;
-    spawn_force(state, &emitter, id, reason, timeout, true);
+    let lifecycle = Arc::clone(&running.shared.lifecycle);
+    spawn_force(state, &emitter, lifecycle, id, reason, timeout, true);
 }
 
 /// Attempts of a forced finalization against a failing store, and their backoff: about
@@ -362,6 +365,7 @@ const FORCE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 fn spawn_force(
     state: &mut RootState,
     emitter: &SessionEmitter,
+    lifecycle: Arc<Lifecycle>,
     id: SessionId,
     reason: FinalizeReason,
     finalizer_timeout: std::time::Duration,
@@ -375,7 +379,15 @@ fn spawn_force(
             let mode = Mode::Force { finalizer_timeout };
             let mut delay = FORCE_RETRY_FIRST;
             for attempt in 1..=FORCE_ATTEMPTS {
-                match finalizer::finalize(&deps, &emitter, id, reason, &Local::default(), mode)
+                match finalizer::finalize(
+                    &deps,
+                    &emitter,
+                    id,
+                    reason,
+                    &Local::default(),
+                    &lifecycle,
+                    mode,
+                )
                     .await
                 {
                     Ok(Finalized::Now(record)) => {
@@ -476,6 +488,7 @@ async fn recover_one(
             spawn_force(
                 state,
                 &emitter,
+                Arc::default(),
                 record.id,
                 FinalizeReason::Interrupted,
                 timeout,

@@ -161,3 +161,49 @@ pub async fn run_session(n: usize, store: Option<Arc<dyn SessionStore>>) -> Dura
     sup.shutdown().await.expect("shutdown");
     took
 }
+
+struct Idle;
+impl Actor for Idle {
+    type Msg = ();
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+}
+
+/// An actor that does nothing and stays alive: the memory floor of one actor.
+pub async fn spawn_idle() -> ActorRef<()> {
+    let (actor, _) = Actor::spawn(None, Idle, ()).await.expect("idle actor");
+    actor
+}
+
+struct Ticking;
+impl Actor for Ticking {
+    type Msg = ();
+    type State = tokio::task::JoinHandle<()>;
+    type Arguments = Duration;
+    async fn pre_start(
+        &self,
+        me: ActorRef<()>,
+        every: Duration,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(me.send_interval(every, || ()))
+    }
+    async fn handle(
+        &self,
+        _: ActorRef<()>,
+        _: (),
+        _: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+}
+
+/// An actor whose only work is a ractor `send_interval` timer: the floor of a monitor.
+pub async fn spawn_ticking(every: Duration) -> ActorRef<()> {
+    let (actor, _) = Actor::spawn(None, Ticking, every)
+        .await
+        .expect("ticking actor");
+    actor
+}
