@@ -396,11 +396,11 @@ async fn main() {
             latency(500).await;
             println!("\n## Watchdog scale\n");
             let exe = std::env::current_exe().expect("this binary");
-            let out = Command::new(exe)
-                .args(["watchdog"])
-                .output()
-                .expect("watchdog");
-            print!("{}", String::from_utf8_lossy(&out.stdout));
+            for args in [&["watchdog"][..], &["timer-floor"], &["actor-memory"]] {
+                let out = Command::new(&exe).args(args).output().expect("watchdog");
+                print!("{}", String::from_utf8_lossy(&out.stdout));
+                println!();
+            }
         }
     }
 }
