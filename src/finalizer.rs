@@ -29,6 +29,7 @@ use crate::model::{
     FinalizeReason, OutcomeCounts, OutcomeRecord, ResourceId, SessionId, SessionRecord,
     SessionReport, SessionStatus,
 };
+use crate::monitor::ticker::Ticker;
 use crate::store::{Claim, Completed, Completion, SessionStore};
 
 /// What every actor of a supervisor shares.
@@ -37,6 +38,8 @@ pub(crate) struct Deps {
     pub(crate) harvester: Arc<dyn ResourceHarvester>,
     pub(crate) finalizer: Arc<dyn SessionFinalizer>,
     pub(crate) bus: EventBus,
+    /// The monitors' shared clock.
+    pub(crate) ticker: Ticker,
 }
 
 /// Where a session's finalization stands, as this process last wrote it to the store.

@@ -65,6 +65,7 @@ impl SupervisorBuilder {
             harvester: self.harvester,
             finalizer: self.finalizer,
             bus: bus.clone(),
+            ticker: Default::default(),
         });
         let args = SupervisorArgs {
             config: self.config,

@@ -13,11 +13,11 @@
 //! with the same deadline (an `Instant` fixed when the session was created).
 
 pub(crate) mod messages;
+pub(crate) mod ticker;
 
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -25,6 +25,7 @@ use crate::events::EventKind;
 use crate::session::{SessionMessage, SessionShared};
 use crate::supervisor::SupervisorMessage;
 pub use messages::MonitorMessage;
+use ticker::Registration;
 
 /// The actor (stateless; see [`MonitorState`]).
 pub(crate) struct MonitorActor;
@@ -38,9 +39,8 @@ pub(crate) struct MonitorArgs {
 /// Mutable data of one monitor.
 pub(crate) struct MonitorState {
     args: MonitorArgs,
-    /// The interval timer; aborted in `post_stop` (and it ends by itself within one period
-    /// when the actor is killed, since sending to a dead actor fails).
-    timer: JoinHandle<()>,
+    /// This monitor's place on the supervisor's shared clock; leaves it when dropped.
+    _clock: Registration,
     /// When `DeadlineExpired` was sent to the session.
     deadline_sent: Option<Instant>,
     /// When a finalization claim was first seen while the session was not yet terminal.
@@ -64,7 +64,7 @@ impl Actor for MonitorActor {
         args: MonitorArgs,
     ) -> Result<MonitorState, ActorProcessingErr> {
         let interval = args.shared.config.monitor_interval;
-        let timer = myself.send_interval(interval, || MonitorMessage::CheckDeadline);
+        let clock = args.shared.deps.ticker.register(interval, myself.clone());
         args.shared.emitter.emit(EventKind::MonitorScheduled {
             interval,
             deadline_in: args
@@ -74,22 +74,13 @@ impl Actor for MonitorActor {
         });
         Ok(MonitorState {
             args,
-            timer,
+            _clock: clock,
             deadline_sent: None,
             claim_seen: None,
             escalated: false,
             ticks: 0,
             last_tick_event: None,
         })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut MonitorState,
-    ) -> Result<(), ActorProcessingErr> {
-        state.timer.abort();
-        Ok(())
     }
 
     async fn handle(
