@@ -74,19 +74,34 @@ async fn failed_outcome_writes_neither_stop_the_session_nor_lose_its_outcomes() 
     sup.shutdown().await.expect("shutdown");
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_new_supervisor_finalizes_sessions_a_dead_one_left_unfinished() {
-    let store = Arc::new(MemoryStore::new());
+/// Runs `resources` on a supervisor over `store` for a second, then kills its whole tree,
+/// as a process death would. Returns the session and the dead handle.
+async fn session_left_by_a_dead_process(
+    store: &Arc<MemoryStore>,
+    resources: &[&str],
+) -> (
+    harvest_supervisor::SessionId,
+    harvest_supervisor::Supervisor,
+    Recorder,
+) {
     let first = Recorder::new(FinalizerMode::Ok);
     let dead = supervisor_on(store.clone(), config(), &first).await;
     let id = dead
-        .start_session("csw", ["ok-1", "hang-2", "hang-3"])
+        .start_session("csw", resources.iter().copied())
         .await
         .expect("start");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    // The process dies: every actor is gone at once, nothing finalizes.
     dead.actor().kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
+    (id, dead, first)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_supervisor_finalizes_sessions_a_dead_one_left_unfinished() {
+    let store = Arc::new(MemoryStore::new());
+    // The process dies: every actor is gone at once, nothing finalizes.
+    let (id, dead, first) =
+        session_left_by_a_dead_process(&store, &["ok-1", "hang-2", "hang-3"]).await;
     let left = store.session(id).await.expect("record");
     assert_eq!(left.status, SessionStatus::OnGoing);
     assert_eq!(first.calls(), 0);
@@ -143,15 +158,8 @@ async fn shutdown_finalizes_running_sessions_with_shutdown() {
 #[tokio::test(start_paused = true)]
 async fn resume_recovery_harvests_what_had_not_succeeded_under_the_same_session() {
     let store = Arc::new(MemoryStore::new());
-    let first = Recorder::new(FinalizerMode::Ok);
-    let dead = supervisor_on(store.clone(), config(), &first).await;
-    let id = dead
-        .start_session("csw", ["ok-1", "fail-2", "hang-3", "ok-4"])
-        .await
-        .expect("start");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    dead.actor().kill();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (id, _dead, first) =
+        session_left_by_a_dead_process(&store, &["ok-1", "fail-2", "hang-3", "ok-4"]).await;
     assert_eq!(store.session(id).await.expect("record").counts.failed, 1);
 
     // The remote is healthy again: every resource harvests fine now.

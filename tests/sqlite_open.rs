@@ -16,6 +16,20 @@ fn bytes(path: &Path) -> (usize, u64) {
     (data.len(), hash)
 }
 
+/// A session record to store: `resources` on harvester "csw".
+fn new_session(
+    id: harvest_supervisor::SessionId,
+    resources: Vec<harvest_supervisor::ResourceId>,
+) -> harvest_supervisor::store::NewSession {
+    harvest_supervisor::store::NewSession {
+        id,
+        harvester_id: "csw".into(),
+        resources,
+        started: chrono::Utc::now(),
+        workflow_time: Duration::from_secs(90),
+    }
+}
+
 async fn create(path: &Path) {
     let store = SqliteStore::open(path).await.expect("create");
     store.close().await.expect("close");
@@ -138,13 +152,7 @@ async fn reopening_keeps_what_was_written() {
     {
         let store = SqliteStore::open(&path).await.expect("open");
         store
-            .create_session(harvest_supervisor::store::NewSession {
-                id,
-                harvester_id: "csw".into(),
-                resources: vec!["a".into(), "b".into()],
-                started: chrono::Utc::now(),
-                workflow_time: Duration::from_secs(90),
-            })
+            .create_session(new_session(id, vec!["a".into(), "b".into()]))
             .await
             .expect("create");
     }
@@ -164,13 +172,7 @@ async fn a_closed_store_answers_closed_and_keeps_what_it_committed() {
     let store = SqliteStore::open(&path).await.expect("open");
     let id = harvest_supervisor::SessionId::new();
     store
-        .create_session(harvest_supervisor::store::NewSession {
-            id,
-            harvester_id: "csw".into(),
-            resources: vec![],
-            started: chrono::Utc::now(),
-            workflow_time: Duration::from_secs(1),
-        })
+        .create_session(new_session(id, vec![]))
         .await
         .expect("create");
     store.close().await.expect("close");
@@ -188,13 +190,7 @@ async fn close_right_after_event_appends_still_closes_cleanly() {
         .expect("open");
     let id = harvest_supervisor::SessionId::new();
     store
-        .create_session(harvest_supervisor::store::NewSession {
-            id,
-            harvester_id: "csw".into(),
-            resources: vec![],
-            started: chrono::Utc::now(),
-            workflow_time: Duration::from_secs(1),
-        })
+        .create_session(new_session(id, vec![]))
         .await
         .expect("create");
     for seq in 1..=3 {
@@ -217,4 +213,32 @@ async fn close_right_after_event_appends_still_closes_cleanly() {
         3,
         "events committed before close"
     );
+}
+
+#[tokio::test]
+async fn flush_is_a_barrier_for_event_appends() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("flush.db");
+    let store = SqliteStore::open(&path).await.expect("open");
+    let id = harvest_supervisor::SessionId::new();
+    store
+        .create_session(new_session(id, vec![]))
+        .await
+        .expect("create");
+    for seq in 1..=50 {
+        store
+            .append_event(&std::sync::Arc::new(harvest_supervisor::SessionEvent {
+                seq,
+                at: chrono::Utc::now(),
+                session_id: id,
+                harvester_id: "csw".into(),
+                kind: harvest_supervisor::EventKind::MonitorCancelled,
+            }))
+            .expect("append");
+    }
+    store.flush().await.expect("flush");
+    // Another connection sees every event the flush covered: they are committed.
+    let other = SqliteStore::open(&path).await.expect("second connection");
+    assert_eq!(other.events(id).await.expect("events").len(), 50);
+    assert_eq!(other.last_event_seq(id).await.expect("seq"), 50);
 }
