@@ -78,7 +78,7 @@ impl SupervisorBuilder {
             root,
             bus: bus.downgrade(),
             store,
-            join: Some(join),
+            join: std::sync::Mutex::new(Some(join)),
         })
     }
 }
@@ -119,7 +119,8 @@ pub struct Supervisor {
     /// lives on.
     bus: WeakEventBus,
     store: Arc<dyn SessionStore>,
-    join: Option<JoinHandle<()>>,
+    /// The root's task, awaited once by the first `shutdown`.
+    join: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Supervisor {
@@ -310,10 +311,14 @@ impl Supervisor {
         }
     }
 
-    /// Finalizes every running session with `Shutdown` and stops the tree.
-    pub async fn shutdown(mut self) -> Result<(), Error> {
+    /// Finalizes every running session with `Shutdown` and stops the tree. Takes `&self`,
+    /// so a server can call it while request handlers still hold the handle; calls after
+    /// the first return at once.
+    pub async fn shutdown(&self) -> Result<(), Error> {
         let _ = self.call(SupervisorMessage::Shutdown).await;
-        if let Some(join) = self.join.take() {
+        // Take the handle out before awaiting: the lock is never held across an await.
+        let join = self.join.lock().ok().and_then(|mut j| j.take());
+        if let Some(join) = join {
             join.await.map_err(|_| Error::SupervisorDown)?;
         }
         Ok(())

@@ -231,6 +231,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// (it was aborting or finalizing): finalize it instead.
     async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError>;
 
+    /// Waits until every write sent before (event appends included) is durable. A store
+    /// without a write queue has nothing to wait for.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Makes a claimed session terminal, writes the missing outcomes, and frees its
     /// harvester if this session still holds it.
     async fn complete_finalization(

@@ -4,7 +4,7 @@
 //!   cut; [`Durability::Process`] trades that for speed and still survives a process kill);
 //! - a versioned schema (`PRAGMA user_version`) migrated forward in one transaction, and an
 //!   `application_id` so that another application's database is refused, never altered;
-//! - one connection on its own thread with group commit (see [`writer`]);
+//! - one connection on its own thread with group commit (see `store/sqlite/writer.rs`);
 //! - every compare-and-set is one SQL statement guarded by its `WHERE`, so the busy lock and
 //!   the exactly-once guard hold across processes sharing the file, not only in this one.
 //!
@@ -113,11 +113,6 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Waits until every write sent before (events included) is committed.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.writer.flush().await
     }
 
     /// Commits what is queued and closes the file; every clone of this store is closed.
@@ -580,6 +575,11 @@ impl SessionStore for SqliteStore {
                 rows.collect::<Result<Vec<_>, _>>().map(Some).map_err(backend)
             })
             .await
+    }
+
+    /// Waits until every write sent before (events included) is committed.
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.writer.flush().await
     }
 
     async fn complete_finalization(

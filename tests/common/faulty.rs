@@ -137,6 +137,9 @@ impl SessionStore for FaultyStore {
     async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError> {
         self.inner.resume_session(id).await
     }
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
     async fn complete_finalization(
         &self,
         id: SessionId,

@@ -1,0 +1,706 @@
+//! A harvesting server: the supervision tree embedded in an HTTP service (axum), on the
+//! durable store, with simulated harvesters.
+//!
+//! ```text
+//! cargo run --example harvest_server -- --db harvest_server.db --port 8080
+//! TOKEN=... ; curl -X POST -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+//!      -d '{"count": 50}' http://127.0.0.1:8080/harvesters/csw/sessions
+//! curl -N http://127.0.0.1:8080/sessions/<id>/events     # live Server-Sent Events
+//! ```
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `POST /harvesters/{id}/sessions` | start: `{"resources": [...]}` or `{"count": N}`, optional `"config"` (a `SessionConfig`); `201`, `409` busy (with the running session), `400` naming the field |
+//! | `POST /sessions/{id}/abort` | abort: `202`, `404`, `409` when already finished |
+//! | `GET /sessions/{id}?offset=&limit=` | the record and a page of outcomes |
+//! | `GET /harvesters/{id}/sessions?status=&before=&limit=` | history, newest first |
+//! | `GET /sessions/{id}/events` | Server-Sent Events: the stored log, then live ones, until `SessionFinished` |
+//!
+//! Mutating requests need `Authorization: Bearer <token>` (`--token`, or `HARVEST_SERVER_TOKEN`,
+//! or a random one printed at start). Bodies over 64 KiB get `413`, sessions over
+//! `--max-resources` a `400`. Ctrl-C stops accepting, finalizes running sessions
+//! (`Shutdown`), and closes the database.
+//!
+//! Simulated harvest: a resource id containing `fail` fails, `hang` never returns (the
+//! per-resource timeout cuts it), anything else succeeds after `--work-ms`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Parser;
+use futures::Stream;
+use harvest_supervisor::{
+    EventKind, HarvestContext, HarvesterId, RecvError, SessionConfig, SessionError, SessionEvent,
+    SessionId, SessionQuery, SessionRequest, SessionStatus, SqliteStore, StartError, Supervisor,
+    SupervisorConfig, finalizer_fn, harvest_fn,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// Serve harvest sessions over HTTP.
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// Address to bind (loopback by default: put a proxy in front to expose it).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0 picks a free one).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// The database file.
+    #[arg(long, default_value = "harvest_server.db")]
+    db: PathBuf,
+    /// Bearer token for mutating requests (else HARVEST_SERVER_TOKEN, else a random one).
+    #[arg(long, env = "HARVEST_SERVER_TOKEN")]
+    token: Option<String>,
+    /// Most resources in one session.
+    #[arg(long, default_value_t = 100_000)]
+    max_resources: usize,
+    /// Simulated work per resource, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    work_ms: u64,
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+struct App {
+    supervisor: Arc<Supervisor>,
+    token: Arc<str>,
+    max_resources: usize,
+}
+
+/// An error as JSON: `{"error": ..., "field"?: ..., "session_id"?: ...}` with its status.
+struct ApiError(StatusCode, serde_json::Value);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+fn bad_request(field: &str, error: impl std::fmt::Display) -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        json!({ "error": error.to_string(), "field": field }),
+    )
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        let status = match &e {
+            SessionError::UnknownSession { .. } => StatusCode::NOT_FOUND,
+            SessionError::AlreadyFinished { .. } => StatusCode::CONFLICT,
+            SessionError::Store(_) | SessionError::SupervisorDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        ApiError(status, json!({ "error": e.to_string() }))
+    }
+}
+
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(&*app.token) {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            json!({ "error": "a valid bearer token is required" }),
+        ))
+    }
+}
+
+/// `POST /harvesters/{id}/sessions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartBody {
+    /// The resources to harvest.
+    resources: Option<Vec<String>>,
+    /// Or this many simulated ones.
+    count: Option<usize>,
+    /// Budget overrides (any `SessionConfig` field).
+    config: Option<SessionConfig>,
+}
+
+async fn start_session(
+    State(app): State<App>,
+    Path(harvester): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<StartBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    // Keep the rejection's own status: 413 for a body over the limit, 400/415/422 else.
+    let Json(body) = body.map_err(|e| {
+        ApiError(
+            e.status(),
+            json!({ "error": e.body_text(), "field": "body" }),
+        )
+    })?;
+    let resources = match (body.resources, body.count) {
+        (Some(list), None) => list,
+        (None, Some(n)) => (0..n).map(|i| format!("r-{i:06}")).collect(),
+        _ => {
+            return Err(bad_request(
+                "resources",
+                "give either `resources` or `count`",
+            ));
+        }
+    };
+    if resources.len() > app.max_resources {
+        return Err(bad_request(
+            "resources",
+            format!("at most {} resources per session", app.max_resources),
+        ));
+    }
+    let mut request = SessionRequest::new(harvester, resources);
+    request.config = body.config;
+    match app.supervisor.start(request).await {
+        Ok(id) => Ok((StatusCode::CREATED, Json(json!({ "session_id": id }))).into_response()),
+        Err(StartError::HarvesterBusy { session, .. }) => Err(ApiError(
+            StatusCode::CONFLICT,
+            json!({ "error": "the harvester is busy", "session_id": session }),
+        )),
+        Err(StartError::InvalidConfig(e)) => Err(bad_request(&format!("config.{}", e.field()), e)),
+        Err(e @ StartError::DuplicateResource { .. }) => Err(bad_request("resources", e)),
+        Err(e) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "error": e.to_string() }),
+        )),
+    }
+}
+
+async fn abort_session(
+    State(app): State<App>,
+    Path(id): Path<SessionId>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    app.supervisor.abort(id).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "session_id": id }))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    #[serde(default)]
+    offset: usize,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    100
+}
+
+#[derive(Serialize)]
+struct SessionView {
+    record: harvest_supervisor::SessionRecord,
+    outcomes: Vec<harvest_supervisor::OutcomeRecord>,
+    outcomes_total: usize,
+    next_offset: Option<usize>,
+}
+
+async fn get_session(
+    State(app): State<App>,
+    Path(id): Path<SessionId>,
+    Query(page): Query<Page>,
+) -> Result<Json<SessionView>, ApiError> {
+    let record = app.supervisor.session(id).await?;
+    let all = app.supervisor.outcomes(id).await?;
+    let limit = page.limit.clamp(1, 1000);
+    let outcomes: Vec<_> = all.iter().skip(page.offset).take(limit).cloned().collect();
+    let end = page.offset + outcomes.len();
+    Ok(Json(SessionView {
+        record,
+        next_offset: (end < all.len()).then_some(end),
+        outcomes_total: all.len(),
+        outcomes,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    status: Option<SessionStatus>,
+    before: Option<SessionId>,
+    limit: Option<usize>,
+}
+
+async fn history(
+    State(app): State<App>,
+    Path(harvester): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<harvest_supervisor::SessionPage>, ApiError> {
+    let query = SessionQuery {
+        harvester_id: Some(HarvesterId::from(harvester)),
+        status: q.status,
+        before: q.before,
+        limit: q.limit.unwrap_or(50),
+    };
+    Ok(Json(app.supervisor.history(&query).await?))
+}
+
+/// The stored log first, then live events, until `SessionFinished`.
+async fn events(
+    State(app): State<App>,
+    Path(id): Path<SessionId>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    // Subscribe before reading the store, so nothing falls between the two.
+    let mut live = app.supervisor.subscribe();
+    let stored = app.supervisor.events(id).await?;
+    let supervisor = Arc::clone(&app.supervisor);
+    let stream = async_stream(move |tx| async move {
+        let mut last = 0;
+        let send = |e: &SessionEvent| {
+            let data = serde_json::to_string(e).unwrap_or_default();
+            Event::default()
+                .event(e.kind.name())
+                .id(e.seq.to_string())
+                .data(data)
+        };
+        for e in &stored {
+            last = e.seq;
+            if tx.send(send(e)).await.is_err() {
+                return;
+            }
+            if matches!(e.kind, EventKind::SessionFinished { .. }) {
+                return;
+            }
+        }
+        loop {
+            match live.recv().await {
+                Ok(e) if e.session_id == id && e.seq > last => {
+                    last = e.seq;
+                    if tx.send(send(&e)).await.is_err()
+                        || matches!(e.kind, EventKind::SessionFinished { .. })
+                    {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged { .. }) => {
+                    // Fill the gap from the store.
+                    let Ok(missed) = supervisor.events(id).await else {
+                        return;
+                    };
+                    let after = last;
+                    for e in missed.iter().filter(|e| e.seq > after) {
+                        last = e.seq;
+                        if tx.send(send(e)).await.is_err()
+                            || matches!(e.kind, EventKind::SessionFinished { .. })
+                        {
+                            return;
+                        }
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// A stream fed by a task through a small channel.
+fn async_stream<F, Fut>(produce: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(produce(tx));
+    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}
+
+fn router(app: App) -> Router {
+    Router::new()
+        .route(
+            "/harvesters/{id}/sessions",
+            post(start_session).get(history),
+        )
+        .route("/sessions/{id}", get(get_session))
+        .route("/sessions/{id}/abort", post(abort_session))
+        .route("/sessions/{id}/events", get(events))
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .with_state(app)
+}
+
+/// Starts the tree on `db` with simulated harvesters.
+async fn supervisor(
+    db: &std::path::Path,
+    work: Duration,
+) -> Result<Supervisor, Box<dyn std::error::Error>> {
+    let store = Arc::new(SqliteStore::open(db).await?);
+    let harvest = harvest_fn(move |ctx: HarvestContext| async move {
+        if ctx.resource_id.contains("hang") {
+            std::future::pending::<()>().await;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(work) => {}
+            () = ctx.cancel.cancelled() => return Err("cancelled".into()),
+        }
+        if ctx.resource_id.contains("fail") {
+            return Err(format!("remote answered 500 for {}", ctx.resource_id).into());
+        }
+        Ok(())
+    });
+    let finalizer = finalizer_fn(|report| async move {
+        tracing::info!(session_id = %report.session_id, status = %report.status, "session finalized");
+        Ok(())
+    });
+    let config = SupervisorConfig {
+        session: SessionConfig {
+            per_resource_estimate: Duration::from_millis(200),
+            buffer: Duration::from_secs(30),
+            resource_timeout: Some(Duration::from_secs(5)),
+            monitor_interval: Duration::from_secs(1),
+            escalation_grace: Duration::from_secs(5),
+            abort_grace: Duration::from_secs(2),
+            ..SessionConfig::default()
+        },
+        recovery: harvest_supervisor::RecoveryPolicy::Finalize,
+        ..SupervisorConfig::default()
+    };
+    Ok(Supervisor::builder(harvest, finalizer)
+        .store(store)
+        .config(config)
+        .start()
+        .await?)
+}
+
+/// Serves until `shutdown` resolves, then finalizes running sessions and closes the store.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: App,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let supervisor = Arc::clone(&app.supervisor);
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    // Nothing accepts requests any more: finalize what runs, then the store is closed as
+    // the last handle drops (an event stream still open may hold one for a moment).
+    supervisor.shutdown().await?;
+    supervisor.store().flush().await?;
+    Ok(())
+}
+
+fn random_token() -> String {
+    use rand::RngExt;
+    let mut rng = rand::rng();
+    (0..32)
+        .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
+        .collect()
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let token = match &args.token {
+        Some(t) => t.clone(),
+        None => {
+            let t = random_token();
+            println!("bearer token for mutating requests: {t}");
+            t
+        }
+    };
+    let supervisor = supervisor(&args.db, Duration::from_millis(args.work_ms)).await?;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.port)).await?;
+    println!("serving on http://{}", listener.local_addr()?);
+    let app = App {
+        supervisor: Arc::new(supervisor),
+        token: token.into(),
+        max_resources: args.max_resources,
+    };
+    serve(listener, app, async {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("shutting down: finalizing running sessions");
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    //! HTTP-level tests against a server on an ephemeral loopback port.
+    use super::*;
+
+    const TOKEN: &str = "test-token";
+
+    struct Server {
+        base: String,
+        http: reqwest::Client,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        done: tokio::task::JoinHandle<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Server {
+        async fn start() -> Self {
+            let dir = tempfile::tempdir().expect("dir");
+            let supervisor = supervisor(&dir.path().join("s.db"), Duration::from_millis(20))
+                .await
+                .expect("supervisor");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let base = format!("http://{}", listener.local_addr().expect("addr"));
+            let app = App {
+                supervisor: Arc::new(supervisor),
+                token: TOKEN.into(),
+                max_resources: 1000,
+            };
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let done = tokio::spawn(async move {
+                serve(listener, app, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("serve");
+            });
+            Self {
+                base,
+                http: reqwest::Client::new(),
+                stop: Some(stop),
+                done,
+                _dir: dir,
+            }
+        }
+
+        async fn start_session(
+            &self,
+            harvester: &str,
+            body: serde_json::Value,
+        ) -> reqwest::Response {
+            self.http
+                .post(format!("{}/harvesters/{harvester}/sessions", self.base))
+                .bearer_auth(TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .expect("request")
+        }
+
+        async fn json(&self, path: &str) -> (StatusCode, serde_json::Value) {
+            let r = self
+                .http
+                .get(format!("{}{path}", self.base))
+                .send()
+                .await
+                .expect("request");
+            let status = StatusCode::from_u16(r.status().as_u16()).expect("status");
+            (status, r.json().await.unwrap_or(serde_json::Value::Null))
+        }
+
+        async fn stop(mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            let _ = (&mut self.done).await;
+        }
+    }
+
+    fn status(r: &reqwest::Response) -> u16 {
+        r.status().as_u16()
+    }
+
+    async fn wait_terminal(server: &Server, id: &str) -> serde_json::Value {
+        for _ in 0..400 {
+            let (_, v) = server.json(&format!("/sessions/{id}")).await;
+            let st = v["record"]["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if st.starts_with("finished") || st == "aborted" {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("session {id} never ended");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_starts_runs_and_reads_back_with_paged_outcomes() {
+        let server = Server::start().await;
+        let r = server
+            .start_session("csw", json!({ "resources": ["a", "b-fail", "c"] }))
+            .await;
+        assert_eq!(status(&r), 201);
+        let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        let view = wait_terminal(&server, &id).await;
+        assert_eq!(view["record"]["status"], "finished-some-failed");
+        assert_eq!(view["outcomes_total"], 3);
+
+        let (code, page) = server
+            .json(&format!("/sessions/{id}?offset=1&limit=1"))
+            .await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(page["outcomes"].as_array().map(Vec::len), Some(1));
+        assert_eq!(page["next_offset"], 2);
+
+        let (code, history) = server.json("/harvesters/csw/sessions?limit=10").await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(history["sessions"][0]["id"], id.as_str());
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_harvester_answers_409_with_the_running_session() {
+        let server = Server::start().await;
+        let first = server
+            .start_session("csw", json!({ "resources": ["hang-1"] }))
+            .await;
+        assert_eq!(status(&first), 201);
+        let running = first.json::<serde_json::Value>().await.expect("json")["session_id"].clone();
+        let second = server.start_session("csw", json!({ "count": 3 })).await;
+        assert_eq!(status(&second), 409);
+        let body: serde_json::Value = second.json().await.expect("json");
+        assert_eq!(body["session_id"], running);
+
+        // Abort it: 202, then 409 once it is over.
+        let id = running.as_str().expect("id");
+        let abort = |server: &Server| {
+            server
+                .http
+                .post(format!("{}/sessions/{id}/abort", server.base))
+                .bearer_auth(TOKEN)
+                .send()
+        };
+        assert_eq!(status(&abort(&server).await.expect("abort")), 202);
+        let view = wait_terminal(&server, id).await;
+        assert_eq!(view["record"]["status"], "aborted");
+        assert_eq!(status(&abort(&server).await.expect("abort again")), 409);
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_requests_get_clear_4xx_naming_the_problem() {
+        let server = Server::start().await;
+        // No token, wrong token.
+        let r = server
+            .http
+            .post(format!("{}/harvesters/csw/sessions", server.base))
+            .json(&json!({ "count": 1 }))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(status(&r), 401);
+        let r = server
+            .http
+            .post(format!("{}/harvesters/csw/sessions", server.base))
+            .bearer_auth("wrong")
+            .json(&json!({ "count": 1 }))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(status(&r), 401);
+        // Invalid budget: 400 naming the field.
+        let r = server
+            .start_session(
+                "csw",
+                json!({ "count": 1, "config": { "max_concurrency": 0 } }),
+            )
+            .await;
+        assert_eq!(status(&r), 400);
+        let body: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(body["field"], "config.max_concurrency");
+        // Duplicates, neither list nor count, too many resources.
+        let r = server
+            .start_session("csw", json!({ "resources": ["a", "a"] }))
+            .await;
+        assert_eq!(status(&r), 400);
+        let r = server.start_session("csw", json!({})).await;
+        assert_eq!(status(&r), 400);
+        let r = server.start_session("csw", json!({ "count": 1001 })).await;
+        assert_eq!(status(&r), 400);
+        assert_eq!(
+            r.json::<serde_json::Value>().await.expect("json")["field"],
+            "resources"
+        );
+        // A body over the limit: 413.
+        let big: Vec<String> = (0..5000).map(|i| format!("resource-number-{i}")).collect();
+        let r = server
+            .start_session("csw", json!({ "resources": big }))
+            .await;
+        assert_eq!(status(&r), 413);
+        // Unknown session: 404 for reads and aborts.
+        let ghost = SessionId::new();
+        let (code, _) = server.json(&format!("/sessions/{ghost}")).await;
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        let r = server
+            .http
+            .post(format!("{}/sessions/{ghost}/abort", server.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(status(&r), 404);
+        // Nothing of this started a session.
+        let (_, history) = server.json("/harvesters/csw/sessions").await;
+        assert_eq!(history["sessions"].as_array().map(Vec::len), Some(0));
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_event_stream_replays_then_follows_and_ends_after_session_finished() {
+        let server = Server::start().await;
+        let r = server.start_session("csw", json!({ "count": 5 })).await;
+        let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        // Read the whole stream: it must end by itself after SessionFinished.
+        let body = tokio::time::timeout(
+            Duration::from_secs(30),
+            server
+                .http
+                .get(format!("{}/sessions/{id}/events", server.base))
+                .send()
+                .await
+                .expect("stream")
+                .text(),
+        )
+        .await
+        .expect("the stream ended")
+        .expect("body");
+        let kinds: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: "))
+            .collect();
+        assert_eq!(kinds.first(), Some(&"SessionStarted"));
+        assert_eq!(kinds.last(), Some(&"SessionFinished"));
+        let seqs: Vec<u64> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("id: "))
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        // A finished session replays from the store and ends at once.
+        let again = server
+            .http
+            .get(format!("{}/sessions/{id}/events", server.base))
+            .send()
+            .await
+            .expect("stream")
+            .text()
+            .await
+            .expect("body");
+        assert_eq!(again.matches("event: SessionFinished").count(), 1);
+        server.stop().await;
+    }
+}
