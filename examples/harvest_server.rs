@@ -15,6 +15,8 @@
 //! | `GET /sessions/{id}?offset=&limit=` | the record and a page of outcomes |
 //! | `GET /harvesters/{id}/sessions?status=&before=&limit=` | history, newest first |
 //! | `GET /sessions/{id}/events` | Server-Sent Events: the stored log, then live ones, until `SessionFinished` |
+//! | `GET /sessions?status=&before=&limit=` | every harvester's sessions, newest first |
+//! | `GET /` | a page that lists sessions, starts and aborts them, and draws a session's timeline |
 //!
 //! Mutating requests need `Authorization: Bearer <token>` (`--token`, or `HARVEST_SERVER_TOKEN`,
 //! or a random one printed at start). Bodies over 64 KiB get `413`, sessions over
@@ -240,13 +242,37 @@ async fn history(
     Path(harvester): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<harvest_supervisor::SessionPage>, ApiError> {
+    page_of(&app, Some(HarvesterId::from(harvester)), q).await
+}
+
+/// `GET /sessions`: every harvester's sessions, newest first.
+async fn all_sessions(
+    State(app): State<App>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<harvest_supervisor::SessionPage>, ApiError> {
+    page_of(&app, None, q).await
+}
+
+async fn page_of(
+    app: &App,
+    harvester_id: Option<HarvesterId>,
+    q: HistoryQuery,
+) -> Result<Json<harvest_supervisor::SessionPage>, ApiError> {
     let query = SessionQuery {
-        harvester_id: Some(HarvesterId::from(harvester)),
+        harvester_id,
         status: q.status,
         before: q.before,
         limit: q.limit.unwrap_or(50),
     };
     Ok(Json(app.supervisor.history(&query).await?))
+}
+
+/// `GET /`: the page (no build step: one static file).
+async fn page() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("assets/harvest_server.html"),
+    )
 }
 
 /// The stored log first, then live events, until `SessionFinished`.
@@ -322,6 +348,8 @@ where
 
 fn router(app: App) -> Router {
     Router::new()
+        .route("/", get(page))
+        .route("/sessions", get(all_sessions))
         .route(
             "/harvesters/{id}/sessions",
             post(start_session).get(history),
@@ -701,6 +729,208 @@ mod tests {
             .await
             .expect("body");
         assert_eq!(again.matches("event: SessionFinished").count(), 1);
+        server.stop().await;
+    }
+    /// A minimal WebDriver client (the W3C protocol is JSON over HTTP) for the browser test.
+    struct Browser {
+        http: reqwest::Client,
+        base: String,
+        session: String,
+        driver: std::process::Child,
+        _profile: tempfile::TempDir,
+    }
+
+    const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+    impl Browser {
+        /// Chromium under chromedriver, or `None` (with a notice) if they are not installed
+        /// and `HARVEST_REQUIRE_BROWSER` is unset. CI sets it and installs them.
+        async fn start() -> Option<Self> {
+            let required = std::env::var_os("HARVEST_REQUIRE_BROWSER").is_some();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let driver = match std::process::Command::new("chromedriver")
+                .arg(format!("--port={port}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+            {
+                Ok(d) => d,
+                Err(e) if !required => {
+                    eprintln!("skipping the browser test: chromedriver not found ({e})");
+                    return None;
+                }
+                Err(e) => panic!("chromedriver is required (HARVEST_REQUIRE_BROWSER): {e}"),
+            };
+            let profile = tempfile::tempdir().expect("profile dir");
+            let http = reqwest::Client::new();
+            let base = format!("http://127.0.0.1:{port}");
+            let caps = json!({ "capabilities": { "alwaysMatch": {
+                "browserName": "chrome",
+                "goog:chromeOptions": {
+                    "binary": "/usr/bin/chromium",
+                    "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                             "--no-first-run", "--disable-background-networking",
+                             "--disable-component-update", "--disable-sync",
+                             format!("--user-data-dir={}", profile.path().display())]
+                }
+            }}});
+            // chromedriver takes a moment to listen.
+            let mut session = None;
+            for _ in 0..100 {
+                if let Ok(r) = http
+                    .post(format!("{base}/session"))
+                    .json(&caps)
+                    .send()
+                    .await
+                {
+                    let v: serde_json::Value = r.json().await.expect("session json");
+                    session = v["value"]["sessionId"].as_str().map(str::to_owned);
+                    assert!(session.is_some(), "no browser session: {v}");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Some(Self {
+                http,
+                base,
+                session: session.expect("chromedriver answered"),
+                driver,
+                _profile: profile,
+            })
+        }
+
+        async fn cmd(
+            &self,
+            method: reqwest::Method,
+            path: &str,
+            body: serde_json::Value,
+        ) -> serde_json::Value {
+            let url = format!("{}/session/{}{path}", self.base, self.session);
+            let r = self
+                .http
+                .request(method, url)
+                .json(&body)
+                .send()
+                .await
+                .expect("webdriver");
+            let v: serde_json::Value = r.json().await.expect("webdriver json");
+            assert!(v["value"]["error"].is_null(), "webdriver {path}: {v}");
+            v["value"].clone()
+        }
+
+        async fn find(&self, css: &str) -> String {
+            let v = self
+                .cmd(
+                    reqwest::Method::POST,
+                    "/element",
+                    json!({ "using": "css selector", "value": css }),
+                )
+                .await;
+            v[ELEMENT]
+                .as_str()
+                .unwrap_or_else(|| panic!("element id for {css}: {v}"))
+                .to_owned()
+        }
+
+        async fn type_into(&self, css: &str, text: &str) {
+            let e = self.find(css).await;
+            self.cmd(
+                reqwest::Method::POST,
+                &format!("/element/{e}/clear"),
+                json!({}),
+            )
+            .await;
+            self.cmd(
+                reqwest::Method::POST,
+                &format!("/element/{e}/value"),
+                json!({ "text": text }),
+            )
+            .await;
+        }
+
+        async fn click(&self, css: &str) {
+            let e = self.find(css).await;
+            self.cmd(
+                reqwest::Method::POST,
+                &format!("/element/{e}/click"),
+                json!({}),
+            )
+            .await;
+        }
+
+        async fn script(&self, js: &str) -> serde_json::Value {
+            self.cmd(
+                reqwest::Method::POST,
+                "/execute/sync",
+                json!({ "script": js, "args": [] }),
+            )
+            .await
+        }
+
+        async fn quit(mut self) {
+            let url = format!("{}/session/{}", self.base, self.session);
+            let _ = self.http.delete(url).send().await;
+            let _ = self.driver.kill();
+            let _ = self.driver.wait();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_page_starts_a_session_and_its_timeline_reaches_a_terminal_status() {
+        let server = Server::start().await;
+        let Some(browser) = Browser::start().await else {
+            server.stop().await;
+            return;
+        };
+        browser
+            .cmd(
+                reqwest::Method::POST,
+                "/url",
+                json!({ "url": format!("{}/", server.base) }),
+            )
+            .await;
+        browser.type_into("#token", TOKEN).await;
+        browser.type_into("#ids", "a, b-fail, c, d").await;
+        browser.click("#start-button").await;
+
+        let mut status = String::new();
+        for _ in 0..200 {
+            status = browser
+                .script("return document.getElementById('timeline-status').textContent")
+                .await
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if status.starts_with("finished") || status == "aborted" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            status, "finished-some-failed",
+            "the timeline shows the terminal status"
+        );
+        // One lane per resource, coloured by outcome; the finalizer is marked.
+        let lanes = browser
+            .script("return [...document.querySelectorAll('#timeline rect')].map(r => r.dataset.resource + '=' + r.getAttribute('fill'))")
+            .await;
+        let lanes: Vec<String> = serde_json::from_value(lanes).expect("lanes");
+        assert_eq!(lanes.len(), 4, "{lanes:?}");
+        assert!(lanes.contains(&"b-fail=#c62828".to_owned()), "{lanes:?}");
+        assert!(lanes.contains(&"a=#2e7d32".to_owned()), "{lanes:?}");
+        let finalizer_marks = browser
+            .script("return document.querySelectorAll('#timeline line[stroke=\"#000\"]').length")
+            .await;
+        assert!(finalizer_marks.as_u64().unwrap_or(0) >= 1);
+        // The list shows it too, without an abort button once it is over.
+        let listed = browser
+            .script("return document.querySelector('#sessions tbody tr .status').textContent")
+            .await;
+        assert_eq!(listed, "finished-some-failed");
+        browser.quit().await;
         server.stop().await;
     }
 }
