@@ -472,7 +472,7 @@ mod tests {
         http: reqwest::Client,
         stop: Option<tokio::sync::oneshot::Sender<()>>,
         done: tokio::task::JoinHandle<()>,
-        _dir: tempfile::TempDir,
+        dir: tempfile::TempDir,
     }
 
     impl Server {
@@ -503,7 +503,7 @@ mod tests {
                 http: reqwest::Client::new(),
                 stop: Some(stop),
                 done,
-                _dir: dir,
+                dir,
             }
         }
 
@@ -532,11 +532,13 @@ mod tests {
             (status, r.json().await.unwrap_or(serde_json::Value::Null))
         }
 
-        async fn stop(mut self) {
+        /// Stops as Ctrl-C would, and returns the database's folder for a look inside.
+        async fn stop(mut self) -> tempfile::TempDir {
             if let Some(stop) = self.stop.take() {
                 let _ = stop.send(());
             }
             let _ = (&mut self.done).await;
+            self.dir
         }
     }
 
@@ -585,6 +587,45 @@ mod tests {
         assert_eq!(code, StatusCode::OK);
         assert_eq!(history["sessions"][0]["id"], id.as_str());
         server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_finalizes_running_sessions_and_leaves_the_database_consistent() {
+        let server = Server::start().await;
+        let r = server
+            .start_session("csw", json!({ "resources": ["a", "b-hang"] }))
+            .await;
+        let id: SessionId = serde_json::from_value(
+            r.json::<serde_json::Value>().await.expect("json")["session_id"].clone(),
+        )
+        .expect("id");
+        let (code, all) = server.json("/sessions").await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(all["sessions"][0]["id"], json!(id));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let dir = server.stop().await;
+
+        // What a restarted server would find: the session ended, its harvester free.
+        let store = SqliteStore::open(dir.path().join("s.db"))
+            .await
+            .expect("reopen");
+        use harvest_supervisor::SessionStore;
+        let record = store.session(id).await.expect("record");
+        assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
+        assert_eq!(
+            record.reason(),
+            Some(harvest_supervisor::FinalizeReason::Shutdown)
+        );
+        assert_eq!(
+            store.active_session(&"csw".into()).await.expect("lock"),
+            None
+        );
+        let events = store.events(id).await.expect("events");
+        assert_eq!(
+            events.last().map(|e| e.kind.name()),
+            Some("SessionFinished"),
+            "flushed"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
