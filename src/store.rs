@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::config::SessionConfig;
 use crate::error::StoreError;
 use crate::events::SessionEvent;
 use crate::model::{
@@ -42,6 +43,8 @@ pub struct NewSession {
     pub started: DateTime<Utc>,
     /// The deadline's budget.
     pub workflow_time: Duration,
+    /// The session's budget and policies, kept so that a resumed session runs under them.
+    pub config: SessionConfig,
 }
 
 /// A page of session history: newest first, optionally one harvester's or one status's.
@@ -158,6 +161,7 @@ pub enum Completed {
 ///     resources: vec!["a".into()],
 ///     started: chrono::Utc::now(),
 ///     workflow_time: std::time::Duration::from_secs(60),
+///     config: Default::default(),
 /// }).await.expect("created");
 /// assert_eq!(store.session(id).await.expect("stored").status, SessionStatus::Pending);
 /// # });
@@ -223,6 +227,10 @@ pub trait SessionStore: Send + Sync + 'static {
         id: SessionId,
         reason: FinalizeReason,
     ) -> Result<Claim, StoreError>;
+
+    /// The budget a session was started with (`None` for sessions stored before it was
+    /// kept, schema version 1).
+    async fn session_config(&self, id: SessionId) -> Result<Option<SessionConfig>, StoreError>;
 
     /// Prepares an unfinished session to be harvested again under the same id
     /// (`RecoveryPolicy::Resume`): if it is `pending` or `on-going` and nobody claimed its

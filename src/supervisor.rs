@@ -185,6 +185,7 @@ async fn start_session(
             resources: resources.to_vec(),
             started: chrono::Utc::now(),
             workflow_time,
+            config: config.clone(),
         })
         .await?;
     let emitter = SessionEmitter::new(
@@ -468,7 +469,11 @@ async fn recover_one(
     });
     match remaining {
         Some(remaining) => {
-            let config = state.config.session.clone();
+            // Its own budget; the supervisor's default for sessions stored before it was kept.
+            let config = match store.session_config(record.id).await {
+                Ok(Some(config)) => config,
+                _ => state.config.session.clone(),
+            };
             let shared = session_shared(
                 myself,
                 state,

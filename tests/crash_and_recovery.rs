@@ -201,3 +201,50 @@ async fn resume_recovery_harvests_what_had_not_succeeded_under_the_same_session(
         .expect("harvester is free");
     sup.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_session_runs_under_its_own_budget_not_the_new_default() {
+    let store = Arc::new(MemoryStore::new());
+    let first = Recorder::new(FinalizerMode::Ok);
+    let dead = supervisor_on(store.clone(), config(), &first).await;
+    let own = harvest_supervisor::SessionConfig {
+        failure_policy: harvest_supervisor::FailurePolicy::FailFast,
+        max_concurrency: 1,
+        ..config()
+    };
+    let id = dead
+        .start(
+            harvest_supervisor::SessionRequest::new("csw", ["ok-1", "sleep5-2", "fail-3", "ok-4"])
+                .with_config(own),
+        )
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    dead.actor().kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The new supervisor's default is Continue; the session's own FailFast must win.
+    let next = Recorder::new(FinalizerMode::Ok);
+    let sup = harvest_supervisor::Supervisor::builder(
+        harvest_supervisor::harvest_fn(common::scripted),
+        next.clone(),
+    )
+    .store(store.clone())
+    .config(harvest_supervisor::SupervisorConfig {
+        session: config(),
+        recovery: harvest_supervisor::RecoveryPolicy::Resume,
+        ..Default::default()
+    })
+    .start()
+    .await
+    .expect("start");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::FailFast));
+    assert_eq!(
+        record.counts.cancelled, 1,
+        "ok-4 never ran: {:?}",
+        record.counts
+    );
+    assert_eq!(next.calls(), 1);
+    sup.shutdown().await.expect("shutdown");
+}

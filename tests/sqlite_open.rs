@@ -27,6 +27,7 @@ fn new_session(
         resources,
         started: chrono::Utc::now(),
         workflow_time: Duration::from_secs(90),
+        config: Default::default(),
     }
 }
 
@@ -90,7 +91,7 @@ async fn a_newer_schema_is_refused_and_untouched() {
             supported,
             path: named,
         }) => {
-            assert_eq!((found, supported), (99, 1));
+            assert_eq!((found, supported), (99, 2));
             assert_eq!(named, path);
         }
         Err(other) => panic!("expected SchemaTooNew, got {other}"),
@@ -241,4 +242,43 @@ async fn flush_is_a_barrier_for_event_appends() {
     let other = SqliteStore::open(&path).await.expect("second connection");
     assert_eq!(other.events(id).await.expect("events").len(), 50);
     assert_eq!(other.last_event_seq(id).await.expect("seq"), 50);
+}
+
+#[tokio::test]
+async fn a_version_1_file_is_migrated_in_place_and_keeps_its_sessions() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("v1.db");
+    let id = harvest_supervisor::SessionId::new();
+    {
+        let store = SqliteStore::open(&path).await.expect("create");
+        store
+            .create_session(new_session(id, vec!["a".into()]))
+            .await
+            .expect("create");
+        store.close().await.expect("close");
+    }
+    // Make it what version 1 wrote: no config column, user_version 1.
+    {
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.execute_batch("ALTER TABLE sessions DROP COLUMN config; PRAGMA user_version = 1;")
+            .expect("downgrade");
+    }
+    let store = SqliteStore::open(&path).await.expect("migrates");
+    assert_eq!(store.session(id).await.expect("kept").total, 1);
+    assert_eq!(
+        store.session_config(id).await.expect("answer"),
+        None,
+        "not known for v1 sessions"
+    );
+    let fresh = harvest_supervisor::SessionId::new();
+    store
+        .create_session(new_session(fresh, vec![]))
+        .await
+        .expect_err("csw is still busy");
+    store.close().await.expect("close");
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, 2);
 }

@@ -1,5 +1,5 @@
 //! The `SessionStore` contract, written once and generic over the store, so that every store
-//! (memory today, durable next) passes the same suite: the busy lock, the finalization
+//! (memory and SQLite) passes the same suite: the busy lock, the finalization
 //! compare-and-set, and what a claimed or finished session refuses.
 
 use std::sync::Arc;
@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use harvest_supervisor::store::{Claim, Completed, Completion, NewSession, SessionQuery};
 use harvest_supervisor::{
-    FinalizeReason, MemoryStore, OutcomeCounts, OutcomeRecord, ResourceOutcome, SessionId,
-    SessionStatus, SessionStore, SqliteStore, StoreError,
+    FinalizeReason, MemoryStore, OutcomeCounts, OutcomeRecord, ResourceOutcome, SessionConfig,
+    SessionId, SessionStatus, SessionStore, SqliteStore, StoreError,
 };
 
 fn new_session(harvester: &str, n: usize) -> NewSession {
@@ -18,6 +18,10 @@ fn new_session(harvester: &str, n: usize) -> NewSession {
         resources: (0..n).map(|i| format!("r{i}").into()).collect(),
         started: chrono::Utc::now(),
         workflow_time: Duration::from_secs(60),
+        config: SessionConfig {
+            max_concurrency: 7,
+            ..SessionConfig::default()
+        },
     }
 }
 
@@ -191,6 +195,12 @@ async fn history_and_events_persist_in_order(store: Arc<dyn SessionStore>) {
     let resources = store.resources(a.id).await.expect("resources");
     assert_eq!(resources, ["r0", "r1", "r2"]);
     assert_eq!(a.total, 3);
+    let config = store
+        .session_config(a.id)
+        .await
+        .expect("config")
+        .expect("kept");
+    assert_eq!(config.max_concurrency, 7);
     assert_eq!(a.status, SessionStatus::Pending);
     assert_eq!(a.workflow_time, Duration::from_secs(60));
 }

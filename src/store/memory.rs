@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
+use crate::config::SessionConfig;
 use crate::error::StoreError;
 use crate::events::SessionEvent;
 use crate::model::{
@@ -25,6 +26,7 @@ use crate::store::{
 struct StoredSession {
     record: SessionRecord,
     resources: Arc<[ResourceId]>,
+    config: SessionConfig,
     outcomes: Vec<OutcomeRecord>,
     /// The newest `event_limit` events, shared with the emitter (no copy).
     events: VecDeque<Arc<SessionEvent>>,
@@ -107,6 +109,7 @@ impl SessionStore for MemoryStore {
                     StoredSession {
                         record: record.clone(),
                         resources: new.resources.into(),
+                        config: new.config,
                         outcomes: Vec::new(),
                         events: VecDeque::new(),
                     },
@@ -232,6 +235,10 @@ impl SessionStore for MemoryStore {
         })
     }
 
+    async fn session_config(&self, id: SessionId) -> Result<Option<SessionConfig>, StoreError> {
+        self.with(id, |s| Some(s.config.clone()))
+    }
+
     async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError> {
         self.with(id, |s| {
             let r = &mut s.record;
@@ -302,6 +309,7 @@ mod tests {
                 resources: Vec::new(),
                 started: chrono::Utc::now(),
                 workflow_time: std::time::Duration::from_secs(1),
+                config: SessionConfig::default(),
             })
             .await
             .expect("create");

@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use crate::config::SessionConfig;
 use crate::error::StoreError;
 use crate::events::SessionEvent;
 use crate::model::{
@@ -272,9 +273,11 @@ impl SessionStore for SqliteStore {
                         session_id: SessionId(holder),
                     });
                 }
+                let config = serde_json::to_string(&new.config)
+                    .map_err(|e| StoreError::Backend(Box::new(e)))?;
                 conn.prepare_cached(
-                    "INSERT INTO sessions (id, harvester_id, status, total, started, workflow_time_ns) \
-                     VALUES (?1, ?2, 'pending', ?3, ?4, ?5)",
+                    "INSERT INTO sessions (id, harvester_id, status, total, started, workflow_time_ns, config) \
+                     VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6)",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -282,7 +285,8 @@ impl SessionStore for SqliteStore {
                         new.harvester_id.as_str(),
                         count(new.resources.len()),
                         new.started,
-                        nanos(new.workflow_time)
+                        nanos(new.workflow_time),
+                        config
                     ])
                 })
                 .map_err(backend)?;
@@ -536,6 +540,24 @@ impl SessionStore for SqliteStore {
                         Claim::AlreadyClaimed(now)
                     })
                 }
+            })
+            .await
+    }
+
+    async fn session_config(&self, id: SessionId) -> Result<Option<SessionConfig>, StoreError> {
+        self.writer
+            .call(move |conn| {
+                load(conn, id)?;
+                let text: Option<String> = conn
+                    .query_row(
+                        "SELECT config FROM sessions WHERE id = ?1",
+                        [id.to_string()],
+                        |r| r.get(0),
+                    )
+                    .map_err(backend)?;
+                text.map(|t| serde_json::from_str(&t))
+                    .transpose()
+                    .map_err(|e| StoreError::Backend(Box::new(e)))
             })
             .await
     }

@@ -9,8 +9,8 @@ use harvest_supervisor::store::{
     Claim, Completed, Completion, NewSession, SessionPage, SessionQuery,
 };
 use harvest_supervisor::{
-    FinalizeReason, HarvesterId, MemoryStore, OutcomeRecord, ResourceId, SessionEvent, SessionId,
-    SessionRecord, SessionStatus, SessionStore, StoreError,
+    FinalizeReason, HarvesterId, MemoryStore, OutcomeRecord, ResourceId, SessionConfig,
+    SessionEvent, SessionId, SessionRecord, SessionStatus, SessionStore, StoreError,
 };
 use tokio::sync::Semaphore;
 
@@ -133,6 +133,9 @@ impl SessionStore for FaultyStore {
         reason: FinalizeReason,
     ) -> Result<Claim, StoreError> {
         self.inner.claim_finalization(id, reason).await
+    }
+    async fn session_config(&self, id: SessionId) -> Result<Option<SessionConfig>, StoreError> {
+        self.inner.session_config(id).await
     }
     async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError> {
         self.inner.resume_session(id).await

@@ -13,7 +13,7 @@ use crate::error::StoreError;
 use crate::store::sqlite::{Durability, SqliteOptions};
 
 /// The schema version this build writes. Each entry of [`MIGRATIONS`] moves one version up.
-pub(super) const VERSION: i64 = 1;
+pub(super) const VERSION: i64 = 2;
 
 /// "HRVS": marks a file as ours, so that another application's database is refused.
 const APPLICATION_ID: i64 = 0x4852_5653;
@@ -65,6 +65,8 @@ const MIGRATIONS: &[&str] = &[
         harvester_id TEXT PRIMARY KEY,
         session_id   TEXT NOT NULL UNIQUE
     );",
+    // 1 -> 2: each session's budget (JSON), so a resumed session runs under its own.
+    "ALTER TABLE sessions ADD COLUMN config TEXT;",
 ];
 
 /// Opens `path` for the store, or says precisely why not.
