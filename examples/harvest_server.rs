@@ -113,7 +113,15 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(&*app.token) {
+    // Compared in constant time, so the answer's timing does not leak the token.
+    let matches = given.is_some_and(|g| {
+        g.len() == app.token.len()
+            && g.bytes()
+                .zip(app.token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if matches {
         Ok(())
     } else {
         Err(ApiError(
@@ -218,14 +226,13 @@ async fn get_session(
     Query(page): Query<Page>,
 ) -> Result<Json<SessionView>, ApiError> {
     let record = app.supervisor.session(id).await?;
-    let all = app.supervisor.outcomes(id).await?;
     let limit = page.limit.clamp(1, 1000);
-    let outcomes: Vec<_> = all.iter().skip(page.offset).take(limit).cloned().collect();
+    let (outcomes, total) = app.supervisor.outcomes_page(id, page.offset, limit).await?;
     let end = page.offset + outcomes.len();
     Ok(Json(SessionView {
         record,
-        next_offset: (end < all.len()).then_some(end),
-        outcomes_total: all.len(),
+        next_offset: (end < total).then_some(end),
+        outcomes_total: total,
         outcomes,
     }))
 }
@@ -707,6 +714,18 @@ mod tests {
             .start_session("csw", json!({ "resources": big }))
             .await;
         assert_eq!(status(&r), 413);
+        // Abort needs the token too.
+        let r = server
+            .http
+            .post(format!(
+                "{}/sessions/{}/abort",
+                server.base,
+                SessionId::new()
+            ))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(status(&r), 401);
         // Unknown session: 404 for reads and aborts.
         let ghost = SessionId::new();
         let (code, _) = server.json(&format!("/sessions/{ghost}")).await;

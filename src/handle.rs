@@ -241,6 +241,16 @@ impl Supervisor {
         Ok(self.store.outcomes(id).await?)
     }
 
+    /// A page of a session's outcomes (`limit` from `offset`) and how many there are in all.
+    pub async fn outcomes_page(
+        &self,
+        id: SessionId,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<OutcomeRecord>, usize), SessionError> {
+        Ok(self.store.outcomes_page(id, offset, limit).await?)
+    }
+
     /// A session's stored event log.
     pub async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, SessionError> {
         Ok(self.store.events(id).await?)

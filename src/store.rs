@@ -207,8 +207,17 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn record_outcome(&self, id: SessionId, outcome: OutcomeRecord)
     -> Result<(), StoreError>;
 
-    /// The outcomes recorded so far.
+    /// The outcomes recorded so far, in the order they were recorded.
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError>;
+
+    /// A page of [`SessionStore::outcomes`]: `limit` from `offset`, and how many there are
+    /// in all. For admin pages of sessions too large to load whole.
+    async fn outcomes_page(
+        &self,
+        id: SessionId,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<OutcomeRecord>, usize), StoreError>;
 
     /// Appends an event to the audit trail. Must not block: a durable store queues it.
     /// (Shared, so a store that keeps events in memory need not copy them.)

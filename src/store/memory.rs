@@ -198,6 +198,24 @@ impl SessionStore for MemoryStore {
         self.with(id, |s| s.outcomes.clone())
     }
 
+    async fn outcomes_page(
+        &self,
+        id: SessionId,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<OutcomeRecord>, usize), StoreError> {
+        self.with(id, |s| {
+            let page = s
+                .outcomes
+                .iter()
+                .skip(offset)
+                .take(limit)
+                .cloned()
+                .collect();
+            (page, s.outcomes.len())
+        })
+    }
+
     fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError> {
         let limit = self.event_limit;
         self.with(event.session_id, |s| {

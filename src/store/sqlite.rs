@@ -225,6 +225,17 @@ fn outcome_of(name: &str, detail: Option<String>) -> rusqlite::Result<ResourceOu
     })
 }
 
+/// An outcome from `SELECT resource_id, outcome, detail, attempts, elapsed_ns`.
+fn outcome_row(r: &Row<'_>) -> rusqlite::Result<OutcomeRecord> {
+    let name: String = r.get(1)?;
+    Ok(OutcomeRecord {
+        resource_id: ResourceId::from(r.get::<_, String>(0)?),
+        outcome: outcome_of(&name, r.get(2)?)?,
+        attempts: r.get(3)?,
+        elapsed: duration(r.get(4)?),
+    })
+}
+
 /// The counter column an outcome adds to.
 fn counter(o: &ResourceOutcome) -> &'static str {
     match o {
@@ -450,17 +461,41 @@ impl SessionStore for SqliteStore {
                     )
                     .map_err(backend)?;
                 let rows = s
-                    .query_map([id.to_string()], |r| {
-                        let name: String = r.get(1)?;
-                        Ok(OutcomeRecord {
-                            resource_id: ResourceId::from(r.get::<_, String>(0)?),
-                            outcome: outcome_of(&name, r.get(2)?)?,
-                            attempts: r.get(3)?,
-                            elapsed: duration(r.get(4)?),
-                        })
-                    })
+                    .query_map([id.to_string()], outcome_row)
                     .map_err(backend)?;
                 rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+            })
+            .await
+    }
+
+    async fn outcomes_page(
+        &self,
+        id: SessionId,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<OutcomeRecord>, usize), StoreError> {
+        self.writer
+            .call(move |conn| {
+                load(conn, id)?;
+                let sid = id.to_string();
+                let total: i64 = conn
+                    .query_row(
+                        "SELECT count(*) FROM outcomes WHERE session_id = ?1",
+                        [&sid],
+                        |r| r.get(0),
+                    )
+                    .map_err(backend)?;
+                let mut s = conn
+                    .prepare_cached(
+                        "SELECT resource_id, outcome, detail, attempts, elapsed_ns FROM outcomes \
+                         WHERE session_id = ?1 ORDER BY rowid LIMIT ?2 OFFSET ?3",
+                    )
+                    .map_err(backend)?;
+                let rows = s
+                    .query_map(params![sid, count(limit), count(offset)], outcome_row)
+                    .map_err(backend)?;
+                let page = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
+                Ok((page, usize_of(total)))
             })
             .await
     }

@@ -118,6 +118,14 @@ impl SessionStore for FaultyStore {
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
         self.inner.outcomes(id).await
     }
+    async fn outcomes_page(
+        &self,
+        id: SessionId,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<OutcomeRecord>, usize), StoreError> {
+        self.inner.outcomes_page(id, offset, limit).await
+    }
     fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError> {
         self.inner.append_event(event)
     }
