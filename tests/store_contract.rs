@@ -96,6 +96,13 @@ async fn a_claimed_session_refuses_outcomes_and_transitions(store: Arc<dyn Sessi
         .await
         .expect("before the claim");
     assert_eq!(store.session(r.id).await.expect("r").counts.succeeded, 1);
+    let (page, total) = store.outcomes_page(r.id, 0, 10).await.expect("page");
+    assert_eq!((page.len(), total), (1, 1));
+    let (page, total) = store
+        .outcomes_page(r.id, 1, 10)
+        .await
+        .expect("past the end");
+    assert_eq!((page.len(), total), (0, 1));
     assert!(matches!(
         store.claim_finalization(r.id, FinalizeReason::Aborted).await,
         Ok(Claim::Claimed(before)) if before.status == SessionStatus::OnGoing
