@@ -12,6 +12,7 @@
 //! its commit). Events are appended without waiting; those not yet committed (at most
 //! `commit_delay` worth) can be lost. [`SqliteStore::flush`] is a barrier.
 
+mod rows;
 mod schema;
 mod writer;
 
@@ -20,18 +21,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{OptionalExtension, params};
 
 use crate::config::SessionConfig;
 use crate::error::StoreError;
 use crate::events::SessionEvent;
 use crate::model::{
-    FinalizeReason, HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome,
-    SessionId, SessionRecord, SessionStatus,
+    FinalizeReason, HarvesterId, OutcomeRecord, ResourceId, SessionId, SessionRecord, SessionStatus,
 };
 use crate::store::{
     Claim, Completed, Completion, NewSession, SessionPage, SessionQuery, SessionStore,
+};
+use rows::{
+    RECORD_COLUMNS, backend, count, counter, insert_outcome, load, nanos, outcome_row, record,
+    text, usize_of,
 };
 use writer::Writer;
 
@@ -121,140 +124,6 @@ impl SqliteStore {
     pub async fn close(&self) -> Result<(), StoreError> {
         self.writer.close().await
     }
-}
-
-pub(crate) fn backend(e: rusqlite::Error) -> StoreError {
-    StoreError::Backend(Box::new(e))
-}
-
-/// An enum as its serde name (`"on-going"`, `"deadline-expired"`).
-fn text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(s)) => Ok(s),
-        Ok(other) => Err(StoreError::Backend(format!("not a name: {other}").into())),
-        Err(e) => Err(StoreError::Backend(Box::new(e))),
-    }
-}
-
-fn parse<T: serde::de::DeserializeOwned>(s: String) -> rusqlite::Result<T> {
-    serde_json::from_value(serde_json::Value::String(s)).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
-}
-
-fn nanos(d: Duration) -> i64 {
-    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
-}
-
-fn duration(n: i64) -> Duration {
-    Duration::from_nanos(u64::try_from(n).unwrap_or(0))
-}
-
-fn count(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-fn usize_of(n: i64) -> usize {
-    usize::try_from(n).unwrap_or(0)
-}
-
-const RECORD_COLUMNS: &str = "id, harvester_id, status, total, started, ended, workflow_time_ns, \
-     finalizing, succeeded, failed, panicked, timed_out, cancelled, lost, finalizer_error";
-
-fn record(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
-    let id: String = row.get(0)?;
-    let id = uuid::Uuid::parse_str(&id).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })?;
-    let finalizing: Option<String> = row.get(7)?;
-    Ok(SessionRecord {
-        id: SessionId(id),
-        harvester_id: HarvesterId::from(row.get::<_, String>(1)?),
-        status: parse(row.get(2)?)?,
-        total: usize_of(row.get(3)?),
-        started: row.get::<_, DateTime<Utc>>(4)?,
-        ended: row.get::<_, Option<DateTime<Utc>>>(5)?,
-        workflow_time: duration(row.get(6)?),
-        finalizing: finalizing.map(parse).transpose()?,
-        counts: OutcomeCounts {
-            succeeded: usize_of(row.get(8)?),
-            failed: usize_of(row.get(9)?),
-            panicked: usize_of(row.get(10)?),
-            timed_out: usize_of(row.get(11)?),
-            cancelled: usize_of(row.get(12)?),
-            lost: usize_of(row.get(13)?),
-        },
-        finalizer_error: row.get(14)?,
-    })
-}
-
-fn load(conn: &Connection, id: SessionId) -> Result<SessionRecord, StoreError> {
-    conn.prepare_cached(&format!(
-        "SELECT {RECORD_COLUMNS} FROM sessions WHERE id = ?1"
-    ))
-    .and_then(|mut s| s.query_row([id.to_string()], record).optional())
-    .map_err(backend)?
-    .ok_or(StoreError::UnknownSession { session_id: id })
-}
-
-/// An outcome as (name, detail) columns.
-fn outcome_columns(o: &ResourceOutcome) -> (&'static str, Option<&str>) {
-    match o {
-        ResourceOutcome::Failed { error } => (o.name(), Some(error)),
-        ResourceOutcome::Panicked { message } => (o.name(), Some(message)),
-        _ => (o.name(), None),
-    }
-}
-
-fn outcome_of(name: &str, detail: Option<String>) -> rusqlite::Result<ResourceOutcome> {
-    let detail = detail.unwrap_or_default();
-    Ok(match name {
-        "succeeded" => ResourceOutcome::Succeeded,
-        "failed" => ResourceOutcome::Failed { error: detail },
-        "panicked" => ResourceOutcome::Panicked { message: detail },
-        "timed-out" => ResourceOutcome::TimedOut,
-        "cancelled" => ResourceOutcome::Cancelled,
-        "lost" => ResourceOutcome::Lost,
-        other => {
-            return Err(rusqlite::Error::FromSqlConversionFailure(
-                0,
-                rusqlite::types::Type::Text,
-                format!("unknown outcome {other}").into(),
-            ));
-        }
-    })
-}
-
-/// An outcome from `SELECT resource_id, outcome, detail, attempts, elapsed_ns`.
-fn outcome_row(r: &Row<'_>) -> rusqlite::Result<OutcomeRecord> {
-    let name: String = r.get(1)?;
-    Ok(OutcomeRecord {
-        resource_id: ResourceId::from(r.get::<_, String>(0)?),
-        outcome: outcome_of(&name, r.get(2)?)?,
-        attempts: r.get(3)?,
-        elapsed: duration(r.get(4)?),
-    })
-}
-
-/// The counter column an outcome adds to.
-fn counter(o: &ResourceOutcome) -> &'static str {
-    match o {
-        ResourceOutcome::Succeeded => "succeeded",
-        ResourceOutcome::Failed { .. } => "failed",
-        ResourceOutcome::Panicked { .. } => "panicked",
-        ResourceOutcome::TimedOut => "timed_out",
-        ResourceOutcome::Cancelled => "cancelled",
-        ResourceOutcome::Lost => "lost",
-    }
-}
-
-fn insert_outcome(conn: &Connection, id: &str, o: &OutcomeRecord) -> rusqlite::Result<usize> {
-    let (name, detail) = outcome_columns(&o.outcome);
-    conn.prepare_cached(
-        "INSERT OR IGNORE INTO outcomes (session_id, resource_id, outcome, detail, attempts, elapsed_ns) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![id, o.resource_id.as_str(), name, detail, o.attempts, nanos(o.elapsed)])
 }
 
 #[async_trait]
