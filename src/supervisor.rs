@@ -8,6 +8,7 @@
 //! earlier process left unfinished.
 
 pub(crate) mod messages;
+mod recovery;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{RecoveryPolicy, SupervisorConfig};
+use crate::config::SupervisorConfig;
 use crate::error::{SessionError, StartError};
 use crate::events::{EventKind, SessionEmitter};
 use crate::finalizer::{self, Deps, Finalized, Lifecycle, Local, Mode};
@@ -81,7 +82,7 @@ impl Actor for HarvestSupervisor {
         myself: ActorRef<Self::Msg>,
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
-        recover(&myself, state).await;
+        recovery::recover(&myself, state).await;
         Ok(())
     }
 
@@ -415,93 +416,6 @@ fn spawn_force(
     );
     state.forced.retain(|t| !t.is_finished());
     state.forced.push(task);
-}
-
-/// Takes over every session the store holds unfinished (its process is gone: this root has
-/// no actor for it): finalized with `Interrupted`, or, under `RecoveryPolicy::Resume`,
-/// harvested again where it had not succeeded, with a fresh deadline.
-async fn recover(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
-    let store = Arc::clone(&state.deps.store);
-    // A store that cannot be read now is reported, not fatal: the root stays up to serve
-    // what it can, and the next start tries again.
-    let records = match store.list_sessions().await {
-        Ok(records) => records,
-        Err(error) => {
-            tracing::error!(%error, "recovery could not list the stored sessions");
-            return;
-        }
-    };
-    for record in records {
-        if record.status.is_terminal() {
-            continue;
-        }
-        if let Err(error) = recover_one(myself, state, record.clone()).await {
-            tracing::error!(session_id = %record.id, %error, "could not recover the session");
-        }
-    }
-}
-
-async fn recover_one(
-    myself: &ActorRef<SupervisorMessage>,
-    state: &mut RootState,
-    record: crate::model::SessionRecord,
-) -> Result<(), crate::error::StoreError> {
-    let store = Arc::clone(&state.deps.store);
-    let last_seq = store.last_event_seq(record.id).await?;
-    let emitter = SessionEmitter::new(
-        record.id,
-        record.harvester_id.clone(),
-        last_seq,
-        state.deps.bus.clone(),
-        Arc::clone(&store),
-    );
-    let remaining = match state.config.recovery {
-        // If it cannot be reopened, it is at least finalized below.
-        RecoveryPolicy::Resume => store.resume_session(record.id).await.unwrap_or_else(|error| {
-            tracing::error!(session_id = %record.id, %error, "could not resume; finalizing instead");
-            None
-        }),
-        RecoveryPolicy::Finalize => None,
-    };
-    emitter.emit(EventKind::Recovered {
-        previous_status: record.status,
-        resuming: remaining.as_ref().map(Vec::len),
-    });
-    match remaining {
-        Some(remaining) => {
-            // Its own budget; the supervisor's default for sessions stored before it was kept.
-            let config = match store.session_config(record.id).await {
-                Ok(Some(config)) => config,
-                _ => state.config.session.clone(),
-            };
-            let shared = session_shared(
-                myself,
-                state,
-                record.id,
-                record.harvester_id,
-                remaining.into(),
-                config,
-                emitter,
-                true,
-            );
-            if let Err(error) = spawn_session(myself, state, shared).await {
-                tracing::error!(session_id = %record.id, %error, "could not resume the session");
-            }
-        }
-        None => {
-            let timeout = state.config.session.escalation_grace;
-            spawn_force(
-                state,
-                &emitter,
-                Arc::default(),
-                record.id,
-                FinalizeReason::Interrupted,
-                timeout,
-                false,
-            );
-        }
-    }
-    Ok(())
 }
 
 async fn finish_shutdown_if_idle(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
