@@ -74,26 +74,53 @@ async fn failed_outcome_writes_neither_stop_the_session_nor_lose_its_outcomes() 
     sup.shutdown().await.expect("shutdown");
 }
 
-/// Runs `resources` on a supervisor over `store` for a second, then kills its whole tree,
-/// as a process death would. Returns the session and the dead handle.
-async fn session_left_by_a_dead_process(
-    store: &Arc<MemoryStore>,
-    resources: &[&str],
-) -> (
+/// What a dead process leaves: the session, its dead handle, and its finalizer's record.
+type LeftBehind = (
     harvest_supervisor::SessionId,
     harvest_supervisor::Supervisor,
     Recorder,
-) {
+);
+
+/// Runs `resources` on a supervisor over `store` for a second, then kills its whole tree,
+/// as a process death would.
+async fn session_left_by_a_dead_process(
+    store: &Arc<MemoryStore>,
+    resources: &[&str],
+) -> LeftBehind {
+    let request = harvest_supervisor::SessionRequest::new("csw", resources.iter().copied());
+    request_left_by_a_dead_process(store, request).await
+}
+
+/// The same for a whole request (its own budget included).
+async fn request_left_by_a_dead_process(
+    store: &Arc<MemoryStore>,
+    request: harvest_supervisor::SessionRequest,
+) -> LeftBehind {
     let first = Recorder::new(FinalizerMode::Ok);
     let dead = supervisor_on(store.clone(), config(), &first).await;
-    let id = dead
-        .start_session("csw", resources.iter().copied())
-        .await
-        .expect("start");
+    let id = dead.start(request).await.expect("start");
     tokio::time::sleep(Duration::from_secs(1)).await;
     dead.actor().kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     (id, dead, first)
+}
+
+/// A supervisor over `store` that resumes what a dead one left.
+async fn resuming_supervisor(
+    store: &Arc<MemoryStore>,
+    harvest: impl harvest_supervisor::ResourceHarvester,
+    finalizer: &Recorder,
+) -> harvest_supervisor::Supervisor {
+    harvest_supervisor::Supervisor::builder(harvest, finalizer.clone())
+        .store(store.clone())
+        .config(harvest_supervisor::SupervisorConfig {
+            session: config(),
+            recovery: harvest_supervisor::RecoveryPolicy::Resume,
+            ..Default::default()
+        })
+        .start()
+        .await
+        .expect("start")
 }
 
 #[tokio::test(start_paused = true)]
@@ -164,19 +191,12 @@ async fn resume_recovery_harvests_what_had_not_succeeded_under_the_same_session(
 
     // The remote is healthy again: every resource harvests fine now.
     let next = Recorder::new(FinalizerMode::Ok);
-    let sup = harvest_supervisor::Supervisor::builder(
+    let sup = resuming_supervisor(
+        &store,
         harvest_supervisor::harvest_fn(|_| async { Ok(()) }),
-        next.clone(),
+        &next,
     )
-    .store(store.clone())
-    .config(harvest_supervisor::SupervisorConfig {
-        session: config(),
-        recovery: harvest_supervisor::RecoveryPolicy::Resume,
-        ..Default::default()
-    })
-    .start()
-    .await
-    .expect("start");
+    .await;
     let record = finished(&sup, id).await;
 
     assert_eq!(record.status, SessionStatus::FinishedAllOk);
@@ -205,39 +225,24 @@ async fn resume_recovery_harvests_what_had_not_succeeded_under_the_same_session(
 #[tokio::test(start_paused = true)]
 async fn a_resumed_session_runs_under_its_own_budget_not_the_new_default() {
     let store = Arc::new(MemoryStore::new());
-    let first = Recorder::new(FinalizerMode::Ok);
-    let dead = supervisor_on(store.clone(), config(), &first).await;
     let own = harvest_supervisor::SessionConfig {
         failure_policy: harvest_supervisor::FailurePolicy::FailFast,
         max_concurrency: 1,
         ..config()
     };
-    let id = dead
-        .start(
-            harvest_supervisor::SessionRequest::new("csw", ["ok-1", "sleep5-2", "fail-3", "ok-4"])
-                .with_config(own),
-        )
-        .await
-        .expect("start");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    dead.actor().kill();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let request =
+        harvest_supervisor::SessionRequest::new("csw", ["ok-1", "sleep5-2", "fail-3", "ok-4"])
+            .with_config(own);
+    let (id, _dead, _first) = request_left_by_a_dead_process(&store, request).await;
 
     // The new supervisor's default is Continue; the session's own FailFast must win.
     let next = Recorder::new(FinalizerMode::Ok);
-    let sup = harvest_supervisor::Supervisor::builder(
+    let sup = resuming_supervisor(
+        &store,
         harvest_supervisor::harvest_fn(common::scripted),
-        next.clone(),
+        &next,
     )
-    .store(store.clone())
-    .config(harvest_supervisor::SupervisorConfig {
-        session: config(),
-        recovery: harvest_supervisor::RecoveryPolicy::Resume,
-        ..Default::default()
-    })
-    .start()
-    .await
-    .expect("start");
+    .await;
     let record = finished(&sup, id).await;
     assert_eq!(record.reason(), Some(FinalizeReason::FailFast));
     assert_eq!(

@@ -31,6 +31,21 @@ fn new_session(
     }
 }
 
+/// Appends events 1..=n to session `id` (without waiting for their commit).
+fn append_events(store: &SqliteStore, id: harvest_supervisor::SessionId, n: u64) {
+    for seq in 1..=n {
+        store
+            .append_event(&std::sync::Arc::new(harvest_supervisor::SessionEvent {
+                seq,
+                at: chrono::Utc::now(),
+                session_id: id,
+                harvester_id: "csw".into(),
+                kind: harvest_supervisor::EventKind::MonitorCancelled,
+            }))
+            .expect("append");
+    }
+}
+
 async fn create(path: &Path) {
     let store = SqliteStore::open(path).await.expect("create");
     store.close().await.expect("close");
@@ -194,17 +209,7 @@ async fn close_right_after_event_appends_still_closes_cleanly() {
         .create_session(new_session(id, vec![]))
         .await
         .expect("create");
-    for seq in 1..=3 {
-        store
-            .append_event(&std::sync::Arc::new(harvest_supervisor::SessionEvent {
-                seq,
-                at: chrono::Utc::now(),
-                session_id: id,
-                harvester_id: "csw".into(),
-                kind: harvest_supervisor::EventKind::AbortRequested,
-            }))
-            .expect("append");
-    }
+    append_events(&store, id, 3);
     store.close().await.expect("close answers");
     let reopened = SqliteStore::open(dir.path().join("events.db"))
         .await
@@ -226,17 +231,7 @@ async fn flush_is_a_barrier_for_event_appends() {
         .create_session(new_session(id, vec![]))
         .await
         .expect("create");
-    for seq in 1..=50 {
-        store
-            .append_event(&std::sync::Arc::new(harvest_supervisor::SessionEvent {
-                seq,
-                at: chrono::Utc::now(),
-                session_id: id,
-                harvester_id: "csw".into(),
-                kind: harvest_supervisor::EventKind::MonitorCancelled,
-            }))
-            .expect("append");
-    }
+    append_events(&store, id, 50);
     store.flush().await.expect("flush");
     // Another connection sees every event the flush covered: they are committed.
     let other = SqliteStore::open(&path).await.expect("second connection");
