@@ -66,10 +66,11 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// A heartbeat that is watched (`watched`) or merely accepted.
-    pub(crate) fn new(watched: bool) -> Self {
+    /// A heartbeat that is watched (`watched`) or merely accepted, for an attempt that
+    /// started at `origin`.
+    pub(crate) fn new(watched: bool, origin: Instant) -> Self {
         Self {
-            origin: Instant::now(),
+            origin,
             last_ms: watched.then(|| Arc::new(AtomicU64::new(0))),
         }
     }

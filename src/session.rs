@@ -29,7 +29,7 @@ use crate::finalizer::{self, Deps, Finalized, Lifecycle, Mode};
 use crate::model::{FinalizeReason, HarvesterId, ResourceId, SessionId, SessionStatus};
 use crate::monitor::{MonitorActor, MonitorArgs};
 use crate::supervisor::SupervisorMessage;
-use attempts::{on_child_event, settle_writes, start_worker};
+use attempts::{on_child_event, start_worker};
 pub use messages::SessionMessage;
 use state::{Phase, SessionState};
 
@@ -267,8 +267,8 @@ async fn finalize(
     s.st.phase = Phase::Finalized;
     s.shared.cancel.cancel();
     // Every outcome write must be answered first: a failed one is reconciled from memory.
-    let answered = s.st.writes.drain().await;
-    settle_writes(s, answered);
+    s.st.writes.drain().await;
+    s.st.settle_writes(&s.shared.emitter);
     let local = s.st.wind_down(&s.shared.resources);
     let shared = Arc::clone(&s.shared);
     let result = finalizer::finalize(

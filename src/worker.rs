@@ -16,26 +16,29 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::harvest::{HarvestContext, Heartbeat, ResourceHarvester, error_chain};
-pub(crate) use messages::{AttemptReport, AttemptResult, WorkerMessage};
+use crate::harvest::{HarvestContext, Heartbeat, error_chain};
+use crate::model::ResourceId;
+use crate::session::SessionShared;
+pub(crate) use messages::{AttemptResult, WorkerMessage};
 
 /// The actor (config lives in its arguments; it has none of its own).
 pub(crate) struct ResourceWorker;
 
-/// What one attempt needs.
+/// What one attempt needs: the session's shared part (harvester, limits, cancellation
+/// token, span) and what is the attempt's own. Kept small: it is moved a few times on
+/// every spawn.
 pub(crate) struct WorkerArgs {
-    pub(crate) harvester: Arc<dyn ResourceHarvester>,
-    pub(crate) ctx: HarvestContext,
-    pub(crate) resource_timeout: Option<Duration>,
-    pub(crate) heartbeat_timeout: Option<Duration>,
-    /// `resource` span (with `resource_id` and `attempt`) inside the session's span.
-    pub(crate) span: tracing::Span,
+    pub(crate) session: Arc<SessionShared>,
+    pub(crate) resource_id: ResourceId,
+    pub(crate) attempt: u32,
+    /// When the session started this attempt (the heartbeat's origin).
+    pub(crate) started: Instant,
 }
 
-/// The worker's state; its final value is the report the session reads.
+/// The worker's state; its final value carries the result the session reads.
 pub(crate) struct WorkerState {
     args: Option<WorkerArgs>,
-    pub(crate) report: Option<AttemptReport>,
+    pub(crate) result: Option<AttemptResult>,
 }
 
 impl Actor for ResourceWorker {
@@ -50,7 +53,7 @@ impl Actor for ResourceWorker {
     ) -> Result<WorkerState, ActorProcessingErr> {
         Ok(WorkerState {
             args: Some(args),
-            report: None,
+            result: None,
         })
     }
 
@@ -60,31 +63,47 @@ impl Actor for ResourceWorker {
         state: &mut WorkerState,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(args) = state.args.take() {
-            let span = args.span.clone();
-            state.report = Some(run_attempt(args).instrument(span).await);
+            let span = tracing::info_span!(
+                parent: args.session.emitter.span(),
+                "resource",
+                resource_id = %args.resource_id,
+                attempt = args.attempt
+            );
+            state.result = Some(run_attempt(args).instrument(span).await);
         }
         myself.stop(None);
         Ok(())
     }
 }
 
-async fn run_attempt(args: WorkerArgs) -> AttemptReport {
-    let started = Instant::now();
-    let cancel = args.ctx.cancel.clone();
-    let heartbeat = args.ctx.heartbeat.clone();
-    let harvest = args.harvester.harvest(args.ctx);
-    let ended = if args.resource_timeout.is_none() && args.heartbeat_timeout.is_none() {
+async fn run_attempt(args: WorkerArgs) -> AttemptResult {
+    let shared = &args.session;
+    let resource_timeout = shared.config.resource_timeout;
+    let heartbeat_timeout = shared.config.heartbeat_timeout;
+    let heartbeat = Heartbeat::new(heartbeat_timeout.is_some(), args.started);
+    let ctx = HarvestContext {
+        session_id: shared.id,
+        harvester_id: shared.harvester_id.clone(),
+        resource_id: args.resource_id.clone(),
+        attempt: args.attempt,
+        // One token for the whole session: a clone is cheaper than a child token (which
+        // allocates and locks the parent), and attempts are only ever cancelled together.
+        cancel: shared.cancel.clone(),
+        heartbeat: heartbeat.clone(),
+    };
+    let harvest = shared.deps.harvester.harvest(ctx);
+    let ended = if resource_timeout.is_none() && heartbeat_timeout.is_none() {
         // No limit to watch: await the harvest alone (a hang is the monitor's business).
         Some(harvest.await)
     } else {
         let limit = async {
-            match args.resource_timeout {
+            match resource_timeout {
                 Some(t) => tokio::time::sleep(t).await,
                 None => std::future::pending().await,
             }
         };
         let idle = async {
-            match args.heartbeat_timeout {
+            match heartbeat_timeout {
                 Some(t) => idle_watch(&heartbeat, t).await,
                 None => std::future::pending().await,
             }
@@ -95,15 +114,11 @@ async fn run_attempt(args: WorkerArgs) -> AttemptReport {
             () = idle => None,
         }
     };
-    let result = match ended {
+    match ended {
         Some(Ok(())) => AttemptResult::Succeeded,
-        Some(Err(_)) if cancel.is_cancelled() => AttemptResult::Cancelled,
+        Some(Err(_)) if shared.cancel.is_cancelled() => AttemptResult::Cancelled,
         Some(Err(e)) => AttemptResult::Failed(error_chain(e.as_ref())),
         None => AttemptResult::TimedOut,
-    };
-    AttemptReport {
-        result,
-        elapsed: started.elapsed(),
     }
 }
 

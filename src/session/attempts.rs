@@ -8,52 +8,48 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::time::Instant;
 
 use crate::config::FailurePolicy;
-use crate::error::StoreError;
 use crate::events::{EventKind, SessionEmitter};
-use crate::harvest::{HarvestContext, Heartbeat};
 use crate::model::{FinalizeReason, OutcomeRecord, ResourceId, ResourceOutcome};
-use crate::session::state::{Phase, Slot, Waiting};
-use crate::session::writes::Written;
+use crate::session::state::{Phase, Slot, Times, Waiting};
 use crate::session::{Session, SessionMessage, advance, finalize, spawn_monitor};
-use crate::worker::{AttemptReport, AttemptResult, ResourceWorker, WorkerArgs, WorkerState};
+use crate::worker::{AttemptResult, ResourceWorker, WorkerArgs, WorkerState};
 
+/// Starts attempt `attempt` of resource `index`; `first_started` is when the resource's
+/// first attempt started (`None`: this is it).
 pub(super) async fn start_worker(
     myself: &ActorRef<SessionMessage>,
     s: &mut Session,
     index: usize,
     attempt: u32,
-    first_started: Instant,
+    first_started: Option<Instant>,
 ) -> Result<(), ActorProcessingErr> {
-    let shared = &s.shared;
-    let Some(resource_id) = shared.resources.get(index).cloned() else {
+    let Some(resource_id) = s.shared.resources.get(index).cloned() else {
         return Ok(());
     };
-    let args = WorkerArgs {
-        harvester: Arc::clone(&shared.deps.harvester),
-        ctx: HarvestContext {
-            session_id: shared.id,
-            harvester_id: shared.harvester_id.clone(),
-            resource_id: resource_id.clone(),
-            attempt,
-            // One token for the whole session: a clone is cheaper than a child token (which
-            // allocates and locks the parent), and attempts are only ever cancelled together.
-            cancel: shared.cancel.clone(),
-            heartbeat: Heartbeat::new(shared.config.heartbeat_timeout.is_some()),
-        },
-        resource_timeout: shared.config.resource_timeout,
-        heartbeat_timeout: shared.config.heartbeat_timeout,
-        span: tracing::info_span!(parent: shared.emitter.span(), "resource", %resource_id, attempt),
-    };
-    shared.emitter.emit(EventKind::WorkerStarted {
+    // The one clock read of an attempt's start: it times the attempt, the resource (on a
+    // first attempt) and is the heartbeat's origin.
+    let started = Instant::now();
+    let first_started = first_started.unwrap_or(started);
+    s.shared.emitter.emit(EventKind::WorkerStarted {
         resource_id: resource_id.clone(),
         attempt,
     });
+    let args = WorkerArgs {
+        session: Arc::clone(&s.shared),
+        resource_id,
+        attempt,
+        started,
+    };
+    let times = Times {
+        first_started,
+        started,
+    };
     match Actor::spawn_linked(None, ResourceWorker, args, myself.get_cell()).await {
         Ok((worker, _)) => {
             let slot = Slot {
                 index,
                 attempt,
-                first_started,
+                times,
                 cell: worker.get_cell(),
             };
             s.st.in_flight.insert(worker.get_id(), slot);
@@ -65,7 +61,7 @@ pub(super) async fn start_worker(
             on_attempt(
                 myself,
                 s,
-                (index, attempt, first_started),
+                (index, attempt, times),
                 Ended::SpawnFailed(error),
             )
             .await
@@ -92,18 +88,17 @@ pub(super) async fn on_child_event(
             let Some(slot) = s.st.in_flight.remove(&cell.get_id()) else {
                 return Ok(());
             };
-            let report = final_state
+            let result = final_state
                 .and_then(|mut b| b.take::<WorkerState>().ok())
-                .and_then(|w| w.report)
-                .unwrap_or(AttemptReport {
-                    result: AttemptResult::Failed("the worker stopped without a report".into()),
-                    elapsed: slot.first_started.elapsed(),
+                .and_then(|w| w.result)
+                .unwrap_or_else(|| {
+                    AttemptResult::Failed("the worker stopped without a report".into())
                 });
             on_attempt(
                 myself,
                 s,
-                (slot.index, slot.attempt, slot.first_started),
-                Ended::Report(report),
+                (slot.index, slot.attempt, slot.times),
+                Ended::Report(result),
             )
             .await?;
             advance(myself, s).await
@@ -123,13 +118,7 @@ pub(super) async fn on_child_event(
                 return Ok(());
             };
             let panicked = Ended::Panicked(error.to_string());
-            on_attempt(
-                myself,
-                s,
-                (slot.index, slot.attempt, slot.first_started),
-                panicked,
-            )
-            .await?;
+            on_attempt(myself, s, (slot.index, slot.attempt, slot.times), panicked).await?;
             advance(myself, s).await
         }
         _ => Ok(()),
@@ -138,8 +127,8 @@ pub(super) async fn on_child_event(
 
 /// How an attempt ended, as the session learns it.
 enum Ended {
-    /// The worker stopped with its report.
-    Report(AttemptReport),
+    /// The worker stopped with its result.
+    Report(AttemptResult),
     /// The user's harvest panicked (ractor's `ActorFailed`), with the message.
     Panicked(String),
     /// The worker could not be spawned.
@@ -151,7 +140,7 @@ enum Ended {
 async fn on_attempt(
     myself: &ActorRef<SessionMessage>,
     s: &mut Session,
-    (index, attempt, first_started): (usize, u32, Instant),
+    (index, attempt, times): (usize, u32, Times),
     ended: Ended,
 ) -> Result<(), ActorProcessingErr> {
     if s.st.phase == Phase::Finalized {
@@ -160,23 +149,27 @@ async fn on_attempt(
     let Some(resource_id) = s.shared.resources.get(index).cloned() else {
         return Ok(());
     };
-    let (outcome, elapsed) = match ended {
-        Ended::Report(r) => (
-            match r.result {
-                AttemptResult::Succeeded => ResourceOutcome::Succeeded,
-                AttemptResult::Failed(error) => ResourceOutcome::Failed { error },
-                AttemptResult::TimedOut => ResourceOutcome::TimedOut,
-                AttemptResult::Cancelled => ResourceOutcome::Cancelled,
-            },
-            r.elapsed,
-        ),
-        Ended::Panicked(message) => (
-            ResourceOutcome::Panicked { message },
-            first_started.elapsed(),
-        ),
-        Ended::SpawnFailed(error) => (ResourceOutcome::Failed { error }, std::time::Duration::ZERO),
+    let now = Instant::now();
+    let outcome = match ended {
+        Ended::Report(AttemptResult::Succeeded) => ResourceOutcome::Succeeded,
+        Ended::Report(AttemptResult::Failed(error)) | Ended::SpawnFailed(error) => {
+            ResourceOutcome::Failed { error }
+        }
+        Ended::Report(AttemptResult::TimedOut) => ResourceOutcome::TimedOut,
+        Ended::Report(AttemptResult::Cancelled) => ResourceOutcome::Cancelled,
+        Ended::Panicked(message) => ResourceOutcome::Panicked { message },
     };
-    emit_attempt(&s.shared.emitter, &resource_id, attempt, &outcome, elapsed);
+    let Times {
+        first_started,
+        started,
+    } = times;
+    emit_attempt(
+        &s.shared.emitter,
+        &resource_id,
+        attempt,
+        &outcome,
+        now.saturating_duration_since(started),
+    );
 
     let retryable = matches!(
         outcome,
@@ -208,13 +201,12 @@ async fn on_attempt(
         resource_id,
         outcome,
         attempts: attempt,
-        elapsed: first_started.elapsed(),
+        elapsed: now.saturating_duration_since(first_started),
     };
-    let answered =
-        s.st.writes
-            .submit(&s.shared.deps.store, s.shared.id, record)
-            .await;
-    settle_writes(s, answered);
+    s.st.writes
+        .submit(&s.shared.deps.store, s.shared.id, record)
+        .await;
+    s.st.settle_writes(&s.shared.emitter);
     s.st.done += 1;
     if failed
         && s.st.phase == Phase::Running
@@ -258,24 +250,4 @@ fn emit_attempt(
             attempt,
         },
     });
-}
-
-/// Takes note of answered outcome writes. A failed write must neither lose the outcome nor
-/// stop the session: it is kept for the finalizer (which writes it with the completion) and
-/// the error is reported.
-pub(super) fn settle_writes(s: &mut Session, answered: Vec<Written>) {
-    for (record, result) in answered {
-        match result {
-            Ok(()) | Err(StoreError::Finalizing { .. }) => {}
-            Err(e) => {
-                let error = crate::harvest::error_chain(&e);
-                s.shared.emitter.emit(EventKind::StoreFailed {
-                    operation: format!("record the outcome of {}", record.resource_id),
-                    error: error.clone(),
-                });
-                s.st.store_failed(error);
-                s.st.unrecorded.push(record);
-            }
-        }
-    }
 }

@@ -7,6 +7,8 @@ use ractor::{ActorCell, ActorId, ActorRef, MessagingErr};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::error::StoreError;
+use crate::events::{EventKind, SessionEmitter};
 use crate::finalizer::{InFlight, Local};
 use crate::model::{OutcomeRecord, ResourceId};
 use crate::monitor::MonitorMessage;
@@ -27,12 +29,20 @@ pub(crate) enum Phase {
     Finalized,
 }
 
+/// When an attempt started, and when its resource's first attempt did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Times {
+    /// The resource's first attempt (its elapsed time counts every attempt and backoff).
+    pub(crate) first_started: Instant,
+    /// This attempt.
+    pub(crate) started: Instant,
+}
+
 /// One attempt in flight.
 pub(crate) struct Slot {
     pub(crate) index: usize,
     pub(crate) attempt: u32,
-    /// When the resource's first attempt started (elapsed counts backoff too).
-    pub(crate) first_started: Instant,
+    pub(crate) times: Times,
     pub(crate) cell: ActorCell,
 }
 
@@ -83,15 +93,16 @@ impl SessionState {
         }
     }
 
-    /// The next attempt to start: a due retry first, else a fresh resource.
-    pub(crate) fn next_attempt(&mut self, total: usize) -> Option<(usize, u32, Instant)> {
-        if let Some(next) = self.ready.pop_front() {
-            return Some(next);
+    /// The next attempt to start: a due retry first (with its resource's first start),
+    /// else a fresh resource (no first start yet).
+    pub(crate) fn next_attempt(&mut self, total: usize) -> Option<(usize, u32, Option<Instant>)> {
+        if let Some((index, attempt, first_started)) = self.ready.pop_front() {
+            return Some((index, attempt, Some(first_started)));
         }
         if self.next_fresh < total {
             let index = self.next_fresh;
             self.next_fresh += 1;
-            return Some((index, 1, Instant::now()));
+            return Some((index, 1, None));
         }
         None
     }
@@ -104,12 +115,23 @@ impl SessionState {
         }
     }
 
-    /// Notes a store failure for the report.
-    pub(crate) fn store_failed(&mut self, error: String) {
-        match self.store_errors.len() {
-            n if n < MAX_STORE_ERRORS => self.store_errors.push(error),
-            n if n == MAX_STORE_ERRORS => self.store_errors.push("... and more".to_owned()),
-            _ => {}
+    /// Takes note of answered outcome writes. A failed write must neither lose the outcome
+    /// nor stop the session: it is kept for the finalizer (which writes it with the
+    /// completion) and the error is reported.
+    pub(crate) fn settle_writes(&mut self, emitter: &SessionEmitter) {
+        for (record, result) in self.writes.answered.drain(..) {
+            match result {
+                Ok(()) | Err(StoreError::Finalizing { .. }) => {}
+                Err(e) => {
+                    let error = crate::harvest::error_chain(&e);
+                    emitter.emit(EventKind::StoreFailed {
+                        operation: format!("record the outcome of {}", record.resource_id),
+                        error: error.clone(),
+                    });
+                    note_store_error(&mut self.store_errors, error);
+                    self.unrecorded.push(record);
+                }
+            }
         }
     }
 
@@ -132,7 +154,7 @@ impl SessionState {
         };
         for (_, slot) in self.in_flight.drain() {
             slot.cell.kill();
-            note(slot.index, slot.attempt, slot.first_started);
+            note(slot.index, slot.attempt, slot.times.first_started);
         }
         for (index, w) in self.waiting.drain() {
             w.timer.abort();
@@ -145,5 +167,14 @@ impl SessionState {
             t.abort();
         }
         unfinished
+    }
+}
+
+/// Keeps the first [`MAX_STORE_ERRORS`] store errors, then one line saying there were more.
+fn note_store_error(errors: &mut Vec<String>, error: String) {
+    match errors.len() {
+        n if n < MAX_STORE_ERRORS => errors.push(error),
+        n if n == MAX_STORE_ERRORS => errors.push("... and more".to_owned()),
+        _ => {}
     }
 }

@@ -29,24 +29,26 @@ pub(crate) type Written = (OutcomeRecord, Result<(), StoreError>);
 #[derive(Default)]
 pub(crate) struct OutcomeWrites {
     pending: FuturesUnordered<BoxFuture<'static, Written>>,
+    /// Writes answered and not yet settled; kept (and its capacity reused) across calls.
+    pub(crate) answered: Vec<Written>,
 }
 
 impl OutcomeWrites {
-    /// Submits the write of `record`, and returns every write answered by now (with the
-    /// memory store, this one at once).
+    /// Submits the write of `record`, and moves every write answered by now (with the
+    /// memory store, this one at once) to [`Self::answered`].
     pub(crate) async fn submit(
         &mut self,
         store: &Arc<dyn SessionStore>,
         id: SessionId,
         record: OutcomeRecord,
-    ) -> Vec<Written> {
+    ) {
         let store = Arc::clone(store);
         let mut write = async move {
             let result = store.record_outcome(id, record.clone()).await;
             (record, result)
         }
         .boxed();
-        let mut answered = Vec::new();
+        let answered = &mut self.answered;
         // Poll once here: that sends the write to the store, and a store that answers at
         // once (the memory store) never costs a slot in the set.
         match write.as_mut().now_or_never() {
@@ -64,15 +66,12 @@ impl OutcomeWrites {
                 None => break,
             }
         }
-        answered
     }
 
-    /// Waits for every submitted write.
-    pub(crate) async fn drain(&mut self) -> Vec<Written> {
-        let mut answered = Vec::with_capacity(self.pending.len());
+    /// Waits for every submitted write (into [`Self::answered`]).
+    pub(crate) async fn drain(&mut self) {
         while let Some(done) = self.pending.next().await {
-            answered.push(done);
+            self.answered.push(done);
         }
-        answered
     }
 }

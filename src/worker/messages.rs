@@ -2,8 +2,8 @@
 //! and stops. Its report travels in its final state, which ractor hands to the SessionActor
 //! inside `SupervisionEvent::ActorTerminated`, so the report and the worker's exit arrive as
 //! one event and can never be seen out of order. A panic arrives as `ActorFailed` instead.
-
-use std::time::Duration;
+//! The session times attempts itself (it knows when it spawned the worker and when it heard
+//! of its exit), so a worker reads no clock unless it has a limit to watch.
 
 /// A worker takes no messages (the enum has no variants).
 #[derive(Debug)]
@@ -20,13 +20,4 @@ pub(crate) enum AttemptResult {
     TimedOut,
     /// The harvest returned an error after its cancellation token fired.
     Cancelled,
-}
-
-/// The worker's report of its attempt.
-#[derive(Debug, Clone)]
-pub(crate) struct AttemptReport {
-    /// The result.
-    pub(crate) result: AttemptResult,
-    /// Duration of this attempt.
-    pub(crate) elapsed: Duration,
 }
