@@ -300,6 +300,31 @@ impl EventSubscription {
     }
 }
 
+/// Awaits `$work` inside `$span`, or bare when the span is disabled (no subscriber wants
+/// it): entering a disabled span still costs calls on every poll, and a `log` record each
+/// time when tracing's `log` feature is on. A macro, not a function: a function would move
+/// the (often large) future once more, which costs more than the span saves.
+macro_rules! in_span {
+    ($span:expr, $work:expr) => {{
+        let span: &tracing::Span = $span;
+        if span.is_disabled() {
+            $work.await
+        } else {
+            tracing::Instrument::instrument($work, span.clone()).await
+        }
+    }};
+}
+pub(crate) use in_span;
+
+/// Runs `work` inside `span`, or bare when the span is disabled (see [`in_span!`]).
+fn in_scope<T>(span: &tracing::Span, work: impl FnOnce() -> T) -> T {
+    if span.is_disabled() {
+        work()
+    } else {
+        span.in_scope(work)
+    }
+}
+
 /// Emits one session's events. Cloned into every actor that speaks for the session.
 #[derive(Clone)]
 pub(crate) struct SessionEmitter {
@@ -354,11 +379,11 @@ impl SessionEmitter {
             harvester_id: inner.harvester_id.clone(),
             kind,
         });
-        inner.span.in_scope(|| {
+        in_scope(&inner.span, || {
             tracing::debug!(seq = event.seq, event = event.kind.name(), detail = ?event.kind);
         });
         if let Err(error) = inner.store.append_event(&event) {
-            inner.span.in_scope(|| {
+            in_scope(&inner.span, || {
                 tracing::warn!(seq = event.seq, %error, "could not store event");
             });
         }

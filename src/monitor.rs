@@ -19,9 +19,8 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
-use tracing::Instrument;
 
-use crate::events::EventKind;
+use crate::events::{EventKind, in_span};
 use crate::session::{SessionMessage, SessionShared};
 use crate::supervisor::SupervisorMessage;
 pub use messages::MonitorMessage;
@@ -92,10 +91,16 @@ impl Actor for MonitorActor {
         match message {
             MonitorMessage::CheckDeadline => {
                 // Each tick is its own root span that follows the session's, so a timer that
-                // runs for hours does not grow one span without bound.
-                let span = tracing::debug_span!(parent: None, "monitor_tick", session_id = %state.args.shared.id);
-                span.follows_from(state.args.shared.emitter.span());
-                check(myself, state).instrument(span).await
+                // runs for hours does not grow one span without bound. Made only when a
+                // subscriber wants it: this runs for every session on every tick.
+                let span = if tracing::enabled!(tracing::Level::DEBUG) {
+                    let span = tracing::debug_span!(parent: None, "monitor_tick", session_id = %state.args.shared.id);
+                    span.follows_from(state.args.shared.emitter.span());
+                    span
+                } else {
+                    tracing::Span::none()
+                };
+                in_span!(&span, check(myself, state))
             }
         }
     }

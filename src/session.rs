@@ -20,11 +20,10 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::config::SessionConfig;
 use crate::error::SessionError;
-use crate::events::{EventKind, SessionEmitter};
+use crate::events::{EventKind, SessionEmitter, in_span};
 use crate::finalizer::{self, Deps, Finalized, Lifecycle, Mode};
 use crate::model::{FinalizeReason, HarvesterId, ResourceId, SessionId, SessionStatus};
 use crate::monitor::{MonitorActor, MonitorArgs};
@@ -83,7 +82,7 @@ impl Actor for SessionActor {
         s: &mut Session,
     ) -> Result<(), ActorProcessingErr> {
         let span = s.shared.emitter.span().clone();
-        begin(&myself, s).instrument(span).await
+        in_span!(&span, begin(&myself, s))
     }
 
     async fn handle(
@@ -93,7 +92,7 @@ impl Actor for SessionActor {
         s: &mut Session,
     ) -> Result<(), ActorProcessingErr> {
         let span = s.shared.emitter.span().clone();
-        on_message(&myself, message, s).instrument(span).await
+        in_span!(&span, on_message(&myself, message, s))
     }
 
     // Never the default: it would stop the session whenever a worker exits.
@@ -104,7 +103,7 @@ impl Actor for SessionActor {
         s: &mut Session,
     ) -> Result<(), ActorProcessingErr> {
         let span = s.shared.emitter.span().clone();
-        on_child_event(&myself, event, s).instrument(span).await
+        in_span!(&span, on_child_event(&myself, event, s))
     }
 }
 

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
-use tracing::Instrument;
 
+use crate::events::in_span;
 use crate::harvest::{HarvestContext, Heartbeat, error_chain};
 use crate::model::ResourceId;
 use crate::session::SessionShared;
@@ -69,7 +69,7 @@ impl Actor for ResourceWorker {
                 resource_id = %args.resource_id,
                 attempt = args.attempt
             );
-            state.result = Some(run_attempt(args).instrument(span).await);
+            state.result = Some(in_span!(&span, run_attempt(args)));
         }
         myself.stop(None);
         Ok(())
