@@ -106,7 +106,7 @@ async fn a_newer_schema_is_refused_and_untouched() {
             supported,
             path: named,
         }) => {
-            assert_eq!((found, supported), (99, 2));
+            assert_eq!((found, supported), (99, 3));
             assert_eq!(named, path);
         }
         Err(other) => panic!("expected SchemaTooNew, got {other}"),
@@ -240,7 +240,67 @@ async fn flush_is_a_barrier_for_event_appends() {
 }
 
 #[tokio::test]
-async fn a_version_1_file_is_migrated_in_place_and_keeps_its_sessions() {
+async fn reading_events_sees_every_append_before_it_across_chunks_and_sessions() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = SqliteStore::open(dir.path().join("chunks.db"))
+        .await
+        .expect("open");
+    let (a, b) = (
+        harvest_supervisor::SessionId::new(),
+        harvest_supervisor::SessionId::new(),
+    );
+    store
+        .create_session(new_session(a, vec![]))
+        .await
+        .expect("create a");
+    store
+        .create_session(harvest_supervisor::store::NewSession {
+            harvester_id: "oai".into(),
+            ..new_session(b, vec![])
+        })
+        .await
+        .expect("create b");
+    // No flush: a read queued after the appends must still see them, in order, even when
+    // one batch holds more than a chunk's worth of one session interleaved with another's.
+    for seq in 1..=700 {
+        store
+            .append_event(&std::sync::Arc::new(harvest_supervisor::SessionEvent {
+                seq,
+                at: chrono::Utc::now(),
+                session_id: a,
+                harvester_id: "csw".into(),
+                kind: harvest_supervisor::EventKind::AbortRequested,
+            }))
+            .expect("append a");
+        if seq % 3 == 0 {
+            store
+                .append_event(&std::sync::Arc::new(harvest_supervisor::SessionEvent {
+                    seq: seq / 3,
+                    at: chrono::Utc::now(),
+                    session_id: b,
+                    harvester_id: "csw".into(),
+                    kind: harvest_supervisor::EventKind::AbortRequested,
+                }))
+                .expect("append b");
+        }
+    }
+    let seqs = |events: Vec<harvest_supervisor::SessionEvent>| {
+        events.into_iter().map(|e| e.seq).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        seqs(store.events(a).await.expect("a")),
+        (1..=700).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        seqs(store.events(b).await.expect("b")),
+        (1..=233).collect::<Vec<_>>()
+    );
+    assert_eq!(store.last_event_seq(a).await.expect("seq"), 700);
+    store.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_version_1_file_is_migrated_in_place_and_keeps_its_sessions_and_events() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("v1.db");
     let id = harvest_supervisor::SessionId::new();
@@ -252,14 +312,48 @@ async fn a_version_1_file_is_migrated_in_place_and_keeps_its_sessions() {
             .expect("create");
         store.close().await.expect("close");
     }
-    // Make it what version 1 wrote: no config column, user_version 1.
+    // Make it what version 1 wrote: no config column, one row per event, user_version 1.
+    let old_events: Vec<harvest_supervisor::SessionEvent> = (1..=3)
+        .map(|seq| harvest_supervisor::SessionEvent {
+            seq,
+            at: chrono::Utc::now(),
+            session_id: id,
+            harvester_id: "csw".into(),
+            kind: harvest_supervisor::EventKind::AbortRequested,
+        })
+        .collect();
     {
         let conn = rusqlite::Connection::open(&path).expect("open");
-        conn.execute_batch("ALTER TABLE sessions DROP COLUMN config; PRAGMA user_version = 1;")
-            .expect("downgrade");
+        conn.execute_batch(
+            "ALTER TABLE sessions DROP COLUMN config;
+             CREATE TABLE events (
+                 session_id TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
+                 PRIMARY KEY (session_id, seq)
+             ) WITHOUT ROWID;
+             DROP TABLE event_chunks;
+             PRAGMA user_version = 1;",
+        )
+        .expect("downgrade");
+        for event in &old_events {
+            conn.execute(
+                "INSERT INTO events (session_id, seq, body) VALUES (?1, ?2, ?3)",
+                rusqlite::params![
+                    id.to_string(),
+                    i64::try_from(event.seq).expect("seq"),
+                    serde_json::to_string(event).expect("json")
+                ],
+            )
+            .expect("old event row");
+        }
     }
     let store = SqliteStore::open(&path).await.expect("migrates");
     assert_eq!(store.session(id).await.expect("kept").total, 1);
+    assert_eq!(
+        store.events(id).await.expect("events kept"),
+        old_events,
+        "v1 event rows become chunks"
+    );
+    assert_eq!(store.last_event_seq(id).await.expect("seq"), 3);
     assert_eq!(
         store.session_config(id).await.expect("answer"),
         None,
@@ -275,5 +369,5 @@ async fn a_version_1_file_is_migrated_in_place_and_keeps_its_sessions() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
 }

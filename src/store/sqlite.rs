@@ -33,8 +33,8 @@ use crate::store::{
     Claim, Completed, Completion, NewSession, SessionPage, SessionQuery, SessionStore,
 };
 use rows::{
-    RECORD_COLUMNS, backend, count, counter, insert_outcome, load, nanos, outcome_row, record,
-    text, usize_of,
+    RECORD_COLUMNS, backend, count, count_outcome_sql, insert_outcome, load, nanos, outcome_row,
+    record, text, usize_of,
 };
 use writer::Writer;
 
@@ -303,10 +303,7 @@ impl SessionStore for SqliteStore {
             .call(move |conn| {
                 let sid = id.to_string();
                 let open = conn
-                    .prepare_cached(&format!(
-                        "UPDATE sessions SET {c} = {c} + 1 WHERE id = ?1 AND finalizing IS NULL",
-                        c = counter(&outcome.outcome)
-                    ))
+                    .prepare_cached(count_outcome_sql(&outcome.outcome))
                     .and_then(|mut s| s.execute([&sid]))
                     .map_err(backend)?;
                 if open == 0 {
@@ -372,26 +369,32 @@ impl SessionStore for SqliteStore {
     fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError> {
         let body = serde_json::to_string(&**event).map_err(|e| StoreError::Backend(Box::new(e)))?;
         let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
-        self.writer.event(event.session_id.to_string(), seq, body)
+        self.writer.event(event.session_id, seq, body)
     }
 
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
         self.writer
-            .call(move |conn| {
+            .call_seeing_events(move |conn| {
                 load(conn, id)?;
                 let mut s = conn
-                    .prepare_cached("SELECT body FROM events WHERE session_id = ?1 ORDER BY seq")
+                    .prepare_cached(
+                        "SELECT body FROM event_chunks WHERE session_id = ?1 ORDER BY first_seq",
+                    )
                     .map_err(backend)?;
                 let rows = s
                     .query_map([id.to_string()], |r| r.get::<_, String>(0))
                     .map_err(backend)?;
-                let mut events = Vec::new();
+                let mut events: Vec<SessionEvent> = Vec::new();
                 for body in rows {
                     let body = body.map_err(backend)?;
-                    events.push(
-                        serde_json::from_str(&body)
-                            .map_err(|e| StoreError::Backend(Box::new(e)))?,
-                    );
+                    for line in body.lines() {
+                        let event: SessionEvent = serde_json::from_str(line)
+                            .map_err(|e| StoreError::Backend(Box::new(e)))?;
+                        // In seq order, once each, whatever chunks overlap.
+                        if events.last().is_none_or(|last| event.seq > last.seq) {
+                            events.push(event);
+                        }
+                    }
                 }
                 Ok(events)
             })
@@ -400,11 +403,11 @@ impl SessionStore for SqliteStore {
 
     async fn last_event_seq(&self, id: SessionId) -> Result<u64, StoreError> {
         self.writer
-            .call(move |conn| {
+            .call_seeing_events(move |conn| {
                 load(conn, id)?;
                 let seq: Option<i64> = conn
                     .query_row(
-                        "SELECT max(seq) FROM events WHERE session_id = ?1",
+                        "SELECT max(last_seq) FROM event_chunks WHERE session_id = ?1",
                         [id.to_string()],
                         |r| r.get(0),
                     )

@@ -124,15 +124,27 @@ pub(super) fn outcome_row(r: &Row<'_>) -> rusqlite::Result<OutcomeRecord> {
     })
 }
 
-/// The counter column an outcome adds to.
-pub(super) fn counter(o: &ResourceOutcome) -> &'static str {
+/// The statement counting one outcome on its open session: static text, so nothing is
+/// formatted per outcome.
+pub(super) fn count_outcome_sql(o: &ResourceOutcome) -> &'static str {
+    macro_rules! count {
+        ($c:literal) => {
+            concat!(
+                "UPDATE sessions SET ",
+                $c,
+                " = ",
+                $c,
+                " + 1 WHERE id = ?1 AND finalizing IS NULL"
+            )
+        };
+    }
     match o {
-        ResourceOutcome::Succeeded => "succeeded",
-        ResourceOutcome::Failed { .. } => "failed",
-        ResourceOutcome::Panicked { .. } => "panicked",
-        ResourceOutcome::TimedOut => "timed_out",
-        ResourceOutcome::Cancelled => "cancelled",
-        ResourceOutcome::Lost => "lost",
+        ResourceOutcome::Succeeded => count!("succeeded"),
+        ResourceOutcome::Failed { .. } => count!("failed"),
+        ResourceOutcome::Panicked { .. } => count!("panicked"),
+        ResourceOutcome::TimedOut => count!("timed_out"),
+        ResourceOutcome::Cancelled => count!("cancelled"),
+        ResourceOutcome::Lost => count!("lost"),
     }
 }
 
