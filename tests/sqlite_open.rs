@@ -31,17 +31,22 @@ fn new_session(
     }
 }
 
+/// Event `seq` of session `id`.
+fn event(id: harvest_supervisor::SessionId, seq: u64) -> harvest_supervisor::SessionEvent {
+    harvest_supervisor::SessionEvent {
+        seq,
+        at: chrono::Utc::now(),
+        session_id: id,
+        harvester_id: "csw".into(),
+        kind: harvest_supervisor::EventKind::MonitorCancelled,
+    }
+}
+
 /// Appends events 1..=n to session `id` (without waiting for their commit).
 fn append_events(store: &SqliteStore, id: harvest_supervisor::SessionId, n: u64) {
     for seq in 1..=n {
         store
-            .append_event(&std::sync::Arc::new(harvest_supervisor::SessionEvent {
-                seq,
-                at: chrono::Utc::now(),
-                session_id: id,
-                harvester_id: "csw".into(),
-                kind: harvest_supervisor::EventKind::MonitorCancelled,
-            }))
+            .append_event(&std::sync::Arc::new(event(id, seq)))
             .expect("append");
     }
 }
@@ -264,23 +269,11 @@ async fn reading_events_sees_every_append_before_it_across_chunks_and_sessions()
     // one batch holds more than a chunk's worth of one session interleaved with another's.
     for seq in 1..=700 {
         store
-            .append_event(&std::sync::Arc::new(harvest_supervisor::SessionEvent {
-                seq,
-                at: chrono::Utc::now(),
-                session_id: a,
-                harvester_id: "csw".into(),
-                kind: harvest_supervisor::EventKind::AbortRequested,
-            }))
+            .append_event(&std::sync::Arc::new(event(a, seq)))
             .expect("append a");
         if seq % 3 == 0 {
             store
-                .append_event(&std::sync::Arc::new(harvest_supervisor::SessionEvent {
-                    seq: seq / 3,
-                    at: chrono::Utc::now(),
-                    session_id: b,
-                    harvester_id: "csw".into(),
-                    kind: harvest_supervisor::EventKind::AbortRequested,
-                }))
+                .append_event(&std::sync::Arc::new(event(b, seq / 3)))
                 .expect("append b");
         }
     }
@@ -313,15 +306,7 @@ async fn a_version_1_file_is_migrated_in_place_and_keeps_its_sessions_and_events
         store.close().await.expect("close");
     }
     // Make it what version 1 wrote: no config column, one row per event, user_version 1.
-    let old_events: Vec<harvest_supervisor::SessionEvent> = (1..=3)
-        .map(|seq| harvest_supervisor::SessionEvent {
-            seq,
-            at: chrono::Utc::now(),
-            session_id: id,
-            harvester_id: "csw".into(),
-            kind: harvest_supervisor::EventKind::AbortRequested,
-        })
-        .collect();
+    let old_events: Vec<_> = (1..=3).map(|seq| event(id, seq)).collect();
     {
         let conn = rusqlite::Connection::open(&path).expect("open");
         conn.execute_batch(
