@@ -293,6 +293,71 @@ async fn reading_events_sees_every_append_before_it_across_chunks_and_sessions()
 }
 
 #[tokio::test]
+async fn outcomes_sent_before_a_claim_count_and_those_after_it_are_refused() {
+    use harvest_supervisor::{FinalizeReason, OutcomeRecord, ResourceOutcome};
+    let dir = tempfile::tempdir().expect("dir");
+    let store = SqliteStore::open(dir.path().join("claim.db"))
+        .await
+        .expect("open");
+    let id = harvest_supervisor::SessionId::new();
+    let resources: Vec<harvest_supervisor::ResourceId> =
+        (0..200).map(|i| format!("r{i}").into()).collect();
+    store
+        .create_session(new_session(id, resources.clone()))
+        .await
+        .expect("create");
+    let record = |r: &harvest_supervisor::ResourceId, i: usize| OutcomeRecord {
+        resource_id: r.clone(),
+        outcome: if i % 4 == 0 {
+            ResourceOutcome::Failed { error: "no".into() }
+        } else {
+            ResourceOutcome::Succeeded
+        },
+        attempts: 1,
+        elapsed: Duration::from_millis(1),
+    };
+    // Sent in this order without waiting, so most land in one batch of the writer: the
+    // claim in the middle of a run of outcomes.
+    let (before, after) = resources.split_at(100);
+    let early = futures::future::join_all(
+        before
+            .iter()
+            .enumerate()
+            .map(|(i, r)| store.record_outcome(id, record(r, i))),
+    );
+    let claim = store.claim_finalization(id, FinalizeReason::Completed);
+    let late = futures::future::join_all(
+        after
+            .iter()
+            .enumerate()
+            .map(|(i, r)| store.record_outcome(id, record(r, i))),
+    );
+    let (early, claim, late) = tokio::join!(early, claim, late);
+    assert!(early.iter().all(Result::is_ok), "{early:?}");
+    let claimed = match claim.expect("claim") {
+        harvest_supervisor::store::Claim::Claimed(before) => before,
+        other => panic!("expected the claim, got {other:?}"),
+    };
+    assert_eq!(
+        claimed.counts.total(),
+        100,
+        "the claim sees every earlier outcome"
+    );
+    assert_eq!((claimed.counts.succeeded, claimed.counts.failed), (75, 25));
+    assert!(
+        late.iter()
+            .all(|r| matches!(r, Err(StoreError::Finalizing { .. }))),
+        "{late:?}"
+    );
+    assert_eq!(store.outcomes(id).await.expect("outcomes").len(), 100);
+    assert_eq!(
+        store.session(id).await.expect("session").counts.total(),
+        100
+    );
+    store.close().await.expect("close");
+}
+
+#[tokio::test]
 async fn a_version_1_file_is_migrated_in_place_and_keeps_its_sessions_and_events() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("v1.db");

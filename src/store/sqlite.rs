@@ -12,6 +12,7 @@
 //! its commit). Events are appended without waiting; those not yet committed (at most
 //! `commit_delay` worth) can be lost. [`SqliteStore::flush`] is a barrier.
 
+mod batch;
 mod rows;
 mod schema;
 mod writer;
@@ -33,8 +34,8 @@ use crate::store::{
     Claim, Completed, Completion, NewSession, SessionPage, SessionQuery, SessionStore,
 };
 use rows::{
-    RECORD_COLUMNS, backend, count, count_outcome_sql, insert_outcome, load, nanos, outcome_row,
-    record, text, usize_of,
+    RECORD_COLUMNS, backend, count, insert_outcome, load, nanos, outcome_row, record, text,
+    usize_of,
 };
 use writer::Writer;
 
@@ -299,21 +300,7 @@ impl SessionStore for SqliteStore {
         id: SessionId,
         outcome: OutcomeRecord,
     ) -> Result<(), StoreError> {
-        self.writer
-            .call(move |conn| {
-                let sid = id.to_string();
-                let open = conn
-                    .prepare_cached(count_outcome_sql(&outcome.outcome))
-                    .and_then(|mut s| s.execute([&sid]))
-                    .map_err(backend)?;
-                if open == 0 {
-                    load(conn, id)?;
-                    return Err(StoreError::Finalizing { session_id: id });
-                }
-                insert_outcome(conn, &sid, &outcome).map_err(backend)?;
-                Ok(())
-            })
-            .await
+        self.writer.outcome(id, outcome).await
     }
 
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {

@@ -124,30 +124,6 @@ pub(super) fn outcome_row(r: &Row<'_>) -> rusqlite::Result<OutcomeRecord> {
     })
 }
 
-/// The statement counting one outcome on its open session: static text, so nothing is
-/// formatted per outcome.
-pub(super) fn count_outcome_sql(o: &ResourceOutcome) -> &'static str {
-    macro_rules! count {
-        ($c:literal) => {
-            concat!(
-                "UPDATE sessions SET ",
-                $c,
-                " = ",
-                $c,
-                " + 1 WHERE id = ?1 AND finalizing IS NULL"
-            )
-        };
-    }
-    match o {
-        ResourceOutcome::Succeeded => count!("succeeded"),
-        ResourceOutcome::Failed { .. } => count!("failed"),
-        ResourceOutcome::Panicked { .. } => count!("panicked"),
-        ResourceOutcome::TimedOut => count!("timed_out"),
-        ResourceOutcome::Cancelled => count!("cancelled"),
-        ResourceOutcome::Lost => count!("lost"),
-    }
-}
-
 pub(super) fn insert_outcome(
     conn: &Connection,
     id: &str,

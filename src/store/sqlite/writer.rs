@@ -9,16 +9,15 @@
 //! most a crash can lose of the audit trail (and never anything acknowledged: use
 //! `flush` as a barrier).
 //!
-//! Events are the bulk of the writes (two or more per resource), so a batch's events of one
-//! session are written as one row of `event_chunks` (JSON lines, at most [`CHUNK_EVENTS`]),
-//! not one row each: a row and its index entry per event cost a third of a durable
-//! session's time. A job that reads events is marked ([`Writer::call_seeing_events`]); the
-//! chunks gathered so far are written before it runs, so it sees every event sent before
-//! it.
+//! Events and outcomes are the bulk of the writes, so they are not opaque jobs: a batch's
+//! events of one session become one row of `event_chunks` (JSON lines), and its outcomes
+//! one insert each plus one counter update per session (see [`super::batch`]). What was
+//! gathered is written before any job runs (counts, which any job may read) or before a
+//! job marked as reading events ([`Writer::call_seeing_events`]), so every job still sees
+//! everything sent before it.
 //!
 //! Blocking I/O never runs on the async runtime: callers only send and await an answer.
 
-use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -26,16 +25,14 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use crate::error::StoreError;
-use crate::model::SessionId;
+use crate::model::{OutcomeRecord, SessionId};
+use crate::store::sqlite::batch::{Chunks, Tallies};
 
 /// Most operations in one transaction: bounds the latency a batch adds to its first job.
 pub(crate) const MAX_BATCH: usize = 4096;
 
 /// Operations queued at most; a full queue makes senders wait (backpressure from the disk).
 pub(crate) const QUEUE: usize = 16 * 1024;
-
-/// Most events in one `event_chunks` row.
-pub(crate) const CHUNK_EVENTS: usize = 256;
 
 /// What to do after the batch's commit: answer the caller with the job's result, or with
 /// the commit's error.
@@ -48,6 +45,12 @@ type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Answer) + Send>;
 pub(crate) enum Command {
     /// An operation whose caller waits for the answer; `true` if it reads events.
     Job(Job, bool),
+    /// A final outcome to record; answered after the commit.
+    Outcome(
+        SessionId,
+        OutcomeRecord,
+        oneshot::Sender<Result<(), StoreError>>,
+    ),
     /// An event (its session, seq and JSON) to append; nobody waits.
     Event(SessionId, i64, String),
     /// Answer once everything sent before is committed.
@@ -116,6 +119,18 @@ impl Writer {
             (ok, answer)
         });
         self.send(Command::Job(job, sees_events))?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records a final outcome in the next batch; answers after the commit. Fails with
+    /// `Finalizing` once the session is claimed for finalization.
+    pub(crate) async fn outcome(
+        &self,
+        id: SessionId,
+        outcome: OutcomeRecord,
+    ) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Outcome(id, outcome, reply))?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -208,80 +223,14 @@ fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
-/// One session's events of one batch, on their way to one `event_chunks` row.
-struct Chunk {
-    session: SessionId,
-    first: i64,
-    last: i64,
-    count: usize,
-    /// JSON lines (serde_json escapes newlines inside strings, so a line is an event).
-    body: String,
-}
-
-/// The chunks a batch is gathering, at most one open per session.
-#[derive(Default)]
-struct Chunks {
-    chunks: Vec<Chunk>,
-    open: HashMap<SessionId, usize>,
-}
-
-impl Chunks {
-    fn add(&mut self, session: SessionId, seq: i64, body: &str) {
-        if let Some(&at) = self.open.get(&session)
-            && let Some(chunk) = self.chunks.get_mut(at)
-            && chunk.count < CHUNK_EVENTS
-            && seq > chunk.last
-        {
-            chunk.body.push('\n');
-            chunk.body.push_str(body);
-            chunk.last = seq;
-            chunk.count += 1;
-            return;
-        }
-        self.open.insert(session, self.chunks.len());
-        self.chunks.push(Chunk {
-            session,
-            first: seq,
-            last: seq,
-            count: 1,
-            body: body.to_owned(),
-        });
-    }
-
-    /// Writes the gathered chunks (inside the batch's transaction).
-    fn write(&mut self, conn: &Connection) {
-        self.open.clear();
-        for chunk in self.chunks.drain(..) {
-            let inserted = conn
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO event_chunks (session_id, first_seq, last_seq, body) \
-                     VALUES (?1, ?2, ?3, ?4)",
-                )
-                .and_then(|mut s| {
-                    s.execute((
-                        chunk.session.to_string(),
-                        chunk.first,
-                        chunk.last,
-                        &chunk.body,
-                    ))
-                });
-            if let Err(e) = inserted {
-                tracing::warn!(
-                    error = %e,
-                    session = %chunk.session,
-                    first_seq = chunk.first,
-                    last_seq = chunk.last,
-                    "store: could not write events"
-                );
-            }
-        }
-    }
-}
-
 fn commit(conn: &Connection, batch: &mut Vec<Command>) {
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+    let mut recorded = Vec::new();
     let mut flushes = Vec::new();
     let mut chunks = Chunks::default();
+    let mut tallies = Tallies::default();
+    // A gathered write that failed: the batch rolls back rather than commit half of it.
+    let mut failed: Option<String> = None;
     let begun = conn.execute_batch("BEGIN IMMEDIATE");
     if let Err(e) = &begun {
         tracing::error!(error = %e, "store: could not begin a transaction");
@@ -290,6 +239,9 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
         match command {
             Command::Job(job, _) if begun.is_err() => answers.push(job(None).1),
             Command::Job(job, sees_events) => {
+                if let Err(e) = tallies.write(conn) {
+                    failed.get_or_insert(e.to_string());
+                }
                 if sees_events {
                     chunks.write(conn);
                 }
@@ -312,6 +264,12 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
                 }
                 answers.push(answer);
             }
+            Command::Outcome(_, _, reply) if begun.is_err() => {
+                let _ = reply.send(Err(StoreError::Closed));
+            }
+            Command::Outcome(id, outcome, reply) => {
+                recorded.push((reply, tallies.record(conn, id, &outcome)));
+            }
             Command::Event(..) if begun.is_err() => {}
             Command::Event(session, seq, body) => chunks.add(session, seq, &body),
             Command::Flush(reply) => flushes.push(reply),
@@ -321,22 +279,37 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
     }
     if begun.is_ok() {
         chunks.write(conn);
+        if let Err(e) = tallies.write(conn) {
+            failed.get_or_insert(e.to_string());
+        }
     }
-    let committed = match begun {
-        Ok(()) => conn.execute_batch("COMMIT").map_err(|e| {
+    let committed = match (begun, failed) {
+        (Ok(()), None) => conn.execute_batch("COMMIT").map_err(|e| {
             // Leave no half transaction behind for the next batch.
             let _ = conn.execute_batch("ROLLBACK");
             e.to_string()
         }),
-        Err(e) => Err(e.to_string()),
+        (Ok(()), Some(e)) => {
+            tracing::error!(error = %e, "store: could not count outcomes; rolling back the batch");
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+        (Err(e), _) => Err(e.to_string()),
     };
     let error = committed.err();
+    let commit_failed = |e: &str| StoreError::Backend(format!("commit failed: {e}").into());
     for answer in answers {
         answer(error.as_deref());
     }
+    for (reply, result) in recorded {
+        let _ = reply.send(match &error {
+            Some(e) => Err(commit_failed(e)),
+            None => result,
+        });
+    }
     for reply in flushes {
         let _ = reply.send(match &error {
-            Some(e) => Err(StoreError::Backend(format!("commit failed: {e}").into())),
+            Some(e) => Err(commit_failed(e)),
             None => Ok(()),
         });
     }

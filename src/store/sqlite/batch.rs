@@ -1,0 +1,167 @@
+//! What one batch gathers before writing it: events into chunk rows, and outcome counts
+//! into one counter update per session.
+//!
+//! Both are written inside the batch's transaction, before anything that could read them
+//! (see `writer`), so batching changes how many rows and statements a commit costs, never
+//! what a reader sees or what a crash can lose.
+
+use std::collections::HashMap;
+
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::error::StoreError;
+use crate::model::{OutcomeCounts, OutcomeRecord, SessionId};
+use crate::store::sqlite::rows::{backend, insert_outcome};
+
+/// Most events in one `event_chunks` row.
+pub(crate) const CHUNK_EVENTS: usize = 256;
+
+/// One session's events of one batch, on their way to one `event_chunks` row.
+struct Chunk {
+    session: SessionId,
+    first: i64,
+    last: i64,
+    count: usize,
+    /// JSON lines (serde_json escapes newlines inside strings, so a line is an event).
+    body: String,
+}
+
+/// The chunks a batch is gathering, at most one open per session.
+#[derive(Default)]
+pub(super) struct Chunks {
+    chunks: Vec<Chunk>,
+    open: HashMap<SessionId, usize>,
+}
+
+impl Chunks {
+    pub(super) fn add(&mut self, session: SessionId, seq: i64, body: &str) {
+        if let Some(&at) = self.open.get(&session)
+            && let Some(chunk) = self.chunks.get_mut(at)
+            && chunk.count < CHUNK_EVENTS
+            && seq > chunk.last
+        {
+            chunk.body.push('\n');
+            chunk.body.push_str(body);
+            chunk.last = seq;
+            chunk.count += 1;
+            return;
+        }
+        self.open.insert(session, self.chunks.len());
+        self.chunks.push(Chunk {
+            session,
+            first: seq,
+            last: seq,
+            count: 1,
+            body: body.to_owned(),
+        });
+    }
+
+    /// Writes the gathered chunks (inside the batch's transaction).
+    pub(super) fn write(&mut self, conn: &Connection) {
+        self.open.clear();
+        for chunk in self.chunks.drain(..) {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO event_chunks (session_id, first_seq, last_seq, body) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                )
+                .and_then(|mut s| {
+                    s.execute((
+                        chunk.session.to_string(),
+                        chunk.first,
+                        chunk.last,
+                        &chunk.body,
+                    ))
+                });
+            if let Err(e) = inserted {
+                tracing::warn!(
+                    error = %e,
+                    session = %chunk.session,
+                    first_seq = chunk.first,
+                    last_seq = chunk.last,
+                    "store: could not write events"
+                );
+            }
+        }
+    }
+}
+
+/// Outcomes recorded in this batch, counted per session until the counters are written.
+///
+/// Recording an outcome is one insert; the session's counters get one update per batch,
+/// and whether the session is still open (not claimed for finalization) is read once per
+/// batch, not once per outcome.
+#[derive(Default)]
+pub(super) struct Tallies {
+    sessions: HashMap<SessionId, Tally>,
+}
+
+struct Tally {
+    /// Not claimed for finalization when this batch first looked (no job ran since).
+    open: bool,
+    counts: OutcomeCounts,
+}
+
+impl Tallies {
+    /// Records `outcome` on session `id` unless the session is claimed for finalization.
+    pub(super) fn record(
+        &mut self,
+        conn: &Connection,
+        id: SessionId,
+        outcome: &OutcomeRecord,
+    ) -> Result<(), StoreError> {
+        let sid = id.to_string();
+        let tally = match self.sessions.get_mut(&id) {
+            Some(tally) => tally,
+            None => {
+                let finalizing: Option<Option<String>> = conn
+                    .prepare_cached("SELECT finalizing FROM sessions WHERE id = ?1")
+                    .and_then(|mut s| s.query_row([&sid], |r| r.get(0)).optional())
+                    .map_err(backend)?;
+                let Some(finalizing) = finalizing else {
+                    return Err(StoreError::UnknownSession { session_id: id });
+                };
+                self.sessions.entry(id).or_insert(Tally {
+                    open: finalizing.is_none(),
+                    counts: OutcomeCounts::default(),
+                })
+            }
+        };
+        if !tally.open {
+            return Err(StoreError::Finalizing { session_id: id });
+        }
+        // One statement: it succeeds or changes nothing. A duplicate is ignored and not
+        // counted twice.
+        if insert_outcome(conn, &sid, outcome).map_err(backend)? == 1 {
+            tally.counts.add(&outcome.outcome);
+        }
+        Ok(())
+    }
+
+    /// Adds the counts to the sessions' counters and forgets what it knew: the next job
+    /// may claim a session, so openness is read again afterwards.
+    pub(super) fn write(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        for (id, tally) in self.sessions.drain() {
+            let c = tally.counts;
+            if c.total() == 0 {
+                continue;
+            }
+            let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+            conn.prepare_cached(
+                "UPDATE sessions SET succeeded = succeeded + ?2, failed = failed + ?3, \
+                 panicked = panicked + ?4, timed_out = timed_out + ?5, \
+                 cancelled = cancelled + ?6, lost = lost + ?7 WHERE id = ?1",
+            )?
+            .execute((
+                id.to_string(),
+                n(c.succeeded),
+                n(c.failed),
+                n(c.panicked),
+                n(c.timed_out),
+                n(c.cancelled),
+                n(c.lost),
+            ))?;
+        }
+        Ok(())
+    }
+}
