@@ -34,8 +34,8 @@ use crate::store::{
     Claim, Completed, Completion, NewSession, SessionPage, SessionQuery, SessionStore,
 };
 use rows::{
-    RECORD_COLUMNS, backend, count, insert_outcome, load, nanos, outcome_row, record, text,
-    usize_of,
+    EventLine, RECORD_COLUMNS, backend, count, event_of_line, insert_outcome, load, nanos,
+    outcome_row, record, text, usize_of,
 };
 use writer::Writer;
 
@@ -354,7 +354,8 @@ impl SessionStore for SqliteStore {
     }
 
     fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError> {
-        let body = serde_json::to_string(&**event).map_err(|e| StoreError::Backend(Box::new(e)))?;
+        let body = serde_json::to_string(&EventLine::from(&**event))
+            .map_err(|e| StoreError::Backend(Box::new(e)))?;
         let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
         self.writer.event(event.session_id, seq, body)
     }
@@ -362,7 +363,7 @@ impl SessionStore for SqliteStore {
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
         self.writer
             .call_seeing_events(move |conn| {
-                load(conn, id)?;
+                let harvester_id = load(conn, id)?.harvester_id;
                 let mut s = conn
                     .prepare_cached(
                         "SELECT body FROM event_chunks WHERE session_id = ?1 ORDER BY first_seq",
@@ -375,8 +376,7 @@ impl SessionStore for SqliteStore {
                 for body in rows {
                     let body = body.map_err(backend)?;
                     for line in body.lines() {
-                        let event: SessionEvent = serde_json::from_str(line)
-                            .map_err(|e| StoreError::Backend(Box::new(e)))?;
+                        let event = event_of_line(line, id, &harvester_id)?;
                         // In seq order, once each, whatever chunks overlap.
                         if events.last().is_none_or(|last| event.seq > last.seq) {
                             events.push(event);

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::error::StoreError;
+use crate::events::{EventKind, SessionEvent};
 use crate::model::{
     HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome, SessionId,
     SessionRecord,
@@ -135,4 +136,49 @@ pub(super) fn insert_outcome(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![id, o.resource_id.as_str(), name, detail, o.attempts, nanos(o.elapsed)])
+}
+
+/// One line of an `event_chunks` row: the event without the session and harvester ids,
+/// which the row and the session already hold (a third of the bytes of an event).
+#[derive(serde::Serialize)]
+pub(super) struct EventLine<'a> {
+    seq: u64,
+    at: &'a DateTime<Utc>,
+    #[serde(flatten)]
+    kind: &'a EventKind,
+}
+
+impl<'a> From<&'a SessionEvent> for EventLine<'a> {
+    fn from(e: &'a SessionEvent) -> Self {
+        Self {
+            seq: e.seq,
+            at: &e.at,
+            kind: &e.kind,
+        }
+    }
+}
+
+/// An event line read back (lines of schema v2, which held both ids, read the same).
+#[derive(serde::Deserialize)]
+struct ReadLine {
+    seq: u64,
+    at: DateTime<Utc>,
+    #[serde(flatten)]
+    kind: EventKind,
+}
+
+/// The event of `line`, stored for session `session_id` of harvester `harvester_id`.
+pub(super) fn event_of_line(
+    line: &str,
+    session_id: SessionId,
+    harvester_id: &HarvesterId,
+) -> Result<SessionEvent, StoreError> {
+    let l: ReadLine = serde_json::from_str(line).map_err(|e| StoreError::Backend(Box::new(e)))?;
+    Ok(SessionEvent {
+        seq: l.seq,
+        at: l.at,
+        session_id,
+        harvester_id: harvester_id.clone(),
+        kind: l.kind,
+    })
 }
