@@ -91,8 +91,12 @@ impl Actor for SessionActor {
         message: SessionMessage,
         s: &mut Session,
     ) -> Result<(), ActorProcessingErr> {
+        // Messages are rare (deadline, abort, retries, shutdown); worker exits are not.
+        // Boxed, this handler's future stays out of the mailbox loop that ractor allocates
+        // once per actor and sizes for every handler's future at once: that loop is most
+        // of an idle session's own memory.
         let span = s.shared.emitter.span().clone();
-        in_span!(&span, on_message(&myself, message, s))
+        Box::pin(async move { in_span!(&span, on_message(&myself, message, s)) }).await
     }
 
     // Never the default: it would stop the session whenever a worker exits.
@@ -263,6 +267,16 @@ async fn finalize(
     if s.st.phase == Phase::Finalized {
         return Ok(());
     }
+    // Once per session, and a large future: boxed, it does not enlarge every handler that
+    // might finalize (see `handle`).
+    Box::pin(finalize_now(myself, s, reason)).await
+}
+
+async fn finalize_now(
+    myself: &ActorRef<SessionMessage>,
+    s: &mut Session,
+    reason: FinalizeReason,
+) -> Result<(), ActorProcessingErr> {
     s.st.phase = Phase::Finalized;
     s.shared.cancel.cancel();
     // Every outcome write must be answered first: a failed one is reconciled from memory.
@@ -300,7 +314,12 @@ fn stop_monitor(s: &mut Session, announce: bool) {
     }
 }
 
+/// Spawns the monitor (boxed: rare, and ractor's spawn future is large; see `handle`).
 async fn spawn_monitor(myself: &ActorRef<SessionMessage>, s: &mut Session) {
+    Box::pin(spawn_monitor_now(myself, s)).await;
+}
+
+async fn spawn_monitor_now(myself: &ActorRef<SessionMessage>, s: &mut Session) {
     let args = MonitorArgs {
         shared: Arc::clone(&s.shared),
         session: myself.clone(),

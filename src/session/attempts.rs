@@ -44,7 +44,16 @@ pub(super) async fn start_worker(
         first_started,
         started,
     };
-    match Actor::spawn_linked(None, ResourceWorker, args, myself.get_cell()).await {
+    // Boxed: ractor's spawn future is the largest part of the worker-exit handler, and
+    // ractor's mailbox loop holds that handler's future twice, for the session's whole
+    // life. A small short-lived box per attempt buys ~2 KiB less per idle session.
+    let spawn = Box::pin(Actor::spawn_linked(
+        None,
+        ResourceWorker,
+        args,
+        myself.get_cell(),
+    ));
+    match spawn.await {
         Ok((worker, _)) => {
             let slot = Slot {
                 index,
@@ -58,13 +67,16 @@ pub(super) async fn start_worker(
         Err(e) => {
             // Could not even start: a failed attempt of this resource, not of the session.
             let error = format!("could not spawn the worker: {e}");
-            on_attempt(
+            let next = on_attempt(
                 myself,
                 s,
                 (index, attempt, times),
                 Ended::SpawnFailed(error),
-            )
-            .await
+            );
+            match next {
+                Some(reason) => finalize(myself, s, reason).await,
+                None => Ok(()),
+            }
         }
     }
 }
@@ -74,55 +86,71 @@ pub(super) async fn on_child_event(
     event: SupervisionEvent,
     s: &mut Session,
 ) -> Result<(), ActorProcessingErr> {
-    let is_monitor = |cell: &ractor::ActorCell| {
-        s.st.monitor
-            .as_ref()
-            .is_some_and(|m| m.get_id() == cell.get_id())
+    // Everything up to the awaits is synchronous, so the locals it needs never live in
+    // this handler's future: ractor keeps that future, twice over, in every session's
+    // mailbox loop for the session's whole life.
+    let next = match child_exit(event, s) {
+        Exit::Worker(slot, ended) => on_attempt(myself, s, slot, ended),
+        Exit::Monitor(None) | Exit::Other => return Ok(()),
+        Exit::Monitor(Some(error)) => {
+            s.shared.emitter.emit(EventKind::MonitorRestarted { error });
+            spawn_monitor(myself, s).await;
+            return Ok(());
+        }
     };
-    match event {
-        SupervisionEvent::ActorTerminated(cell, final_state, _) => {
-            if is_monitor(&cell) {
-                s.st.monitor = None;
-                return Ok(());
-            }
-            let Some(slot) = s.st.in_flight.remove(&cell.get_id()) else {
-                return Ok(());
-            };
-            let result = final_state
-                .and_then(|mut b| b.take::<WorkerState>().ok())
-                .and_then(|w| w.result)
-                .unwrap_or_else(|| {
-                    AttemptResult::Failed("the worker stopped without a report".into())
-                });
-            on_attempt(
-                myself,
-                s,
-                (slot.index, slot.attempt, slot.times),
-                Ended::Report(result),
-            )
-            .await?;
-            advance(myself, s).await
-        }
-        SupervisionEvent::ActorFailed(cell, error) => {
-            if is_monitor(&cell) {
-                s.st.monitor = None;
-                if s.st.phase != Phase::Finalized {
-                    s.shared.emitter.emit(EventKind::MonitorRestarted {
-                        error: error.to_string(),
-                    });
-                    spawn_monitor(myself, s).await;
-                }
-                return Ok(());
-            }
-            let Some(slot) = s.st.in_flight.remove(&cell.get_id()) else {
-                return Ok(());
-            };
-            let panicked = Ended::Panicked(error.to_string());
-            on_attempt(myself, s, (slot.index, slot.attempt, slot.times), panicked).await?;
-            advance(myself, s).await
-        }
-        _ => Ok(()),
+    if s.st.writes.over_limit() {
+        s.st.writes.throttle().await;
+        s.st.settle_writes(&s.shared.emitter);
     }
+    if let Some(reason) = next {
+        return finalize(myself, s, reason).await;
+    }
+    advance(myself, s).await
+}
+
+/// Which child exited, and how.
+enum Exit {
+    /// A worker's attempt ended.
+    Worker((usize, u32, Times), Ended),
+    /// The monitor stopped (`None`) or crashed and must be restarted (`Some(error)`).
+    Monitor(Option<String>),
+    /// Not a child exit, or one this session no longer tracks.
+    Other,
+}
+
+fn child_exit(event: SupervisionEvent, s: &mut Session) -> Exit {
+    let (cell, ended) = match event {
+        SupervisionEvent::ActorTerminated(cell, final_state, _) => {
+            let ended = move || {
+                let result = final_state
+                    .and_then(|mut b| b.take::<WorkerState>().ok())
+                    .and_then(|w| w.result)
+                    .unwrap_or_else(|| {
+                        AttemptResult::Failed("the worker stopped without a report".into())
+                    });
+                Ended::Report(result)
+            };
+            (cell, Err(ended))
+        }
+        SupervisionEvent::ActorFailed(cell, error) => (cell, Ok(error.to_string())),
+        _ => return Exit::Other,
+    };
+    let id = cell.get_id();
+    if s.st.monitor.as_ref().is_some_and(|m| m.get_id() == id) {
+        s.st.monitor = None;
+        return match ended {
+            Ok(error) if s.st.phase != Phase::Finalized => Exit::Monitor(Some(error)),
+            _ => Exit::Monitor(None),
+        };
+    }
+    let Some(slot) = s.st.in_flight.remove(&id) else {
+        return Exit::Other;
+    };
+    let ended = match ended {
+        Err(report) => report(),
+        Ok(panic_message) => Ended::Panicked(panic_message),
+    };
+    Exit::Worker((slot.index, slot.attempt, slot.times), ended)
 }
 
 /// How an attempt ended, as the session learns it.
@@ -135,20 +163,19 @@ enum Ended {
     SpawnFailed(String),
 }
 
-/// One attempt ended: schedule its retry, or record its final outcome (finalizing on
-/// `FailFast`). The caller then calls [`advance`].
-async fn on_attempt(
+/// One attempt ended: schedule its retry, or record its final outcome. Returns the reason
+/// to finalize now (`FailFast`), if any. The caller then throttles the writes, and calls
+/// [`advance`] (or finalizes).
+fn on_attempt(
     myself: &ActorRef<SessionMessage>,
     s: &mut Session,
     (index, attempt, times): (usize, u32, Times),
     ended: Ended,
-) -> Result<(), ActorProcessingErr> {
+) -> Option<FinalizeReason> {
     if s.st.phase == Phase::Finalized {
-        return Ok(());
+        return None;
     }
-    let Some(resource_id) = s.shared.resources.get(index).cloned() else {
-        return Ok(());
-    };
+    let resource_id = s.shared.resources.get(index).cloned()?;
     let now = Instant::now();
     let outcome = match ended {
         Ended::Report(AttemptResult::Succeeded) => ResourceOutcome::Succeeded,
@@ -193,7 +220,7 @@ async fn on_attempt(
                 timer,
             },
         );
-        return Ok(());
+        return None;
     }
 
     let failed = !outcome.is_success();
@@ -204,17 +231,13 @@ async fn on_attempt(
         elapsed: now.saturating_duration_since(first_started),
     };
     s.st.writes
-        .submit(&s.shared.deps.store, s.shared.id, record)
-        .await;
+        .submit(&s.shared.deps.store, s.shared.id, record);
     s.st.settle_writes(&s.shared.emitter);
     s.st.done += 1;
-    if failed
+    let fail_fast = failed
         && s.st.phase == Phase::Running
-        && s.shared.config.failure_policy == FailurePolicy::FailFast
-    {
-        return finalize(myself, s, FinalizeReason::FailFast).await;
-    }
-    Ok(())
+        && s.shared.config.failure_policy == FailurePolicy::FailFast;
+    fail_fast.then_some(FinalizeReason::FailFast)
 }
 
 fn emit_attempt(

@@ -35,8 +35,10 @@ pub(crate) struct OutcomeWrites {
 
 impl OutcomeWrites {
     /// Submits the write of `record`, and moves every write answered by now (with the
-    /// memory store, this one at once) to [`Self::answered`].
-    pub(crate) async fn submit(
+    /// memory store, this one at once) to [`Self::answered`]. Never waits: call
+    /// [`Self::throttle`] next. (Synchronous so that the worker-exit handler, which runs
+    /// once per resource, keeps a small future.)
+    pub(crate) fn submit(
         &mut self,
         store: &Arc<dyn SessionStore>,
         id: SessionId,
@@ -60,9 +62,18 @@ impl OutcomeWrites {
         while let Some(Some(done)) = self.pending.next().now_or_never() {
             answered.push(done);
         }
+    }
+
+    /// Whether [`Self::throttle`] has anything to wait for.
+    pub(crate) fn over_limit(&self) -> bool {
+        self.pending.len() > MAX_IN_FLIGHT
+    }
+
+    /// Waits for the oldest writes while more than [`MAX_IN_FLIGHT`] are unanswered.
+    pub(crate) async fn throttle(&mut self) {
         while self.pending.len() > MAX_IN_FLIGHT {
             match self.pending.next().await {
-                Some(done) => answered.push(done),
+                Some(done) => self.answered.push(done),
                 None => break,
             }
         }
