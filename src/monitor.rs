@@ -38,6 +38,12 @@ pub(crate) struct MonitorArgs {
 /// Mutable data of one monitor.
 pub(crate) struct MonitorState {
     args: MonitorArgs,
+    /// Copies of what every tick reads, kept here, in memory the tick touches anyway: with
+    /// thousands of idle sessions a tick's cost is the cold cache lines it touches, and
+    /// the session's shared part is not one of them on a quiet tick (10,000 idle
+    /// sessions: 4.15 -> 3.75 % of a core, medians of 6 alternating runs).
+    deadline: Instant,
+    lifecycle: Arc<crate::finalizer::Lifecycle>,
     /// This monitor's place on the supervisor's shared clock; leaves it when dropped.
     _clock: Registration,
     /// When `DeadlineExpired` was sent to the session.
@@ -46,10 +52,11 @@ pub(crate) struct MonitorState {
     claim_seen: Option<Instant>,
     /// Escalate once; the root takes it from there.
     escalated: bool,
-    /// Ticks handled, to space out reads of the store.
-    ticks: u64,
-    /// When the last `MonitorTick` event was emitted.
-    last_tick_event: Option<Instant>,
+    /// Ticks handled, to space out reads of the store and `MonitorTick` events.
+    ticks: u32,
+    /// A `MonitorTick` event every this many ticks (about [`TICK_EVENT_EVERY`]). A count,
+    /// not a time, keeps this state small: it lives in every idle session.
+    tick_event_every: u32,
 }
 
 impl Actor for MonitorActor {
@@ -72,13 +79,15 @@ impl Actor for MonitorActor {
                 .saturating_duration_since(Instant::now()),
         });
         Ok(MonitorState {
+            deadline: args.shared.deadline,
+            lifecycle: Arc::clone(&args.shared.lifecycle),
             args,
             _clock: clock,
             deadline_sent: None,
             claim_seen: None,
             escalated: false,
             ticks: 0,
-            last_tick_event: None,
+            tick_event_every: ticks_per_event(interval),
         })
     }
 
@@ -107,7 +116,7 @@ impl Actor for MonitorActor {
 }
 
 /// Ticks between two reads of the store when nothing else calls for one.
-const STORE_CHECK_EVERY: u64 = 10;
+const STORE_CHECK_EVERY: u32 = 10;
 
 /// `MonitorTick` events are written at most this often per session (and on the deadline):
 /// with a short interval and thousands of sessions, one event per tick would flood the
@@ -118,25 +127,31 @@ async fn check(
     myself: ActorRef<MonitorMessage>,
     state: &mut MonitorState,
 ) -> Result<(), ActorProcessingErr> {
-    let shared = Arc::clone(&state.args.shared);
     let now = Instant::now();
-    let remaining = shared.deadline.saturating_duration_since(now);
-    state.ticks += 1;
+    let remaining = state.deadline.saturating_duration_since(now);
+    state.ticks = state.ticks.wrapping_add(1);
     // The store is the authority; the lifecycle cell mirrors what this process wrote to
     // it. Read the store on the first tick, whenever a decision is due (the deadline has
     // passed, or a finalizer runs), and every few ticks otherwise. A failed read crashes
     // this monitor; its session restarts it.
-    let decide = remaining.is_zero() || shared.lifecycle.is_claimed();
+    let lifecycle = &state.lifecycle;
+    let decide = remaining.is_zero() || lifecycle.is_claimed();
     if state.ticks == 1 || decide || state.ticks % STORE_CHECK_EVERY == 0 {
+        let shared = &state.args.shared;
         let record = shared.deps.store.session(shared.id).await?;
-        shared.lifecycle.observe(&record);
+        lifecycle.observe(&record);
     }
-    if shared.lifecycle.is_terminal() {
+    if lifecycle.is_terminal() {
         myself.stop(None);
         return Ok(());
     }
+    if !decide && state.ticks % state.tick_event_every != 1 % state.tick_event_every {
+        // A quiet tick: nothing due, nothing to record.
+        return Ok(());
+    }
+    let shared = Arc::clone(&state.args.shared);
     let grace = shared.config.escalation_grace;
-    if shared.lifecycle.is_claimed() {
+    if lifecycle.is_claimed() {
         // The finalizer is running; ticks are no longer interesting, a hung finalizer is.
         let since = *state.claim_seen.get_or_insert(now);
         if now.duration_since(since) >= grace {
@@ -144,13 +159,7 @@ async fn check(
         }
         return Ok(());
     }
-    let tick_event_due = state
-        .last_tick_event
-        .is_none_or(|at| now.duration_since(at) >= TICK_EVENT_EVERY);
-    if tick_event_due || remaining.is_zero() {
-        shared.emitter.emit(EventKind::MonitorTick { remaining });
-        state.last_tick_event = Some(now);
-    }
+    shared.emitter.emit(EventKind::MonitorTick { remaining });
     if !remaining.is_zero() {
         return Ok(());
     }
@@ -174,6 +183,12 @@ async fn check(
         Some(_) => {}
     }
     Ok(())
+}
+
+/// How many ticks of `interval` make [`TICK_EVENT_EVERY`] (at least one).
+fn ticks_per_event(interval: std::time::Duration) -> u32 {
+    let every = TICK_EVENT_EVERY.as_nanos() / interval.as_nanos().max(1);
+    u32::try_from(every).unwrap_or(u32::MAX).max(1)
 }
 
 fn escalate(state: &mut MonitorState, waiting_for: &str) {

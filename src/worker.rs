@@ -96,23 +96,9 @@ async fn run_attempt(args: WorkerArgs) -> AttemptResult {
         // No limit to watch: await the harvest alone (a hang is the monitor's business).
         Some(harvest.await)
     } else {
-        let limit = async {
-            match resource_timeout {
-                Some(t) => tokio::time::sleep(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let idle = async {
-            match heartbeat_timeout {
-                Some(t) => idle_watch(&heartbeat, t).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            r = harvest => Some(r),
-            () = limit => None,
-            () = idle => None,
-        }
+        let hard = resource_timeout.and_then(|t| args.started.checked_add(t));
+        let silence = heartbeat_timeout.map(|t| (&heartbeat, t));
+        limited(harvest, hard, silence).await
     };
     match ended {
         Some(Ok(())) => AttemptResult::Succeeded,
@@ -122,13 +108,37 @@ async fn run_attempt(args: WorkerArgs) -> AttemptResult {
     }
 }
 
-/// Returns once the heartbeat has been silent for `limit`.
-async fn idle_watch(heartbeat: &Heartbeat, limit: Duration) {
-    loop {
-        let due = heartbeat.last() + limit;
-        if Instant::now() >= due {
-            return;
+/// Runs `harvest` until it ends (`Some`), or until `hard` passes or the heartbeat has been
+/// silent for its limit (`None`). One timer, moved on when a beat moves the silence
+/// deadline: a smaller future than one timer per limit, and this future lives as long as
+/// the attempt.
+async fn limited<F: Future>(
+    harvest: F,
+    hard: Option<Instant>,
+    silence: Option<(&Heartbeat, Duration)>,
+) -> Option<F::Output> {
+    let due = |hb: Option<(&Heartbeat, Duration)>| {
+        let quiet = hb.and_then(|(hb, limit)| hb.last().checked_add(limit));
+        match (hard, quiet) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        tokio::time::sleep_until(due).await;
+    };
+    let Some(first) = due(silence) else {
+        // Both limits are beyond the clock's range: no limit in practice.
+        return Some(harvest.await);
+    };
+    let timer = tokio::time::sleep_until(first);
+    tokio::pin!(harvest, timer);
+    loop {
+        tokio::select! {
+            r = &mut harvest => return Some(r),
+            () = &mut timer => {
+                match due(silence) {
+                    Some(at) if at > Instant::now() => timer.as_mut().reset(at),
+                    _ => return None,
+                }
+            }
+        }
     }
 }
