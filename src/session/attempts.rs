@@ -119,36 +119,34 @@ enum Exit {
 }
 
 fn child_exit(event: SupervisionEvent, s: &mut Session) -> Exit {
-    let (cell, ended) = match event {
-        SupervisionEvent::ActorTerminated(cell, final_state, _) => {
-            let ended = move || {
-                let result = final_state
-                    .and_then(|mut b| b.take::<WorkerState>().ok())
-                    .and_then(|w| w.result)
-                    .unwrap_or_else(|| {
-                        AttemptResult::Failed("the worker stopped without a report".into())
-                    });
-                Ended::Report(result)
-            };
-            (cell, Err(ended))
-        }
-        SupervisionEvent::ActorFailed(cell, error) => (cell, Ok(error.to_string())),
+    // `Ok`: the child stopped, with its final state; `Err`: it failed (a panic, or the
+    // monitor's error), with the message.
+    let (cell, ending) = match event {
+        SupervisionEvent::ActorTerminated(cell, final_state, _) => (cell, Ok(final_state)),
+        SupervisionEvent::ActorFailed(cell, error) => (cell, Err(error.to_string())),
         _ => return Exit::Other,
     };
     let id = cell.get_id();
     if s.st.monitor.as_ref().is_some_and(|m| m.get_id() == id) {
         s.st.monitor = None;
-        return match ended {
-            Ok(error) if s.st.phase != Phase::Finalized => Exit::Monitor(Some(error)),
+        return match ending {
+            Err(error) if s.st.phase != Phase::Finalized => Exit::Monitor(Some(error)),
             _ => Exit::Monitor(None),
         };
     }
     let Some(slot) = s.st.in_flight.remove(&id) else {
         return Exit::Other;
     };
-    let ended = match ended {
-        Err(report) => report(),
-        Ok(panic_message) => Ended::Panicked(panic_message),
+    let ended = match ending {
+        Ok(final_state) => Ended::Report(
+            final_state
+                .and_then(|mut b| b.take::<WorkerState>().ok())
+                .and_then(|w| w.result)
+                .unwrap_or_else(|| {
+                    AttemptResult::Failed("the worker stopped without a report".into())
+                }),
+        ),
+        Err(panic_message) => Ended::Panicked(panic_message),
     };
     Exit::Worker((slot.index, slot.attempt, slot.times), ended)
 }
