@@ -117,14 +117,14 @@ async fn limited<F: Future>(
     hard: Option<Instant>,
     silence: Option<(&Heartbeat, Duration)>,
 ) -> Option<F::Output> {
-    let due = |hb: Option<(&Heartbeat, Duration)>| {
-        let quiet = hb.and_then(|(hb, limit)| hb.last().checked_add(limit));
+    let due = || {
+        let quiet = silence.and_then(|(hb, limit)| hb.last().checked_add(limit));
         match (hard, quiet) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     };
-    let Some(first) = due(silence) else {
+    let Some(first) = due() else {
         // Both limits are beyond the clock's range: no limit in practice.
         return Some(harvest.await);
     };
@@ -134,7 +134,7 @@ async fn limited<F: Future>(
         tokio::select! {
             r = &mut harvest => return Some(r),
             () = &mut timer => {
-                match due(silence) {
+                match due() {
                     Some(at) if at > Instant::now() => timer.as_mut().reset(at),
                     _ => return None,
                 }

@@ -280,3 +280,43 @@ async fn an_attempt_silent_past_heartbeat_timeout_times_out_while_a_beating_one_
     assert_eq!(report.outcomes[1].elapsed, Duration::from_secs(12));
     sup.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_both_limits_the_earlier_one_ends_an_attempt_even_while_it_beats() {
+    let harvest = harvest_fn(|ctx: HarvestContext| async move {
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            if ctx.resource_id == "beating" {
+                ctx.heartbeat.beat();
+            }
+        }
+        Ok(())
+    });
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let cfg = harvest_supervisor::SessionConfig {
+        resource_timeout: Some(Duration::from_secs(30)),
+        heartbeat_timeout: Some(Duration::from_secs(12)),
+        ..config()
+    };
+    let sup = supervisor_with(harvest, cfg, &rec).await;
+    let id = sup
+        .start_session("csw", ["beating", "silent"])
+        .await
+        .expect("start");
+    finished(&sup, id).await;
+    let report = &rec.reports_for(id)[0];
+    let outcome = |r: &str| {
+        report
+            .outcomes
+            .iter()
+            .find(|o| o.resource_id.as_str() == r)
+            .expect("an outcome")
+            .clone()
+    };
+    // Beating keeps the silence limit away, but not the attempt's own time limit.
+    assert_eq!(outcome("beating").outcome, ResourceOutcome::TimedOut);
+    assert_eq!(outcome("beating").elapsed, Duration::from_secs(30));
+    assert_eq!(outcome("silent").outcome, ResourceOutcome::TimedOut);
+    assert_eq!(outcome("silent").elapsed, Duration::from_secs(12));
+    sup.shutdown().await.expect("shutdown");
+}
