@@ -52,10 +52,10 @@ pub(crate) struct Deps {
 pub(crate) struct Lifecycle(AtomicU8);
 
 impl Lifecycle {
-    const CLAIMED: u8 = 1;
+    pub(crate) const CLAIMED: u8 = 1;
     const TERMINAL: u8 = 2;
 
-    fn raise(&self, to: u8) {
+    pub(crate) fn raise(&self, to: u8) {
         self.0.fetch_max(to, Ordering::AcqRel);
     }
 

@@ -1,13 +1,18 @@
 //! `MonitorActor`: the watchdog, GeoNode's `harvesting_session_monitor` done right.
 //!
-//! Every `monitor_interval` it looks at the session's state **without asking the
-//! SessionActor**, which may be the thing that is stuck: a lifecycle cell that mirrors the
-//! store's finalization state every tick, and the store's record itself on the first tick,
-//! every tenth, and whenever a decision is due. Then it:
+//! It is woken by the supervisor's shared clock (see [`ticker`]) on the `monitor_interval`
+//! ticks that can change something, and looks at the session's state **without asking
+//! the SessionActor**, which may be the thing that is stuck: a lifecycle cell that mirrors
+//! the store's finalization state, and the store's record itself on its first tick, every
+//! tenth, and whenever a decision is due. Then it:
 //! - stops when the session is terminal;
 //! - once past `started + workflow_time`, tells the session `DeadlineExpired`;
 //! - if the session has not finalized `escalation_grace` after that, or its finalizer has
 //!   run for longer than `escalation_grace`, asks the root to force-finalize it.
+//!
+//! The clock itself looks at the deadline and the lifecycle cell on every tick, so a
+//! quiet tick (nothing due, nothing claimed) costs the clock a table entry and leaves the
+//! monitor's memory cold; the monitor asks for its next store-read or event tick itself.
 //!
 //! A store error makes the handler fail: the monitor dies, and its SessionActor restarts it
 //! with the same deadline (an `Instant` fixed when the session was created).
@@ -38,25 +43,18 @@ pub(crate) struct MonitorArgs {
 /// Mutable data of one monitor.
 pub(crate) struct MonitorState {
     args: MonitorArgs,
-    /// Copies of what every tick reads, kept here, in memory the tick touches anyway: with
-    /// thousands of idle sessions a tick's cost is the cold cache lines it touches, and
-    /// the session's shared part is not one of them on a quiet tick (10,000 idle
-    /// sessions: 4.15 -> 3.75 % of a core, medians of 6 alternating runs).
-    deadline: Instant,
-    lifecycle: Arc<crate::finalizer::Lifecycle>,
     /// This monitor's place on the supervisor's shared clock; leaves it when dropped.
-    _clock: Registration,
+    clock: Registration,
+    /// The clock's tick this monitor first handled: its ticks count from there.
+    first_tick: Option<u64>,
     /// When `DeadlineExpired` was sent to the session.
     deadline_sent: Option<Instant>,
     /// When a finalization claim was first seen while the session was not yet terminal.
     claim_seen: Option<Instant>,
     /// Escalate once; the root takes it from there.
     escalated: bool,
-    /// Ticks handled, to space out reads of the store and `MonitorTick` events.
-    ticks: u32,
-    /// A `MonitorTick` event every this many ticks (about [`TICK_EVENT_EVERY`]). A count,
-    /// not a time, keeps this state small: it lives in every idle session.
-    tick_event_every: u32,
+    /// A `MonitorTick` event every this many ticks (about [`TICK_EVENT_EVERY`]).
+    tick_event_every: u64,
 }
 
 impl Actor for MonitorActor {
@@ -70,7 +68,12 @@ impl Actor for MonitorActor {
         args: MonitorArgs,
     ) -> Result<MonitorState, ActorProcessingErr> {
         let interval = args.shared.config.monitor_interval;
-        let clock = args.shared.deps.ticker.register(interval, myself.clone());
+        let clock = args.shared.deps.ticker.register(
+            interval,
+            myself.clone(),
+            args.shared.deadline,
+            Arc::clone(&args.shared.lifecycle),
+        );
         args.shared.emitter.emit(EventKind::MonitorScheduled {
             interval,
             deadline_in: args
@@ -79,14 +82,12 @@ impl Actor for MonitorActor {
                 .saturating_duration_since(Instant::now()),
         });
         Ok(MonitorState {
-            deadline: args.shared.deadline,
-            lifecycle: Arc::clone(&args.shared.lifecycle),
             args,
-            _clock: clock,
+            clock,
+            first_tick: None,
             deadline_sent: None,
             claim_seen: None,
             escalated: false,
-            ticks: 0,
             tick_event_every: ticks_per_event(interval),
         })
     }
@@ -98,10 +99,10 @@ impl Actor for MonitorActor {
         state: &mut MonitorState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            MonitorMessage::CheckDeadline => {
+            MonitorMessage::CheckDeadline { tick } => {
                 // Each tick is its own root span that follows the session's, so a timer that
                 // runs for hours does not grow one span without bound. Made only when a
-                // subscriber wants it: this runs for every session on every tick.
+                // subscriber wants it: this runs for thousands of sessions.
                 let span = if tracing::enabled!(tracing::Level::DEBUG) {
                     let span = tracing::debug_span!(parent: None, "monitor_tick", session_id = %state.args.shared.id);
                     span.follows_from(state.args.shared.emitter.span());
@@ -109,14 +110,14 @@ impl Actor for MonitorActor {
                 } else {
                     tracing::Span::none()
                 };
-                in_span!(&span, check(myself, state))
+                in_span!(&span, check(myself, state, tick))
             }
         }
     }
 }
 
 /// Ticks between two reads of the store when nothing else calls for one.
-const STORE_CHECK_EVERY: u32 = 10;
+const STORE_CHECK_EVERY: u64 = 10;
 
 /// `MonitorTick` events are written at most this often per session (and on the deadline):
 /// with a short interval and thousands of sessions, one event per tick would flood the
@@ -126,18 +127,20 @@ const TICK_EVENT_EVERY: std::time::Duration = std::time::Duration::from_secs(60)
 async fn check(
     myself: ActorRef<MonitorMessage>,
     state: &mut MonitorState,
+    tick: u64,
 ) -> Result<(), ActorProcessingErr> {
     let now = Instant::now();
-    let remaining = state.deadline.saturating_duration_since(now);
-    state.ticks = state.ticks.wrapping_add(1);
+    let shared = Arc::clone(&state.args.shared);
+    let remaining = shared.deadline.saturating_duration_since(now);
+    // Ticks of this monitor's life so far: 0 on its first.
+    let n = tick.saturating_sub(*state.first_tick.get_or_insert(tick));
     // The store is the authority; the lifecycle cell mirrors what this process wrote to
     // it. Read the store on the first tick, whenever a decision is due (the deadline has
     // passed, or a finalizer runs), and every few ticks otherwise. A failed read crashes
     // this monitor; its session restarts it.
-    let lifecycle = &state.lifecycle;
+    let lifecycle = &shared.lifecycle;
     let decide = remaining.is_zero() || lifecycle.is_claimed();
-    if state.ticks == 1 || decide || state.ticks % STORE_CHECK_EVERY == 0 {
-        let shared = &state.args.shared;
+    if n == 0 || decide || n % STORE_CHECK_EVERY == 0 {
         let record = shared.deps.store.session(shared.id).await?;
         lifecycle.observe(&record);
     }
@@ -145,11 +148,17 @@ async fn check(
         myself.stop(None);
         return Ok(());
     }
-    if !decide && state.ticks % state.tick_event_every != 1 % state.tick_event_every {
-        // A quiet tick: nothing due, nothing to record.
+    // The next tick with something to do when nothing else calls for one: a read of the
+    // store or a `MonitorTick` event. (The clock wakes this monitor on every tick anyway
+    // once the deadline has passed or a finalization is claimed.)
+    let to_next = |every: u64| every - n % every;
+    state
+        .clock
+        .wake_at(tick + to_next(STORE_CHECK_EVERY).min(to_next(state.tick_event_every)));
+    if !decide && n % state.tick_event_every != 0 {
+        // Only a store check was due: nothing to record.
         return Ok(());
     }
-    let shared = Arc::clone(&state.args.shared);
     let grace = shared.config.escalation_grace;
     if lifecycle.is_claimed() {
         // The finalizer is running; ticks are no longer interesting, a hung finalizer is.
@@ -186,9 +195,9 @@ async fn check(
 }
 
 /// How many ticks of `interval` make [`TICK_EVENT_EVERY`] (at least one).
-fn ticks_per_event(interval: std::time::Duration) -> u32 {
+fn ticks_per_event(interval: std::time::Duration) -> u64 {
     let every = TICK_EVENT_EVERY.as_nanos() / interval.as_nanos().max(1);
-    u32::try_from(every).unwrap_or(u32::MAX).max(1)
+    u64::try_from(every).unwrap_or(u64::MAX).max(1)
 }
 
 fn escalate(state: &mut MonitorState, waiting_for: &str) {

@@ -57,11 +57,20 @@ async fn finalizes_when_monitor_deadline_expires_and_hung_resources_count_as_tim
 async fn a_finalizer_that_never_returns_is_escalated_and_the_root_frees_the_harvester() {
     let rec = Recorder::new(FinalizerMode::Hang);
     let sup = supervisor(config(), &rec).await;
+    let started = Instant::now();
     let id = sup
         .start_session("csw", ["ok-1", "ok-2"])
         .await
         .expect("start");
     let record = finished(&sup, id).await;
+    // The claim is seen on the first tick (5 s), and watched on every tick after it (not
+    // only on the monitor's store-read ticks): escalated once `escalation_grace` (20 s) is
+    // over, at 25 s.
+    assert!(
+        started.elapsed() <= Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
 
     assert!(record.status.is_terminal());
     assert_eq!(

@@ -3,6 +3,10 @@
 /// What a MonitorActor handles: only its own timer.
 #[derive(Debug, Clone, Copy)]
 pub enum MonitorMessage {
-    /// Self-sent every `monitor_interval`: read the session's record and act on the deadline.
-    CheckDeadline,
+    /// Sent by the shared clock (see `ticker`): read the session's state and act on the
+    /// deadline. `tick` counts the clock's ticks; the monitor asks for its next one.
+    CheckDeadline {
+        /// The clock's tick this message is for.
+        tick: u64,
+    },
 }
