@@ -37,7 +37,8 @@ pub(crate) struct SessionShared {
     pub(crate) id: SessionId,
     pub(crate) harvester_id: HarvesterId,
     pub(crate) resources: Arc<[ResourceId]>,
-    pub(crate) config: SessionConfig,
+    /// Shared with the store's copy (the memory store keeps this one).
+    pub(crate) config: Arc<SessionConfig>,
     /// `started + workflow_time`, on tokio's clock (so paused-clock tests control it).
     pub(crate) deadline: Instant,
     pub(crate) deps: Arc<Deps>,

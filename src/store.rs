@@ -37,14 +37,15 @@ pub struct NewSession {
     pub id: SessionId,
     /// Its harvester, which must be free.
     pub harvester_id: HarvesterId,
-    /// The resources, unique.
-    pub resources: Vec<ResourceId>,
+    /// The resources, unique. Shared with the running session, not copied.
+    pub resources: Arc<[ResourceId]>,
     /// Creation time; the deadline counts from here.
     pub started: DateTime<Utc>,
     /// The deadline's budget.
     pub workflow_time: Duration,
     /// The session's budget and policies, kept so that a resumed session runs under them.
-    pub config: SessionConfig,
+    /// Shared with the running session, not copied.
+    pub config: Arc<SessionConfig>,
 }
 
 /// A page of session history: newest first, optionally one harvester's or one status's.
@@ -158,7 +159,7 @@ pub enum Completed {
 /// store.create_session(NewSession {
 ///     id,
 ///     harvester_id: "csw".into(),
-///     resources: vec!["a".into()],
+///     resources: vec!["a".into()].into(),
 ///     started: chrono::Utc::now(),
 ///     workflow_time: std::time::Duration::from_secs(60),
 ///     config: Default::default(),

@@ -164,6 +164,7 @@ async fn start_session(
         .config
         .unwrap_or_else(|| state.config.session.clone());
     config.validate()?;
+    let config = Arc::new(config);
     let mut seen = HashSet::with_capacity(request.resources.len());
     for r in &request.resources {
         if !seen.insert(r) {
@@ -183,10 +184,10 @@ async fn start_session(
         .create_session(NewSession {
             id,
             harvester_id: request.harvester_id.clone(),
-            resources: resources.to_vec(),
+            resources: Arc::clone(&resources),
             started: chrono::Utc::now(),
             workflow_time,
-            config: config.clone(),
+            config: Arc::clone(&config),
         })
         .await?;
     let emitter = SessionEmitter::new(
@@ -227,7 +228,7 @@ fn session_shared(
     id: SessionId,
     harvester_id: crate::model::HarvesterId,
     resources: Arc<[crate::model::ResourceId]>,
-    config: crate::config::SessionConfig,
+    config: Arc<crate::config::SessionConfig>,
     emitter: SessionEmitter,
     resumed: bool,
 ) -> Arc<SessionShared> {

@@ -24,7 +24,7 @@ fn new_session(
     harvest_supervisor::store::NewSession {
         id,
         harvester_id: "csw".into(),
-        resources,
+        resources: resources.into(),
         started: chrono::Utc::now(),
         workflow_time: Duration::from_secs(90),
         config: Default::default(),

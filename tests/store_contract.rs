@@ -21,7 +21,8 @@ fn new_session(harvester: &str, n: usize) -> NewSession {
         config: SessionConfig {
             max_concurrency: 7,
             ..SessionConfig::default()
-        },
+        }
+        .into(),
     }
 }
 

@@ -154,7 +154,7 @@ impl SessionStore for SqliteStore {
                         session_id: SessionId(holder),
                     });
                 }
-                let config = serde_json::to_string(&new.config)
+                let config = serde_json::to_string(&*new.config)
                     .map_err(|e| StoreError::Backend(Box::new(e)))?;
                 conn.prepare_cached(
                     "INSERT INTO sessions (id, harvester_id, status, total, started, workflow_time_ns, config) \

@@ -73,7 +73,7 @@ async fn recover_one(
                 record.id,
                 record.harvester_id,
                 remaining.into(),
-                config,
+                std::sync::Arc::new(config),
                 emitter,
                 true,
             );
