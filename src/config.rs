@@ -108,7 +108,10 @@ pub struct SessionConfig {
     /// Limit between two heartbeats of one attempt; `None` turns the check off.
     #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Option<Duration>,
-    /// How often the monitor checks the deadline.
+    /// How often the monitor checks the deadline. The supervisor's shared clock looks at
+    /// the deadline and the session's finalization state every interval and wakes the
+    /// monitor when either calls for it; otherwise the monitor wakes every tenth interval
+    /// to read the store (and about once a minute to log a `MonitorTick`).
     #[serde(with = "humantime_serde")]
     pub monitor_interval: Duration,
     /// How long the monitor waits for the session to finalize (after the deadline, or while
