@@ -172,9 +172,10 @@ async fn on_message(
         }
         SessionMessage::RetryDue { index } => {
             if s.st.phase == Phase::Running
-                && let Some(w) = s.st.waiting.remove(&index)
+                && let Some(w) = s.st.take_waiting(index)
             {
-                s.st.ready
+                s.st.rare()
+                    .ready
                     .push_back((index, w.next_attempt, w.first_started));
                 advance(myself, s).await?;
             }
@@ -221,7 +222,7 @@ async fn abort(myself: &ActorRef<SessionMessage>, s: &mut Session) -> Result<(),
     s.st.phase = Phase::Aborting;
     s.shared.cancel.cancel();
     s.st.stop_retry_timers();
-    s.st.abort_timer = Some(myself.send_after(s.shared.config.abort_grace, || {
+    s.st.rare().abort_timer = Some(myself.send_after(s.shared.config.abort_grace, || {
         SessionMessage::AbortGraceElapsed
     }));
     Ok(())

@@ -210,7 +210,7 @@ fn on_attempt(
             delay,
         });
         let timer = myself.send_after(delay, move || SessionMessage::RetryDue { index });
-        s.st.waiting.insert(
+        s.st.rare().waiting.insert(
             index,
             Waiting {
                 next_attempt: attempt + 1,
