@@ -37,7 +37,7 @@ pub(crate) struct SessionShared {
     pub(crate) id: SessionId,
     pub(crate) harvester_id: HarvesterId,
     pub(crate) resources: Arc<[ResourceId]>,
-    /// Shared with the store's copy (the memory store keeps this one).
+    /// The same `Arc` the store was given (the memory store keeps it rather than a copy).
     pub(crate) config: Arc<SessionConfig>,
     /// `started + workflow_time`, on tokio's clock (so paused-clock tests control it).
     pub(crate) deadline: Instant,
