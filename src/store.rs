@@ -208,6 +208,19 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn record_outcome(&self, id: SessionId, outcome: OutcomeRecord)
     -> Result<(), StoreError>;
 
+    /// [`SessionStore::record_outcome`] done in place, without a future, by a store that
+    /// can (one in process memory); `None`, the default, means it cannot and the caller
+    /// awaits `record_outcome` instead. Sessions try this first for every outcome: a boxed
+    /// future per resource is a measurable part of a memory-store session.
+    fn record_outcome_now(
+        &self,
+        id: SessionId,
+        outcome: &OutcomeRecord,
+    ) -> Option<Result<(), StoreError>> {
+        let _ = (id, outcome);
+        None
+    }
+
     /// The outcomes recorded so far, in the order they were recorded.
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError>;
 

@@ -42,7 +42,18 @@ async fn a_session_actor_that_dies_is_finalized_by_the_root_as_crashed() {
 
 #[tokio::test(start_paused = true)]
 async fn failed_outcome_writes_neither_stop_the_session_nor_lose_its_outcomes() {
+    failed_outcome_writes_lose_nothing(false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_in_place_outcome_writes_neither_stop_the_session_nor_lose_its_outcomes() {
+    failed_outcome_writes_lose_nothing(true).await;
+}
+
+/// Outcome writes that fail (awaited, or `in_place` as the memory store records them).
+async fn failed_outcome_writes_lose_nothing(in_place: bool) {
     let store = FaultyStore::new();
+    store.in_place_outcomes.store(in_place, Ordering::SeqCst);
     let rec = Recorder::new(FinalizerMode::Ok);
     let sup = supervisor_on(store.clone(), config(), &rec).await;
     store.failing_outcome_writes.store(true, Ordering::SeqCst);

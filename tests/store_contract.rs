@@ -345,7 +345,50 @@ async fn history_pages_by_harvester_and_status_newest_first(store: Arc<dyn Sessi
     assert!(all_csw.next.is_some());
 }
 
+/// A store that records outcomes in place keeps `record_outcome`'s rules.
+async fn outcomes_recorded_in_place_follow_the_same_rules(store: Arc<dyn SessionStore>) {
+    let r = store
+        .create_session(new_session("in-place", 2))
+        .await
+        .expect("create");
+    let ok = OutcomeRecord {
+        resource_id: "r0".into(),
+        outcome: ResourceOutcome::Succeeded,
+        attempts: 1,
+        elapsed: Duration::from_secs(1),
+    };
+    let Some(first) = store.record_outcome_now(r.id, &ok) else {
+        return; // This store only records outcomes through `record_outcome`.
+    };
+    first.expect("before the claim");
+    assert_eq!(store.session(r.id).await.expect("r").counts.succeeded, 1);
+    assert_eq!(
+        store.outcomes(r.id).await.expect("o"),
+        std::slice::from_ref(&ok)
+    );
+    assert!(matches!(
+        store.record_outcome_now(SessionId::new(), &ok),
+        Some(Err(StoreError::UnknownSession { .. }))
+    ));
+    assert!(matches!(
+        store
+            .claim_finalization(r.id, FinalizeReason::Aborted)
+            .await,
+        Ok(Claim::Claimed(_))
+    ));
+    let late = OutcomeRecord {
+        resource_id: "r1".into(),
+        ..ok
+    };
+    assert!(matches!(
+        store.record_outcome_now(r.id, &late),
+        Some(Err(StoreError::Finalizing { .. }))
+    ));
+    assert_eq!(store.outcomes(r.id).await.expect("o").len(), 1);
+}
+
 async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
+    outcomes_recorded_in_place_follow_the_same_rules(make()).await;
     history_pages_by_harvester_and_status_newest_first(make()).await;
     resume_keeps_successes_and_returns_the_rest(make()).await;
     history_and_events_persist_in_order(make()).await;
@@ -365,7 +408,7 @@ async fn memory_store_keeps_the_contract() {
 async fn sqlite_store_keeps_the_contract() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut stores = Vec::new();
-    for i in 0..8 {
+    for i in 0..9 {
         stores.push(
             SqliteStore::open(dir.path().join(format!("s{i}.db")))
                 .await

@@ -47,21 +47,28 @@ impl OutcomeWrites {
         id: SessionId,
         record: OutcomeRecord,
     ) {
-        let store = Arc::clone(store);
-        let mut write = async move {
-            let result = store.record_outcome(id, record.clone()).await;
-            (record, result)
-        }
-        .boxed();
         let answered = &mut self.answered;
-        // Poll once here: that sends the write to the store, and a store that answers at
-        // once (the memory store) never costs a slot in the set.
-        match write.as_mut().now_or_never() {
-            Some(done) => answered.push(done),
-            None => self
-                .pending
-                .get_or_insert_with(FuturesUnordered::new)
-                .push(write),
+        match store.record_outcome_now(id, &record) {
+            // Recorded in place (the memory store): no future at all.
+            Some(Ok(())) => {}
+            Some(failed) => answered.push((record, failed)),
+            None => {
+                let store = Arc::clone(store);
+                let mut write = async move {
+                    let result = store.record_outcome(id, record.clone()).await;
+                    (record, result)
+                }
+                .boxed();
+                // Poll once here: that sends the write to the store, and a store that
+                // answers at once never costs a slot in the set.
+                match write.as_mut().now_or_never() {
+                    Some(done) => answered.push(done),
+                    None => self
+                        .pending
+                        .get_or_insert_with(FuturesUnordered::new)
+                        .push(write),
+                }
+            }
         }
         // Collect the writes finished meanwhile without waiting; `now_or_never` leaves the
         // unfinished in the set.

@@ -70,6 +70,17 @@ impl MemoryStore {
         }
     }
 
+    fn record(&self, id: SessionId, outcome: OutcomeRecord) -> Result<(), StoreError> {
+        self.with(id, |s| {
+            if s.record.finalizing.is_some() {
+                return Err(StoreError::Finalizing { session_id: id });
+            }
+            s.record.counts.add(&outcome.outcome);
+            s.outcomes.push(outcome);
+            Ok(())
+        })?
+    }
+
     fn with<T>(
         &self,
         id: SessionId,
@@ -186,14 +197,15 @@ impl SessionStore for MemoryStore {
         id: SessionId,
         outcome: OutcomeRecord,
     ) -> Result<(), StoreError> {
-        self.with(id, |s| {
-            if s.record.finalizing.is_some() {
-                return Err(StoreError::Finalizing { session_id: id });
-            }
-            s.record.counts.add(&outcome.outcome);
-            s.outcomes.push(outcome);
-            Ok(())
-        })?
+        self.record(id, outcome)
+    }
+
+    fn record_outcome_now(
+        &self,
+        id: SessionId,
+        outcome: &OutcomeRecord,
+    ) -> Option<Result<(), StoreError>> {
+        Some(self.record(id, outcome.clone()))
     }
 
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {

@@ -32,6 +32,9 @@ pub struct FaultyStore {
     pub failing_outcome_writes: AtomicBool,
     /// While set, `transition` fails.
     pub failing_transitions: AtomicBool,
+    /// While set, outcomes are recorded in place (`record_outcome_now`, as the memory store
+    /// does), and fail there while `failing_outcome_writes` is set.
+    pub in_place_outcomes: AtomicBool,
 }
 
 impl FaultyStore {
@@ -49,6 +52,7 @@ impl FaultyStore {
             hang_outcome_writes: AtomicBool::new(false),
             failing_outcome_writes: AtomicBool::new(false),
             failing_transitions: AtomicBool::new(false),
+            in_place_outcomes: AtomicBool::new(false),
         }
     }
 }
@@ -114,6 +118,19 @@ impl SessionStore for FaultyStore {
             hook(&ack);
         }
         Ok(())
+    }
+    fn record_outcome_now(
+        &self,
+        id: SessionId,
+        o: &OutcomeRecord,
+    ) -> Option<Result<(), StoreError>> {
+        if !self.in_place_outcomes.load(Ordering::SeqCst) {
+            return None;
+        }
+        if self.failing_outcome_writes.load(Ordering::SeqCst) {
+            return Some(Err(StoreError::Backend("injected write failure".into())));
+        }
+        self.inner.record_outcome_now(id, o)
     }
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
         self.inner.outcomes(id).await
