@@ -102,6 +102,8 @@ struct Sample {
     imp: Imp,
     n: usize,
     secs: f64,
+    /// Process CPU time (all threads) over the same timed region.
+    cpu_secs: f64,
     peak_rss_kib: u64,
 }
 
@@ -160,6 +162,7 @@ async fn run_one(imp: Imp, n: usize) -> Sample {
         imp,
         n,
         secs: took.as_secs_f64(),
+        cpu_secs: impls::last_cpu().as_secs_f64(),
         peak_rss_kib: peak_rss_kib(),
     }
 }
@@ -188,7 +191,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Median µs per item and median peak RSS (MiB) of `reps` runs of each implementation.
 /// Runs are interleaved (floor, actor, memory, sqlite, floor, ...) so that a noisy
 /// neighbour slows every implementation alike and the ratios stay honest.
-fn measure(imps: &[Imp], n: usize, reps: usize) -> Vec<(f64, f64)> {
+/// Median wall µs, median CPU µs (both per resource) and median peak RSS (MiB) of each.
+fn measure(imps: &[Imp], n: usize, reps: usize) -> Vec<(f64, f64, f64)> {
     let mut samples: Vec<Vec<Sample>> = imps.iter().map(|_| Vec::new()).collect();
     for _ in 0..reps {
         for (i, imp) in imps.iter().enumerate() {
@@ -199,35 +203,39 @@ fn measure(imps: &[Imp], n: usize, reps: usize) -> Vec<(f64, f64)> {
         .into_iter()
         .map(|s| {
             let us = median(s.iter().map(|x| x.secs * 1e6 / x.n as f64).collect());
+            let cpu = median(s.iter().map(|x| x.cpu_secs * 1e6 / x.n as f64).collect());
             let rss = median(s.iter().map(|x| x.peak_rss_kib as f64 / 1024.0).collect());
-            (us, rss)
+            (us, cpu, rss)
         })
         .collect()
 }
 
 fn throughput_table(ns: &[usize], reps: usize, million: bool) {
     println!(
-        "| N | floor µs | actor µs | memory µs | sqlite µs | memory/actor | memory/floor | sqlite/memory | peak RSS floor / actor / memory / sqlite (MiB) |"
+        "| N | floor µs | actor µs | memory µs | sqlite µs | memory/actor | memory/floor | sqlite/memory | CPU µs floor / actor / memory / sqlite | CPU memory/actor | CPU sqlite/memory | peak RSS floor / actor / memory / sqlite (MiB) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let all = [Imp::Floor, Imp::Actor, Imp::Memory, Imp::Sqlite];
     for &n in ns {
         let m = measure(&all, n, reps);
-        let [(f, fr), (a, ar), (mm, mr), (s, sr)] = [m[0], m[1], m[2], m[3]];
+        let [(f, fc, fr), (a, ac, ar), (mm, mc, mr), (s, sc, sr)] = [m[0], m[1], m[2], m[3]];
         println!(
-            "| {n} | {f:.2} | {a:.2} | {mm:.2} | {s:.2} | {:.2} | {:.2} | {:.2} | {fr:.0} / {ar:.0} / {mr:.0} / {sr:.0} |",
+            "| {n} | {f:.2} | {a:.2} | {mm:.2} | {s:.2} | {:.2} | {:.2} | {:.2} | {fc:.2} / {ac:.2} / {mc:.2} / {sc:.2} | {:.2} | {:.2} | {fr:.0} / {ar:.0} / {mr:.0} / {sr:.0} |",
             mm / a,
             mm / f,
-            s / mm
+            s / mm,
+            mc / ac,
+            sc / mc
         );
     }
     if million {
         let n = 1_000_000;
         let m = measure(&[Imp::Memory, Imp::Sqlite], n, 1);
-        let [(mm, mr), (s, sr)] = [m[0], m[1]];
+        let [(mm, mc, mr), (s, sc, sr)] = [m[0], m[1]];
         println!(
-            "| {n} (one run) | | | {mm:.2} | {s:.2} | | | {:.2} | - / - / {mr:.0} / {sr:.0} |",
-            s / mm
+            "| {n} (one run) | | | {mm:.2} | {s:.2} | | | {:.2} | - / - / {mc:.2} / {sc:.2} | | {:.2} | - / - / {mr:.0} / {sr:.0} |",
+            s / mm,
+            sc / mc
         );
     }
 }
