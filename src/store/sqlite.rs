@@ -34,7 +34,7 @@ use crate::store::{
     Claim, Completed, Completion, NewSession, SessionPage, SessionQuery, SessionStore,
 };
 use rows::{
-    EventLine, RECORD_COLUMNS, backend, count, event_of_line, insert_outcome, load, nanos,
+    RECORD_COLUMNS, backend, count, event_line, event_of_line, insert_outcome, load, nanos,
     outcome_row, record, text, usize_of,
 };
 use writer::Writer;
@@ -354,8 +354,7 @@ impl SessionStore for SqliteStore {
     }
 
     fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError> {
-        let body = serde_json::to_string(&EventLine::from(&**event))
-            .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        let body = event_line(event).map_err(|e| StoreError::Backend(Box::new(e)))?;
         let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
         self.writer.event(event.session_id, seq, body)
     }
