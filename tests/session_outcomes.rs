@@ -12,7 +12,7 @@ use common::{
 };
 use harvest_supervisor::{
     EventKind, FailurePolicy, FinalizeReason, HarvestContext, ResourceOutcome, RetryPolicy,
-    SessionRequest, SessionStatus, harvest_fn,
+    SessionReport, SessionRequest, SessionStatus, harvest_fn,
 };
 
 #[tokio::test(start_paused = true)]
@@ -251,8 +251,9 @@ async fn never_more_than_max_concurrency_workers_are_alive() {
     sup.shutdown().await.expect("shutdown");
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_attempt_silent_past_heartbeat_timeout_times_out_while_a_beating_one_goes_on() {
+/// Runs "beating" (beats every 5 s) and "silent" (never beats), each 50 s of work, under
+/// `cfg`; the finalizer's report.
+async fn beating_and_silent(cfg: harvest_supervisor::SessionConfig) -> SessionReport {
     let harvest = harvest_fn(|ctx: HarvestContext| async move {
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -263,48 +264,37 @@ async fn an_attempt_silent_past_heartbeat_timeout_times_out_while_a_beating_one_
         Ok(())
     });
     let rec = Recorder::new(FinalizerMode::Ok);
-    let cfg = harvest_supervisor::SessionConfig {
-        heartbeat_timeout: Some(Duration::from_secs(12)),
-        ..config()
-    };
     let sup = supervisor_with(harvest, cfg, &rec).await;
     let id = sup
         .start_session("csw", ["beating", "silent"])
         .await
         .expect("start");
     finished(&sup, id).await;
-    let report = &rec.reports_for(id)[0];
+    sup.shutdown().await.expect("shutdown");
+    rec.reports_for(id).remove(0)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_silent_past_heartbeat_timeout_times_out_while_a_beating_one_goes_on() {
+    let report = beating_and_silent(harvest_supervisor::SessionConfig {
+        heartbeat_timeout: Some(Duration::from_secs(12)),
+        ..config()
+    })
+    .await;
     assert_eq!(report.outcomes[0].outcome, ResourceOutcome::Succeeded);
     assert_eq!(report.outcomes[0].elapsed, Duration::from_secs(50));
     assert_eq!(report.outcomes[1].outcome, ResourceOutcome::TimedOut);
     assert_eq!(report.outcomes[1].elapsed, Duration::from_secs(12));
-    sup.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(start_paused = true)]
 async fn with_both_limits_the_earlier_one_ends_an_attempt_even_while_it_beats() {
-    let harvest = harvest_fn(|ctx: HarvestContext| async move {
-        for _ in 0..10 {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            if ctx.resource_id == "beating" {
-                ctx.heartbeat.beat();
-            }
-        }
-        Ok(())
-    });
-    let rec = Recorder::new(FinalizerMode::Ok);
-    let cfg = harvest_supervisor::SessionConfig {
+    let report = beating_and_silent(harvest_supervisor::SessionConfig {
         resource_timeout: Some(Duration::from_secs(30)),
         heartbeat_timeout: Some(Duration::from_secs(12)),
         ..config()
-    };
-    let sup = supervisor_with(harvest, cfg, &rec).await;
-    let id = sup
-        .start_session("csw", ["beating", "silent"])
-        .await
-        .expect("start");
-    finished(&sup, id).await;
-    let report = &rec.reports_for(id)[0];
+    })
+    .await;
     let outcome = |r: &str| {
         report
             .outcomes
@@ -318,5 +308,4 @@ async fn with_both_limits_the_earlier_one_ends_an_attempt_even_while_it_beats() 
     assert_eq!(outcome("beating").elapsed, Duration::from_secs(30));
     assert_eq!(outcome("silent").outcome, ResourceOutcome::TimedOut);
     assert_eq!(outcome("silent").elapsed, Duration::from_secs(12));
-    sup.shutdown().await.expect("shutdown");
 }
