@@ -37,8 +37,9 @@ pub(crate) struct OutcomeWrites {
 }
 
 impl OutcomeWrites {
-    /// Submits the write of `record`, and moves every write answered by now (with the
-    /// memory store, this one at once) to [`Self::answered`]. Never waits: call
+    /// Submits the write of `record`, and moves every write answered by now to
+    /// [`Self::answered`] (one recorded in place only if it failed: a success needs no
+    /// settling). Never waits: call
     /// [`Self::throttle`] next. (Synchronous so that the worker-exit handler, which runs
     /// once per resource, keeps a small future.)
     pub(crate) fn submit(
