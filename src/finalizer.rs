@@ -221,10 +221,7 @@ async fn reconcile(
     for resource_id in resources {
         let record = if let Some(r) = recorded.take(&resource_id) {
             r
-        } else if let Some(r) = (!unrecorded.is_empty())
-            .then(|| unrecorded.remove(&resource_id))
-            .flatten()
-        {
+        } else if let Some(r) = unrecorded.remove(&resource_id) {
             missing.push(r.clone());
             r.clone()
         } else {
