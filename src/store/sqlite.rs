@@ -13,6 +13,7 @@
 //! `commit_delay` worth) can be lost. [`SqliteStore::flush`] is a barrier.
 
 mod batch;
+mod line;
 mod rows;
 mod schema;
 mod writer;
@@ -33,9 +34,10 @@ use crate::model::{
 use crate::store::{
     Claim, Completed, Completion, NewSession, SessionPage, SessionQuery, SessionStore,
 };
+use line::{event_line, event_of_line};
 use rows::{
-    RECORD_COLUMNS, backend, count, event_line, event_of_line, insert_outcome, load, nanos,
-    outcome_row, record, text, usize_of,
+    RECORD_COLUMNS, backend, count, insert_outcome, load, nanos, outcome_row, record, text,
+    usize_of,
 };
 use writer::Writer;
 
