@@ -18,6 +18,7 @@ mod rows;
 mod schema;
 mod writer;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +37,8 @@ use crate::store::{
 };
 use line::{event_line, event_of_line};
 use rows::{
-    RECORD_COLUMNS, backend, count, insert_outcome, load, nanos, outcome_row, record, text,
-    usize_of,
+    INSERT_OUTCOME, OutcomeCursor, OutcomeRange, RECORD_COLUMNS, backend, count, load, nanos,
+    outcome_row, read_resources, record, session_key, text, usize_of, write_resources,
 };
 use writer::Writer;
 
@@ -173,14 +174,7 @@ impl SessionStore for SqliteStore {
                     ])
                 })
                 .map_err(backend)?;
-                let mut insert = conn
-                    .prepare_cached(
-                        "INSERT INTO resources (session_id, position, resource_id) VALUES (?1, ?2, ?3)",
-                    )
-                    .map_err(backend)?;
-                for (i, r) in new.resources.iter().enumerate() {
-                    insert.execute(params![id, count(i), r.as_str()]).map_err(backend)?;
-                }
+                write_resources(conn, conn.last_insert_rowid(), &new.resources)?;
                 load(conn, new.id)
             })
             .await
@@ -253,20 +247,7 @@ impl SessionStore for SqliteStore {
 
     async fn resources(&self, id: SessionId) -> Result<Vec<ResourceId>, StoreError> {
         self.writer
-            .call(move |conn| {
-                load(conn, id)?;
-                let mut s = conn
-                    .prepare_cached(
-                        "SELECT resource_id FROM resources WHERE session_id = ?1 ORDER BY position",
-                    )
-                    .map_err(backend)?;
-                let rows = s
-                    .query_map([id.to_string()], |r| {
-                        r.get::<_, String>(0).map(ResourceId::from)
-                    })
-                    .map_err(backend)?;
-                rows.collect::<Result<Vec<_>, _>>().map_err(backend)
-            })
+            .call(move |conn| read_resources(conn, session_key(conn, id)?))
             .await
     }
 
@@ -308,15 +289,15 @@ impl SessionStore for SqliteStore {
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
         self.writer
             .call(move |conn| {
-                load(conn, id)?;
+                let range = OutcomeRange::read(conn, id)?;
                 let mut s = conn
                     .prepare_cached(
                         "SELECT resource_id, outcome, detail, attempts, elapsed_ns FROM outcomes \
-                         WHERE session_id = ?1 ORDER BY rowid",
+                         WHERE place BETWEEN ?1 AND ?2 ORDER BY place",
                     )
                     .map_err(backend)?;
                 let rows = s
-                    .query_map([id.to_string()], outcome_row)
+                    .query_map([range.start, range.end], outcome_row)
                     .map_err(backend)?;
                 rows.collect::<Result<Vec<_>, _>>().map_err(backend)
             })
@@ -331,23 +312,25 @@ impl SessionStore for SqliteStore {
     ) -> Result<(Vec<OutcomeRecord>, usize), StoreError> {
         self.writer
             .call(move |conn| {
-                load(conn, id)?;
-                let sid = id.to_string();
+                let range = OutcomeRange::read(conn, id)?;
                 let total: i64 = conn
                     .query_row(
-                        "SELECT count(*) FROM outcomes WHERE session_id = ?1",
-                        [&sid],
+                        "SELECT count(*) FROM outcomes WHERE place BETWEEN ?1 AND ?2",
+                        [range.start, range.end],
                         |r| r.get(0),
                     )
                     .map_err(backend)?;
                 let mut s = conn
                     .prepare_cached(
                         "SELECT resource_id, outcome, detail, attempts, elapsed_ns FROM outcomes \
-                         WHERE session_id = ?1 ORDER BY rowid LIMIT ?2 OFFSET ?3",
+                         WHERE place BETWEEN ?1 AND ?2 ORDER BY place LIMIT ?3 OFFSET ?4",
                     )
                     .map_err(backend)?;
                 let rows = s
-                    .query_map(params![sid, count(limit), count(offset)], outcome_row)
+                    .query_map(
+                        params![range.start, range.end, count(limit), count(offset)],
+                        outcome_row,
+                    )
                     .map_err(backend)?;
                 let page = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
                 Ok((page, usize_of(total)))
@@ -367,7 +350,9 @@ impl SessionStore for SqliteStore {
                 let harvester_id = load(conn, id)?.harvester_id;
                 let mut s = conn
                     .prepare_cached(
-                        "SELECT body FROM event_chunks WHERE session_id = ?1 ORDER BY first_seq",
+                        "SELECT body FROM event_chunks \
+                         WHERE session_key = (SELECT key FROM sessions WHERE id = ?1) \
+                         ORDER BY first_seq",
                     )
                     .map_err(backend)?;
                 let rows = s
@@ -395,7 +380,8 @@ impl SessionStore for SqliteStore {
                 load(conn, id)?;
                 let seq: Option<i64> = conn
                     .query_row(
-                        "SELECT max(last_seq) FROM event_chunks WHERE session_id = ?1",
+                        "SELECT max(last_seq) FROM event_chunks \
+                         WHERE session_key = (SELECT key FROM sessions WHERE id = ?1)",
                         [id.to_string()],
                         |r| r.get(0),
                     )
@@ -460,36 +446,35 @@ impl SessionStore for SqliteStore {
     async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError> {
         self.writer
             .call(move |conn| {
-                let sid = id.to_string();
                 let reopened = conn
                     .prepare_cached(
                         "UPDATE sessions SET status = 'on-going', failed = 0, panicked = 0, \
                          timed_out = 0, cancelled = 0, lost = 0 \
                          WHERE id = ?1 AND finalizing IS NULL AND status IN ('pending', 'on-going')",
                     )
-                    .and_then(|mut s| s.execute([&sid]))
+                    .and_then(|mut s| s.execute([id.to_string()]))
                     .map_err(backend)?;
                 if reopened == 0 {
                     load(conn, id)?;
                     return Ok(None);
                 }
+                let key = session_key(conn, id)?;
                 conn.prepare_cached(
-                    "DELETE FROM outcomes WHERE session_id = ?1 AND outcome <> 'succeeded'",
+                    "DELETE FROM outcomes WHERE session_key = ?1 AND outcome <> 'succeeded'",
                 )
-                .and_then(|mut s| s.execute([&sid]))
+                .and_then(|mut s| s.execute([key]))
                 .map_err(backend)?;
-                let mut s = conn
-                    .prepare_cached(
-                        "SELECT r.resource_id FROM resources r WHERE r.session_id = ?1 \
-                         AND NOT EXISTS (SELECT 1 FROM outcomes o WHERE o.session_id = r.session_id \
-                                         AND o.resource_id = r.resource_id) \
-                         ORDER BY r.position",
-                    )
+                let mut succeeded = conn
+                    .prepare_cached("SELECT resource_id FROM outcomes WHERE session_key = ?1")
                     .map_err(backend)?;
-                let rows = s
-                    .query_map([&sid], |r| r.get::<_, String>(0).map(ResourceId::from))
+                let succeeded = succeeded
+                    .query_map([key], |r| r.get::<_, String>(0))
+                    .map_err(backend)?
+                    .collect::<Result<HashSet<_>, _>>()
                     .map_err(backend)?;
-                rows.collect::<Result<Vec<_>, _>>().map(Some).map_err(backend)
+                let mut rest = read_resources(conn, key)?;
+                rest.retain(|r| !succeeded.contains(r.as_str()));
+                Ok(Some(rest))
             })
             .await
     }
@@ -536,8 +521,12 @@ impl SessionStore for SqliteStore {
                 if done == 0 {
                     return Ok(Completed::AlreadyFinalized(load(conn, id)?));
                 }
-                for o in &completion.missing {
-                    insert_outcome(conn, &sid, o).map_err(backend)?;
+                if !completion.missing.is_empty() {
+                    let mut cursor = OutcomeCursor::read(conn, id)?;
+                    let mut insert = conn.prepare_cached(INSERT_OUTCOME).map_err(backend)?;
+                    for o in &completion.missing {
+                        cursor.insert(&mut insert, o)?;
+                    }
                 }
                 // Only this session's own lock: never a newer session's.
                 conn.prepare_cached("DELETE FROM harvester_locks WHERE session_id = ?1")

@@ -6,12 +6,13 @@
 //! what a reader sees or what a crash can lose.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::{CachedStatement, Connection};
 
 use crate::error::StoreError;
 use crate::model::{OutcomeCounts, OutcomeRecord, SessionId};
-use crate::store::sqlite::rows::{backend, insert_outcome};
+use crate::store::sqlite::rows::{INSERT_OUTCOME, OutcomeCursor, backend};
 
 /// Most events in one `event_chunks` row.
 pub(crate) const CHUNK_EVENTS: usize = 256;
@@ -60,10 +61,12 @@ impl Chunks {
     pub(super) fn write(&mut self, conn: &Connection) {
         self.open.clear();
         for chunk in self.chunks.drain(..) {
+            // The key looked up once per chunk; a chunk of a session that does not exist
+            // (nothing could read it) inserts nothing.
             let inserted = conn
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO event_chunks (session_id, first_seq, last_seq, body) \
-                     VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT OR IGNORE INTO event_chunks (session_key, first_seq, last_seq, body) \
+                     SELECT key, ?2, ?3, ?4 FROM sessions WHERE id = ?1",
                 )
                 .and_then(|mut s| {
                     s.execute((
@@ -88,51 +91,49 @@ impl Chunks {
 
 /// Outcomes recorded in this batch, counted per session until the counters are written.
 ///
-/// Recording an outcome is one insert; the session's counters get one update per batch,
-/// and whether the session is still open (not claimed for finalization) is read once per
-/// batch, not once per outcome.
+/// Recording an outcome is one insert (its statement prepared once per batch); the
+/// session's counters get one update per batch, and whether the session is still open
+/// (not claimed for finalization) is read once per batch, not once per outcome.
 #[derive(Default)]
-pub(super) struct Tallies {
+pub(super) struct Tallies<'c> {
     sessions: HashMap<SessionId, Tally>,
+    insert: Option<CachedStatement<'c>>,
 }
 
 struct Tally {
-    /// Not claimed for finalization when this batch first looked (no job ran since).
-    open: bool,
+    /// Where the session's outcomes go, read when this batch first met the session (no
+    /// job ran since).
+    cursor: OutcomeCursor,
     counts: OutcomeCounts,
 }
 
-impl Tallies {
+impl<'c> Tallies<'c> {
     /// Records `outcome` on session `id` unless the session is claimed for finalization.
     pub(super) fn record(
         &mut self,
-        conn: &Connection,
+        conn: &'c Connection,
         id: SessionId,
         outcome: &OutcomeRecord,
     ) -> Result<(), StoreError> {
-        let sid = id.to_string();
-        let tally = match self.sessions.get_mut(&id) {
-            Some(tally) => tally,
-            None => {
-                let finalizing: Option<Option<String>> = conn
-                    .prepare_cached("SELECT finalizing FROM sessions WHERE id = ?1")
-                    .and_then(|mut s| s.query_row([&sid], |r| r.get(0)).optional())
-                    .map_err(backend)?;
-                let Some(finalizing) = finalizing else {
-                    return Err(StoreError::UnknownSession { session_id: id });
-                };
-                self.sessions.entry(id).or_insert(Tally {
-                    open: finalizing.is_none(),
-                    counts: OutcomeCounts::default(),
-                })
-            }
+        let tally = match self.sessions.entry(id) {
+            Entry::Occupied(tally) => tally.into_mut(),
+            Entry::Vacant(place) => place.insert(Tally {
+                cursor: OutcomeCursor::read(conn, id)?,
+                counts: OutcomeCounts::default(),
+            }),
         };
-        if !tally.open {
+        if tally.cursor.finalizing {
             return Err(StoreError::Finalizing { session_id: id });
         }
         // One statement: it succeeds or changes nothing. A duplicate is ignored and not
         // counted twice.
-        if insert_outcome(conn, &sid, outcome).map_err(backend)? == 1 {
+        let insert = match &mut self.insert {
+            Some(insert) => insert,
+            None => self
+                .insert
+                .insert(conn.prepare_cached(INSERT_OUTCOME).map_err(backend)?),
+        };
+        if tally.cursor.insert(insert, outcome)? {
             tally.counts.add(&outcome.outcome);
         }
         Ok(())
@@ -141,7 +142,7 @@ impl Tallies {
     /// Adds the counts to the sessions' counters and forgets what it knew: the next job
     /// may claim a session, so openness is read again afterwards.
     pub(super) fn write(&mut self, conn: &Connection) -> rusqlite::Result<()> {
-        for (id, tally) in self.sessions.drain() {
+        for tally in self.sessions.drain().map(|(_, tally)| tally) {
             let c = tally.counts;
             if c.total() == 0 {
                 continue;
@@ -150,10 +151,10 @@ impl Tallies {
             conn.prepare_cached(
                 "UPDATE sessions SET succeeded = succeeded + ?2, failed = failed + ?3, \
                  panicked = panicked + ?4, timed_out = timed_out + ?5, \
-                 cancelled = cancelled + ?6, lost = lost + ?7 WHERE id = ?1",
+                 cancelled = cancelled + ?6, lost = lost + ?7 WHERE key = ?1",
             )?
             .execute((
-                id.to_string(),
+                tally.cursor.key,
                 n(c.succeeded),
                 n(c.failed),
                 n(c.panicked),

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, Statement, params};
 
 use crate::error::StoreError;
 use crate::model::{
@@ -94,12 +94,12 @@ pub(super) fn outcome_columns(o: &ResourceOutcome) -> (&'static str, Option<&str
     }
 }
 
-pub(super) fn outcome_of(name: &str, detail: Option<String>) -> rusqlite::Result<ResourceOutcome> {
-    let detail = detail.unwrap_or_default();
+pub(super) fn outcome_of(name: &str, detail: Option<&str>) -> rusqlite::Result<ResourceOutcome> {
+    let detail = || detail.unwrap_or_default().to_owned();
     Ok(match name {
         "succeeded" => ResourceOutcome::Succeeded,
-        "failed" => ResourceOutcome::Failed { error: detail },
-        "panicked" => ResourceOutcome::Panicked { message: detail },
+        "failed" => ResourceOutcome::Failed { error: detail() },
+        "panicked" => ResourceOutcome::Panicked { message: detail() },
         "timed-out" => ResourceOutcome::TimedOut,
         "cancelled" => ResourceOutcome::Cancelled,
         "lost" => ResourceOutcome::Lost,
@@ -114,25 +114,167 @@ pub(super) fn outcome_of(name: &str, detail: Option<String>) -> rusqlite::Result
 }
 
 /// An outcome from `SELECT resource_id, outcome, detail, attempts, elapsed_ns`.
+///
+/// The text columns are borrowed from the row, not copied into `String`s first: reading a
+/// session's outcomes back is in the timed path to its finalizer.
 pub(super) fn outcome_row(r: &Row<'_>) -> rusqlite::Result<OutcomeRecord> {
-    let name: String = r.get(1)?;
     Ok(OutcomeRecord {
-        resource_id: ResourceId::from(r.get::<_, String>(0)?),
-        outcome: outcome_of(&name, r.get(2)?)?,
+        resource_id: ResourceId::from(r.get_ref(0)?.as_str()?),
+        outcome: outcome_of(r.get_ref(1)?.as_str()?, r.get_ref(2)?.as_str_or_null()?)?,
         attempts: r.get(3)?,
         elapsed: duration(r.get(4)?),
     })
 }
 
-pub(super) fn insert_outcome(
+/// The key of session `id` in the tables with a row per outcome or chunk.
+pub(super) fn session_key(conn: &Connection, id: SessionId) -> Result<i64, StoreError> {
+    conn.prepare_cached("SELECT key FROM sessions WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id.to_string()], |r| r.get(0)).optional())
+        .map_err(backend)?
+        .ok_or(StoreError::UnknownSession { session_id: id })
+}
+
+/// Outcomes of one session in the `outcomes` table: their rowids (`place`) are
+/// `key * 2^32 + n` for the n-th outcome recorded, from 1.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct OutcomeRange {
+    /// The first place (`key * 2^32`, never used itself).
+    pub(super) start: i64,
+    /// The last place a session may use.
+    pub(super) end: i64,
+}
+
+impl OutcomeRange {
+    pub(super) fn of(key: i64) -> Result<Self, StoreError> {
+        let start = key.checked_mul(1 << 32).ok_or_else(|| {
+            StoreError::Backend(format!("session key {key} is out of range").into())
+        })?;
+        Ok(Self {
+            start,
+            end: start | 0xFFFF_FFFF,
+        })
+    }
+
+    /// The range of session `id`.
+    pub(super) fn read(conn: &Connection, id: SessionId) -> Result<Self, StoreError> {
+        Self::of(session_key(conn, id)?)
+    }
+}
+
+/// Records one outcome at a place; see [`OutcomeCursor::insert`].
+pub(super) const INSERT_OUTCOME: &str = "INSERT INTO outcomes \
+     (place, session_key, resource_id, outcome, detail, attempts, elapsed_ns) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+     ON CONFLICT (session_key, resource_id) DO NOTHING";
+
+/// Where a session's next outcome goes: its key, whether it is claimed for finalization,
+/// and the next place in its recorded order.
+pub(super) struct OutcomeCursor {
+    pub(super) key: i64,
+    pub(super) finalizing: bool,
+    next: i64,
+    end: i64,
+}
+
+impl OutcomeCursor {
+    /// Reads it for session `id` (inside the writer's transaction, so nobody else appends
+    /// in between).
+    pub(super) fn read(conn: &Connection, id: SessionId) -> Result<Self, StoreError> {
+        let (key, finalizing, last): (i64, bool, Option<i64>) = conn
+            .prepare_cached(
+                "SELECT key, finalizing IS NOT NULL, \
+                 (SELECT max(place) FROM outcomes \
+                  WHERE place BETWEEN key * 4294967296 AND key * 4294967296 + 4294967295) \
+                 FROM sessions WHERE id = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()
+            })
+            .map_err(backend)?
+            .ok_or(StoreError::UnknownSession { session_id: id })?;
+        let range = OutcomeRange::of(key)?;
+        Ok(Self {
+            key,
+            finalizing,
+            next: last.unwrap_or(range.start) + 1,
+            end: range.end,
+        })
+    }
+
+    /// Records `o` unless its resource already has an outcome; whether it did. `insert` is
+    /// [`INSERT_OUTCOME`] prepared (once for many outcomes: looking a statement up in the
+    /// cache was a tenth of an insert).
+    ///
+    /// Only a second outcome of a resource is ignored: a clash on the place (a stale
+    /// cursor) is an error, never a silently dropped outcome.
+    pub(super) fn insert(
+        &mut self,
+        insert: &mut Statement<'_>,
+        o: &OutcomeRecord,
+    ) -> Result<bool, StoreError> {
+        if self.next > self.end {
+            return Err(StoreError::Backend(
+                "a session cannot record more than 2^32 - 1 outcomes".into(),
+            ));
+        }
+        let (name, detail) = outcome_columns(&o.outcome);
+        let inserted = insert
+            .execute(params![
+                self.next,
+                self.key,
+                o.resource_id.as_str(),
+                name,
+                detail,
+                o.attempts,
+                nanos(o.elapsed)
+            ])
+            .map_err(backend)?;
+        if inserted == 1 {
+            self.next += 1;
+        }
+        Ok(inserted == 1)
+    }
+}
+
+/// Most resource ids in one `resource_chunks` row.
+const RESOURCE_CHUNK: usize = 512;
+
+/// Writes session `key`'s resource list, in chunks.
+pub(super) fn write_resources(
     conn: &Connection,
-    id: &str,
-    o: &OutcomeRecord,
-) -> rusqlite::Result<usize> {
-    let (name, detail) = outcome_columns(&o.outcome);
-    conn.prepare_cached(
-        "INSERT OR IGNORE INTO outcomes (session_id, resource_id, outcome, detail, attempts, elapsed_ns) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![id, o.resource_id.as_str(), name, detail, o.attempts, nanos(o.elapsed)])
+    key: i64,
+    resources: &[ResourceId],
+) -> Result<(), StoreError> {
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO resource_chunks (session_key, first_position, ids) VALUES (?1, ?2, ?3)",
+        )
+        .map_err(backend)?;
+    for (n, chunk) in resources.chunks(RESOURCE_CHUNK).enumerate() {
+        let ids = serde_json::to_string(chunk).map_err(|e| StoreError::Backend(Box::new(e)))?;
+        insert
+            .execute(params![key, count(n * RESOURCE_CHUNK), ids])
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// Session `key`'s resource list, in order.
+pub(super) fn read_resources(conn: &Connection, key: i64) -> Result<Vec<ResourceId>, StoreError> {
+    let mut s = conn
+        .prepare_cached(
+            "SELECT ids FROM resource_chunks WHERE session_key = ?1 ORDER BY first_position",
+        )
+        .map_err(backend)?;
+    let mut rows = s.query([key]).map_err(backend)?;
+    let mut resources = Vec::new();
+    while let Some(row) = rows.next().map_err(backend)? {
+        let ids = row.get_ref(0).and_then(|v| v.as_str().map_err(Into::into));
+        let ids = ids.map_err(backend)?;
+        let chunk: Vec<ResourceId> =
+            serde_json::from_str(ids).map_err(|e| StoreError::Backend(Box::new(e)))?;
+        resources.extend(chunk);
+    }
+    Ok(resources)
 }

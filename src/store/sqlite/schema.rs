@@ -13,7 +13,7 @@ use crate::error::StoreError;
 use crate::store::sqlite::{Durability, SqliteOptions};
 
 /// The schema version this build writes. Each entry of [`MIGRATIONS`] moves one version up.
-pub(super) const VERSION: i64 = 3;
+pub(super) const VERSION: i64 = 4;
 
 /// "HRVS": marks a file as ours, so that another application's database is refused.
 const APPLICATION_ID: i64 = 0x4852_5653;
@@ -79,6 +79,88 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO event_chunks (session_id, first_seq, last_seq, body)
         SELECT session_id, seq, seq, body FROM events;
     DROP TABLE events;",
+    // 3 -> 4: what a durable session cost per resource, in instructions.
+    // - An integer key per session in the tables with a row per outcome or chunk: every
+    //   outcome insert compared the 36-character session id leading the unique index (the
+    //   same in every row of a session). The key is an `INTEGER PRIMARY KEY` (never
+    //   renumbered, unlike a plain rowid under VACUUM).
+    // - An outcome's rowid (`place`) is `key * 2^32 + its place in the session's recorded
+    //   order`: a session's outcomes are one range, read back in order without the index
+    //   lookup and sort they cost, and an insert appends to the range (a `WITHOUT ROWID`
+    //   table keyed by (key, order) cost a second index seek per insert).
+    // - The resource list in chunks (a JSON array of up to 512 ids per row): it is written
+    //   once and only ever read whole, and a row per resource was an eighth of a session.
+    // Rows of sessions that no longer exist were unreadable and are not carried over.
+    "CREATE TABLE sessions_v4 (
+        key              INTEGER PRIMARY KEY,
+        id               TEXT NOT NULL UNIQUE,   -- UUID v7: text order is creation order
+        harvester_id     TEXT NOT NULL,
+        status           TEXT NOT NULL,
+        total            INTEGER NOT NULL,
+        started          TEXT NOT NULL,
+        ended            TEXT,
+        workflow_time_ns INTEGER NOT NULL,
+        finalizing       TEXT,                   -- the claimed reason: the exactly-once guard
+        succeeded        INTEGER NOT NULL DEFAULT 0,
+        failed           INTEGER NOT NULL DEFAULT 0,
+        panicked         INTEGER NOT NULL DEFAULT 0,
+        timed_out        INTEGER NOT NULL DEFAULT 0,
+        cancelled        INTEGER NOT NULL DEFAULT 0,
+        lost             INTEGER NOT NULL DEFAULT 0,
+        finalizer_error  TEXT,
+        config           TEXT
+    );
+    INSERT INTO sessions_v4 (id, harvester_id, status, total, started, ended, workflow_time_ns,
+            finalizing, succeeded, failed, panicked, timed_out, cancelled, lost,
+            finalizer_error, config)
+        SELECT id, harvester_id, status, total, started, ended, workflow_time_ns,
+            finalizing, succeeded, failed, panicked, timed_out, cancelled, lost,
+            finalizer_error, config
+        FROM sessions ORDER BY id;
+    CREATE TABLE resource_chunks (
+        session_key    INTEGER NOT NULL,
+        first_position INTEGER NOT NULL,       -- from 0; chunks are contiguous
+        ids            TEXT NOT NULL,          -- JSON array of resource ids, in order
+        PRIMARY KEY (session_key, first_position)
+    ) WITHOUT ROWID;
+    INSERT INTO resource_chunks (session_key, first_position, ids)
+        SELECT s.key, min(r.position), json_group_array(r.resource_id ORDER BY r.position)
+        FROM resources r JOIN sessions_v4 s ON s.id = r.session_id
+        GROUP BY s.key, r.position / 512;
+    CREATE TABLE outcomes_v4 (
+        place       INTEGER PRIMARY KEY,         -- session_key * 2^32 + recorded order
+        session_key INTEGER NOT NULL,
+        resource_id TEXT NOT NULL,
+        outcome     TEXT NOT NULL,
+        detail      TEXT,
+        attempts    INTEGER NOT NULL,
+        elapsed_ns  INTEGER NOT NULL
+    );
+    INSERT INTO outcomes_v4 (place, session_key, resource_id, outcome, detail, attempts,
+            elapsed_ns)
+        SELECT s.key * 4294967296 + row_number() OVER (PARTITION BY s.key ORDER BY o.rowid),
+            s.key, o.resource_id, o.outcome, o.detail, o.attempts, o.elapsed_ns
+        FROM outcomes o JOIN sessions_v4 s ON s.id = o.session_id;
+    CREATE TABLE event_chunks_v4 (
+        session_key INTEGER NOT NULL,
+        first_seq   INTEGER NOT NULL,
+        last_seq    INTEGER NOT NULL,
+        body        TEXT NOT NULL,
+        PRIMARY KEY (session_key, first_seq)
+    ) WITHOUT ROWID;
+    INSERT INTO event_chunks_v4 (session_key, first_seq, last_seq, body)
+        SELECT s.key, c.first_seq, c.last_seq, c.body
+        FROM event_chunks c JOIN sessions_v4 s ON s.id = c.session_id;
+    DROP TABLE sessions;
+    DROP TABLE resources;
+    DROP TABLE outcomes;
+    DROP TABLE event_chunks;
+    ALTER TABLE sessions_v4 RENAME TO sessions;
+    ALTER TABLE outcomes_v4 RENAME TO outcomes;
+    ALTER TABLE event_chunks_v4 RENAME TO event_chunks;
+    CREATE INDEX sessions_by_harvester ON sessions (harvester_id, id);
+    CREATE INDEX sessions_by_status ON sessions (status, id);
+    CREATE UNIQUE INDEX outcomes_by_resource ON outcomes (session_key, resource_id);",
 ];
 
 /// Opens `path` for the store, or says precisely why not.
