@@ -11,7 +11,7 @@ use std::collections::hash_map::Entry;
 use rusqlite::{CachedStatement, Connection};
 
 use crate::error::StoreError;
-use crate::model::{OutcomeCounts, OutcomeRecord, SessionId};
+use crate::model::{OutcomeCounts, OutcomeRecord, SessionHasher, SessionId};
 use crate::store::sqlite::rows::{INSERT_OUTCOME, OutcomeCursor, backend};
 
 /// Most events in one `event_chunks` row.
@@ -31,7 +31,7 @@ struct Chunk {
 #[derive(Default)]
 pub(super) struct Chunks {
     chunks: Vec<Chunk>,
-    open: HashMap<SessionId, usize>,
+    open: HashMap<SessionId, usize, SessionHasher>,
 }
 
 impl Chunks {
@@ -96,7 +96,7 @@ impl Chunks {
 /// (not claimed for finalization) is read once per batch, not once per outcome.
 #[derive(Default)]
 pub(super) struct Tallies<'c> {
-    sessions: HashMap<SessionId, Tally>,
+    sessions: HashMap<SessionId, Tally, SessionHasher>,
     insert: Option<CachedStatement<'c>>,
 }
 
