@@ -10,6 +10,7 @@
 //! - the **record** the monitor reads, so a stuck SessionActor cannot hide a deadline.
 
 pub mod memory;
+mod receipt;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use crate::model::{
 };
 
 pub use memory::MemoryStore;
+pub use receipt::{OutcomeAnswer, OutcomeReceipt};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};
 
 /// A session to create, in status `pending`.
@@ -217,6 +219,21 @@ pub trait SessionStore: Send + Sync + 'static {
         id: SessionId,
         outcome: &OutcomeRecord,
     ) -> Option<Result<(), StoreError>> {
+        let _ = (id, outcome);
+        None
+    }
+
+    /// [`SessionStore::record_outcome`] queued without a future, by a store that writes in
+    /// the background (the durable store): returns at once with a receipt the store
+    /// answers once the write is committed, or failed. `None`, the default, means the
+    /// store does not queue, and the caller awaits `record_outcome` instead. Sessions try
+    /// this after [`SessionStore::record_outcome_now`]: two boxed futures per resource
+    /// (the async trait's and the session's) cost a durable session more than
+    /// serializing the outcome.
+    ///
+    /// Answer every receipt, with the same results `record_outcome` would give (an
+    /// [`OutcomeAnswer`] dropped unanswered reads as [`StoreError::Closed`]).
+    fn queue_outcome(&self, id: SessionId, outcome: &OutcomeRecord) -> Option<OutcomeReceipt> {
         let _ = (id, outcome);
         None
     }

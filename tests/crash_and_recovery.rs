@@ -40,20 +40,52 @@ async fn a_session_actor_that_dies_is_finalized_by_the_root_as_crashed() {
     sup.shutdown().await.expect("shutdown");
 }
 
+/// How a store takes outcome writes.
+#[derive(Clone, Copy)]
+enum Writes {
+    /// `record_outcome`, awaited.
+    Awaited,
+    /// `record_outcome_now`, as the memory store records them.
+    InPlace,
+    /// `queue_outcome`, answered by receipt, as the durable store records them.
+    Queued,
+    /// The same, answered only after the session handled its last outcome.
+    QueuedLate,
+}
+
 #[tokio::test(start_paused = true)]
 async fn failed_outcome_writes_neither_stop_the_session_nor_lose_its_outcomes() {
-    failed_outcome_writes_lose_nothing(false).await;
+    failed_outcome_writes_lose_nothing(Writes::Awaited).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn failed_in_place_outcome_writes_neither_stop_the_session_nor_lose_its_outcomes() {
-    failed_outcome_writes_lose_nothing(true).await;
+    failed_outcome_writes_lose_nothing(Writes::InPlace).await;
 }
 
-/// Outcome writes that fail (awaited, or `in_place` as the memory store records them).
-async fn failed_outcome_writes_lose_nothing(in_place: bool) {
+#[tokio::test(start_paused = true)]
+async fn failed_queued_outcome_writes_neither_stop_the_session_nor_lose_its_outcomes() {
+    failed_outcome_writes_lose_nothing(Writes::Queued).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_outcome_writes_failing_late_neither_stop_the_session_nor_lose_its_outcomes() {
+    failed_outcome_writes_lose_nothing(Writes::QueuedLate).await;
+}
+
+/// Outcome writes that fail, taken by the store in each of its ways.
+async fn failed_outcome_writes_lose_nothing(writes: Writes) {
     let store = FaultyStore::new();
-    store.in_place_outcomes.store(in_place, Ordering::SeqCst);
+    store
+        .in_place_outcomes
+        .store(matches!(writes, Writes::InPlace), Ordering::SeqCst);
+    store.queued_outcomes.store(
+        matches!(writes, Writes::Queued | Writes::QueuedLate),
+        Ordering::SeqCst,
+    );
+    store
+        .late_answers
+        .store(matches!(writes, Writes::QueuedLate), Ordering::SeqCst);
     let rec = Recorder::new(FinalizerMode::Ok);
     let sup = supervisor_on(store.clone(), config(), &rec).await;
     store.failing_outcome_writes.store(true, Ordering::SeqCst);

@@ -11,6 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::faulty::FaultyStore;
@@ -60,7 +61,9 @@ async fn child_process() {
     let db = PathBuf::from(db);
     let sqlite = SqliteStore::open(&db).await.expect("child opens the db");
     let mut store = FaultyStore::wrapping(Arc::new(sqlite));
-    store.on_outcome_ack = Some(Box::new(|o| {
+    // Outcomes go the way the durable store takes them: queued, answered by receipt.
+    store.queued_outcomes.store(true, Ordering::SeqCst);
+    store.on_outcome_ack = Some(Arc::new(|o| {
         say(format!("ACK {} {}", o.resource_id, o.outcome.name()));
     }));
     let harvest = harvest_fn(|ctx: HarvestContext| async move {

@@ -33,7 +33,8 @@ use crate::model::{
     FinalizeReason, HarvesterId, OutcomeRecord, ResourceId, SessionId, SessionRecord, SessionStatus,
 };
 use crate::store::{
-    Claim, Completed, Completion, NewSession, SessionPage, SessionQuery, SessionStore,
+    Claim, Completed, Completion, NewSession, OutcomeReceipt, SessionPage, SessionQuery,
+    SessionStore,
 };
 use line::{event_line, event_of_line};
 use rows::{
@@ -284,6 +285,10 @@ impl SessionStore for SqliteStore {
         outcome: OutcomeRecord,
     ) -> Result<(), StoreError> {
         self.writer.outcome(id, outcome).await
+    }
+
+    fn queue_outcome(&self, id: SessionId, outcome: &OutcomeRecord) -> Option<OutcomeReceipt> {
+        Some(self.writer.queue_outcome(id, outcome.clone()))
     }
 
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {

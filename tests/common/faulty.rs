@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use harvest_supervisor::store::{
-    Claim, Completed, Completion, NewSession, SessionPage, SessionQuery,
+    Claim, Completed, Completion, NewSession, OutcomeAnswer, OutcomeReceipt, SessionPage,
+    SessionQuery,
 };
 use harvest_supervisor::{
     FinalizeReason, HarvesterId, MemoryStore, OutcomeRecord, ResourceId, SessionConfig,
@@ -15,7 +16,7 @@ use harvest_supervisor::{
 use tokio::sync::Semaphore;
 
 /// Told of each acknowledged outcome.
-pub type AckHook = Box<dyn Fn(&OutcomeRecord) + Send + Sync>;
+pub type AckHook = Arc<dyn Fn(&OutcomeRecord) + Send + Sync>;
 
 pub struct FaultyStore {
     pub inner: Arc<dyn SessionStore>,
@@ -35,6 +36,15 @@ pub struct FaultyStore {
     /// While set, outcomes are recorded in place (`record_outcome_now`, as the memory store
     /// does), and fail there while `failing_outcome_writes` is set.
     pub in_place_outcomes: AtomicBool,
+    /// While set, outcomes are queued with a receipt (`queue_outcome`, as the durable
+    /// store does), answered from another task once the inner store acknowledged them;
+    /// failing or never answered under the flags above.
+    pub queued_outcomes: AtomicBool,
+    /// While set, queued outcomes are answered 5 s (of tokio time) after they were queued:
+    /// after the session handled its last outcome.
+    pub late_answers: AtomicBool,
+    /// Answers held back while `hang_outcome_writes` is set.
+    unanswered: std::sync::Mutex<Vec<OutcomeAnswer>>,
 }
 
 impl FaultyStore {
@@ -53,6 +63,9 @@ impl FaultyStore {
             failing_outcome_writes: AtomicBool::new(false),
             failing_transitions: AtomicBool::new(false),
             in_place_outcomes: AtomicBool::new(false),
+            queued_outcomes: AtomicBool::new(false),
+            late_answers: AtomicBool::new(false),
+            unanswered: std::sync::Mutex::new(Vec::new()),
         }
     }
 }
@@ -131,6 +144,50 @@ impl SessionStore for FaultyStore {
             return Some(Err(StoreError::Backend("injected write failure".into())));
         }
         self.inner.record_outcome_now(id, o)
+    }
+    fn queue_outcome(&self, id: SessionId, o: &OutcomeRecord) -> Option<OutcomeReceipt> {
+        if !self.queued_outcomes.load(Ordering::SeqCst) {
+            return None;
+        }
+        let (answer, receipt) = OutcomeReceipt::new();
+        if self.hang_outcome_writes.load(Ordering::SeqCst) {
+            self.unanswered.lock().expect("lock").push(answer);
+            return Some(receipt);
+        }
+        let late = self.late_answers.load(Ordering::SeqCst);
+        let inner_write: futures::future::BoxFuture<'static, Result<(), StoreError>> =
+            if self.failing_outcome_writes.load(Ordering::SeqCst) {
+                let failure = Err(StoreError::Backend("injected write failure".into()));
+                if !late {
+                    answer.send(failure);
+                    return Some(receipt);
+                }
+                Box::pin(async move { failure })
+            } else {
+                match self.inner.queue_outcome(id, o) {
+                    Some(inner) => Box::pin(inner.answer()),
+                    None => {
+                        let inner = Arc::clone(&self.inner);
+                        let o = o.clone();
+                        Box::pin(async move { inner.record_outcome(id, o).await })
+                    }
+                }
+            };
+        let hook = self.on_outcome_ack.clone();
+        let ack = o.clone();
+        tokio::spawn(async move {
+            if late {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+            let result = inner_write.await;
+            if result.is_ok()
+                && let Some(hook) = &hook
+            {
+                hook(&ack);
+            }
+            answer.send(result);
+        });
+        Some(receipt)
     }
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
         self.inner.outcomes(id).await

@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 use crate::error::StoreError;
 use crate::model::{OutcomeRecord, SessionId};
 use crate::store::sqlite::batch::{Chunks, Tallies};
+use crate::store::{OutcomeAnswer, OutcomeReceipt};
 
 /// Most operations in one transaction: bounds the latency a batch adds to its first job.
 pub(crate) const MAX_BATCH: usize = 4096;
@@ -46,11 +47,7 @@ pub(crate) enum Command {
     /// An operation whose caller waits for the answer; `true` if it reads events.
     Job(Job, bool),
     /// A final outcome to record; answered after the commit.
-    Outcome(
-        SessionId,
-        OutcomeRecord,
-        oneshot::Sender<Result<(), StoreError>>,
-    ),
+    Outcome(SessionId, OutcomeRecord, OutcomeAnswer),
     /// An event (its session, seq and JSON) to append; nobody waits.
     Event(SessionId, i64, String),
     /// Answer once everything sent before is committed.
@@ -129,9 +126,15 @@ impl Writer {
         id: SessionId,
         outcome: OutcomeRecord,
     ) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Outcome(id, outcome, reply))?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.queue_outcome(id, outcome).answer().await
+    }
+
+    /// [`Self::outcome`] without waiting: the receipt is answered after the commit (a
+    /// write that cannot be sent drops its answer, which reads as `Closed`).
+    pub(crate) fn queue_outcome(&self, id: SessionId, outcome: OutcomeRecord) -> OutcomeReceipt {
+        let (answer, receipt) = OutcomeReceipt::new();
+        let _ = self.send(Command::Outcome(id, outcome, answer));
+        receipt
     }
 
     /// Queues an event row; never waits unless the queue is full.
@@ -265,7 +268,7 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
                 answers.push(answer);
             }
             Command::Outcome(_, _, reply) if begun.is_err() => {
-                let _ = reply.send(Err(StoreError::Closed));
+                reply.send(Err(StoreError::Closed));
             }
             Command::Outcome(id, outcome, reply) => {
                 recorded.push((reply, tallies.record(conn, id, &outcome)));
@@ -302,7 +305,7 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
         answer(error.as_deref());
     }
     for (reply, result) in recorded {
-        let _ = reply.send(match &error {
+        reply.send(match &error {
             Some(e) => Err(commit_failed(e)),
             None => result,
         });
