@@ -83,11 +83,15 @@ fn old_file(path: &Path, version: i64) -> Connection {
     conn
 }
 
-fn version(path: &Path) -> i64 {
+fn pragma(path: &Path, name: &str) -> i64 {
     Connection::open(path)
         .expect("open")
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .expect("version")
+        .pragma_query_value(None, name, |r| r.get(0))
+        .expect(name)
+}
+
+fn version(path: &Path) -> i64 {
+    pragma(path, "user_version")
 }
 
 fn at(s: &str) -> DateTime<Utc> {
@@ -338,6 +342,11 @@ async fn a_version_1_file_is_migrated_in_place_and_keeps_everything() {
     kept_and_usable(&store, done, running).await;
     store.close().await.expect("close");
     assert_eq!(version(&path), 4);
+    assert_eq!(
+        pragma(&path, "page_size"),
+        4096,
+        "an existing file keeps its pages"
+    );
 }
 
 #[tokio::test]
@@ -393,6 +402,11 @@ async fn a_version_3_file_is_migrated_in_place_and_keeps_everything() {
     kept_and_usable(&store, done, running).await;
     store.close().await.expect("close");
     assert_eq!(version(&path), 4);
+    assert_eq!(
+        pragma(&path, "page_size"),
+        4096,
+        "an existing file keeps its pages"
+    );
 }
 
 #[tokio::test]

@@ -166,6 +166,18 @@ async fn a_database_locked_by_another_connection_is_refused_with_its_path() {
 }
 
 #[tokio::test]
+async fn a_new_file_gets_16_kib_pages() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("pages.db");
+    create(&path).await;
+    let page_size: i64 = rusqlite::Connection::open(&path)
+        .expect("open")
+        .pragma_query_value(None, "page_size", |r| r.get(0))
+        .expect("page size");
+    assert_eq!(page_size, 16 * 1024);
+}
+
+#[tokio::test]
 async fn reopening_keeps_what_was_written() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("keep.db");
