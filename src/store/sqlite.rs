@@ -36,7 +36,7 @@ use crate::store::{
     Claim, Completed, Completion, NewSession, OutcomeReceipt, SessionPage, SessionQuery,
     SessionStore,
 };
-use line::{event_line, event_of_line};
+use line::event_of_line;
 use rows::{
     INSERT_OUTCOME, OutcomeCursor, OutcomeRange, RECORD_COLUMNS, backend, count, load, nanos,
     outcome_row, read_resources, record, session_key, text, usize_of, write_resources,
@@ -344,9 +344,7 @@ impl SessionStore for SqliteStore {
     }
 
     fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError> {
-        let body = event_line(event).map_err(|e| StoreError::Backend(Box::new(e)))?;
-        let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
-        self.writer.event(event.session_id, seq, body)
+        self.writer.event(Arc::clone(event))
     }
 
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {

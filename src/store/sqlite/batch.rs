@@ -11,7 +11,9 @@ use std::collections::hash_map::Entry;
 use rusqlite::{CachedStatement, Connection};
 
 use crate::error::StoreError;
+use crate::events::SessionEvent;
 use crate::model::{OutcomeCounts, OutcomeRecord, SessionHasher, SessionId};
+use crate::store::sqlite::line::write_event_line;
 use crate::store::sqlite::rows::{INSERT_OUTCOME, OutcomeCursor, backend};
 
 /// Most events in one `event_chunks` row.
@@ -23,8 +25,9 @@ struct Chunk {
     first: i64,
     last: i64,
     count: usize,
-    /// JSON lines (serde_json escapes newlines inside strings, so a line is an event).
-    body: String,
+    /// JSON lines (serde_json escapes newlines inside strings, so a line is an event),
+    /// written here directly: UTF-8, checked once when the row is written.
+    body: Vec<u8>,
 }
 
 /// The chunks a batch is gathering, at most one open per session.
@@ -35,32 +38,69 @@ pub(super) struct Chunks {
 }
 
 impl Chunks {
-    pub(super) fn add(&mut self, session: SessionId, seq: i64, body: &str) {
-        if let Some(&at) = self.open.get(&session)
-            && let Some(chunk) = self.chunks.get_mut(at)
-            && chunk.count < CHUNK_EVENTS
-            && seq > chunk.last
-        {
-            chunk.body.push('\n');
-            chunk.body.push_str(body);
-            chunk.last = seq;
-            chunk.count += 1;
-            return;
-        }
-        self.open.insert(session, self.chunks.len());
-        self.chunks.push(Chunk {
-            session,
-            first: seq,
-            last: seq,
-            count: 1,
-            body: body.to_owned(),
+    /// Adds `event`'s line. Serialized here, on the writer's thread, straight into its
+    /// chunk: not into a `String` per event on the runtime, copied into the chunk and
+    /// freed here (a cross-thread free per event).
+    pub(super) fn add(&mut self, event: &SessionEvent) {
+        let session = event.session_id;
+        let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
+        let open = self.open.get(&session).copied().filter(|&at| {
+            self.chunks
+                .get(at)
+                .is_some_and(|c| c.count < CHUNK_EVENTS && seq > c.last)
         });
+        let at = open.unwrap_or_else(|| {
+            self.open.insert(session, self.chunks.len());
+            self.chunks.push(Chunk {
+                session,
+                first: seq,
+                last: seq,
+                count: 0,
+                body: Vec::with_capacity(4096),
+            });
+            self.chunks.len() - 1
+        });
+        let Some(chunk) = self.chunks.get_mut(at) else {
+            return;
+        };
+        let mark = chunk.body.len();
+        if chunk.count > 0 {
+            chunk.body.push(b'\n');
+        }
+        match write_event_line(&mut chunk.body, event) {
+            Ok(()) => {
+                if chunk.count == 0 {
+                    chunk.first = seq;
+                }
+                chunk.last = seq;
+                chunk.count += 1;
+            }
+            Err(e) => {
+                chunk.body.truncate(mark);
+                tracing::warn!(
+                    error = %e,
+                    session = %session,
+                    seq,
+                    "store: could not serialize an event"
+                );
+            }
+        }
     }
 
     /// Writes the gathered chunks (inside the batch's transaction).
     pub(super) fn write(&mut self, conn: &Connection) {
         self.open.clear();
         for chunk in self.chunks.drain(..) {
+            if chunk.count == 0 {
+                continue;
+            }
+            let body = match String::from_utf8(chunk.body) {
+                Ok(body) => body,
+                Err(e) => {
+                    tracing::warn!(error = %e, session = %chunk.session, "store: an event chunk is not UTF-8");
+                    continue;
+                }
+            };
             // The key looked up once per chunk; a chunk of a session that does not exist
             // (nothing could read it) inserts nothing.
             let inserted = conn
@@ -69,12 +109,7 @@ impl Chunks {
                      SELECT key, ?2, ?3, ?4 FROM sessions WHERE id = ?1",
                 )
                 .and_then(|mut s| {
-                    s.execute((
-                        chunk.session.to_string(),
-                        chunk.first,
-                        chunk.last,
-                        &chunk.body,
-                    ))
+                    s.execute((chunk.session.to_string(), chunk.first, chunk.last, &body))
                 });
             if let Err(e) = inserted {
                 tracing::warn!(

@@ -22,32 +22,51 @@ use crate::events::{EventKind, SessionEvent};
 use crate::model::{HarvesterId, ResourceId, SessionId};
 
 /// The line of `e`.
+#[cfg(test)]
 pub(super) fn event_line(e: &SessionEvent) -> serde_json::Result<String> {
-    let mut line = Line(Vec::with_capacity(128));
-    line.raw("{\"seq\":");
-    line.uint(e.seq);
-    line.raw(",\"at\":\"");
-    line.time(&e.at);
-    line.raw("\"");
-    if !line.worker_kind(&e.kind)? {
-        let ours = line.0.len();
-        serde_json::to_writer(&mut line.0, &e.kind)?;
-        // An internally tagged enum is a JSON object: its entries follow ours.
-        if line.0.get(ours..) == Some(b"{}") {
-            line.0.truncate(ours);
-            line.0.push(b'}');
-        } else if let Some(open) = line.0.get_mut(ours) {
-            *open = b',';
-        }
+    let mut line = Vec::with_capacity(128);
+    write_event_line(&mut line, e)?;
+    String::from_utf8(line).map_err(|e| serde::ser::Error::custom(e.to_string()))
+}
+
+/// Appends the line of `e` to `out` (nothing if it fails). What it appends is UTF-8.
+pub(super) fn write_event_line(out: &mut Vec<u8>, e: &SessionEvent) -> serde_json::Result<()> {
+    let start = out.len();
+    let written = Line(out).event(e);
+    if written.is_err() {
+        out.truncate(start);
     }
-    String::from_utf8(line.0).map_err(|e| serde::ser::Error::custom(e.to_string()))
+    written
+}
+
+impl Line<'_> {
+    fn event(&mut self, e: &SessionEvent) -> serde_json::Result<()> {
+        let line = self;
+        line.raw("{\"seq\":");
+        line.uint(e.seq);
+        line.raw(",\"at\":\"");
+        line.time(&e.at);
+        line.raw("\"");
+        if !line.worker_kind(&e.kind)? {
+            let ours = line.0.len();
+            serde_json::to_writer(&mut *line.0, &e.kind)?;
+            // An internally tagged enum is a JSON object: its entries follow ours.
+            if line.0.get(ours..) == Some(b"{}") {
+                line.0.truncate(ours);
+                line.0.push(b'}');
+            } else if let Some(open) = line.0.get_mut(ours) {
+                *open = b',';
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A line being written. Everything written is UTF-8: ASCII of our own, and strings
 /// through serde_json.
-struct Line(Vec<u8>);
+struct Line<'a>(&'a mut Vec<u8>);
 
-impl Line {
+impl Line<'_> {
     fn raw(&mut self, s: &str) {
         self.0.extend_from_slice(s.as_bytes());
     }
@@ -82,7 +101,7 @@ impl Line {
 
     /// A JSON string.
     fn string(&mut self, s: &str) -> serde_json::Result<()> {
-        serde_json::to_writer(&mut self.0, s)
+        serde_json::to_writer(&mut *self.0, s)
     }
 
     /// `at` as RFC 3339 in UTC with `Z` and as many fractional digits as it needs (0, 3, 6
@@ -94,7 +113,7 @@ impl Line {
         let Ok(year @ 0..=9999) = u32::try_from(date.year()) else {
             // Signed and wider: chrono knows how.
             let _ = write!(
-                Utf8Writer(&mut self.0),
+                Utf8Writer(self.0),
                 "{}",
                 at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
             );

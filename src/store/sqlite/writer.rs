@@ -18,6 +18,7 @@
 //!
 //! Blocking I/O never runs on the async runtime: callers only send and await an answer.
 
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use crate::error::StoreError;
+use crate::events::SessionEvent;
 use crate::model::{OutcomeRecord, SessionId};
 use crate::store::sqlite::batch::{Chunks, Tallies};
 use crate::store::{OutcomeAnswer, OutcomeReceipt};
@@ -48,8 +50,8 @@ pub(crate) enum Command {
     Job(Job, bool),
     /// A final outcome to record; answered after the commit.
     Outcome(SessionId, OutcomeRecord, OutcomeAnswer),
-    /// An event (its session, seq and JSON) to append; nobody waits.
-    Event(SessionId, i64, String),
+    /// An event to append (serialized on this thread, into its chunk); nobody waits.
+    Event(Arc<SessionEvent>),
     /// Answer once everything sent before is committed.
     Flush(oneshot::Sender<Result<(), StoreError>>),
     /// Commit what is queued, close the connection (checkpointing the WAL), then answer.
@@ -137,14 +139,9 @@ impl Writer {
         receipt
     }
 
-    /// Queues an event row; never waits unless the queue is full.
-    pub(crate) fn event(
-        &self,
-        session: SessionId,
-        seq: i64,
-        body: String,
-    ) -> Result<(), StoreError> {
-        self.send(Command::Event(session, seq, body))
+    /// Queues an event for its session's chunk; never waits unless the queue is full.
+    pub(crate) fn event(&self, event: Arc<SessionEvent>) -> Result<(), StoreError> {
+        self.send(Command::Event(event))
     }
 
     /// Commits what is queued and closes the connection; later calls get `Closed`.
@@ -274,7 +271,7 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
                 recorded.push((reply, tallies.record(conn, id, &outcome)));
             }
             Command::Event(..) if begun.is_err() => {}
-            Command::Event(session, seq, body) => chunks.add(session, seq, &body),
+            Command::Event(event) => chunks.add(&event),
             Command::Flush(reply) => flushes.push(reply),
             // Taken out of the batch by `run` before it commits.
             Command::Close(reply) => drop(reply),
