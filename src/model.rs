@@ -23,12 +23,13 @@ impl SessionId {
     }
 }
 
-/// The hasher of maps keyed by [`SessionId`] on per-resource paths (the stores' session
-/// tables, the durable store's batches). Session ids are random UUIDs made here, not text
-/// an outsider picks, so SipHash's resistance to crafted keys buys nothing, and it cost
-/// about 150 instructions a lookup, three lookups per resource. (Maps keyed by resource
-/// ids, which come from a remote catalogue, keep SipHash.)
-pub(crate) type SessionHasher = foldhash::fast::RandomState;
+/// The hasher of maps keyed by ids the library makes, on per-resource paths: session ids
+/// (the stores' session tables, the durable store's batches) and actor ids (a session's
+/// workers in flight). Those are random UUIDs and counters, not text an outsider picks, so
+/// SipHash's resistance to crafted keys buys nothing, and it cost about 150 instructions a
+/// lookup, several lookups per resource. (Maps keyed by resource ids, which come from a
+/// remote catalogue, keep SipHash.)
+pub(crate) type IdHasher = foldhash::fast::RandomState;
 
 impl Default for SessionId {
     fn default() -> Self {

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::error::StoreError;
 use crate::events::{EventKind, SessionEmitter};
 use crate::finalizer::{InFlight, Local};
-use crate::model::{OutcomeRecord, ResourceId};
+use crate::model::{IdHasher, OutcomeRecord, ResourceId};
 use crate::monitor::MonitorMessage;
 use crate::session::SessionMessage;
 use crate::session::writes::OutcomeWrites;
@@ -59,7 +59,7 @@ pub(crate) struct SessionState {
     /// Next never-started resource index.
     pub(crate) next_fresh: usize,
     /// Attempts running now, by worker actor id. Its size is the window.
-    pub(crate) in_flight: HashMap<ActorId, Slot>,
+    pub(crate) in_flight: HashMap<ActorId, Slot, IdHasher>,
     /// Resources with a final outcome.
     pub(crate) done: usize,
     pub(crate) monitor: Option<ActorRef<MonitorMessage>>,
@@ -90,7 +90,7 @@ impl SessionState {
         Self {
             phase: Phase::Running,
             next_fresh: 0,
-            in_flight: HashMap::new(),
+            in_flight: HashMap::default(),
             done: 0,
             monitor: None,
             writes: OutcomeWrites::default(),

@@ -16,8 +16,8 @@ use crate::config::SessionConfig;
 use crate::error::StoreError;
 use crate::events::SessionEvent;
 use crate::model::{
-    FinalizeReason, HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, SessionHasher,
-    SessionId, SessionRecord, SessionStatus,
+    FinalizeReason, HarvesterId, IdHasher, OutcomeCounts, OutcomeRecord, ResourceId, SessionId,
+    SessionRecord, SessionStatus,
 };
 use crate::store::{
     Claim, Completed, Completion, NewSession, SessionPage, SessionQuery, SessionStore,
@@ -41,7 +41,7 @@ struct StoredSession {
 pub struct MemoryStore {
     /// Boxed: a map keeps spare room for up to as many entries again as it holds, and a
     /// session is 400 bytes (10,000 idle sessions: 0.24 KiB less each).
-    sessions: Arc<DashMap<SessionId, Box<StoredSession>, SessionHasher>>,
+    sessions: Arc<DashMap<SessionId, Box<StoredSession>, IdHasher>>,
     active: Arc<DashMap<HarvesterId, SessionId>>,
     event_limit: usize,
 }

@@ -12,7 +12,7 @@ use rusqlite::{CachedStatement, Connection};
 
 use crate::error::StoreError;
 use crate::events::SessionEvent;
-use crate::model::{OutcomeCounts, OutcomeRecord, SessionHasher, SessionId};
+use crate::model::{IdHasher, OutcomeCounts, OutcomeRecord, SessionId};
 use crate::store::sqlite::line::write_event_line;
 use crate::store::sqlite::rows::{INSERT_OUTCOME, OutcomeCursor, backend};
 
@@ -34,7 +34,7 @@ struct Chunk {
 #[derive(Default)]
 pub(super) struct Chunks {
     chunks: Vec<Chunk>,
-    open: HashMap<SessionId, usize, SessionHasher>,
+    open: HashMap<SessionId, usize, IdHasher>,
 }
 
 impl Chunks {
@@ -131,7 +131,7 @@ impl Chunks {
 /// (not claimed for finalization) is read once per batch, not once per outcome.
 #[derive(Default)]
 pub(super) struct Tallies<'c> {
-    sessions: HashMap<SessionId, Tally, SessionHasher>,
+    sessions: HashMap<SessionId, Tally, IdHasher>,
     insert: Option<CachedStatement<'c>>,
 }
 
