@@ -140,7 +140,7 @@ async fn check(
     // this monitor; its session restarts it.
     let lifecycle = &shared.lifecycle;
     let decide = remaining.is_zero() || lifecycle.is_claimed();
-    if n == 0 || decide || n % STORE_CHECK_EVERY == 0 {
+    if n == 0 || decide || n.is_multiple_of(STORE_CHECK_EVERY) {
         let record = shared.deps.store.session(shared.id).await?;
         lifecycle.observe(&record);
     }
@@ -155,7 +155,7 @@ async fn check(
     state
         .clock
         .wake_at(tick + to_next(STORE_CHECK_EVERY).min(to_next(state.tick_event_every)));
-    if !decide && n % state.tick_event_every != 0 {
+    if !decide && !n.is_multiple_of(state.tick_event_every) {
         // Only a store check was due: nothing to record.
         return Ok(());
     }

@@ -320,7 +320,7 @@ async fn outcomes_sent_before_a_claim_count_and_those_after_it_are_refused() {
         .expect("create");
     let record = |r: &harvest_supervisor::ResourceId, i: usize| OutcomeRecord {
         resource_id: r.clone(),
-        outcome: if i % 4 == 0 {
+        outcome: if i.is_multiple_of(4) {
             ResourceOutcome::Failed { error: "no".into() }
         } else {
             ResourceOutcome::Succeeded

@@ -200,10 +200,10 @@ fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration) {
         }
         // Only once the whole batch is gathered (the wait above may have added the close):
         // nothing after a close request runs; its senders see `Closed`.
-        if let Some(at) = batch.iter().position(|c| matches!(c, Command::Close(_))) {
-            if let Some(Command::Close(reply)) = batch.drain(at..).next() {
-                closing = Some(reply);
-            }
+        if let Some(at) = batch.iter().position(|c| matches!(c, Command::Close(_)))
+            && let Some(Command::Close(reply)) = batch.drain(at..).next()
+        {
+            closing = Some(reply);
         }
         commit(&conn, &mut batch);
         if closing.is_some() {
