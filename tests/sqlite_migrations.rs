@@ -309,6 +309,32 @@ async fn kept_and_usable(store: &SqliteStore, done: SessionId, running: SessionI
     assert_eq!(ids(&store.outcomes(fresh).await.expect("outcomes")), ["y"]);
 }
 
+/// Opens the old file at `path`, which migrates it, and checks what every migration keeps:
+/// `running`'s events (numbered from 1) and config, and all of [`kept_and_usable`].
+async fn migrates_keeping_everything(
+    path: &Path,
+    done: SessionId,
+    running: SessionId,
+    old_events: &[SessionEvent],
+    config: Option<harvest_supervisor::SessionConfig>,
+) {
+    let store = SqliteStore::open(path).await.expect("migrates");
+    assert_eq!(store.events(running).await.expect("events"), old_events);
+    assert_eq!(
+        store.last_event_seq(running).await.expect("seq"),
+        old_events.len() as u64
+    );
+    assert_eq!(store.session_config(running).await.expect("answer"), config);
+    kept_and_usable(&store, done, running).await;
+    store.close().await.expect("close");
+    assert_eq!(version(path), 4);
+    assert_eq!(
+        pragma(path, "page_size"),
+        4096,
+        "an existing file keeps its pages"
+    );
+}
+
 #[tokio::test]
 async fn a_version_1_file_is_migrated_in_place_and_keeps_everything() {
     let dir = tempfile::tempdir().expect("dir");
@@ -331,22 +357,8 @@ async fn a_version_1_file_is_migrated_in_place_and_keeps_everything() {
         }
         (done, running, old_events)
     };
-    let store = SqliteStore::open(&path).await.expect("migrates");
-    assert_eq!(store.events(running).await.expect("events"), old_events);
-    assert_eq!(store.last_event_seq(running).await.expect("seq"), 3);
-    assert_eq!(
-        store.session_config(running).await.expect("answer"),
-        None,
-        "not known for v1 sessions"
-    );
-    kept_and_usable(&store, done, running).await;
-    store.close().await.expect("close");
-    assert_eq!(version(&path), 4);
-    assert_eq!(
-        pragma(&path, "page_size"),
-        4096,
-        "an existing file keeps its pages"
-    );
+    // Version 1 kept no config: not known for its sessions.
+    migrates_keeping_everything(&path, done, running, &old_events, None).await;
 }
 
 #[tokio::test]
@@ -392,21 +404,8 @@ async fn a_version_3_file_is_migrated_in_place_and_keeps_everything() {
         old_outcome(&conn, SessionId::new(), "orphan", None);
         (done, running, old_events)
     };
-    let store = SqliteStore::open(&path).await.expect("migrates");
-    assert_eq!(store.events(running).await.expect("events"), old_events);
-    assert_eq!(store.last_event_seq(running).await.expect("seq"), 5);
-    assert_eq!(
-        store.session_config(running).await.expect("answer"),
-        Some(harvest_supervisor::SessionConfig::default())
-    );
-    kept_and_usable(&store, done, running).await;
-    store.close().await.expect("close");
-    assert_eq!(version(&path), 4);
-    assert_eq!(
-        pragma(&path, "page_size"),
-        4096,
-        "an existing file keeps its pages"
-    );
+    let config = Some(harvest_supervisor::SessionConfig::default());
+    migrates_keeping_everything(&path, done, running, &old_events, config).await;
 }
 
 #[tokio::test]
@@ -480,5 +479,21 @@ async fn resource_lists_longer_than_a_chunk_keep_their_order_migrated_or_new() {
         expected.remove(i);
     }
     assert_eq!(rest, expected);
+    store.close().await.expect("close");
+
+    // A lost chunk (a damaged file) is an error, not a shorter list.
+    Connection::open(&path)
+        .expect("open")
+        .execute(
+            "DELETE FROM resource_chunks WHERE first_position = 512 AND session_key = \
+             (SELECT key FROM sessions WHERE id = ?1)",
+            [fresh.to_string()],
+        )
+        .expect("lose a chunk");
+    let store = SqliteStore::open(&path).await.expect("reopen");
+    assert!(matches!(
+        store.resources(fresh).await,
+        Err(harvest_supervisor::StoreError::Backend(_))
+    ));
     store.close().await.expect("close");
 }

@@ -260,17 +260,30 @@ pub(super) fn write_resources(
     Ok(())
 }
 
-/// Session `key`'s resource list, in order.
+/// Session `key`'s resource list, in order. A gap between chunks (a damaged file) is an
+/// error, never a shorter list.
 pub(super) fn read_resources(conn: &Connection, key: i64) -> Result<Vec<ResourceId>, StoreError> {
     let mut s = conn
         .prepare_cached(
-            "SELECT ids FROM resource_chunks WHERE session_key = ?1 ORDER BY first_position",
+            "SELECT first_position, ids FROM resource_chunks WHERE session_key = ?1 \
+             ORDER BY first_position",
         )
         .map_err(backend)?;
     let mut rows = s.query([key]).map_err(backend)?;
     let mut resources = Vec::new();
     while let Some(row) = rows.next().map_err(backend)? {
-        let ids = row.get_ref(0).and_then(|v| v.as_str().map_err(Into::into));
+        let first: i64 = row.get(0).map_err(backend)?;
+        if first != count(resources.len()) {
+            return Err(StoreError::Backend(
+                format!(
+                    "the resource list of session key {key} is damaged: \
+                     a chunk starts at {first}, expected {}",
+                    resources.len()
+                )
+                .into(),
+            ));
+        }
+        let ids = row.get_ref(1).and_then(|v| v.as_str().map_err(Into::into));
         let ids = ids.map_err(backend)?;
         let chunk: Vec<ResourceId> =
             serde_json::from_str(ids).map_err(|e| StoreError::Backend(Box::new(e)))?;
