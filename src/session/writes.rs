@@ -79,8 +79,9 @@ impl OutcomeWrites {
                 }
             },
         }
-        // Collect the writes finished meanwhile without waiting; `now_or_never` leaves the
-        // unfinished in the set.
+        // Collect the writes answered meanwhile, without waiting: receipts from the front
+        // (a success needs no settling), then futures (`now_or_never` leaves the
+        // unfinished in the set).
         while let Some((_, receipt)) = self.queued.front_mut()
             && let Some(result) = receipt.try_answer()
         {
