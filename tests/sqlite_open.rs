@@ -166,7 +166,7 @@ async fn a_database_locked_by_another_connection_is_refused_with_its_path() {
 }
 
 #[tokio::test]
-async fn a_new_file_gets_16_kib_pages() {
+async fn a_new_file_gets_8_kib_pages() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("pages.db");
     create(&path).await;
@@ -174,7 +174,7 @@ async fn a_new_file_gets_16_kib_pages() {
         .expect("open")
         .pragma_query_value(None, "page_size", |r| r.get(0))
         .expect("page size");
-    assert_eq!(page_size, 16 * 1024);
+    assert_eq!(page_size, 8 * 1024);
 }
 
 #[tokio::test]
