@@ -207,6 +207,12 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Records a resource's final outcome. `StoreError::Finalizing` once finalization was
     /// claimed: reconciliation has already counted that resource.
+    ///
+    /// A session records at most one outcome per resource (resuming forgets all but the
+    /// successes first), so a store need not guard against a second one. The memory store
+    /// does not (it would count it again); the durable store does (its file outlives any
+    /// one process, so it keeps the first and ignores the rest). Reconciliation takes the
+    /// first either way.
     async fn record_outcome(&self, id: SessionId, outcome: OutcomeRecord)
     -> Result<(), StoreError>;
 
