@@ -244,6 +244,12 @@ impl EventBus {
         }
     }
 
+    /// Whether anyone subscribes now. (One subscribing right after this reads `false` is
+    /// one that subscribed after the event: it would not have seen it either way.)
+    fn listened(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
     fn publish(&self, event: Arc<SessionEvent>) {
         // An error only means nobody listens; events are in the store and in tracing anyway.
         let _ = self.tx.send(event);
@@ -372,21 +378,27 @@ impl SessionEmitter {
         // A poisoned lock only means another emit panicked mid-way; the counter is intact.
         let mut seq = inner.seq.lock().unwrap_or_else(|p| p.into_inner());
         *seq += 1;
-        let event = Arc::new(SessionEvent {
+        let event = SessionEvent {
             seq: *seq,
             at: Utc::now(),
             session_id: inner.session_id,
             harvester_id: inner.harvester_id.clone(),
             kind,
-        });
+        };
         in_scope(&inner.span, || {
             tracing::debug!(seq = event.seq, event = event.kind.name(), detail = ?event.kind);
         });
-        if let Err(error) = inner.store.append_event(&event) {
+        // The store owns the event; a shared copy is made only for subscribers (two
+        // events per resource: an allocation each saved when nobody listens).
+        let shared = inner.bus.listened().then(|| Arc::new(event.clone()));
+        let seq = event.seq;
+        if let Err(error) = inner.store.append_event(event) {
             in_scope(&inner.span, || {
-                tracing::warn!(seq = event.seq, %error, "could not store event");
+                tracing::warn!(seq, %error, "could not store event");
             });
         }
-        inner.bus.publish(event);
+        if let Some(event) = shared {
+            inner.bus.publish(event);
+        }
     }
 }

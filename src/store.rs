@@ -257,8 +257,9 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> Result<(Vec<OutcomeRecord>, usize), StoreError>;
 
     /// Appends an event to the audit trail. Must not block: a durable store queues it.
-    /// (Shared, so a store that keeps events in memory need not copy them.)
-    fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError>;
+    /// (Owned: a store keeps it without copying, and nobody allocates a shared copy of
+    /// each event unless a bus subscriber is listening.)
+    fn append_event(&self, event: SessionEvent) -> Result<(), StoreError>;
 
     /// A session's events, by `seq`.
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError>;

@@ -45,9 +45,7 @@ fn event(id: harvest_supervisor::SessionId, seq: u64) -> harvest_supervisor::Ses
 /// Appends events 1..=n to session `id` (without waiting for their commit).
 fn append_events(store: &SqliteStore, id: harvest_supervisor::SessionId, n: u64) {
     for seq in 1..=n {
-        store
-            .append_event(&std::sync::Arc::new(event(id, seq)))
-            .expect("append");
+        store.append_event(event(id, seq)).expect("append");
     }
 }
 
@@ -280,13 +278,9 @@ async fn reading_events_sees_every_append_before_it_across_chunks_and_sessions()
     // No flush: a read queued after the appends must still see them, in order, even when
     // one batch holds more than a chunk's worth of one session interleaved with another's.
     for seq in 1..=700 {
-        store
-            .append_event(&std::sync::Arc::new(event(a, seq)))
-            .expect("append a");
+        store.append_event(event(a, seq)).expect("append a");
         if seq % 3 == 0 {
-            store
-                .append_event(&std::sync::Arc::new(event(b, seq / 3)))
-                .expect("append b");
+            store.append_event(event(b, seq / 3)).expect("append b");
         }
     }
     let seqs = |events: Vec<harvest_supervisor::SessionEvent>| {

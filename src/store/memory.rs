@@ -28,8 +28,9 @@ struct StoredSession {
     resources: Arc<[ResourceId]>,
     config: Arc<SessionConfig>,
     outcomes: Vec<OutcomeRecord>,
-    /// The newest `event_limit` events, shared with the emitter (no copy).
-    events: VecDeque<Arc<SessionEvent>>,
+    /// The newest `event_limit` events, kept inline (one allocation for the whole log,
+    /// none per event).
+    events: VecDeque<SessionEvent>,
 }
 
 /// Sessions kept in process memory. Cheap to clone (shared maps).
@@ -230,18 +231,18 @@ impl SessionStore for MemoryStore {
         })
     }
 
-    fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError> {
+    fn append_event(&self, event: SessionEvent) -> Result<(), StoreError> {
         let limit = self.event_limit;
         self.with(event.session_id, |s| {
             if s.events.len() >= limit {
                 s.events.pop_front();
             }
-            s.events.push_back(Arc::clone(event));
+            s.events.push_back(event);
         })
     }
 
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
-        self.with(id, |s| s.events.iter().map(|e| (**e).clone()).collect())
+        self.with(id, |s| s.events.iter().cloned().collect())
     }
 
     async fn last_event_seq(&self, id: SessionId) -> Result<u64, StoreError> {
@@ -346,14 +347,14 @@ mod tests {
             .await
             .expect("create");
         for seq in 1..=5 {
-            let event = Arc::new(SessionEvent {
+            let event = SessionEvent {
                 seq,
                 at: chrono::Utc::now(),
                 session_id: id,
                 harvester_id: "h".into(),
                 kind: EventKind::MonitorCancelled,
-            });
-            store.append_event(&event).expect("append");
+            };
+            store.append_event(event).expect("append");
         }
         let seqs: Vec<u64> = store
             .events(id)

@@ -20,7 +20,6 @@ mod writer;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -343,8 +342,8 @@ impl SessionStore for SqliteStore {
             .await
     }
 
-    fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError> {
-        self.writer.event(Arc::clone(event))
+    fn append_event(&self, event: SessionEvent) -> Result<(), StoreError> {
+        self.writer.event(event)
     }
 
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {

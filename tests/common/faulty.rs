@@ -200,7 +200,7 @@ impl SessionStore for FaultyStore {
     ) -> Result<(Vec<OutcomeRecord>, usize), StoreError> {
         self.inner.outcomes_page(id, offset, limit).await
     }
-    fn append_event(&self, event: &Arc<SessionEvent>) -> Result<(), StoreError> {
+    fn append_event(&self, event: SessionEvent) -> Result<(), StoreError> {
         self.inner.append_event(event)
     }
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {

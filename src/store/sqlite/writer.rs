@@ -18,7 +18,6 @@
 //!
 //! Blocking I/O never runs on the async runtime: callers only send and await an answer.
 
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -51,7 +50,7 @@ pub(crate) enum Command {
     /// A final outcome to record; answered after the commit.
     Outcome(SessionId, OutcomeRecord, OutcomeAnswer),
     /// An event to append (serialized on this thread, into its chunk); nobody waits.
-    Event(Arc<SessionEvent>),
+    Event(SessionEvent),
     /// Answer once everything sent before is committed.
     Flush(oneshot::Sender<Result<(), StoreError>>),
     /// Commit what is queued, close the connection (checkpointing the WAL), then answer.
@@ -140,7 +139,7 @@ impl Writer {
     }
 
     /// Queues an event for its session's chunk; never waits unless the queue is full.
-    pub(crate) fn event(&self, event: Arc<SessionEvent>) -> Result<(), StoreError> {
+    pub(crate) fn event(&self, event: SessionEvent) -> Result<(), StoreError> {
         self.send(Command::Event(event))
     }
 
