@@ -258,7 +258,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Appends an event to the audit trail. Must not block: a durable store queues it.
     /// (Owned: a store keeps it without copying, and nobody allocates a shared copy of
-    /// each event unless a bus subscriber is listening.)
+    /// each event unless a bus subscriber is listening.) An event carries its session's
+    /// harvester id; both stores keep it without its session and harvester ids and
+    /// restore them from the session when read.
     fn append_event(&self, event: SessionEvent) -> Result<(), StoreError>;
 
     /// A session's events, by `seq`.
