@@ -188,26 +188,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median µs per item and median peak RSS (MiB) of `reps` runs of each implementation.
-/// Runs are interleaved (floor, actor, memory, sqlite, floor, ...) so that a noisy
-/// neighbour slows every implementation alike and the ratios stay honest.
-/// Median wall µs, median CPU µs (both per resource) and median peak RSS (MiB) of each.
-fn measure(imps: &[Imp], n: usize, reps: usize) -> Vec<(f64, f64, f64)> {
-    let mut samples: Vec<Vec<Sample>> = imps.iter().map(|_| Vec::new()).collect();
-    for _ in 0..reps {
-        for (i, imp) in imps.iter().enumerate() {
-            samples[i].push(child_case(*imp, n));
+/// `reps` runs of each implementation, interleaved (floor, actor, memory, sqlite, floor,
+/// ...) so that a noisy neighbour slows every implementation of a run alike.
+struct Runs {
+    /// `samples[i][r]`: implementation `i` in run `r`.
+    samples: Vec<Vec<Sample>>,
+}
+
+impl Runs {
+    fn measure(imps: &[Imp], n: usize, reps: usize) -> Self {
+        let mut samples: Vec<Vec<Sample>> = imps.iter().map(|_| Vec::new()).collect();
+        for _ in 0..reps {
+            for (i, imp) in imps.iter().enumerate() {
+                samples[i].push(child_case(*imp, n));
+            }
         }
+        Self { samples }
     }
-    samples
-        .into_iter()
-        .map(|s| {
-            let us = median(s.iter().map(|x| x.secs * 1e6 / x.n as f64).collect());
-            let cpu = median(s.iter().map(|x| x.cpu_secs * 1e6 / x.n as f64).collect());
-            let rss = median(s.iter().map(|x| x.peak_rss_kib as f64 / 1024.0).collect());
-            (us, cpu, rss)
-        })
-        .collect()
+
+    /// Median wall µs, median CPU µs (both per resource) and median peak RSS (MiB) of
+    /// implementation `i`.
+    fn medians(&self, i: usize) -> (f64, f64, f64) {
+        let s = &self.samples[i];
+        let us = median(s.iter().map(|x| x.secs * 1e6 / x.n as f64).collect());
+        let cpu = median(s.iter().map(|x| x.cpu_secs * 1e6 / x.n as f64).collect());
+        let rss = median(s.iter().map(|x| x.peak_rss_kib as f64 / 1024.0).collect());
+        (us, cpu, rss)
+    }
+
+    /// The median over runs of `a`'s time over `b`'s in the same run (wall, CPU): the
+    /// targets' "ratio from one run, median of several". Steadier than a ratio of medians
+    /// when the machine drifts between runs.
+    fn ratio(&self, a: usize, b: usize) -> (f64, f64) {
+        let pairs = || self.samples[a].iter().zip(&self.samples[b]);
+        (
+            median(pairs().map(|(x, y)| x.secs / y.secs).collect()),
+            median(pairs().map(|(x, y)| x.cpu_secs / y.cpu_secs).collect()),
+        )
+    }
 }
 
 fn throughput_table(ns: &[usize], reps: usize, million: bool) {
@@ -217,25 +235,23 @@ fn throughput_table(ns: &[usize], reps: usize, million: bool) {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let all = [Imp::Floor, Imp::Actor, Imp::Memory, Imp::Sqlite];
     for &n in ns {
-        let m = measure(&all, n, reps);
-        let [(f, fc, fr), (a, ac, ar), (mm, mc, mr), (s, sc, sr)] = [m[0], m[1], m[2], m[3]];
+        let runs = Runs::measure(&all, n, reps);
+        let [(f, fc, fr), (a, ac, ar), (mm, mc, mr), (s, sc, sr)] =
+            [0, 1, 2, 3].map(|i| runs.medians(i));
+        let (memory_actor, memory_actor_cpu) = runs.ratio(2, 1);
+        let (memory_floor, _) = runs.ratio(2, 0);
+        let (sqlite_memory, sqlite_memory_cpu) = runs.ratio(3, 2);
         println!(
-            "| {n} | {f:.2} | {a:.2} | {mm:.2} | {s:.2} | {:.2} | {:.2} | {:.2} | {fc:.2} / {ac:.2} / {mc:.2} / {sc:.2} | {:.2} | {:.2} | {fr:.0} / {ar:.0} / {mr:.0} / {sr:.0} |",
-            mm / a,
-            mm / f,
-            s / mm,
-            mc / ac,
-            sc / mc
+            "| {n} | {f:.2} | {a:.2} | {mm:.2} | {s:.2} | {memory_actor:.2} | {memory_floor:.2} | {sqlite_memory:.2} | {fc:.2} / {ac:.2} / {mc:.2} / {sc:.2} | {memory_actor_cpu:.2} | {sqlite_memory_cpu:.2} | {fr:.0} / {ar:.0} / {mr:.0} / {sr:.0} |",
         );
     }
     if million {
         let n = 1_000_000;
-        let m = measure(&[Imp::Memory, Imp::Sqlite], n, 1);
-        let [(mm, mc, mr), (s, sc, sr)] = [m[0], m[1]];
+        let runs = Runs::measure(&[Imp::Memory, Imp::Sqlite], n, 1);
+        let [(mm, mc, mr), (s, sc, sr)] = [0, 1].map(|i| runs.medians(i));
+        let (sqlite_memory, sqlite_memory_cpu) = runs.ratio(1, 0);
         println!(
-            "| {n} (one run) | | | {mm:.2} | {s:.2} | | | {:.2} | - / - / {mc:.2} / {sc:.2} | | {:.2} | - / - / {mr:.0} / {sr:.0} |",
-            s / mm,
-            sc / mc
+            "| {n} (one run) | | | {mm:.2} | {s:.2} | | | {sqlite_memory:.2} | - / - / {mc:.2} / {sc:.2} | | {sqlite_memory_cpu:.2} | - / - / {mr:.0} / {sr:.0} |",
         );
     }
 }
@@ -397,7 +413,9 @@ async fn main() {
             watchdog(sessions, Duration::from_secs(idle_secs)).await;
         }
         Cmd::All { reps, million } => {
-            println!("## Throughput (median of {reps} runs, window {WINDOW})\n");
+            println!(
+                "## Throughput (medians of {reps} runs; a ratio is the median of its ratios within each run; window {WINDOW})\n"
+            );
             throughput_table(&[1_000, 10_000, 100_000], reps, million);
             println!("\n## Latency to the finalizer\n");
             println!("| policy | runs | p50 µs | p99 µs | max µs |\n|---|---|---|---|---|");
