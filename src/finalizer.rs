@@ -113,6 +113,12 @@ pub(crate) struct Local {
     pub(crate) unrecorded: Vec<OutcomeRecord>,
     /// Store failures seen during the session, for the report.
     pub(crate) store_errors: Vec<String>,
+    /// The session's whole resource list, when the finalizing actor holds it (it never
+    /// changes after the session is created; a resumed session holds only the part it
+    /// re-harvests); `None`: read it from the store. A million-resource
+    /// session's list is a million reference counts and 16 MB to copy, or a long read from
+    /// the durable store.
+    pub(crate) resources: Option<Arc<[ResourceId]>>,
 }
 
 /// Finalizes session `id` once. See the module docs.
@@ -208,7 +214,14 @@ async fn reconcile(
     reason: FinalizeReason,
     local: &Local,
 ) -> Result<(SessionReport, Vec<OutcomeRecord>), StoreError> {
-    let resources = deps.store.resources(before.id).await?;
+    let stored;
+    let resources: &[ResourceId] = match &local.resources {
+        Some(held) => held,
+        None => {
+            stored = deps.store.resources(before.id).await?;
+            &stored
+        }
+    };
     let mut recorded = InOrder::new(deps.store.outcomes(before.id).await?);
     let mut unrecorded: HashMap<&ResourceId, &OutcomeRecord> = local
         .unrecorded
@@ -219,19 +232,19 @@ async fn reconcile(
     let mut missing = Vec::new();
     let mut counts = OutcomeCounts::default();
     for resource_id in resources {
-        let record = if let Some(r) = recorded.take(&resource_id) {
+        let record = if let Some(r) = recorded.take(resource_id) {
             r
-        } else if let Some(r) = unrecorded.remove(&resource_id) {
+        } else if let Some(r) = unrecorded.remove(resource_id) {
             missing.push(r.clone());
             r.clone()
         } else {
             let (attempts, elapsed) = local
                 .in_flight
-                .get(&resource_id)
+                .get(resource_id)
                 .copied()
                 .unwrap_or((0, Duration::ZERO));
             let r = OutcomeRecord {
-                resource_id,
+                resource_id: resource_id.clone(),
                 outcome: reason.missing_outcome(),
                 attempts,
                 elapsed,

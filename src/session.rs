@@ -284,7 +284,7 @@ async fn finalize_now(
     // Every outcome write must be answered first: a failed one is reconciled from memory.
     s.st.writes.drain().await;
     s.st.settle_writes(&s.shared.emitter);
-    let local = s.st.wind_down(&s.shared.resources);
+    let local = s.st.wind_down(&s.shared.resources, !s.shared.resumed);
     let shared = Arc::clone(&s.shared);
     let result = finalizer::finalize(
         &shared.deps,

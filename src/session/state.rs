@@ -2,6 +2,7 @@
 //! and the phase.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use ractor::{ActorCell, ActorId, ActorRef, MessagingErr};
 use tokio::task::JoinHandle;
@@ -155,7 +156,9 @@ impl SessionState {
 
     /// Kills every running worker, stops every timer, and hands over what only this actor
     /// knows: the unfinished resources' work, unrecorded outcomes, store errors.
-    pub(crate) fn wind_down(&mut self, resources: &[ResourceId]) -> Local {
+    /// `whole`: `resources` is the session's whole list (a resumed session holds only
+    /// what it re-harvests).
+    pub(crate) fn wind_down(&mut self, resources: &Arc<[ResourceId]>, whole: bool) -> Local {
         let in_flight = self.stop_all(resources);
         let (unrecorded, store_errors) = match &mut self.rare {
             Some(rare) => (
@@ -168,6 +171,7 @@ impl SessionState {
             in_flight,
             unrecorded,
             store_errors,
+            resources: whole.then(|| Arc::clone(resources)),
         }
     }
 
