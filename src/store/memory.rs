@@ -137,7 +137,7 @@ impl SessionStore for MemoryStore {
                         // A session logs five events by its first tick; growing from
                         // four to eight would leave a freed hole behind in every session
                         // (10,000 idle sessions: 23.9 -> 23.6 KiB each).
-                        events: VecDeque::with_capacity(8),
+                        events: VecDeque::with_capacity(8.min(self.event_limit)),
                     }),
                 );
                 slot.insert(new.id);
@@ -246,8 +246,14 @@ impl SessionStore for MemoryStore {
     fn append_event(&self, event: SessionEvent) -> Result<(), StoreError> {
         let limit = self.event_limit;
         self.with(event.session_id, |s| {
-            if s.events.len() >= limit {
+            let len = s.events.len();
+            if len >= limit {
                 s.events.pop_front();
+            } else if len == s.events.capacity() {
+                // Doubling, but never past the limit: a full ring is never reallocated,
+                // and a long session's ring is the limit, not the next power of two (the
+                // default: 100,000 events, 8.8 MB instead of 11.5).
+                s.events.reserve_exact(len.max(1).min(limit - len));
             }
             s.events.push_back(KeptEvent {
                 seq: event.seq,
@@ -392,5 +398,42 @@ mod tests {
             .collect();
         assert_eq!(seqs, [3, 4, 5]);
         assert_eq!(store.last_event_seq(id).await.expect("seq"), 5);
+    }
+
+    #[tokio::test]
+    async fn an_event_ring_never_grows_past_its_limit() {
+        let store = MemoryStore::with_event_limit(20);
+        let id = SessionId::new();
+        store
+            .create_session(NewSession {
+                id,
+                harvester_id: "h".into(),
+                resources: Arc::new([]),
+                started: chrono::Utc::now(),
+                workflow_time: std::time::Duration::from_secs(1),
+                config: Arc::default(),
+            })
+            .await
+            .expect("create");
+        for seq in 1..=100 {
+            let event = SessionEvent {
+                seq,
+                at: chrono::Utc::now(),
+                session_id: id,
+                harvester_id: "h".into(),
+                kind: EventKind::MonitorCancelled,
+            };
+            store.append_event(event).expect("append");
+            let room = store.sessions.get(&id).map(|s| s.events.capacity());
+            assert!(room.is_some_and(|r| r <= 20), "{room:?} after {seq} events");
+        }
+        let seqs: Vec<u64> = store
+            .events(id)
+            .await
+            .expect("events")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, (81..=100).collect::<Vec<_>>());
     }
 }
