@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Each throughput case runs in a fresh child process (`one`), so its peak RSS (VmHWM) is its
-//! own. Implementations, all with a window of 64 in flight:
+//! own. With `--warm`, the case is timed after one untimed run of it in that process: a
+//! server's steady state (a heap that has held a session of this size, pages already
+//! faulted in) rather than a fresh process's first session; its peak RSS covers both runs. Implementations, all with a window of 64 in flight:
 //! - `floor`: N no-op futures through a tokio `JoinSet`, then one closure;
 //! - `actor`: a bare ractor parent that `spawn_linked`s no-op children, counts their
 //!   terminations, then calls a closure;
@@ -55,6 +57,10 @@ enum Cmd {
         n: usize,
         #[arg(long, default_value_t = 5)]
         reps: usize,
+        /// Time each case after one untimed run of it in the same process (a server's
+        /// steady state rather than a fresh process's first session).
+        #[arg(long)]
+        warm: bool,
     },
     /// One case in this process; prints one JSON line.
     One {
@@ -62,6 +68,9 @@ enum Cmd {
         imp: Imp,
         #[arg(long)]
         n: usize,
+        /// Run the case once untimed first (see `throughput --warm`).
+        #[arg(long)]
+        warm: bool,
     },
     /// Failure-to-finalizer (FailFast) and last-outcome-to-finalizer (Continue) latency.
     Latency {
@@ -143,21 +152,38 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-async fn run_one(imp: Imp, n: usize) -> Sample {
-    let took = match imp {
-        Imp::Floor => impls::run_floor(n).await,
-        Imp::Actor => impls::run_actor(n).await,
-        Imp::Memory => impls::run_session(n, None).await,
+async fn run_one(imp: Imp, n: usize, warm: bool) -> Sample {
+    // `warm`: the same case once untimed first; the timed one then runs on a heap (and a
+    // database file) that a session of this size has used before.
+    let runs = if warm { 2 } else { 1 };
+    let mut took = Duration::ZERO;
+    match imp {
+        Imp::Floor => {
+            for _ in 0..runs {
+                took = impls::run_floor(n).await;
+            }
+        }
+        Imp::Actor => {
+            for _ in 0..runs {
+                took = impls::run_actor(n).await;
+            }
+        }
+        Imp::Memory => {
+            for _ in 0..runs {
+                took = impls::run_session(n, None).await;
+            }
+        }
         Imp::Sqlite => {
             let dir = std::env::temp_dir().join(format!("hs-bench-{}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("temp dir");
             let store = SqliteStore::open(dir.join("bench.db")).await.expect("db");
-            let took = impls::run_session(n, Some(Arc::new(store.clone()))).await;
+            for _ in 0..runs {
+                took = impls::run_session(n, Some(Arc::new(store.clone()))).await;
+            }
             store.close().await.expect("close");
             let _ = std::fs::remove_dir_all(&dir);
-            took
         }
-    };
+    }
     Sample {
         imp,
         n,
@@ -168,13 +194,16 @@ async fn run_one(imp: Imp, n: usize) -> Sample {
 }
 
 /// Runs one case in a fresh process of this binary.
-fn child_case(imp: Imp, n: usize) -> Sample {
+fn child_case(imp: Imp, n: usize, warm: bool) -> Sample {
     let exe = std::env::current_exe().expect("this binary");
     let imp_name = format!("{imp:?}").to_lowercase();
-    let out = Command::new(exe)
-        .args(["one", "--imp", &imp_name, "--n", &n.to_string()])
-        .output()
-        .expect("run the case");
+    let mut args = vec!["one", "--imp", &imp_name];
+    let n_text = n.to_string();
+    args.extend(["--n", &n_text]);
+    if warm {
+        args.push("--warm");
+    }
+    let out = Command::new(exe).args(args).output().expect("run the case");
     assert!(
         out.status.success(),
         "case {imp:?} n={n} failed: {}",
@@ -196,11 +225,11 @@ struct Runs {
 }
 
 impl Runs {
-    fn measure(imps: &[Imp], n: usize, reps: usize) -> Self {
+    fn measure(imps: &[Imp], n: usize, reps: usize, warm: bool) -> Self {
         let mut samples: Vec<Vec<Sample>> = imps.iter().map(|_| Vec::new()).collect();
         for _ in 0..reps {
             for (i, imp) in imps.iter().enumerate() {
-                samples[i].push(child_case(*imp, n));
+                samples[i].push(child_case(*imp, n, warm));
             }
         }
         Self { samples }
@@ -228,14 +257,14 @@ impl Runs {
     }
 }
 
-fn throughput_table(ns: &[usize], reps: usize, million: bool) {
+fn throughput_table(ns: &[usize], reps: usize, million: bool, warm: bool) {
     println!(
         "| N | floor µs | actor µs | memory µs | sqlite µs | memory/actor | memory/floor | sqlite/memory | CPU µs floor / actor / memory / sqlite | CPU memory/actor | CPU sqlite/memory | peak RSS floor / actor / memory / sqlite (MiB) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let all = [Imp::Floor, Imp::Actor, Imp::Memory, Imp::Sqlite];
     for &n in ns {
-        let runs = Runs::measure(&all, n, reps);
+        let runs = Runs::measure(&all, n, reps, warm);
         let [(f, fc, fr), (a, ac, ar), (mm, mc, mr), (s, sc, sr)] =
             [0, 1, 2, 3].map(|i| runs.medians(i));
         let (memory_actor, memory_actor_cpu) = runs.ratio(2, 1);
@@ -247,7 +276,7 @@ fn throughput_table(ns: &[usize], reps: usize, million: bool) {
     }
     if million {
         let n = 1_000_000;
-        let runs = Runs::measure(&[Imp::Memory, Imp::Sqlite], n, 1);
+        let runs = Runs::measure(&[Imp::Memory, Imp::Sqlite], n, 1, warm);
         let [(mm, mc, mr), (s, sc, sr)] = [0, 1].map(|i| runs.medians(i));
         let (sqlite_memory, sqlite_memory_cpu) = runs.ratio(1, 0);
         println!(
@@ -371,11 +400,11 @@ async fn watchdog(sessions: usize, idle: Duration) {
 async fn main() {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::One { imp, n } => {
-            let sample = run_one(imp, n).await;
+        Cmd::One { imp, n, warm } => {
+            let sample = run_one(imp, n, warm).await;
             println!("{}", serde_json::to_string(&sample).expect("json"));
         }
-        Cmd::Throughput { n, reps } => throughput_table(&[n], reps, false),
+        Cmd::Throughput { n, reps, warm } => throughput_table(&[n], reps, false, warm),
         Cmd::Latency { runs } => {
             println!("| policy | runs | p50 µs | p99 µs | max µs |\n|---|---|---|---|---|");
             latency(runs).await;
@@ -416,7 +445,11 @@ async fn main() {
             println!(
                 "## Throughput (medians of {reps} runs; a ratio is the median of its ratios within each run; window {WINDOW})\n"
             );
-            throughput_table(&[1_000, 10_000, 100_000], reps, million);
+            throughput_table(&[1_000, 10_000, 100_000], reps, million, false);
+            println!(
+                "\n## Throughput, warm (each case timed after one untimed run of it in its process)\n"
+            );
+            throughput_table(&[1_000, 10_000, 100_000], reps, false, true);
             println!("\n## Latency to the finalizer\n");
             println!("| policy | runs | p50 µs | p99 µs | max µs |\n|---|---|---|---|---|");
             latency(500).await;
