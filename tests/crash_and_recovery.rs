@@ -73,6 +73,29 @@ async fn queued_outcome_writes_failing_late_neither_stop_the_session_nor_lose_it
     failed_outcome_writes_lose_nothing(Writes::QueuedLate).await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_slow_store_holds_at_most_4097_outcome_writes_of_a_session_in_flight() {
+    // A disk slower than the harvest: every queued write is answered 5 s (of tokio time)
+    // later, while no-op resources end at once. The session waits for the oldest writes
+    // once more than 4,096 are in flight, so what it holds stays bounded; it still ends
+    // with every outcome.
+    let store = FaultyStore::new();
+    store.queued_outcomes.store(true, Ordering::SeqCst);
+    store.late_answers.store(true, Ordering::SeqCst);
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor_on(store.clone(), config(), &rec).await;
+    let resources: Vec<String> = (0..4_300).map(|i| format!("ok-{i}")).collect();
+    let id = sup.start_session("csw", resources).await.expect("start");
+    let record = finished(&sup, id).await;
+
+    assert_eq!(record.status, SessionStatus::FinishedAllOk);
+    assert_eq!(record.counts.succeeded, 4_300);
+    assert_eq!(store.outcomes(id).await.expect("outcomes").len(), 4_300);
+    let most = store.queued_most.load(Ordering::SeqCst);
+    assert_eq!(most, 4_097, "the most outcome writes in flight at once");
+    sup.shutdown().await.expect("shutdown");
+}
+
 /// Outcome writes that fail, taken by the store in each of its ways.
 async fn failed_outcome_writes_lose_nothing(writes: Writes) {
     let store = FaultyStore::new();

@@ -45,6 +45,10 @@ pub struct FaultyStore {
     pub late_answers: AtomicBool,
     /// Answers held back while `hang_outcome_writes` is set.
     unanswered: std::sync::Mutex<Vec<OutcomeAnswer>>,
+    /// Queued outcome writes not yet answered (held ones aside), and the most there ever
+    /// were at once.
+    pub queued_now: Arc<AtomicUsize>,
+    pub queued_most: AtomicUsize,
 }
 
 impl FaultyStore {
@@ -66,6 +70,8 @@ impl FaultyStore {
             queued_outcomes: AtomicBool::new(false),
             late_answers: AtomicBool::new(false),
             unanswered: std::sync::Mutex::new(Vec::new()),
+            queued_now: Arc::new(AtomicUsize::new(0)),
+            queued_most: AtomicUsize::new(0),
         }
     }
 }
@@ -175,6 +181,9 @@ impl SessionStore for FaultyStore {
             };
         let hook = self.on_outcome_ack.clone();
         let ack = o.clone();
+        let now = self.queued_now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.queued_most.fetch_max(now, Ordering::SeqCst);
+        let queued_now = Arc::clone(&self.queued_now);
         tokio::spawn(async move {
             if late {
                 tokio::time::sleep(std::time::Duration::from_secs(5)).await;
@@ -185,6 +194,7 @@ impl SessionStore for FaultyStore {
             {
                 hook(&ack);
             }
+            queued_now.fetch_sub(1, Ordering::SeqCst);
             answer.send(result);
         });
         Some(receipt)
