@@ -364,9 +364,9 @@ impl SessionStore for MemoryStore {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn keeps_only_the_newest_events_of_a_session() {
-        let store = MemoryStore::with_event_limit(3);
+    /// A store keeping `limit` events per session, with one session in it.
+    async fn one_session(limit: usize) -> (MemoryStore, SessionId) {
+        let store = MemoryStore::with_event_limit(limit);
         let id = SessionId::new();
         store
             .create_session(NewSession {
@@ -379,61 +379,46 @@ mod tests {
             })
             .await
             .expect("create");
+        (store, id)
+    }
+
+    fn append(store: &MemoryStore, id: SessionId, seq: u64) {
+        let event = SessionEvent {
+            seq,
+            at: chrono::Utc::now(),
+            session_id: id,
+            harvester_id: "h".into(),
+            kind: EventKind::MonitorCancelled,
+        };
+        store.append_event(event).expect("append");
+    }
+
+    async fn stored_seqs(store: &MemoryStore, id: SessionId) -> Vec<u64> {
+        let events = store.events(id).await.expect("events");
+        events.iter().map(|e| e.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn keeps_only_the_newest_events_of_a_session() {
+        let (store, id) = one_session(3).await;
         for seq in 1..=5 {
-            let event = SessionEvent {
-                seq,
-                at: chrono::Utc::now(),
-                session_id: id,
-                harvester_id: "h".into(),
-                kind: EventKind::MonitorCancelled,
-            };
-            store.append_event(event).expect("append");
+            append(&store, id, seq);
         }
-        let seqs: Vec<u64> = store
-            .events(id)
-            .await
-            .expect("events")
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(seqs, [3, 4, 5]);
+        assert_eq!(stored_seqs(&store, id).await, [3, 4, 5]);
         assert_eq!(store.last_event_seq(id).await.expect("seq"), 5);
     }
 
     #[tokio::test]
     async fn an_event_ring_never_grows_past_its_limit() {
-        let store = MemoryStore::with_event_limit(20);
-        let id = SessionId::new();
-        store
-            .create_session(NewSession {
-                id,
-                harvester_id: "h".into(),
-                resources: Arc::new([]),
-                started: chrono::Utc::now(),
-                workflow_time: std::time::Duration::from_secs(1),
-                config: Arc::default(),
-            })
-            .await
-            .expect("create");
+        let (store, id) = one_session(20).await;
         for seq in 1..=100 {
-            let event = SessionEvent {
-                seq,
-                at: chrono::Utc::now(),
-                session_id: id,
-                harvester_id: "h".into(),
-                kind: EventKind::MonitorCancelled,
-            };
-            store.append_event(event).expect("append");
+            append(&store, id, seq);
             let room = store.sessions.get(&id).map(|s| s.events.capacity());
             assert!(room.is_some_and(|r| r <= 20), "{room:?} after {seq} events");
         }
-        let seqs: Vec<u64> = store
-            .events(id)
-            .await
-            .expect("events")
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(seqs, (81..=100).collect::<Vec<_>>());
+        assert_eq!(
+            stored_seqs(&store, id).await,
+            (81..=100).collect::<Vec<_>>()
+        );
     }
 }
