@@ -11,7 +11,8 @@
 //! Each throughput case runs in a fresh child process (`one`), so its peak RSS (VmHWM) is its
 //! own. With `--warm`, the case is timed after one untimed run of it in that process: a
 //! server's steady state (a heap that has held a session of this size, pages already
-//! faulted in) rather than a fresh process's first session; its peak RSS covers both runs. Implementations, all with a window of 64 in flight:
+//! faulted in) rather than a fresh process's first session; its peak RSS covers both runs.
+//! Implementations, all with a window of 64 in flight:
 //! - `floor`: N no-op futures through a tokio `JoinSet`, then one closure;
 //! - `actor`: a bare ractor parent that `spawn_linked`s no-op children, counts their
 //!   terminations, then calls a closure;
@@ -27,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use harvest_supervisor::{
-    FailurePolicy, SessionConfig, SessionRequest, SqliteStore, Supervisor, SupervisorConfig,
-    finalizer_fn, harvest_fn,
+    FailurePolicy, SessionConfig, SessionRequest, SessionStore, SqliteStore, Supervisor,
+    SupervisorConfig, finalizer_fn, harvest_fn,
 };
 use serde::{Deserialize, Serialize};
 
@@ -155,34 +156,29 @@ fn cpu_time() -> Duration {
 async fn run_one(imp: Imp, n: usize, warm: bool) -> Sample {
     // `warm`: the same case once untimed first; the timed one then runs on a heap (and a
     // database file) that a session of this size has used before.
-    let runs = if warm { 2 } else { 1 };
-    let mut took = Duration::ZERO;
-    match imp {
-        Imp::Floor => {
-            for _ in 0..runs {
-                took = impls::run_floor(n).await;
-            }
-        }
-        Imp::Actor => {
-            for _ in 0..runs {
-                took = impls::run_actor(n).await;
-            }
-        }
-        Imp::Memory => {
-            for _ in 0..runs {
-                took = impls::run_session(n, None).await;
-            }
-        }
+    let dir = std::env::temp_dir().join(format!("hs-bench-{}", std::process::id()));
+    let store = match imp {
         Imp::Sqlite => {
-            let dir = std::env::temp_dir().join(format!("hs-bench-{}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("temp dir");
-            let store = SqliteStore::open(dir.join("bench.db")).await.expect("db");
-            for _ in 0..runs {
-                took = impls::run_session(n, Some(Arc::new(store.clone()))).await;
-            }
-            store.close().await.expect("close");
-            let _ = std::fs::remove_dir_all(&dir);
+            Some(SqliteStore::open(dir.join("bench.db")).await.expect("db"))
         }
+        _ => None,
+    };
+    let mut took = Duration::ZERO;
+    for _ in 0..if warm { 2 } else { 1 } {
+        took = match imp {
+            Imp::Floor => impls::run_floor(n).await,
+            Imp::Actor => impls::run_actor(n).await,
+            // The memory store when `store` is `None`.
+            Imp::Memory | Imp::Sqlite => {
+                let durable = store.clone().map(|s| Arc::new(s) as Arc<dyn SessionStore>);
+                impls::run_session(n, durable).await
+            }
+        };
+    }
+    if let Some(store) = store {
+        store.close().await.expect("close");
+        let _ = std::fs::remove_dir_all(&dir);
     }
     Sample {
         imp,
