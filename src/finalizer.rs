@@ -119,6 +119,12 @@ pub(crate) struct Local {
     /// session's list is a million reference counts and 16 MB to copy, or a long read from
     /// the durable store.
     pub(crate) resources: Option<Arc<[ResourceId]>>,
+    /// With `resources`: the index in it of each outcome this actor submitted, in
+    /// submission order, which is the order the store lists them in. It places each
+    /// recorded outcome without hashing its id; it is checked against the store's list,
+    /// and any difference (a failed write, an outcome from elsewhere) falls back to
+    /// finding them by id.
+    pub(crate) submitted: Vec<u32>,
 }
 
 /// Finalizes session `id` once. See the module docs.
@@ -222,7 +228,11 @@ async fn reconcile(
             &stored
         }
     };
-    let mut recorded = InOrder::new(deps.store.outcomes(before.id).await?);
+    let mut recorded = Recorded::new(
+        deps.store.outcomes(before.id).await?,
+        resources,
+        &local.submitted,
+    );
     let mut unrecorded: HashMap<&ResourceId, &OutcomeRecord> = local
         .unrecorded
         .iter()
@@ -231,8 +241,8 @@ async fn reconcile(
     let mut outcomes = Vec::with_capacity(resources.len());
     let mut missing = Vec::new();
     let mut counts = OutcomeCounts::default();
-    for resource_id in resources {
-        let record = if let Some(r) = recorded.take(resource_id) {
+    for (index, resource_id) in resources.iter().enumerate() {
+        let record = if let Some(r) = recorded.take(index, resource_id) {
             r
         } else if let Some(r) = unrecorded.remove(resource_id) {
             missing.push(r.clone());
@@ -271,7 +281,50 @@ async fn reconcile(
     Ok((report, missing))
 }
 
-/// A session's recorded outcomes, taken out by resource in resource order.
+/// A session's recorded outcomes, taken out by resource in resource order: placed by the
+/// indices the session noted when it submitted them, or else found by id.
+enum Recorded {
+    /// Outcome of `resources[i]` at `i` (the first, should there be several).
+    Placed(Vec<Option<OutcomeRecord>>),
+    /// The indices did not match the store's list.
+    ById(InOrder),
+}
+
+impl Recorded {
+    /// `submitted[k]`: the index in `resources` of `recorded[k]`, if the caller knows it.
+    fn new(recorded: Vec<OutcomeRecord>, resources: &[ResourceId], submitted: &[u32]) -> Self {
+        let index = |k: &u32| usize::try_from(*k).ok();
+        let matches = recorded.len() == submitted.len()
+            && recorded.iter().zip(submitted).all(|(r, k)| {
+                index(k)
+                    .and_then(|i| resources.get(i))
+                    .is_some_and(|id| *id == r.resource_id)
+            });
+        if !matches {
+            return Self::ById(InOrder::new(recorded));
+        }
+        let mut placed: Vec<Option<OutcomeRecord>> = Vec::new();
+        placed.resize_with(resources.len(), || None);
+        for (r, k) in recorded.into_iter().zip(submitted) {
+            if let Some(slot) = index(k).and_then(|i| placed.get_mut(i))
+                && slot.is_none()
+            {
+                *slot = Some(r);
+            }
+        }
+        Self::Placed(placed)
+    }
+
+    /// The outcome recorded for `resource_id`, which is `resources[index]`.
+    fn take(&mut self, index: usize, resource_id: &ResourceId) -> Option<OutcomeRecord> {
+        match self {
+            Self::Placed(placed) => placed.get_mut(index).and_then(Option::take),
+            Self::ById(in_order) => in_order.take(resource_id),
+        }
+    }
+}
+
+/// A session's recorded outcomes, found by id in resource order.
 ///
 /// Outcomes are recorded about in resource order (at most a window of attempts apart), so
 /// the walk keeps only those that came early in a map and meets the rest in the stream.
@@ -363,19 +416,65 @@ mod tests {
         }
     }
 
-    #[test]
-    fn outcomes_are_found_whatever_their_order_and_gaps() {
-        // Recorded out of order, "c" never, "b" twice (the first one counts).
-        let recorded = ["b", "a", "e", "b", "d"]
+    fn ids(names: &[&str]) -> Vec<ResourceId> {
+        names.iter().map(|n| ResourceId::from(*n)).collect()
+    }
+
+    /// Takes every resource's outcome (its `attempts`) in order, and says which way.
+    fn take_all(
+        recorded: Vec<OutcomeRecord>,
+        resources: &[ResourceId],
+        submitted: &[u32],
+    ) -> (bool, Vec<Option<u32>>) {
+        let mut r = Recorded::new(recorded, resources, submitted);
+        let placed = matches!(r, Recorded::Placed(_));
+        let found = resources
             .iter()
             .enumerate()
-            .map(|(i, id)| outcome(id, u32::try_from(i).expect("small")))
+            .map(|(i, id)| r.take(i, id).map(|o| o.attempts))
             .collect();
-        let mut in_order = InOrder::new(recorded);
-        let found: Vec<Option<u32>> = ["a", "b", "c", "d", "e", "f"]
-            .iter()
-            .map(|id| in_order.take(&ResourceId::from(*id)).map(|r| r.attempts))
-            .collect();
-        assert_eq!(found, [Some(1), Some(0), None, Some(4), Some(2), None]);
+        (placed, found)
+    }
+
+    #[test]
+    fn noted_indices_place_outcomes_as_the_walk_by_id_finds_them() {
+        let resources = ids(&["a", "b", "c", "d", "e", "f"]);
+        // Recorded out of order, "c" and "f" never, "b" twice (the first one counts).
+        let names = ["b", "a", "e", "b", "d"];
+        let recorded = || -> Vec<OutcomeRecord> {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, id)| outcome(id, u32::try_from(i).expect("small")))
+                .collect()
+        };
+        let by_id = take_all(recorded(), &resources, &[]);
+        assert_eq!(
+            by_id,
+            (false, vec![Some(1), Some(0), None, Some(4), Some(2), None])
+        );
+        let placed = take_all(recorded(), &resources, &[1, 0, 4, 1, 3]);
+        assert_eq!(placed, (true, by_id.1.clone()));
+        // Any noted index that does not name its outcome's resource, a missing or an
+        // extra one, or one out of range: found by id, with the same answer.
+        for wrong in [
+            &[1, 0, 4, 1, 2][..],
+            &[1, 0, 4, 1][..],
+            &[1, 0, 4, 1, 3, 5][..],
+            &[1, 0, 4, 1, 9][..],
+            &[1, 0, 4, 1, u32::MAX][..],
+        ] {
+            assert_eq!(take_all(recorded(), &resources, wrong), by_id, "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn nothing_recorded_places_nothing() {
+        let resources = ids(&["a", "b"]);
+        assert_eq!(
+            take_all(Vec::new(), &resources, &[]),
+            (true, vec![None, None])
+        );
+        assert_eq!(take_all(Vec::new(), &[], &[]), (true, vec![]));
     }
 }

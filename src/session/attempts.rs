@@ -230,6 +230,10 @@ fn on_attempt(
     };
     s.st.writes
         .submit(&s.shared.deps.store, s.shared.id, record);
+    // An index past `u32` is noted as `u32::MAX`: the finalizer checks every noted index
+    // against the id it names, so a wrong one only costs it the faster walk.
+    s.st.submitted
+        .push(u32::try_from(index).unwrap_or(u32::MAX));
     s.st.settle_writes(&s.shared.emitter);
     s.st.done += 1;
     let fail_fast = failed

@@ -66,6 +66,8 @@ pub(crate) struct SessionState {
     pub(crate) monitor: Option<ActorRef<MonitorMessage>>,
     /// Outcome writes submitted and not yet answered.
     pub(crate) writes: OutcomeWrites,
+    /// The resource index of every outcome submitted, in order (see [`Local::submitted`]).
+    pub(crate) submitted: Vec<u32>,
     /// Made at the first retry, abort or store failure; see [`Rare`].
     rare: Option<Box<Rare>>,
 }
@@ -95,6 +97,7 @@ impl SessionState {
             done: 0,
             monitor: None,
             writes: OutcomeWrites::default(),
+            submitted: Vec::new(),
             rare: None,
         }
     }
@@ -172,6 +175,11 @@ impl SessionState {
             unrecorded,
             store_errors,
             resources: whole.then(|| Arc::clone(resources)),
+            submitted: if whole {
+                std::mem::take(&mut self.submitted)
+            } else {
+                Vec::new()
+            },
         }
     }
 
