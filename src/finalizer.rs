@@ -133,7 +133,7 @@ pub(crate) async fn finalize(
     emitter: &SessionEmitter,
     id: SessionId,
     reason: FinalizeReason,
-    local: &Local,
+    local: Local,
     lifecycle: &Lifecycle,
     mode: Mode,
 ) -> Result<Finalized, StoreError> {
@@ -218,7 +218,7 @@ async fn reconcile(
     deps: &Deps,
     before: &SessionRecord,
     reason: FinalizeReason,
-    local: &Local,
+    local: Local,
 ) -> Result<(SessionReport, Vec<OutcomeRecord>), StoreError> {
     let stored;
     let resources: &[ResourceId] = match &local.resources {
@@ -228,42 +228,25 @@ async fn reconcile(
             &stored
         }
     };
-    let mut recorded = Recorded::new(
+    let recorded = Recorded::new(
         deps.store.outcomes(before.id).await?,
         resources,
-        &local.submitted,
+        local.submitted,
     );
-    let mut unrecorded: HashMap<&ResourceId, &OutcomeRecord> = local
-        .unrecorded
-        .iter()
-        .map(|o| (&o.resource_id, o))
-        .collect();
-    let mut outcomes = Vec::with_capacity(resources.len());
-    let mut missing = Vec::new();
+    let (outcomes, missing) = match recorded {
+        // The common end: the store's list, in place, is the report's.
+        Recorded::Complete(all) => (all, Vec::new()),
+        partial => fill_in(
+            partial,
+            resources,
+            reason,
+            &local.unrecorded,
+            &local.in_flight,
+        ),
+    };
     let mut counts = OutcomeCounts::default();
-    for (index, resource_id) in resources.iter().enumerate() {
-        let record = if let Some(r) = recorded.take(index, resource_id) {
-            r
-        } else if let Some(r) = unrecorded.remove(resource_id) {
-            missing.push(r.clone());
-            r.clone()
-        } else {
-            let (attempts, elapsed) = local
-                .in_flight
-                .get(resource_id)
-                .copied()
-                .unwrap_or((0, Duration::ZERO));
-            let r = OutcomeRecord {
-                resource_id: resource_id.clone(),
-                outcome: reason.missing_outcome(),
-                attempts,
-                elapsed,
-            };
-            missing.push(r.clone());
-            r
-        };
+    for record in &outcomes {
         counts.add(&record.outcome);
-        outcomes.push(record);
     }
     let aborted = reason == FinalizeReason::Aborted || before.status == SessionStatus::Aborting;
     let status = counts.terminal_status(outcomes.len(), aborted);
@@ -276,49 +259,129 @@ async fn reconcile(
         counts,
         outcomes,
         started: before.started,
-        store_errors: local.store_errors.clone(),
+        store_errors: local.store_errors,
     };
     Ok((report, missing))
 }
 
+/// One outcome per resource, in resource order: the recorded one, else the one the store
+/// failed to record, else the reason's missing outcome with the work done. The second
+/// list holds the outcomes to write with the completion.
+fn fill_in(
+    mut recorded: Recorded,
+    resources: &[ResourceId],
+    reason: FinalizeReason,
+    unrecorded: &[OutcomeRecord],
+    in_flight: &InFlight,
+) -> (Vec<OutcomeRecord>, Vec<OutcomeRecord>) {
+    let mut unrecorded: HashMap<&ResourceId, &OutcomeRecord> =
+        unrecorded.iter().map(|o| (&o.resource_id, o)).collect();
+    let mut outcomes = Vec::with_capacity(resources.len());
+    let mut missing = Vec::new();
+    for (index, resource_id) in resources.iter().enumerate() {
+        let record = if let Some(r) = recorded.take(index, resource_id) {
+            r
+        } else if let Some(r) = unrecorded.remove(resource_id) {
+            missing.push(r.clone());
+            r.clone()
+        } else {
+            let (attempts, elapsed) = in_flight
+                .get(resource_id)
+                .copied()
+                .unwrap_or((0, Duration::ZERO));
+            let r = OutcomeRecord {
+                resource_id: resource_id.clone(),
+                outcome: reason.missing_outcome(),
+                attempts,
+                elapsed,
+            };
+            missing.push(r.clone());
+            r
+        };
+        outcomes.push(record);
+    }
+    (outcomes, missing)
+}
+
+/// No outcome for this resource (in [`Recorded::Placed`]).
+const NONE: u32 = u32::MAX;
+
 /// A session's recorded outcomes, taken out by resource in resource order: placed by the
 /// indices the session noted when it submitted them, or else found by id.
+///
+/// Placing allocates no second list of outcomes: for a large session each such list is
+/// megabytes of fresh memory, faulted in page by page on the path to the finalizer.
 enum Recorded {
-    /// Outcome of `resources[i]` at `i` (the first, should there be several).
-    Placed(Vec<Option<OutcomeRecord>>),
+    /// Exactly one outcome per resource, permuted in place into resource order.
+    Complete(Vec<OutcomeRecord>),
+    /// Some resources have no outcome (or one has several): `slots[at[i]]` holds the
+    /// outcome of `resources[i]` unless `at[i]` is [`NONE`].
+    Placed {
+        slots: Vec<Option<OutcomeRecord>>,
+        at: Vec<u32>,
+    },
     /// The indices did not match the store's list.
     ById(InOrder),
 }
 
 impl Recorded {
     /// `submitted[k]`: the index in `resources` of `recorded[k]`, if the caller knows it.
-    fn new(recorded: Vec<OutcomeRecord>, resources: &[ResourceId], submitted: &[u32]) -> Self {
-        let index = |k: &u32| usize::try_from(*k).ok();
+    fn new(
+        recorded: Vec<OutcomeRecord>,
+        resources: &[ResourceId],
+        mut submitted: Vec<u32>,
+    ) -> Self {
+        let index = |k: u32| usize::try_from(k).ok();
         let matches = recorded.len() == submitted.len()
-            && recorded.iter().zip(submitted).all(|(r, k)| {
-                index(k)
+            && u32::try_from(recorded.len()).is_ok_and(|n| n < NONE)
+            && recorded.iter().zip(&submitted).all(|(r, &i)| {
+                index(i)
                     .and_then(|i| resources.get(i))
                     .is_some_and(|id| *id == r.resource_id)
             });
         if !matches {
             return Self::ById(InOrder::new(recorded));
         }
-        let mut placed: Vec<Option<OutcomeRecord>> = Vec::new();
-        placed.resize_with(resources.len(), || None);
-        for (r, k) in recorded.into_iter().zip(submitted) {
-            if let Some(slot) = index(k).and_then(|i| placed.get_mut(i))
-                && slot.is_none()
+        // `at[i]`: the first outcome of `resources[i]`.
+        let mut at = vec![NONE; resources.len()];
+        let mut placed = 0;
+        for (k, &i) in (0u32..).zip(&submitted) {
+            if let Some(first) = index(i).and_then(|i| at.get_mut(i))
+                && *first == NONE
             {
-                *slot = Some(r);
+                *first = k;
+                placed += 1;
             }
         }
-        Self::Placed(placed)
+        if placed == resources.len() && recorded.len() == placed {
+            // `submitted` is a permutation of the positions: move each outcome home.
+            let mut recorded = recorded;
+            for k in 0..recorded.len() {
+                while let Some(home) = submitted.get(k).and_then(|&i| index(i))
+                    && home != k
+                {
+                    recorded.swap(k, home);
+                    submitted.swap(k, home);
+                }
+            }
+            return Self::Complete(recorded);
+        }
+        Self::Placed {
+            slots: recorded.into_iter().map(Some).collect(),
+            at,
+        }
     }
 
     /// The outcome recorded for `resource_id`, which is `resources[index]`.
     fn take(&mut self, index: usize, resource_id: &ResourceId) -> Option<OutcomeRecord> {
         match self {
-            Self::Placed(placed) => placed.get_mut(index).and_then(Option::take),
+            Self::Complete(all) => all.get(index).cloned(),
+            Self::Placed { slots, at } => {
+                let k = at.get(index).copied().filter(|&k| k != NONE)?;
+                slots
+                    .get_mut(usize::try_from(k).ok()?)
+                    .and_then(Option::take)
+            }
             Self::ById(in_order) => in_order.take(resource_id),
         }
     }
@@ -420,20 +483,37 @@ mod tests {
         names.iter().map(|n| ResourceId::from(*n)).collect()
     }
 
+    /// How [`Recorded`] found them.
+    #[derive(Debug, PartialEq)]
+    enum Way {
+        Complete,
+        Placed,
+        ById,
+    }
+
     /// Takes every resource's outcome (its `attempts`) in order, and says which way.
     fn take_all(
         recorded: Vec<OutcomeRecord>,
         resources: &[ResourceId],
         submitted: &[u32],
-    ) -> (bool, Vec<Option<u32>>) {
-        let mut r = Recorded::new(recorded, resources, submitted);
-        let placed = matches!(r, Recorded::Placed(_));
+    ) -> (Way, Vec<Option<u32>>) {
+        let mut r = Recorded::new(recorded, resources, submitted.to_vec());
+        let way = match r {
+            Recorded::Complete(_) => Way::Complete,
+            Recorded::Placed { .. } => Way::Placed,
+            Recorded::ById(_) => Way::ById,
+        };
         let found = resources
             .iter()
             .enumerate()
             .map(|(i, id)| r.take(i, id).map(|o| o.attempts))
             .collect();
-        (placed, found)
+        (way, found)
+    }
+
+    /// Outcomes recorded in this order, each with its place in the list as `attempts`.
+    fn recorded(names: &[&str]) -> Vec<OutcomeRecord> {
+        (0..).zip(names).map(|(i, id)| outcome(id, i)).collect()
     }
 
     #[test]
@@ -441,20 +521,16 @@ mod tests {
         let resources = ids(&["a", "b", "c", "d", "e", "f"]);
         // Recorded out of order, "c" and "f" never, "b" twice (the first one counts).
         let names = ["b", "a", "e", "b", "d"];
-        let recorded = || -> Vec<OutcomeRecord> {
-            names
-                .iter()
-                .enumerate()
-                .map(|(i, id)| outcome(id, u32::try_from(i).expect("small")))
-                .collect()
-        };
-        let by_id = take_all(recorded(), &resources, &[]);
+        let by_id = take_all(recorded(&names), &resources, &[]);
         assert_eq!(
             by_id,
-            (false, vec![Some(1), Some(0), None, Some(4), Some(2), None])
+            (
+                Way::ById,
+                vec![Some(1), Some(0), None, Some(4), Some(2), None]
+            )
         );
-        let placed = take_all(recorded(), &resources, &[1, 0, 4, 1, 3]);
-        assert_eq!(placed, (true, by_id.1.clone()));
+        let placed = take_all(recorded(&names), &resources, &[1, 0, 4, 1, 3]);
+        assert_eq!(placed, (Way::Placed, by_id.1.clone()));
         // Any noted index that does not name its outcome's resource, a missing or an
         // extra one, or one out of range: found by id, with the same answer.
         for wrong in [
@@ -464,8 +540,40 @@ mod tests {
             &[1, 0, 4, 1, 9][..],
             &[1, 0, 4, 1, u32::MAX][..],
         ] {
-            assert_eq!(take_all(recorded(), &resources, wrong), by_id, "{wrong:?}");
+            assert_eq!(
+                take_all(recorded(&names), &resources, wrong),
+                by_id,
+                "{wrong:?}"
+            );
         }
+    }
+
+    #[test]
+    fn one_outcome_each_is_put_in_resource_order_in_place() {
+        let resources = ids(&["a", "b", "c", "d", "e", "f"]);
+        // Two cycles (a c e b, d f) and in order; then one resource recorded twice and
+        // another never: the same outcomes, placed instead.
+        let names = ["c", "e", "b", "f", "a", "d"];
+        let submitted = [2, 4, 1, 5, 0, 3];
+        let expected = vec![Some(4), Some(2), Some(0), Some(5), Some(1), Some(3)];
+        assert_eq!(
+            take_all(recorded(&names), &resources, &submitted),
+            (Way::Complete, expected.clone())
+        );
+        assert_eq!(take_all(recorded(&names), &resources, &[]).1, expected);
+        let in_order = ["a", "b", "c", "d", "e", "f"];
+        assert_eq!(
+            take_all(recorded(&in_order), &resources, &[0, 1, 2, 3, 4, 5]),
+            (Way::Complete, (0..6).map(Some).collect())
+        );
+        let twice = ["c", "e", "b", "f", "a", "c"];
+        assert_eq!(
+            take_all(recorded(&twice), &resources, &[2, 4, 1, 5, 0, 2]),
+            (
+                Way::Placed,
+                vec![Some(4), Some(2), Some(0), None, Some(1), Some(3)]
+            )
+        );
     }
 
     #[test]
@@ -473,8 +581,8 @@ mod tests {
         let resources = ids(&["a", "b"]);
         assert_eq!(
             take_all(Vec::new(), &resources, &[]),
-            (true, vec![None, None])
+            (Way::Placed, vec![None, None])
         );
-        assert_eq!(take_all(Vec::new(), &[], &[]), (true, vec![]));
+        assert_eq!(take_all(Vec::new(), &[], &[]), (Way::Complete, vec![]));
     }
 }

@@ -291,7 +291,7 @@ async fn finalize_now(
         &shared.emitter,
         shared.id,
         reason,
-        &local,
+        local,
         &shared.lifecycle,
         Mode::Own,
     )

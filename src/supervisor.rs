@@ -387,7 +387,7 @@ fn spawn_force(
                     &emitter,
                     id,
                     reason,
-                    &Local::default(),
+                    Local::default(),
                     &lifecycle,
                     mode,
                 )
