@@ -4,8 +4,9 @@
 //! `max_concurrency` ResourceWorkers alive, applies the retry and failure policies, records
 //! each final outcome in the store as it arrives, and finalizes (through
 //! [`crate::finalizer`]) when every resource is done, on `FailFast`, on the monitor's
-//! `DeadlineExpired`, on abort, or on shutdown. Then it cancels the monitor and stops,
-//! which kills any worker still alive.
+//! `DeadlineExpired`, on abort, or on shutdown: it kills the workers still running and
+//! waits for them to exit (at most [`KILLED_EXIT_WAIT`]), so no harvest runs beside the
+//! finalizer; after the finalizer it cancels the monitor and stops.
 //!
 //! A handler returns `Err` only on a store failure; the actor then dies and the root
 //! finalizes the session from the store with `SessionCrashed`.
@@ -16,8 +17,9 @@ pub(crate) mod state;
 pub(crate) mod writes;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, ActorStatus, SupervisionEvent};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -281,10 +283,12 @@ async fn finalize_now(
 ) -> Result<(), ActorProcessingErr> {
     s.st.phase = Phase::Finalized;
     s.shared.cancel.cancel();
+    let killed = s.st.kill_workers(&myself.get_cell());
     // Every outcome write must be answered first: a failed one is reconciled from memory.
     s.st.writes.drain().await;
     s.st.settle_writes(&s.shared.emitter);
     let local = s.st.wind_down(&s.shared.resources, !s.shared.resumed);
+    await_exits(&killed).await;
     let shared = Arc::clone(&s.shared);
     let result = finalizer::finalize(
         &shared.deps,
@@ -305,6 +309,30 @@ async fn finalize_now(
     }
     myself.stop(Some(STOP_FINALIZED.to_owned()));
     Ok(())
+}
+
+/// How long finalization waits for killed workers to exit before it runs the finalizer.
+/// A killed worker exits at its attempt's next `.await`, at once unless the harvest
+/// blocks its thread without yielding, which nothing can interrupt.
+pub(crate) const KILLED_EXIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Waits until the killed workers have exited, so that no harvest still runs beside the
+/// finalizer; after [`KILLED_EXIT_WAIT`], goes on with a warning.
+async fn await_exits(killed: &[ActorCell]) {
+    if killed.is_empty() {
+        return;
+    }
+    let exits = futures::future::join_all(killed.iter().map(|worker| worker.wait(None)));
+    if tokio::time::timeout(KILLED_EXIT_WAIT, exits).await.is_err() {
+        let still = killed
+            .iter()
+            .filter(|w| w.get_status() != ActorStatus::Stopped)
+            .count();
+        tracing::warn!(
+            still,
+            "killed workers have not exited (a harvest that does not yield?); the finalizer runs anyway"
+        );
+    }
 }
 
 fn stop_monitor(s: &mut Session, announce: bool) {

@@ -3,12 +3,16 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::faulty::FaultyStore;
 use common::{FinalizerMode, Recorder, config, finished, has_event, supervisor, supervisor_on};
-use harvest_supervisor::{EventKind, FinalizeReason, ResourceOutcome, SessionStatus};
+use harvest_supervisor::{
+    EventKind, FinalizeReason, ResourceOutcome, SessionStatus, Supervisor, SupervisorConfig,
+    finalizer_fn, harvest_fn,
+};
 use tokio::time::Instant;
 
 #[tokio::test(start_paused = true)]
@@ -50,6 +54,62 @@ async fn finalizes_when_monitor_deadline_expires_and_hung_resources_count_as_tim
         SessionStatus::FinishedAllFailed,
         "never all-ok"
     );
+    sup.shutdown().await.expect("shutdown");
+}
+
+/// Counts the harvests that hang and are still alive (dropped: no longer counted).
+struct Alive(Arc<AtomicUsize>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_harvest_that_ignores_its_token_is_dropped_before_the_finalizer_runs() {
+    let alive = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&alive);
+    let harvest = harvest_fn(move |_ctx| {
+        let counter = Arc::clone(&counter);
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let _alive = Alive(counter);
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+    });
+    // What the finalizer sees still harvesting when it starts.
+    let seen = Arc::new(AtomicUsize::new(usize::MAX));
+    let (alive_then, seen_by_finalizer) = (Arc::clone(&alive), Arc::clone(&seen));
+    let finalizer = finalizer_fn(move |_report| {
+        seen_by_finalizer.store(alive_then.load(Ordering::SeqCst), Ordering::SeqCst);
+        async { Ok(()) }
+    });
+    let sup = Supervisor::builder(harvest, finalizer)
+        .config(SupervisorConfig {
+            session: config(),
+            ..SupervisorConfig::default()
+        })
+        .start()
+        .await
+        .expect("supervisor starts");
+    let id = sup
+        .start_session("csw", ["a", "b", "c"])
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(alive.load(Ordering::SeqCst), 3, "all three are harvesting");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::DeadlineExpired));
+    // The session killed its workers first: their harvests were dropped at their await,
+    // not left running beside the finalizer (or for ever).
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "harvests alive at the finalizer"
+    );
+    assert_eq!(alive.load(Ordering::SeqCst), 0);
     sup.shutdown().await.expect("shutdown");
 }
 

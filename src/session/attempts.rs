@@ -59,7 +59,6 @@ pub(super) async fn start_worker(
                 index,
                 attempt,
                 times,
-                cell: worker.get_cell(),
             };
             s.st.in_flight.insert(worker.get_id(), slot);
             Ok(())

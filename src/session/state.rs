@@ -40,11 +40,15 @@ pub(crate) struct Times {
 }
 
 /// One attempt in flight.
+///
+/// It holds no reference to its worker: the session would then always drop the last one
+/// when the worker ends, and tear the actor down on its own serial path, where a bare
+/// parent leaves that to whichever side lets go last. The session finds its workers among
+/// its children when it stops them ([`SessionState::kill_workers`]).
 pub(crate) struct Slot {
     pub(crate) index: usize,
     pub(crate) attempt: u32,
     pub(crate) times: Times,
-    pub(crate) cell: ActorCell,
 }
 
 /// A resource waiting for its retry's backoff.
@@ -157,7 +161,20 @@ impl SessionState {
         }
     }
 
-    /// Kills every running worker, stops every timer, and hands over what only this actor
+    /// Kills every worker still running (`myself`: the session's own cell) and returns
+    /// them. A killed worker drops its attempt at its next `.await`.
+    pub(crate) fn kill_workers(&self, myself: &ActorCell) -> Vec<ActorCell> {
+        // A worker no longer among the children has ended: its exit is in the mailbox.
+        let mut workers = myself.get_children();
+        workers.retain(|child| self.in_flight.contains_key(&child.get_id()));
+        for worker in &workers {
+            worker.kill();
+        }
+        workers
+    }
+
+    /// Forgets the workers ([`Self::kill_workers`] stopped them), stops every timer, and
+    /// hands over what only this actor
     /// knows: the unfinished resources' work, unrecorded outcomes, store errors.
     /// `whole`: `resources` is the session's whole list (a resumed session holds only
     /// what it re-harvests).
@@ -191,7 +208,6 @@ impl SessionState {
             }
         };
         for (_, slot) in self.in_flight.drain() {
-            slot.cell.kill();
             note(slot.index, slot.attempt, slot.times.first_started);
         }
         if let Some(rare) = &mut self.rare {
