@@ -455,6 +455,99 @@ impl Today {
     }
 }
 
+/// Sample events for tests across the crate.
+#[cfg(test)]
+pub(crate) mod samples {
+    use std::time::Duration;
+
+    use super::EventKind;
+    use crate::model::{FinalizeReason, OutcomeCounts, ResourceId, SessionStatus};
+
+    /// One event of every kind, with `text` wherever a kind holds text, `d` for durations
+    /// and `n` for numbers (the durable store's line tests use text that needs escaping).
+    pub(crate) fn kinds(text: &str, d: Duration, n: u32) -> Vec<EventKind> {
+        let r = ResourceId::from(text);
+        vec![
+            EventKind::SessionStarted {
+                total: n as usize,
+                workflow_time: d,
+            },
+            EventKind::StatusChanged {
+                from: SessionStatus::Pending,
+                to: SessionStatus::OnGoing,
+            },
+            EventKind::WorkerStarted {
+                resource_id: r.clone(),
+                attempt: n,
+            },
+            EventKind::WorkerSucceeded {
+                resource_id: r.clone(),
+                attempt: n,
+                elapsed: d,
+            },
+            EventKind::WorkerFailed {
+                resource_id: r.clone(),
+                attempt: n,
+                error: text.to_owned(),
+            },
+            EventKind::WorkerPanicked {
+                resource_id: r.clone(),
+                attempt: n,
+                message: text.to_owned(),
+            },
+            EventKind::WorkerTimedOut {
+                resource_id: r.clone(),
+                attempt: n,
+            },
+            EventKind::WorkerRetrying {
+                resource_id: r.clone(),
+                next_attempt: n,
+                delay: d,
+            },
+            EventKind::WorkerCancelled {
+                resource_id: r,
+                attempt: n,
+            },
+            EventKind::MonitorTick { remaining: d },
+            EventKind::DeadlineExpired,
+            EventKind::MonitorCancelled,
+            EventKind::FinalizerStarted {
+                reason: FinalizeReason::Completed,
+            },
+            EventKind::SessionFinished {
+                status: SessionStatus::OnGoing,
+                reason: FinalizeReason::FailFast,
+                total: n as usize,
+                counts: OutcomeCounts::default(),
+            },
+            EventKind::StoreFailed {
+                operation: text.to_owned(),
+                error: "disk \"full\"".into(),
+            },
+            EventKind::MonitorScheduled {
+                interval: d,
+                deadline_in: d,
+            },
+            EventKind::MonitorEscalated {
+                waiting_for: text.to_owned(),
+            },
+            EventKind::MonitorRestarted {
+                error: text.to_owned(),
+            },
+            EventKind::AbortRequested,
+            EventKind::FinalizerFinished {
+                reason: FinalizeReason::Aborted,
+                status: SessionStatus::Aborted,
+                error: Some(text.to_owned()),
+            },
+            EventKind::Recovered {
+                previous_status: SessionStatus::Aborting,
+                resuming: Some(n as usize),
+            },
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -342,7 +342,7 @@ pub(super) fn event_of_line(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{FinalizeReason, OutcomeCounts, SessionStatus};
+    use crate::events::samples::kinds;
     use proptest::prelude::*;
 
     /// The line as a struct with `#[serde(flatten)]` writes it (the format of schema v3).
@@ -379,69 +379,6 @@ mod tests {
         assert_eq!(event_line(e).expect("line"), want);
         let back = event_of_line(&want, e.session_id, &e.harvester_id).expect("read");
         assert_eq!(&back, e);
-    }
-
-    /// Every kind, the hand-written ones with text that needs escaping.
-    fn kinds(text: &str, d: Duration, n: u32) -> Vec<EventKind> {
-        let r = ResourceId::from(text);
-        vec![
-            EventKind::SessionStarted {
-                total: n as usize,
-                workflow_time: d,
-            },
-            EventKind::StatusChanged {
-                from: SessionStatus::Pending,
-                to: SessionStatus::OnGoing,
-            },
-            EventKind::WorkerStarted {
-                resource_id: r.clone(),
-                attempt: n,
-            },
-            EventKind::WorkerSucceeded {
-                resource_id: r.clone(),
-                attempt: n,
-                elapsed: d,
-            },
-            EventKind::WorkerFailed {
-                resource_id: r.clone(),
-                attempt: n,
-                error: text.to_owned(),
-            },
-            EventKind::WorkerPanicked {
-                resource_id: r.clone(),
-                attempt: n,
-                message: text.to_owned(),
-            },
-            EventKind::WorkerTimedOut {
-                resource_id: r.clone(),
-                attempt: n,
-            },
-            EventKind::WorkerRetrying {
-                resource_id: r.clone(),
-                next_attempt: n,
-                delay: d,
-            },
-            EventKind::WorkerCancelled {
-                resource_id: r,
-                attempt: n,
-            },
-            EventKind::MonitorTick { remaining: d },
-            EventKind::DeadlineExpired,
-            EventKind::MonitorCancelled,
-            EventKind::FinalizerStarted {
-                reason: FinalizeReason::Completed,
-            },
-            EventKind::SessionFinished {
-                status: SessionStatus::OnGoing,
-                reason: FinalizeReason::FailFast,
-                total: n as usize,
-                counts: OutcomeCounts::default(),
-            },
-            EventKind::StoreFailed {
-                operation: text.to_owned(),
-                error: "disk \"full\"".into(),
-            },
-        ]
     }
 
     #[test]
