@@ -34,8 +34,8 @@ struct StoredSession {
 }
 
 /// An event as kept: without its session and harvester ids, which are its session's (as
-/// the durable store keeps them), and with the two events of every attempt (started,
-/// succeeded) in 32 bytes: 56 bytes in all instead of 120 for the full event. A long
+/// the durable store keeps them), and the commonest kinds in 32 bytes (see [`KeptKind`]):
+/// 56 bytes in all instead of 120 for the full event. A long
 /// session's log is written at two events per resource, into memory touched for the first
 /// time until the ring is full; every byte less is less cache and fewer fresh pages on
 /// the session's path.
@@ -45,7 +45,9 @@ struct KeptEvent {
     kind: KeptKind,
 }
 
-/// An event's kind as kept: the commonest inline, any other boxed.
+/// An event's kind as kept: the per-attempt kinds without text, and the monitor's tick,
+/// inline (durations as whole nanoseconds); any other kind boxed (those carry text, or
+/// come once or twice a session).
 enum KeptKind {
     Started {
         resource_id: ResourceId,
@@ -54,14 +56,35 @@ enum KeptKind {
     Succeeded {
         resource_id: ResourceId,
         attempt: u32,
-        /// Whole nanoseconds; an elapsed time past `u64` (584 years) is kept boxed.
-        elapsed_nanos: u64,
+        elapsed: u64,
+    },
+    TimedOut {
+        resource_id: ResourceId,
+        attempt: u32,
+    },
+    Cancelled {
+        resource_id: ResourceId,
+        attempt: u32,
+    },
+    Retrying {
+        resource_id: ResourceId,
+        next_attempt: u32,
+        delay: u64,
+    },
+    Tick {
+        remaining: u64,
     },
     Other(Box<EventKind>),
 }
 
+/// Whole nanoseconds, if they fit in `u64` (584 years); a longer duration is kept boxed.
+fn nanos(d: std::time::Duration) -> Option<u64> {
+    u64::try_from(d.as_nanos()).ok()
+}
+
 impl KeptKind {
     fn keep(kind: EventKind) -> Self {
+        // A duration's guard checks it fits; the arm then cannot meet the default.
         match kind {
             EventKind::WorkerStarted {
                 resource_id,
@@ -74,23 +97,43 @@ impl KeptKind {
                 resource_id,
                 attempt,
                 elapsed,
-            } => match u64::try_from(elapsed.as_nanos()) {
-                Ok(elapsed_nanos) => Self::Succeeded {
-                    resource_id,
-                    attempt,
-                    elapsed_nanos,
-                },
-                Err(_) => Self::Other(Box::new(EventKind::WorkerSucceeded {
-                    resource_id,
-                    attempt,
-                    elapsed,
-                })),
+            } if nanos(elapsed).is_some() => Self::Succeeded {
+                resource_id,
+                attempt,
+                elapsed: nanos(elapsed).unwrap_or_default(),
+            },
+            EventKind::WorkerTimedOut {
+                resource_id,
+                attempt,
+            } => Self::TimedOut {
+                resource_id,
+                attempt,
+            },
+            EventKind::WorkerCancelled {
+                resource_id,
+                attempt,
+            } => Self::Cancelled {
+                resource_id,
+                attempt,
+            },
+            EventKind::WorkerRetrying {
+                resource_id,
+                next_attempt,
+                delay,
+            } if nanos(delay).is_some() => Self::Retrying {
+                resource_id,
+                next_attempt,
+                delay: nanos(delay).unwrap_or_default(),
+            },
+            EventKind::MonitorTick { remaining } if nanos(remaining).is_some() => Self::Tick {
+                remaining: nanos(remaining).unwrap_or_default(),
             },
             other => Self::Other(Box::new(other)),
         }
     }
 
     fn read(&self) -> EventKind {
+        use std::time::Duration;
         match self {
             Self::Started {
                 resource_id,
@@ -102,11 +145,37 @@ impl KeptKind {
             Self::Succeeded {
                 resource_id,
                 attempt,
-                elapsed_nanos,
+                elapsed,
             } => EventKind::WorkerSucceeded {
                 resource_id: resource_id.clone(),
                 attempt: *attempt,
-                elapsed: std::time::Duration::from_nanos(*elapsed_nanos),
+                elapsed: Duration::from_nanos(*elapsed),
+            },
+            Self::TimedOut {
+                resource_id,
+                attempt,
+            } => EventKind::WorkerTimedOut {
+                resource_id: resource_id.clone(),
+                attempt: *attempt,
+            },
+            Self::Cancelled {
+                resource_id,
+                attempt,
+            } => EventKind::WorkerCancelled {
+                resource_id: resource_id.clone(),
+                attempt: *attempt,
+            },
+            Self::Retrying {
+                resource_id,
+                next_attempt,
+                delay,
+            } => EventKind::WorkerRetrying {
+                resource_id: resource_id.clone(),
+                next_attempt: *next_attempt,
+                delay: Duration::from_nanos(*delay),
+            },
+            Self::Tick { remaining } => EventKind::MonitorTick {
+                remaining: Duration::from_nanos(*remaining),
             },
             Self::Other(kind) => (**kind).clone(),
         }
