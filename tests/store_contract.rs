@@ -387,7 +387,55 @@ async fn outcomes_recorded_in_place_follow_the_same_rules(store: Arc<dyn Session
     assert_eq!(store.outcomes(r.id).await.expect("o").len(), 1);
 }
 
+/// Every kind of outcome, however the store keeps it, reads back as recorded and in order.
+async fn every_kind_of_outcome_reads_back_as_recorded(store: Arc<dyn SessionStore>) {
+    let r = store
+        .create_session(new_session("kinds", 6))
+        .await
+        .expect("create");
+    let kinds = [
+        ResourceOutcome::Succeeded,
+        ResourceOutcome::Failed {
+            error: "remote said 500".into(),
+        },
+        ResourceOutcome::Panicked {
+            message: "parser exploded".into(),
+        },
+        ResourceOutcome::TimedOut,
+        ResourceOutcome::Cancelled,
+        ResourceOutcome::Lost,
+    ];
+    let recorded: Vec<OutcomeRecord> = (0u32..)
+        .zip(kinds)
+        .map(|(i, outcome)| OutcomeRecord {
+            resource_id: format!("r{i}").into(),
+            outcome,
+            attempts: i + 1,
+            elapsed: Duration::new(u64::from(i), 7 * i + 1),
+        })
+        .collect();
+    for (i, record) in recorded.iter().enumerate() {
+        // Half through each way in, where the store has both.
+        let in_place = if i % 2 == 0 {
+            store.record_outcome_now(r.id, record)
+        } else {
+            None
+        };
+        match in_place {
+            Some(result) => result.expect("recorded in place"),
+            None => store
+                .record_outcome(r.id, record.clone())
+                .await
+                .expect("recorded"),
+        }
+    }
+    assert_eq!(store.outcomes(r.id).await.expect("outcomes"), recorded);
+    let (page, total) = store.outcomes_page(r.id, 1, 3).await.expect("page");
+    assert_eq!((page.as_slice(), total), (&recorded[1..4], 6));
+}
+
 async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
+    every_kind_of_outcome_reads_back_as_recorded(make()).await;
     outcomes_recorded_in_place_follow_the_same_rules(make()).await;
     history_pages_by_harvester_and_status_newest_first(make()).await;
     resume_keeps_successes_and_returns_the_rest(make()).await;
@@ -407,8 +455,9 @@ async fn memory_store_keeps_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_store_keeps_the_contract() {
     let dir = tempfile::tempdir().expect("temp dir");
+    // One fresh file per part of the contract.
     let mut stores = Vec::new();
-    for i in 0..9 {
+    for i in 0..10 {
         stores.push(
             SqliteStore::open(dir.path().join(format!("s{i}.db")))
                 .await

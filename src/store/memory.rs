@@ -16,8 +16,8 @@ use crate::config::SessionConfig;
 use crate::error::StoreError;
 use crate::events::{EventKind, SessionEvent};
 use crate::model::{
-    FinalizeReason, HarvesterId, IdHasher, OutcomeCounts, OutcomeRecord, ResourceId, SessionId,
-    SessionRecord, SessionStatus,
+    FinalizeReason, HarvesterId, IdHasher, OutcomeCounts, OutcomeRecord, ResourceId,
+    ResourceOutcome, SessionId, SessionRecord, SessionStatus,
 };
 use crate::store::{
     Claim, Completed, Completion, NewSession, SessionPage, SessionQuery, SessionStore,
@@ -27,7 +27,7 @@ struct StoredSession {
     record: SessionRecord,
     resources: Arc<[ResourceId]>,
     config: Arc<SessionConfig>,
-    outcomes: Vec<OutcomeRecord>,
+    outcomes: Vec<KeptOutcome>,
     /// The newest `event_limit` events, kept inline (one allocation for the whole log,
     /// none per event).
     events: VecDeque<KeptEvent>,
@@ -182,6 +182,62 @@ impl KeptKind {
     }
 }
 
+/// An outcome as kept: a success (the commonest, one per resource of a harvest that
+/// works) in 32 bytes instead of 72, any other boxed. Written once per resource into
+/// memory touched for the first time, and read back whole by the finalizer.
+enum KeptOutcome {
+    Succeeded {
+        resource_id: ResourceId,
+        attempts: u32,
+        /// Whole nanoseconds; a longer elapsed time than `u64` holds is kept boxed.
+        elapsed: u64,
+    },
+    Other(Box<OutcomeRecord>),
+}
+
+impl KeptOutcome {
+    fn keep(record: &OutcomeRecord) -> Self {
+        match (&record.outcome, nanos(record.elapsed)) {
+            (ResourceOutcome::Succeeded, Some(elapsed)) => Self::Succeeded {
+                resource_id: record.resource_id.clone(),
+                attempts: record.attempts,
+                elapsed,
+            },
+            _ => Self::Other(Box::new(record.clone())),
+        }
+    }
+
+    fn read(&self) -> OutcomeRecord {
+        match self {
+            Self::Succeeded {
+                resource_id,
+                attempts,
+                elapsed,
+            } => OutcomeRecord {
+                resource_id: resource_id.clone(),
+                outcome: ResourceOutcome::Succeeded,
+                attempts: *attempts,
+                elapsed: std::time::Duration::from_nanos(*elapsed),
+            },
+            Self::Other(record) => OutcomeRecord::clone(record),
+        }
+    }
+
+    fn resource_id(&self) -> &ResourceId {
+        match self {
+            Self::Succeeded { resource_id, .. } => resource_id,
+            Self::Other(record) => &record.resource_id,
+        }
+    }
+
+    fn is_success(&self) -> bool {
+        match self {
+            Self::Succeeded { .. } => true,
+            Self::Other(record) => record.outcome.is_success(),
+        }
+    }
+}
+
 /// Sessions kept in process memory. Cheap to clone (shared maps).
 ///
 /// It keeps the newest [`MemoryStore::DEFAULT_EVENT_LIMIT`] events of each session (see
@@ -220,13 +276,13 @@ impl MemoryStore {
         }
     }
 
-    fn record(&self, id: SessionId, outcome: OutcomeRecord) -> Result<(), StoreError> {
+    fn record(&self, id: SessionId, outcome: &OutcomeRecord) -> Result<(), StoreError> {
         self.with(id, |s| {
             if s.record.finalizing.is_some() {
                 return Err(StoreError::Finalizing { session_id: id });
             }
             s.record.counts.add(&outcome.outcome);
-            s.outcomes.push(outcome);
+            s.outcomes.push(KeptOutcome::keep(outcome));
             Ok(())
         })?
     }
@@ -350,7 +406,7 @@ impl SessionStore for MemoryStore {
         id: SessionId,
         outcome: OutcomeRecord,
     ) -> Result<(), StoreError> {
-        self.record(id, outcome)
+        self.record(id, &outcome)
     }
 
     fn record_outcome_now(
@@ -358,11 +414,11 @@ impl SessionStore for MemoryStore {
         id: SessionId,
         outcome: &OutcomeRecord,
     ) -> Option<Result<(), StoreError>> {
-        Some(self.record(id, outcome.clone()))
+        Some(self.record(id, outcome))
     }
 
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
-        self.with(id, |s| s.outcomes.clone())
+        self.with(id, |s| s.outcomes.iter().map(KeptOutcome::read).collect())
     }
 
     async fn outcomes_page(
@@ -377,7 +433,7 @@ impl SessionStore for MemoryStore {
                 .iter()
                 .skip(offset)
                 .take(limit)
-                .cloned()
+                .map(KeptOutcome::read)
                 .collect();
             (page, s.outcomes.len())
         })
@@ -454,9 +510,9 @@ impl SessionStore for MemoryStore {
             if !resumable {
                 return None;
             }
-            s.outcomes.retain(|o| o.outcome.is_success());
+            s.outcomes.retain(KeptOutcome::is_success);
             let done: std::collections::HashSet<&ResourceId> =
-                s.outcomes.iter().map(|o| &o.resource_id).collect();
+                s.outcomes.iter().map(KeptOutcome::resource_id).collect();
             let remaining = s
                 .resources
                 .iter()
@@ -481,7 +537,8 @@ impl SessionStore for MemoryStore {
             if s.record.status.is_terminal() {
                 return Completed::AlreadyFinalized(s.record.clone());
             }
-            s.outcomes.extend(completion.missing);
+            s.outcomes
+                .extend(completion.missing.iter().map(KeptOutcome::keep));
             let r = &mut s.record;
             r.status = completion.status;
             r.finalizing = Some(completion.reason);
@@ -588,10 +645,25 @@ mod tests {
         assert_eq!(store.events(id).await.expect("events"), appended);
     }
 
+    #[tokio::test]
+    async fn an_elapsed_time_too_long_for_nanoseconds_is_kept_whole() {
+        let (store, id) = one_session(1).await;
+        let record = OutcomeRecord {
+            resource_id: "r".into(),
+            outcome: ResourceOutcome::Succeeded,
+            attempts: 1,
+            elapsed: Duration::MAX,
+        };
+        store.record(id, &record).expect("record");
+        assert_eq!(store.outcomes(id).await.expect("outcomes"), [record]);
+    }
+
     #[test]
     #[cfg(target_pointer_width = "64")]
-    fn a_kept_event_stays_small() {
+    fn kept_events_and_outcomes_stay_small() {
         // Two per resource, written where the ring has not been before: see `KeptEvent`.
         assert!(std::mem::size_of::<KeptEvent>() <= 56);
+        // One per resource, the same way.
+        assert!(std::mem::size_of::<KeptOutcome>() <= 32);
     }
 }
