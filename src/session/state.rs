@@ -41,10 +41,9 @@ pub(crate) struct Times {
 
 /// One attempt in flight.
 ///
-/// It holds no reference to its worker: the session would then always drop the last one
-/// when the worker ends, and tear the actor down on its own serial path, where a bare
-/// parent leaves that to whichever side lets go last. The session finds its workers among
-/// its children when it stops them ([`SessionState::kill_workers`]).
+/// It holds no reference to its worker (one reference count less to raise and drop per
+/// attempt, on a line the worker's thread also writes): the session finds its workers
+/// among its ractor children when it stops them ([`SessionState::kill_workers`]).
 pub(crate) struct Slot {
     pub(crate) index: usize,
     pub(crate) attempt: u32,
@@ -174,8 +173,8 @@ impl SessionState {
     }
 
     /// Forgets the workers ([`Self::kill_workers`] stopped them), stops every timer, and
-    /// hands over what only this actor
-    /// knows: the unfinished resources' work, unrecorded outcomes, store errors.
+    /// hands over what only this actor knows: the unfinished resources' work, unrecorded
+    /// outcomes, store errors.
     /// `whole`: `resources` is the session's whole list (a resumed session holds only
     /// what it re-harvests).
     pub(crate) fn wind_down(&mut self, resources: &Arc<[ResourceId]>, whole: bool) -> Local {
