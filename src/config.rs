@@ -3,12 +3,58 @@
 //! Durations read and write as human text (`"30s"`, `"20m"`). [`SessionConfig::validate`]
 //! rejects a bad value with a [`ConfigError`] naming the field and the rule, before anything
 //! starts, so a typo never turns into a session that cannot end.
+//!
+//! Every value has bounds, so that the watchdog stays meaningful and no time arithmetic in
+//! the tree can overflow (a `Duration::MAX` or `"1000years"` is a typed error, not a panic
+//! or a monitor that never looks):
+//!
+//! | field | bounds |
+//! |---|---|
+//! | `per_resource_estimate` | at most [`MAX_PER_RESOURCE_ESTIMATE`] (1 day) |
+//! | `buffer` | at most [`MAX_BUFFER`] (30 days); not both zero with the estimate |
+//! | `resources x estimate + buffer` | at most [`MAX_WORKFLOW_TIME`] (366 days), checked at start |
+//! | `resource_timeout` | more than zero, at most [`MAX_TIMEOUT`] (30 days) |
+//! | `heartbeat_timeout` | more than zero, at most [`MAX_GRACE`] (1 day) |
+//! | `monitor_interval` | from [`MIN_MONITOR_INTERVAL`] (1 ms) to [`MAX_GRACE`] (1 day), and no longer than a one-resource session's budget |
+//! | `escalation_grace`, `abort_grace` | at most [`MAX_GRACE`] (1 day); the escalation grace more than zero |
+//! | `killed_exit_wait` | more than zero, less than `escalation_grace`, at most [`MAX_KILLED_EXIT_WAIT`] (1 h) |
+//! | `max_concurrency` | 1 to [`MAX_CONCURRENCY`] (100,000) |
+//! | `retry.max_attempts` | 1 to [`MAX_ATTEMPTS`] (1,000) |
+//! | `retry.multiplier` | finite, 1 to [`MAX_MULTIPLIER`] (1,000) |
+//! | `retry.initial_backoff`, `retry.max_backoff` | at most [`MAX_GRACE`] (1 day), max >= initial |
+//! | `event_capacity` | 1 to [`MAX_EVENT_CAPACITY`] (1,048,576 events per subscriber) |
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// The longest `per_resource_estimate`.
+pub const MAX_PER_RESOURCE_ESTIMATE: Duration = DAY;
+/// The longest `buffer`.
+pub const MAX_BUFFER: Duration = Duration::from_secs(30 * 86_400);
+/// The longest budget of one session (`resources x per_resource_estimate + buffer`): a
+/// watchdog that looks after more than a year watches nothing.
+pub const MAX_WORKFLOW_TIME: Duration = Duration::from_secs(366 * 86_400);
+/// The longest `resource_timeout`.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
+/// The longest `heartbeat_timeout`, `monitor_interval`, grace or backoff.
+pub const MAX_GRACE: Duration = DAY;
+/// The shortest `monitor_interval`: a shorter one is a busy loop, not a watchdog.
+pub const MIN_MONITOR_INTERVAL: Duration = Duration::from_millis(1);
+/// The longest `killed_exit_wait`.
+pub const MAX_KILLED_EXIT_WAIT: Duration = Duration::from_secs(3600);
+/// The most workers of one session alive at once.
+pub const MAX_CONCURRENCY: usize = 100_000;
+/// The most attempts per resource.
+pub const MAX_ATTEMPTS: u32 = 1_000;
+/// The largest `retry.multiplier`.
+pub const MAX_MULTIPLIER: f64 = 1_000.0;
+/// The most events buffered per subscriber (each slot is allocated up front).
+pub const MAX_EVENT_CAPACITY: usize = 1 << 20;
 
 /// What to do when a resource fails for good (after its retries).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,13 +111,19 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The delay before attempt `failed_attempt + 1`.
+    /// The delay before attempt `failed_attempt + 1`, never more than `max_backoff`. Never
+    /// panics, whatever the policy (a validated one or not).
     pub fn backoff(&self, failed_attempt: u32) -> Duration {
-        let exp = failed_attempt.saturating_sub(1).min(64) as i32;
+        let exp = i32::try_from(failed_attempt.saturating_sub(1).min(1024)).unwrap_or(1024);
         let secs = self.initial_backoff.as_secs_f64() * self.multiplier.powi(exp);
-        let max = self.max_backoff.as_secs_f64();
-        // `min` first: a huge power is +inf, and Duration panics on non-finite input.
-        Duration::from_secs_f64(secs.min(max).max(0.0))
+        // Float rounding can take a delay near `Duration::MAX` past it, a huge power is
+        // +inf and a NaN multiplier gives NaN: all read as "as long as allowed".
+        let delay = if secs.is_nan() {
+            self.max_backoff
+        } else {
+            Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX)
+        };
+        delay.min(self.max_backoff)
     }
 }
 
@@ -122,6 +174,14 @@ pub struct SessionConfig {
     /// stopping them.
     #[serde(with = "humantime_serde")]
     pub abort_grace: Duration,
+    /// How long finalization waits for killed workers (and the root for a killed session
+    /// actor) to exit before going on. A killed worker exits at its harvest's next
+    /// `.await`, at once unless the harvest blocks its thread without yielding, which
+    /// nothing can interrupt; the finalizer never starts beside a harvest that is still
+    /// running unless this wait ran out (a warning says so). Less than
+    /// `escalation_grace`, so that a session waiting for its workers is not escalated.
+    #[serde(with = "humantime_serde")]
+    pub killed_exit_wait: Duration,
     /// Most workers alive at once.
     pub max_concurrency: usize,
     /// Retries of failed, panicked or timed-out attempts.
@@ -142,6 +202,7 @@ impl Default for SessionConfig {
             monitor_interval: Duration::from_secs(60),
             escalation_grace: Duration::from_secs(60),
             abort_grace: Duration::from_secs(30),
+            killed_exit_wait: Duration::from_secs(1),
             max_concurrency: 16,
             retry: RetryPolicy::default(),
             failure_policy: FailurePolicy::Continue,
@@ -165,43 +226,88 @@ impl SessionConfig {
         }
     }
 
-    /// Checks every field; the first broken rule is returned.
+    /// Checks every field against its bounds (see the module docs); the first broken rule
+    /// is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn positive(field: &'static str, d: Duration) -> Result<(), ConfigError> {
-            if d.is_zero() {
-                return Err(ConfigError::new(field, "must be greater than zero"));
-            }
-            Ok(())
-        }
-        positive("monitor_interval", self.monitor_interval)?;
         positive("escalation_grace", self.escalation_grace)?;
-        if let Some(t) = self.resource_timeout {
-            positive("resource_timeout", t)?;
-        }
-        if let Some(t) = self.heartbeat_timeout {
-            positive("heartbeat_timeout", t)?;
-        }
+        at_most(
+            "per_resource_estimate",
+            self.per_resource_estimate,
+            MAX_PER_RESOURCE_ESTIMATE,
+        )?;
+        at_most("buffer", self.buffer, MAX_BUFFER)?;
         if self.per_resource_estimate.is_zero() && self.buffer.is_zero() {
             return Err(ConfigError::new(
                 "buffer",
                 "per_resource_estimate and buffer cannot both be zero (the deadline would be now)",
             ));
         }
-        if self.max_concurrency == 0 {
-            return Err(ConfigError::new("max_concurrency", "must be at least 1"));
+        if let Some(t) = self.resource_timeout {
+            positive("resource_timeout", t)?;
+            at_most("resource_timeout", t, MAX_TIMEOUT)?;
         }
-        if self.retry.max_attempts == 0 {
+        if let Some(t) = self.heartbeat_timeout {
+            positive("heartbeat_timeout", t)?;
+            at_most("heartbeat_timeout", t, MAX_GRACE)?;
+        }
+        if self.monitor_interval < MIN_MONITOR_INTERVAL {
+            return Err(ConfigError::new(
+                "monitor_interval",
+                format!("must be at least {}", show(MIN_MONITOR_INTERVAL)),
+            ));
+        }
+        at_most("monitor_interval", self.monitor_interval, MAX_GRACE)?;
+        let one = self.workflow_time(1);
+        if self.monitor_interval > one {
+            return Err(ConfigError::new(
+                "monitor_interval",
+                format!(
+                    "must be no longer than the workflow_time of a one-resource session ({}): \
+                     the monitor would first look after the deadline",
+                    show(one)
+                ),
+            ));
+        }
+        at_most("escalation_grace", self.escalation_grace, MAX_GRACE)?;
+        at_most("abort_grace", self.abort_grace, MAX_GRACE)?;
+        positive("killed_exit_wait", self.killed_exit_wait)?;
+        at_most(
+            "killed_exit_wait",
+            self.killed_exit_wait,
+            MAX_KILLED_EXIT_WAIT,
+        )?;
+        if self.killed_exit_wait >= self.escalation_grace {
+            return Err(ConfigError::new(
+                "killed_exit_wait",
+                "must be less than escalation_grace (a session waiting for its killed workers \
+                 would be escalated)",
+            ));
+        }
+        if self.max_concurrency == 0 || self.max_concurrency > MAX_CONCURRENCY {
+            return Err(ConfigError::new(
+                "max_concurrency",
+                format!("must be at least 1 and at most {MAX_CONCURRENCY}"),
+            ));
+        }
+        if self.retry.max_attempts == 0 || self.retry.max_attempts > MAX_ATTEMPTS {
             return Err(ConfigError::new(
                 "retry.max_attempts",
-                "must be at least 1 (the first attempt counts)",
+                format!("must be at least 1 (the first attempt counts) and at most {MAX_ATTEMPTS}"),
             ));
         }
-        if !self.retry.multiplier.is_finite() || self.retry.multiplier < 1.0 {
+        let m = self.retry.multiplier;
+        if !m.is_finite() || !(1.0..=MAX_MULTIPLIER).contains(&m) {
             return Err(ConfigError::new(
                 "retry.multiplier",
-                "must be a finite number >= 1.0",
+                format!("must be a finite number from 1.0 to {MAX_MULTIPLIER}"),
             ));
         }
+        at_most(
+            "retry.initial_backoff",
+            self.retry.initial_backoff,
+            MAX_GRACE,
+        )?;
+        at_most("retry.max_backoff", self.retry.max_backoff, MAX_GRACE)?;
         if self.retry.max_backoff < self.retry.initial_backoff {
             return Err(ConfigError::new(
                 "retry.max_backoff",
@@ -210,6 +316,49 @@ impl SessionConfig {
         }
         Ok(())
     }
+
+    /// [`Self::validate`], and the budget of a session of `resources` no longer than
+    /// [`MAX_WORKFLOW_TIME`].
+    pub fn validate_for(&self, resources: usize) -> Result<(), ConfigError> {
+        self.validate()?;
+        let budget = self.workflow_time(resources);
+        if budget > MAX_WORKFLOW_TIME {
+            return Err(ConfigError::new(
+                "per_resource_estimate",
+                format!(
+                    "{resources} resources x {} + buffer {} gives a workflow_time of {}, \
+                     longer than the most a session may take ({}): lower the estimate",
+                    show(self.per_resource_estimate),
+                    show(self.buffer),
+                    show(budget),
+                    show(MAX_WORKFLOW_TIME)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A duration as a person reads it (`"1day"`, `"30s"`).
+fn show(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn positive(field: &'static str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::new(field, "must be greater than zero"));
+    }
+    Ok(())
+}
+
+fn at_most(field: &'static str, d: Duration, max: Duration) -> Result<(), ConfigError> {
+    if d > max {
+        return Err(ConfigError::new(
+            field,
+            format!("must be at most {} (got {})", show(max), show(d)),
+        ));
+    }
+    Ok(())
 }
 
 /// Settings of the whole tree.
@@ -218,8 +367,8 @@ impl SessionConfig {
 pub struct SupervisorConfig {
     /// The budget a session gets unless its request brings its own.
     pub session: SessionConfig,
-    /// Events buffered per subscriber; a subscriber further behind than this loses the
-    /// oldest and is told how many.
+    /// Events buffered per subscriber (1 to [`MAX_EVENT_CAPACITY`]); a subscriber further
+    /// behind than this loses the oldest and is told how many.
     pub event_capacity: usize,
     /// What to do at start with sessions an earlier process left unfinished.
     pub recovery: RecoveryPolicy,
@@ -239,8 +388,14 @@ impl SupervisorConfig {
     /// Checks the session defaults and the tree's own settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.session.validate()?;
-        if self.event_capacity == 0 {
-            return Err(ConfigError::new("event_capacity", "must be at least 1"));
+        if self.event_capacity == 0 || self.event_capacity > MAX_EVENT_CAPACITY {
+            return Err(ConfigError::new(
+                "event_capacity",
+                format!(
+                    "must be at least 1 and at most {MAX_EVENT_CAPACITY} (each subscriber's \
+                     slots are allocated up front)"
+                ),
+            ));
         }
         Ok(())
     }

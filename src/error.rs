@@ -33,6 +33,42 @@ impl ConfigError {
     }
 }
 
+/// An id that cannot name a harvester or a resource: empty or blank, with a control
+/// character, or longer than [`crate::model::MAX_ID_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("invalid {kind} {preview}: {rule}")]
+pub struct IdError {
+    kind: &'static str,
+    /// The id as quoted in the message: escaped, and cut after 64 characters.
+    preview: String,
+    rule: &'static str,
+}
+
+impl IdError {
+    pub(crate) fn new(kind: &'static str, id: &str, rule: &'static str) -> Self {
+        const SHOWN: usize = 64;
+        let mut preview = format!("{:?}", id.chars().take(SHOWN).collect::<String>());
+        if id.chars().nth(SHOWN).is_some() {
+            preview.push_str(&format!(" (cut; {} bytes in all)", id.len()));
+        }
+        Self {
+            kind,
+            preview,
+            rule,
+        }
+    }
+
+    /// Which id: `"harvester_id"` or `"resource_id"`.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// The rule it broke, in words.
+    pub fn rule(&self) -> &'static str {
+        self.rule
+    }
+}
+
 /// A [`crate::SessionStore`] could not do what was asked.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -94,6 +130,9 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The store's options are out of bounds; nothing was opened.
+    #[error("invalid store option: {0}")]
+    InvalidOptions(#[source] ConfigError),
     /// The store's writer is gone (the store was closed, or its thread died).
     #[error("the store is closed")]
     Closed,
@@ -122,6 +161,9 @@ pub enum StartError {
     /// The request's budget is invalid.
     #[error(transparent)]
     InvalidConfig(#[from] ConfigError),
+    /// The harvester id or a resource id is not a valid id.
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
     /// The store refused or failed.
     #[error("store: {0}")]
     Store(#[source] StoreError),

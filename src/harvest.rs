@@ -89,7 +89,10 @@ impl Heartbeat {
             .last_ms
             .as_ref()
             .map_or(0, |l| l.load(Ordering::Relaxed));
-        self.origin + std::time::Duration::from_millis(ms)
+        // Milliseconds since the origin always fit after it; if not, the origin.
+        self.origin
+            .checked_add(std::time::Duration::from_millis(ms))
+            .unwrap_or(self.origin)
     }
 }
 

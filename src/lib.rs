@@ -42,7 +42,7 @@ mod supervisor;
 mod worker;
 
 pub use config::{FailurePolicy, RecoveryPolicy, RetryPolicy, SessionConfig, SupervisorConfig};
-pub use error::{ConfigError, Error, SessionError, StartError, StoreError};
+pub use error::{ConfigError, Error, IdError, SessionError, StartError, StoreError};
 pub use events::{EventKind, EventSubscription, RecvError, SessionEvent};
 pub use handle::{SessionDetail, Supervisor, SupervisorBuilder};
 pub use harvest::{

@@ -43,12 +43,36 @@ impl fmt::Display for SessionId {
     }
 }
 
+/// The longest harvester or resource id, in bytes of UTF-8.
+pub const MAX_ID_BYTES: usize = 1024;
+
+/// Why `id` is not a valid id of `kind`: empty, blank, with a control character (NUL, a
+/// newline, a tab, ...), or longer than [`MAX_ID_BYTES`].
+pub(crate) fn id_problem(id: &str) -> Option<&'static str> {
+    if id.is_empty() {
+        Some("must not be empty")
+    } else if id.len() > MAX_ID_BYTES {
+        Some("must be at most 1024 bytes long")
+    } else if id.chars().any(char::is_control) {
+        Some("must not contain control characters (NUL, newlines, tabs, ...)")
+    } else if id.trim().is_empty() {
+        Some("must not be blank")
+    } else {
+        None
+    }
+}
+
 macro_rules! string_id {
-    ($(#[$doc:meta])* $name:ident) => {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
         ///
         /// Shared text (`Arc<str>`): a clone is a reference count, not an allocation, which
         /// matters when every event and outcome of a million-resource session names one.
+        ///
+        /// `From<&str>` and `From<String>` take any text; the supervisor checks every id a
+        /// session is started with ([`Self::check`]) and refuses an empty or blank id, one
+        /// with a control character, or one longer than [`MAX_ID_BYTES`], with
+        /// [`crate::StartError::InvalidId`]. [`Self::parse`] checks up front.
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
         pub struct $name(Arc<str>);
@@ -57,6 +81,22 @@ macro_rules! string_id {
             /// The id as text.
             pub fn as_str(&self) -> &str {
                 &self.0
+            }
+
+            /// `id` as an id, if it is a valid one (see [`Self::check`]).
+            pub fn parse(id: &str) -> Result<Self, crate::error::IdError> {
+                let id = Self::from(id);
+                id.check()?;
+                Ok(id)
+            }
+
+            /// Whether this id may name a session's harvester or resource: not empty or
+            /// blank, no control characters, at most [`MAX_ID_BYTES`] bytes.
+            pub fn check(&self) -> Result<(), crate::error::IdError> {
+                match id_problem(&self.0) {
+                    None => Ok(()),
+                    Some(rule) => Err(crate::error::IdError::new($kind, &self.0, rule)),
+                }
             }
         }
 
@@ -119,11 +159,13 @@ macro_rules! string_id {
 
 string_id!(
     /// Identifies a harvester (one remote catalogue). At most one session runs per harvester.
-    HarvesterId
+    HarvesterId,
+    "harvester_id"
 );
 string_id!(
     /// Identifies one resource of a session; unique within the session.
-    ResourceId
+    ResourceId,
+    "resource_id"
 );
 
 /// Where a session is in its life. Serialized with GeoNode's names.

@@ -5,7 +5,7 @@
 //! each final outcome in the store as it arrives, and finalizes (through
 //! [`crate::finalizer`]) when every resource is done, on `FailFast`, on the monitor's
 //! `DeadlineExpired`, on abort, or on shutdown: it kills the workers still running and
-//! waits for them to exit (at most [`KILLED_EXIT_WAIT`]), so no harvest runs beside the
+//! waits for them to exit (at most `killed_exit_wait`), so no harvest runs beside the
 //! finalizer; after the finalizer it cancels the monitor and stops.
 //!
 //! A handler returns `Err` only on a store failure; the actor then dies and the root
@@ -288,7 +288,7 @@ async fn finalize_now(
     s.st.writes.drain().await;
     s.st.settle_writes(&s.shared.emitter);
     let local = s.st.wind_down(&s.shared.resources, !s.shared.resumed);
-    await_exits(&killed).await;
+    await_exits(&killed, s.shared.config.killed_exit_wait).await;
     let shared = Arc::clone(&s.shared);
     let result = finalizer::finalize(
         &shared.deps,
@@ -311,19 +311,14 @@ async fn finalize_now(
     Ok(())
 }
 
-/// How long finalization waits for killed workers to exit before it runs the finalizer.
-/// A killed worker exits at its attempt's next `.await`, at once unless the harvest
-/// blocks its thread without yielding, which nothing can interrupt.
-pub(crate) const KILLED_EXIT_WAIT: Duration = Duration::from_secs(1);
-
 /// Waits until the killed workers have exited, so that no harvest still runs beside the
-/// finalizer; after [`KILLED_EXIT_WAIT`], goes on with a warning.
-async fn await_exits(killed: &[ActorCell]) {
+/// finalizer; after `wait` (the session's `killed_exit_wait`), goes on with a warning.
+async fn await_exits(killed: &[ActorCell], wait: Duration) {
     if killed.is_empty() {
         return;
     }
     let exits = futures::future::join_all(killed.iter().map(|worker| worker.wait(None)));
-    if tokio::time::timeout(KILLED_EXIT_WAIT, exits).await.is_err() {
+    if tokio::time::timeout(wait, exits).await.is_err() {
         let still = killed
             .iter()
             .filter(|w| w.get_status() != ActorStatus::Stopped)

@@ -163,10 +163,12 @@ async fn start_session(
     let config = request
         .config
         .unwrap_or_else(|| state.config.session.clone());
-    config.validate()?;
+    config.validate_for(request.resources.len())?;
     let config = Arc::new(config);
+    request.harvester_id.check()?;
     let mut seen = HashSet::with_capacity(request.resources.len());
     for r in &request.resources {
+        r.check()?;
         if !seen.insert(r) {
             return Err(StartError::DuplicateResource {
                 resource_id: r.clone(),
@@ -234,10 +236,13 @@ fn session_shared(
 ) -> Arc<SessionShared> {
     let now = Instant::now();
     let budget = config.workflow_time(resources.len());
-    // A budget too large for the clock means "no deadline in practice": ~30 years.
+    // Validation keeps budgets within a year; a stored budget from elsewhere that is too
+    // large for the clock means "no deadline in practice" (~30 years), and an instant that
+    // far is always there.
     let deadline = now
         .checked_add(budget)
-        .unwrap_or_else(|| now + std::time::Duration::from_secs(1 << 30));
+        .or_else(|| now.checked_add(std::time::Duration::from_secs(1 << 30)))
+        .unwrap_or(now);
     Arc::new(SessionShared {
         id,
         harvester_id,
@@ -407,7 +412,7 @@ fn spawn_force(
                         // Try again; a claim made before the failure is completed then.
                         tracing::error!(%error, attempt, "could not finalize the session; retrying");
                         tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(FORCE_RETRY_MAX);
+                        delay = delay.saturating_mul(2).min(FORCE_RETRY_MAX);
                     }
                 }
             }

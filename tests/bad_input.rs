@@ -141,3 +141,50 @@ async fn one_hundred_concurrent_starts_for_one_harvester_have_exactly_one_winner
     assert_eq!(sup.sessions().await.expect("list").len(), 1);
     sup.abort(winners[0]).await.expect("abort");
 }
+
+#[tokio::test(start_paused = true)]
+async fn empty_blank_control_and_overlong_ids_are_rejected_naming_the_rule() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor(config(), &rec).await;
+    let long = "x".repeat(60_000);
+    let bad = [
+        "",
+        " ",
+        "\t",
+        "a\0b",
+        "line\nbreak",
+        "bell\u{7}",
+        "del\u{7f}",
+        &long,
+    ];
+    for id in bad {
+        match sup.start_session(id, ["ok-1"]).await {
+            Err(StartError::InvalidId(e)) => {
+                assert_eq!(e.kind(), "harvester_id", "{e}");
+                assert!(
+                    e.to_string().len() < 300,
+                    "the error quotes a bounded id: {e}"
+                );
+            }
+            other => panic!("harvester id {id:?}: expected InvalidId, got {other:?}"),
+        }
+        match sup.start_session("csw", ["ok-1", id]).await {
+            Err(StartError::InvalidId(e)) => assert_eq!(e.kind(), "resource_id", "{e}"),
+            other => panic!("resource id {id:?}: expected InvalidId, got {other:?}"),
+        }
+    }
+    assert!(
+        sup.sessions().await.expect("list").is_empty(),
+        "nothing was created"
+    );
+    // The longest accepted id, and ids with spaces or non-ASCII letters inside, are fine.
+    let longest = "y".repeat(harvest_supervisor::model::MAX_ID_BYTES);
+    let id = sup
+        .start_session("csw", [longest.as_str(), "a b", "Zürich-ß-東京"])
+        .await
+        .expect("valid ids");
+    finished(&sup, id).await;
+    assert!(harvest_supervisor::HarvesterId::parse("").is_err());
+    assert!(harvest_supervisor::ResourceId::parse("ok").is_ok());
+    sup.shutdown().await.expect("shutdown");
+}

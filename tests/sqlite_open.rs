@@ -369,3 +369,39 @@ async fn outcomes_sent_before_a_claim_count_and_those_after_it_are_refused() {
     );
     store.close().await.expect("close");
 }
+
+#[tokio::test]
+async fn options_beyond_their_bounds_are_a_typed_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("h.db");
+    for (field, options) in [
+        (
+            "busy_timeout",
+            SqliteOptions {
+                busy_timeout: Duration::MAX,
+                ..SqliteOptions::default()
+            },
+        ),
+        (
+            "busy_timeout",
+            SqliteOptions {
+                busy_timeout: Duration::from_secs(30 * 86_400),
+                ..SqliteOptions::default()
+            },
+        ),
+        (
+            "commit_delay",
+            SqliteOptions {
+                commit_delay: Duration::MAX,
+                ..SqliteOptions::default()
+            },
+        ),
+    ] {
+        match SqliteStore::open_with(&path, options).await {
+            Err(StoreError::InvalidOptions(e)) => assert_eq!(e.field(), field, "{e}"),
+            Err(other) => panic!("expected InvalidOptions, got {other:?}"),
+            Ok(_) => panic!("{field} out of bounds must not open"),
+        }
+    }
+    assert!(!path.exists(), "nothing was created");
+}

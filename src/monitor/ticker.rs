@@ -161,7 +161,9 @@ impl Ticker {
 
 /// The clock of one bucket. Ends once the bucket is gone (no monitor holds it).
 async fn tick(bucket: Weak<Bucket>, every: Duration) {
-    let mut clock = tokio::time::interval_at(Instant::now() + every, every);
+    // Validation bounds `every` to a day; an instant past the clock's range ticks at once.
+    let now = Instant::now();
+    let mut clock = tokio::time::interval_at(now.checked_add(every).unwrap_or(now), every);
     // A late tick is not made up with a burst: the next check comes one interval later.
     clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {

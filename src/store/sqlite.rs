@@ -58,10 +58,39 @@ pub enum Durability {
 pub struct SqliteOptions {
     /// See [`Durability`].
     pub durability: Durability,
-    /// How long a batch of event appends alone waits for company before committing.
+    /// How long a batch of event appends alone waits for company before committing (at
+    /// most [`SqliteOptions::MAX_COMMIT_DELAY`]).
     pub commit_delay: Duration,
-    /// How long to wait for another process's lock before giving up with `Locked`.
+    /// How long to wait for another process's lock before giving up with `Locked` (at most
+    /// [`SqliteOptions::MAX_BUSY_TIMEOUT`]).
     pub busy_timeout: Duration,
+}
+
+impl SqliteOptions {
+    /// The longest `commit_delay`: it is the most of the audit trail a crash can lose.
+    pub const MAX_COMMIT_DELAY: Duration = Duration::from_secs(1);
+    /// The longest `busy_timeout`.
+    pub const MAX_BUSY_TIMEOUT: Duration = Duration::from_secs(3600);
+
+    /// Checks both durations against their bounds.
+    pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        for (field, value, max) in [
+            ("commit_delay", self.commit_delay, Self::MAX_COMMIT_DELAY),
+            ("busy_timeout", self.busy_timeout, Self::MAX_BUSY_TIMEOUT),
+        ] {
+            if value > max {
+                return Err(crate::ConfigError::new(
+                    field,
+                    format!(
+                        "must be at most {} (got {})",
+                        humantime::format_duration(max),
+                        humantime::format_duration(value)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for SqliteOptions {
@@ -107,6 +136,7 @@ impl SqliteStore {
         path: impl AsRef<Path>,
         options: SqliteOptions,
     ) -> Result<Self, StoreError> {
+        options.validate().map_err(StoreError::InvalidOptions)?;
         let path = path.as_ref().to_path_buf();
         let p = path.clone();
         let opts = options.clone();

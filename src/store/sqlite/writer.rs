@@ -182,7 +182,9 @@ fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration) {
             }
         }
         if !commit_delay.is_zero() && !batch.iter().any(Command::waits) {
-            let until = Instant::now() + commit_delay;
+            let now = Instant::now();
+            // `open_with` bounds the delay; past the clock's range, commit at once.
+            let until = now.checked_add(commit_delay).unwrap_or(now);
             while batch.len() < MAX_BATCH {
                 let left = until.saturating_duration_since(Instant::now());
                 match rx.recv_timeout(left) {
