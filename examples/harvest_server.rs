@@ -99,7 +99,9 @@ impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
         let status = match &e {
             SessionError::UnknownSession { .. } => StatusCode::NOT_FOUND,
-            SessionError::AlreadyFinished { .. } => StatusCode::CONFLICT,
+            SessionError::AlreadyFinished { .. } | SessionError::Finalizing { .. } => {
+                StatusCode::CONFLICT
+            }
             SessionError::Store(_) | SessionError::SupervisorDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -183,6 +185,14 @@ async fn start_session(
         )),
         Err(StartError::InvalidConfig(e)) => Err(bad_request(&format!("config.{}", e.field()), e)),
         Err(e @ StartError::DuplicateResource { .. }) => Err(bad_request("resources", e)),
+        Err(StartError::InvalidId(e)) => {
+            let field = if e.kind() == "harvester_id" {
+                "harvester"
+            } else {
+                "resources"
+            };
+            Err(bad_request(field, e))
+        }
         Err(e) => Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "error": e.to_string() }),

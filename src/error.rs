@@ -204,13 +204,21 @@ pub enum SessionError {
         /// The id asked for.
         session_id: SessionId,
     },
-    /// The session already ended (or is ending): abort changes nothing.
+    /// The session already ended: abort changes nothing.
     #[error("session {session_id} is already {status}")]
     AlreadyFinished {
         /// The session.
         session_id: SessionId,
-        /// Its status when asked.
+        /// Its terminal status, as stored.
         status: SessionStatus,
+    },
+    /// The session is being finalized (its finalizer runs, or the supervisor is finishing
+    /// it after a crash or an escalation): abort changes nothing; it ends with the reason
+    /// it is being finalized for.
+    #[error("session {session_id} is being finalized")]
+    Finalizing {
+        /// The session.
+        session_id: SessionId,
     },
     /// The store failed.
     #[error("store: {0}")]

@@ -219,13 +219,45 @@ impl EventKind {
 #[derive(Debug, Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Arc<SessionEvent>>,
+    /// Sessions whose log this process still writes (see [`LiveLogs`]).
+    live: Arc<LiveLogs>,
+}
+
+/// The sessions whose event log is still being written in this process: from the moment
+/// an emitter is made for a session until it logs `SessionFinished` (or is dropped
+/// without: its actors are gone). A session that is terminal in the store and not live
+/// here has its whole log written; one that is terminal and still live is about to log
+/// its `SessionFinished` (its monitor is being stopped).
+#[derive(Debug, Default)]
+pub(crate) struct LiveLogs(std::sync::Mutex<std::collections::HashSet<SessionId>>);
+
+impl LiveLogs {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SessionId>> {
+        // A poisoned lock only means a panic elsewhere mid-insert; the set is intact.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this process still writes the log of `id`.
+    pub(crate) fn is_live(&self, id: SessionId) -> bool {
+        self.set().contains(&id)
+    }
 }
 
 impl EventBus {
-    /// A bus keeping at most `capacity` events per subscriber.
+    /// A bus keeping at most `capacity` events per subscriber (at least 1; the
+    /// supervisor's config bounds it, see [`crate::config::MAX_EVENT_CAPACITY`]).
     pub fn new(capacity: usize) -> Self {
-        let (tx, _) = broadcast::channel(capacity.max(1));
-        Self { tx }
+        let capacity = capacity.clamp(1, crate::config::MAX_EVENT_CAPACITY);
+        let (tx, _) = broadcast::channel(capacity);
+        Self {
+            tx,
+            live: Arc::default(),
+        }
+    }
+
+    /// The sessions whose log this process still writes.
+    pub(crate) fn live(&self) -> &Arc<LiveLogs> {
+        &self.live
     }
 
     /// A new subscriber; it sees events published from now on.
@@ -348,6 +380,14 @@ struct EmitterInner {
     span: tracing::Span,
 }
 
+impl Drop for EmitterInner {
+    fn drop(&mut self) {
+        // Gone without `SessionFinished` (its actors were stopped at shutdown): nobody
+        // in this process will write this log any more.
+        self.bus.live.set().remove(&self.session_id);
+    }
+}
+
 impl SessionEmitter {
     pub(crate) fn new(
         session_id: SessionId,
@@ -357,6 +397,7 @@ impl SessionEmitter {
         store: Arc<dyn SessionStore>,
     ) -> Self {
         let span = tracing::info_span!("session", %session_id, %harvester_id);
+        bus.live.set().insert(session_id);
         Self {
             inner: Arc::new(EmitterInner {
                 session_id,
@@ -364,6 +405,7 @@ impl SessionEmitter {
                 state: Mutex::new(EmitState {
                     seq: last_seq,
                     today: Today::default(),
+                    finished: false,
                 }),
                 bus,
                 store,
@@ -377,10 +419,23 @@ impl SessionEmitter {
         &self.inner.span
     }
 
+    /// Logs `kind` as the session's next event. After `SessionFinished` the log is closed:
+    /// `SessionFinished` is always a session's last event, so anything later (a monitor
+    /// tick that began before the end) is dropped here, with a debug line.
     pub(crate) fn emit(&self, kind: EventKind) {
         let inner = &self.inner;
         // A poisoned lock only means another emit panicked mid-way; the counter is intact.
         let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.finished {
+            in_scope(&inner.span, || {
+                tracing::debug!(
+                    event = kind.name(),
+                    "event after SessionFinished dropped: the log is closed"
+                );
+            });
+            return;
+        }
+        let finishing = matches!(kind, EventKind::SessionFinished { .. });
         state.seq += 1;
         let event = SessionEvent {
             seq: state.seq,
@@ -401,6 +456,10 @@ impl SessionEmitter {
                 tracing::warn!(seq, %error, "could not store event");
             });
         }
+        if finishing {
+            state.finished = true;
+            inner.bus.live.set().remove(&inner.session_id);
+        }
         if let Some(event) = shared {
             inner.bus.publish(event);
         }
@@ -412,6 +471,8 @@ struct EmitState {
     /// Last `seq` handed out.
     seq: u64,
     today: Today,
+    /// `SessionFinished` was logged: nothing more is.
+    finished: bool,
 }
 
 /// The events' wall clock: [`Utc::now`], with the date of the last reading kept. chrono
@@ -582,5 +643,68 @@ mod tests {
         }
         let now = today.now();
         assert!((Utc::now() - now).num_seconds().abs() < 5);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_logged_after_session_finished() {
+        let store = Arc::new(crate::store::MemoryStore::new());
+        let id = SessionId::new();
+        store
+            .create_session(crate::store::NewSession {
+                id,
+                harvester_id: "h".into(),
+                resources: Arc::new([]),
+                started: Utc::now(),
+                workflow_time: Duration::from_secs(1),
+                config: Arc::default(),
+            })
+            .await
+            .expect("create");
+        let bus = EventBus::new(16);
+        let mut heard = bus.subscribe();
+        let emitter = SessionEmitter::new(id, "h".into(), 0, bus.clone(), store.clone());
+        assert!(bus.live().is_live(id));
+        emitter.emit(EventKind::MonitorCancelled);
+        emitter.emit(EventKind::SessionFinished {
+            status: SessionStatus::FinishedAllOk,
+            reason: FinalizeReason::Completed,
+            total: 0,
+            counts: OutcomeCounts::default(),
+        });
+        assert!(!bus.live().is_live(id), "the log is closed");
+        // A late tick, a second end: neither stored nor published.
+        emitter.emit(EventKind::MonitorTick {
+            remaining: Duration::ZERO,
+        });
+        emitter.emit(EventKind::DeadlineExpired);
+        let stored: Vec<&str> = store
+            .events(id)
+            .await
+            .expect("events")
+            .iter()
+            .map(|e| e.kind.name())
+            .collect();
+        assert_eq!(stored, ["MonitorCancelled", "SessionFinished"]);
+        let mut published = Vec::new();
+        while let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(10), heard.recv()).await {
+            published.push(e.kind.name());
+        }
+        assert_eq!(published, ["MonitorCancelled", "SessionFinished"]);
+    }
+
+    #[test]
+    fn a_dropped_emitter_leaves_the_live_logs() {
+        let bus = EventBus::new(4);
+        let id = SessionId::new();
+        let emitter = SessionEmitter::new(
+            id,
+            "h".into(),
+            0,
+            bus.clone(),
+            Arc::new(crate::store::MemoryStore::new()),
+        );
+        assert!(bus.live().is_live(id));
+        drop(emitter);
+        assert!(!bus.live().is_live(id));
     }
 }

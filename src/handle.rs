@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::config::SupervisorConfig;
 use crate::error::{Error, SessionError, StartError};
 use crate::events::{
-    EventBus, EventKind, EventSubscription, RecvError, SessionEvent, WeakEventBus,
+    EventBus, EventKind, EventSubscription, LiveLogs, RecvError, SessionEvent, WeakEventBus,
 };
 use crate::finalizer::Deps;
 use crate::harvest::{ResourceHarvester, SessionFinalizer};
@@ -76,6 +76,7 @@ impl SupervisorBuilder {
             .map_err(|e| Error::Spawn(e.to_string()))?;
         Ok(Supervisor {
             root,
+            live: Arc::clone(bus.live()),
             bus: bus.downgrade(),
             store,
             join: std::sync::Mutex::new(Some(join)),
@@ -118,12 +119,18 @@ pub struct Supervisor {
     /// Weak, so that subscribers hear `Closed` once the tree is gone, even while a handle
     /// lives on.
     bus: WeakEventBus,
+    /// The sessions whose log this process still writes (see `wait_finished`).
+    live: Arc<LiveLogs>,
     store: Arc<dyn SessionStore>,
     /// The root's task, awaited once by the first `shutdown`.
     join: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Supervisor {
+    /// How often [`Supervisor::wait_finished`] looks at the store for an end it cannot
+    /// hear of (a session another process finished).
+    pub const WAIT_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
     /// Starts building a supervisor around the user's harvest and finalizer.
     pub fn builder(
         harvester: impl ResourceHarvester,
@@ -288,34 +295,52 @@ impl Supervisor {
         self.bus.subscribe()
     }
 
-    /// Waits until the session's `SessionFinished` event (its record is then terminal, its
-    /// finalizer done and its harvester free) and returns the record.
+    /// Waits until the session is over, and returns its terminal record: its finalizer
+    /// done, its harvester free, and (for a session this process ran) its log complete,
+    /// `SessionFinished` last.
+    ///
+    /// It decides from the session's status in the store, so it returns at once for a
+    /// session that is already terminal, whatever its log holds, and it wakes for a
+    /// session that another supervisor finished on the same store (another process on
+    /// the same database): this one's events wake it at once, another's within
+    /// [`Supervisor::WAIT_POLL`]. `SupervisorDown` if this supervisor stops first with the
+    /// session still unfinished.
     pub async fn wait_finished(&self, id: SessionId) -> Result<SessionRecord, SessionError> {
+        // Subscribed before the first read, so no end between the two is missed.
         let mut events = self.subscribe();
+        let mut poll = tokio::time::interval_at(
+            tokio::time::Instant::now() + Self::WAIT_POLL,
+            Self::WAIT_POLL,
+        );
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Read the (possibly long) event log only once the record says it is over.
-            let terminal = self.store.session(id).await?.status.is_terminal();
-            let finished = terminal
-                && self
-                    .store
-                    .events(id)
-                    .await?
-                    .last()
-                    .is_some_and(|e| matches!(e.kind, EventKind::SessionFinished { .. }));
-            if finished {
-                return Ok(self.store.session(id).await?);
+            let record = self.store.session(id).await?;
+            // Terminal and no longer logged here: its `SessionFinished` is written (or
+            // another process wrote the end).
+            let live = self.live.is_live(id);
+            if record.status.is_terminal() && !live {
+                return Ok(record);
             }
+            // Wait for something that can change the answer: this session's end, lost
+            // events, or (for a session another process runs: this one's bus never
+            // carries its end) the next look at the store.
             loop {
-                match events.recv().await {
-                    Ok(e) if e.session_id == id => {
-                        if matches!(e.kind, EventKind::SessionFinished { .. }) {
-                            return Ok(self.store.session(id).await?);
+                tokio::select! {
+                    received = events.recv() => match received {
+                        Ok(e) if e.session_id == id
+                            && matches!(e.kind, EventKind::SessionFinished { .. }) => break,
+                        Ok(_) => {}
+                        Err(RecvError::Lagged { .. }) => break,
+                        Err(RecvError::Closed) => {
+                            let record = self.store.session(id).await?;
+                            return if record.status.is_terminal() {
+                                Ok(record)
+                            } else {
+                                Err(SessionError::SupervisorDown)
+                            };
                         }
-                    }
-                    Ok(_) => {}
-                    // Missed events: look at the store again.
-                    Err(RecvError::Lagged { .. }) => break,
-                    Err(RecvError::Closed) => return Err(SessionError::SupervisorDown),
+                    },
+                    _ = poll.tick(), if !live => break,
                 }
             }
         }

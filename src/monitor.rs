@@ -168,6 +168,11 @@ async fn check(
         }
         return Ok(());
     }
+    // The session may have ended while this tick read the store: nothing to say then.
+    if lifecycle.is_terminal() {
+        myself.stop(None);
+        return Ok(());
+    }
     shared.emitter.emit(EventKind::MonitorTick { remaining });
     if !remaining.is_zero() {
         return Ok(());

@@ -135,7 +135,7 @@ async fn begin(
         let record = store.session(s.shared.id).await?;
         if record.status != SessionStatus::Aborting || record.finalizing.is_some() {
             s.st.phase = Phase::Finalized;
-            stop_monitor(s, false);
+            stop_monitor(s, false).await;
             myself.stop(Some(STOP_FINALIZED.to_owned()));
             return Ok(());
         }
@@ -194,27 +194,17 @@ async fn on_message(
 
 async fn abort(myself: &ActorRef<SessionMessage>, s: &mut Session) -> Result<(), SessionError> {
     let id = s.shared.id;
+    let store = &s.shared.deps.store;
     match s.st.phase {
         Phase::Aborting => return Ok(()),
-        Phase::Finalized => {
-            let status = s.shared.deps.store.session(id).await?.status;
-            return Err(SessionError::AlreadyFinished {
-                session_id: id,
-                status,
-            });
-        }
+        Phase::Finalized => return abort_answer(&store.session(id).await?),
         Phase::Running => {}
     }
-    let store = &s.shared.deps.store;
     if !store
         .transition(id, SessionStatus::OnGoing, SessionStatus::Aborting)
         .await?
     {
-        let status = store.session(id).await?.status;
-        return Err(SessionError::AlreadyFinished {
-            session_id: id,
-            status,
-        });
+        return abort_answer(&store.session(id).await?);
     }
     s.shared.emitter.emit(EventKind::AbortRequested);
     s.shared.emitter.emit(EventKind::StatusChanged {
@@ -228,6 +218,24 @@ async fn abort(myself: &ActorRef<SessionMessage>, s: &mut Session) -> Result<(),
         SessionMessage::AbortGraceElapsed
     }));
     Ok(())
+}
+
+/// The answer to an abort that cannot start one, from the session's stored record: the
+/// real terminal status, `Finalizing` while its finalization runs, and `Ok` if it is
+/// aborting already. Never a status nobody read.
+pub(crate) fn abort_answer(record: &crate::model::SessionRecord) -> Result<(), SessionError> {
+    if record.status.is_terminal() {
+        Err(SessionError::AlreadyFinished {
+            session_id: record.id,
+            status: record.status,
+        })
+    } else if record.status == SessionStatus::Aborting && record.finalizing.is_none() {
+        Ok(())
+    } else {
+        Err(SessionError::Finalizing {
+            session_id: record.id,
+        })
+    }
 }
 
 /// Starts what may start, and finalizes when nothing is left to wait for.
@@ -302,10 +310,10 @@ async fn finalize_now(
     .await?;
     match result {
         Finalized::Now(record) => {
-            stop_monitor(s, true);
+            stop_monitor(s, true).await;
             finalizer::emit_finished(&shared.emitter, &record);
         }
-        Finalized::NotByUs => stop_monitor(s, false),
+        Finalized::NotByUs => stop_monitor(s, false).await,
     }
     myself.stop(Some(STOP_FINALIZED.to_owned()));
     Ok(())
@@ -330,9 +338,21 @@ async fn await_exits(killed: &[ActorCell], wait: Duration) {
     }
 }
 
-fn stop_monitor(s: &mut Session, announce: bool) {
+/// Cancels the monitor and waits until it has exited (at most `killed_exit_wait`), so that
+/// none of its events can follow `SessionFinished`: a tick that began before the end
+/// (its store read, its events) is over, or was dropped at its next `.await`, before the
+/// caller logs the end. (Should it not have exited in time, the log is closed anyway once
+/// `SessionFinished` is written: see `SessionEmitter::emit`.)
+async fn stop_monitor(s: &mut Session, announce: bool) {
     if let Some(monitor) = s.st.monitor.take() {
-        monitor.stop(None);
+        monitor.kill();
+        if monitor
+            .wait(Some(s.shared.config.killed_exit_wait))
+            .await
+            .is_err()
+        {
+            tracing::warn!("the monitor has not exited in time; its later events are dropped");
+        }
         if announce {
             s.shared.emitter.emit(EventKind::MonitorCancelled);
         }

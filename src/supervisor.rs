@@ -24,7 +24,7 @@ use crate::error::{SessionError, StartError};
 use crate::events::{EventKind, SessionEmitter};
 use crate::finalizer::{self, Deps, Finalized, Lifecycle, Local, Mode};
 use crate::model::{FinalizeReason, SessionId, SessionStatus};
-use crate::session::{STOP_FINALIZED, SessionActor, SessionMessage, SessionShared};
+use crate::session::{STOP_FINALIZED, SessionActor, SessionMessage, SessionShared, abort_answer};
 use crate::store::NewSession;
 pub use messages::{SessionRequest, SupervisorMessage};
 
@@ -109,7 +109,14 @@ impl Actor for HarvestSupervisor {
                 let _ = reply.send(state.deps.store.list_sessions().await.map_err(Into::into));
             }
             SupervisorMessage::Escalate { session_id } => {
-                force(state, session_id, FinalizeReason::DeadlineExpired);
+                // A session that completed since its monitor decided needs no rescue.
+                let done = state
+                    .sessions
+                    .get(&session_id)
+                    .is_some_and(|r| r.shared.lifecycle.is_terminal());
+                if !done {
+                    force(state, session_id, FinalizeReason::DeadlineExpired);
+                }
             }
             SupervisorMessage::Shutdown(reply) => {
                 state.shutdown = Some(reply);
@@ -288,62 +295,70 @@ async fn spawn_session(
                 id,
                 FinalizeReason::SessionCrashed,
                 timeout,
-                false,
+                None,
             );
             Err(e.to_string())
         }
     }
 }
 
+/// Aborts a session, or says truthfully why not. Never blocks the root on a session: the
+/// session's own answer is awaited in a task, and if the session stops without giving one
+/// (it was finalizing, and ractor drops a stopped actor's queued messages), the answer
+/// comes from the store.
 async fn abort_session(
     state: &mut RootState,
     id: SessionId,
     reply: RpcReplyPort<Result<(), SessionError>>,
 ) {
     let store = &state.deps.store;
-    if let Some(running) = state.sessions.get(&id)
-        && !running.forcing
-    {
-        // Abort before start: the store's compare-and-set decides against the session's own
-        // `pending -> on-going`; the session then finalizes `aborted` as soon as it begins.
-        match store
-            .transition(id, SessionStatus::Pending, SessionStatus::Aborting)
-            .await
-        {
-            Ok(true) => {
-                running.shared.emitter.emit(EventKind::AbortRequested);
-                running.shared.emitter.emit(EventKind::StatusChanged {
-                    from: SessionStatus::Pending,
-                    to: SessionStatus::Aborting,
-                });
-                let _ = reply.send(Ok(()));
-            }
-            Ok(false) => {
-                if let Err(ractor::MessagingErr::SendErr(SessionMessage::AbortSession(reply))) =
-                    running
-                        .actor
-                        .send_message(SessionMessage::AbortSession(reply))
-                {
-                    let _ = reply.send(Err(SessionError::AlreadyFinished {
-                        session_id: id,
-                        status: SessionStatus::Aborting,
-                    }));
-                }
-            }
-            Err(e) => {
-                let _ = reply.send(Err(e.into()));
-            }
-        }
+    let running = state
+        .sessions
+        .get(&id)
+        .filter(|r| !r.forcing && !r.shared.lifecycle.is_claimed());
+    let Some(running) = running else {
+        // Not running here, or being finalized: the store has the answer.
+        let answer = match store.session(id).await {
+            Ok(record) => abort_answer(&record),
+            Err(e) => Err(e.into()),
+        };
+        let _ = reply.send(answer);
         return;
-    }
-    let answer = match store.session(id).await {
-        Ok(record) => Err(SessionError::AlreadyFinished {
-            session_id: id,
-            status: record.status,
-        }),
-        Err(e) => Err(e.into()),
     };
-    let _ = reply.send(answer);
+    // Abort before start: the store's compare-and-set decides against the session's own
+    // `pending -> on-going`; the session then finalizes `aborted` as soon as it begins.
+    match store
+        .transition(id, SessionStatus::Pending, SessionStatus::Aborting)
+        .await
+    {
+        Ok(true) => {
+            running.shared.emitter.emit(EventKind::AbortRequested);
+            running.shared.emitter.emit(EventKind::StatusChanged {
+                from: SessionStatus::Pending,
+                to: SessionStatus::Aborting,
+            });
+            let _ = reply.send(Ok(()));
+        }
+        Ok(false) => {
+            let actor = running.actor.clone();
+            let store = Arc::clone(store);
+            tokio::spawn(async move {
+                let asked = actor.call(SessionMessage::AbortSession, None).await;
+                let answer = match asked {
+                    Ok(ractor::rpc::CallResult::Success(answer)) => answer,
+                    // The session stopped before it read the request: it finalized.
+                    _ => match store.session(id).await {
+                        Ok(record) => abort_answer(&record),
+                        Err(e) => Err(e.into()),
+                    },
+                };
+                let _ = reply.send(answer);
+            });
+        }
+        Err(e) => {
+            let _ = reply.send(Err(e.into()));
+        }
+    }
 }
 
 /// Stops a session's actor and finalizes the session from the store, once.
@@ -356,12 +371,64 @@ fn force(state: &mut RootState, id: SessionId, reason: FinalizeReason) {
     }
     running.forcing = true;
     running.shared.cancel.cancel();
+    // Its children (the monitor, the workers) are killed with it: noted first, so that the
+    // finalization waits for them too.
+    let actor = running.actor.get_cell();
+    let children = actor.get_children();
     // Kill, not stop: a stuck handler never returns, and kill drops it at its next await.
-    running.actor.kill();
+    actor.kill();
+    let killed = Killed {
+        actor,
+        children,
+        wait: running.shared.config.killed_exit_wait,
+    };
     let emitter = running.shared.emitter.clone();
     let timeout = running.shared.config.escalation_grace;
     let lifecycle = Arc::clone(&running.shared.lifecycle);
-    spawn_force(state, &emitter, lifecycle, id, reason, timeout, true);
+    spawn_force(
+        state,
+        &emitter,
+        lifecycle,
+        id,
+        reason,
+        timeout,
+        Some(killed),
+    );
+}
+
+/// A session actor the root killed, and its children, to wait for before finalizing.
+pub(crate) struct Killed {
+    actor: ractor::ActorCell,
+    children: Vec<ractor::ActorCell>,
+    /// The session's `killed_exit_wait`.
+    wait: std::time::Duration,
+}
+
+impl Killed {
+    /// Returns once the session actor has exited: never while it still runs (its own
+    /// finalizer may be what is stuck, and completing now would free the harvester beside
+    /// it). A killed actor exits at its next `.await`; one that blocks its thread is
+    /// waited for, with a warning every `killed_exit_wait`. Its children (monitor,
+    /// workers) get one `killed_exit_wait`: a harvest that blocks its thread cannot be
+    /// stopped, and the finalizer goes on with a warning, as it does in the session.
+    async fn gone(self) {
+        let mut waited = 0u32;
+        while self.actor.wait(Some(self.wait)).await.is_err() {
+            waited = waited.saturating_add(1);
+            tracing::warn!(
+                waited_for = %humantime::format_duration(self.wait.saturating_mul(waited)),
+                "the killed session actor has not exited (does its finalizer block its \
+                 thread?): the session stays unfinished, its harvester busy, until it does"
+            );
+        }
+        let children = futures::future::join_all(self.children.iter().map(|c| c.wait(None)));
+        if tokio::time::timeout(self.wait, children).await.is_err() {
+            tracing::warn!(
+                "workers of the killed session have not exited (a harvest that does not \
+                 yield?); the session is finalized anyway"
+            );
+        }
+    }
 }
 
 /// Attempts of a forced finalization against a failing store, and their backoff: about
@@ -377,13 +444,17 @@ fn spawn_force(
     id: SessionId,
     reason: FinalizeReason,
     finalizer_timeout: std::time::Duration,
-    had_monitor: bool,
+    killed: Option<Killed>,
 ) {
     let deps = Arc::clone(&state.deps);
     let emitter = emitter.clone();
     let span = emitter.span().clone();
+    let had_monitor = killed.is_some();
     let task = tokio::spawn(
         async move {
+            if let Some(killed) = killed {
+                killed.gone().await;
+            }
             let mode = Mode::Force { finalizer_timeout };
             let mut delay = FORCE_RETRY_FIRST;
             for attempt in 1..=FORCE_ATTEMPTS {
@@ -406,7 +477,14 @@ fn spawn_force(
                         finalizer::emit_finished(&emitter, &record);
                         return;
                     }
-                    Ok(Finalized::NotByUs) => return,
+                    Ok(Finalized::NotByUs) => {
+                        // Finalized by the session itself, which may have been killed
+                        // before it logged the end: log it (once; a closed log ignores it).
+                        if let Ok(record) = deps.store.session(id).await {
+                            finalizer::emit_finished(&emitter, &record);
+                        }
+                        return;
+                    }
                     Err(error) => {
                         // The store is the guard: without it nothing can be finalized safely.
                         // Try again; a claim made before the failure is completed then.

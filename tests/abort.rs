@@ -135,3 +135,106 @@ async fn abort_while_pending_ends_aborted_and_frees_the_harvester() {
         .expect("harvester is free");
     sup.shutdown().await.expect("shutdown");
 }
+
+/// A finalizer that takes ten seconds (of tokio time) and counts its runs.
+fn slow_finalizer(
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> impl harvest_supervisor::SessionFinalizer {
+    harvest_supervisor::finalizer_fn(move |_| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok(())
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abort_while_the_finalizer_runs_is_answered_finalizing_then_with_the_real_status() {
+    let calls = std::sync::Arc::default();
+    let sup = harvest_supervisor::Supervisor::builder(
+        harvest_supervisor::harvest_fn(common::scripted),
+        slow_finalizer(std::sync::Arc::clone(&calls)),
+    )
+    .config(harvest_supervisor::SupervisorConfig {
+        session: config(),
+        ..Default::default()
+    })
+    .start()
+    .await
+    .expect("supervisor");
+    let id = sup
+        .start_session("csw", ["ok-1", "fail-2"])
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the finalizer is running");
+    // The supervisor is fine: the answer says the session is being finalized, at once.
+    let asked = Instant::now();
+    match sup.abort(id).await {
+        Err(SessionError::Finalizing { session_id }) => assert_eq!(session_id, id),
+        other => panic!("expected Finalizing, got {other:?}"),
+    }
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "not after the finalizer"
+    );
+    let record = finished(&sup, id).await;
+    assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
+    match sup.abort(id).await {
+        Err(SessionError::AlreadyFinished { session_id, status }) => {
+            assert_eq!(
+                (session_id, status),
+                (id, SessionStatus::FinishedSomeFailed)
+            );
+        }
+        other => panic!("expected AlreadyFinished, got {other:?}"),
+    }
+    assert_eq!(
+        record.reason(),
+        Some(FinalizeReason::Completed),
+        "not aborted"
+    );
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abort_queued_behind_the_finalization_is_answered_truthfully_not_supervisor_down() {
+    // Many aborts in flight when the session ends: each is answered by the session, or,
+    // when the session stopped before reading it, from the store; never `SupervisorDown`.
+    let calls = std::sync::Arc::default();
+    let sup = std::sync::Arc::new(
+        harvest_supervisor::Supervisor::builder(
+            harvest_supervisor::harvest_fn(common::scripted),
+            slow_finalizer(std::sync::Arc::clone(&calls)),
+        )
+        .config(harvest_supervisor::SupervisorConfig {
+            session: config(),
+            ..Default::default()
+        })
+        .start()
+        .await
+        .expect("supervisor"),
+    );
+    let id = sup.start_session("csw", ["sleep3-1"]).await.expect("start");
+    let mut aborts = Vec::new();
+    for at in [2_999u64, 3_000, 3_000, 3_001, 3_002, 8_000, 13_000, 14_000] {
+        let sup = std::sync::Arc::clone(&sup);
+        aborts.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(at)).await;
+            sup.abort(id).await
+        }));
+    }
+    let record = finished(&sup, id).await;
+    for abort in aborts {
+        match abort.await.expect("task") {
+            Ok(()) => {}
+            Err(SessionError::Finalizing { session_id }) => assert_eq!(session_id, id),
+            Err(SessionError::AlreadyFinished { status, .. }) => {
+                assert_eq!(status, record.status)
+            }
+            Err(other) => panic!("a live supervisor answered {other:?}"),
+        }
+    }
+    sup.shutdown().await.expect("shutdown");
+}

@@ -121,3 +121,122 @@ async fn a_slow_subscriber_never_blocks_the_tree_and_is_told_what_it_missed() {
     ));
     sup.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(start_paused = true)]
+async fn wait_finished_returns_for_a_terminal_session_whatever_its_last_stored_event() {
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = common::supervisor(config(), &rec).await;
+    let id = sup.start_session("csw", ["ok-1"]).await.expect("start");
+    let record = finished(&sup, id).await;
+    // A stray event stored after the end (as a late monitor tick was): the record is
+    // terminal, so the session is finished whatever the log's last line says.
+    sup.store()
+        .append_event(SessionEvent {
+            seq: 1_000,
+            at: chrono::Utc::now(),
+            session_id: id,
+            harvester_id: "csw".into(),
+            kind: EventKind::MonitorTick {
+                remaining: Duration::ZERO,
+            },
+        })
+        .expect("append");
+    let again = tokio::time::timeout(Duration::from_secs(5), sup.wait_finished(id))
+        .await
+        .expect("wait_finished never hangs on a terminal session")
+        .expect("record");
+    assert_eq!(again, record);
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_finished_wakes_for_a_session_another_supervisor_finished() {
+    // Two supervisors on one store (two processes on one database, in miniature): one
+    // waits for a session the other runs, and hears of its end from the store.
+    let store: std::sync::Arc<dyn harvest_supervisor::SessionStore> =
+        std::sync::Arc::new(harvest_supervisor::MemoryStore::new());
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let watcher = common::supervisor_on(std::sync::Arc::clone(&store), config(), &rec).await;
+    let runner = common::supervisor_on(store, config(), &rec).await;
+    let id = runner
+        .start_session("csw", ["sleep30-1"])
+        .await
+        .expect("start");
+    let started = tokio::time::Instant::now();
+    let record = tokio::time::timeout(Duration::from_secs(60), watcher.wait_finished(id))
+        .await
+        .expect("the watcher heard of the end")
+        .expect("record");
+    assert!(record.status.is_terminal());
+    assert!(
+        started.elapsed() <= Duration::from_secs(32),
+        "within a poll of the end: {:?}",
+        started.elapsed()
+    );
+    runner.shutdown().await.expect("shutdown");
+    watcher.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_finished_is_the_last_event_when_the_deadline_meets_the_last_outcome() {
+    // Real threads and a real clock: the monitor checks every millisecond, and each
+    // session's one resource ends within a millisecond or two of its deadline, so the
+    // monitor's tick (its store read, its events) races the session's finalization on the
+    // other thread, many times over.
+    let cfg = harvest_supervisor::SessionConfig {
+        per_resource_estimate: Duration::from_millis(20),
+        buffer: Duration::from_millis(30),
+        monitor_interval: Duration::from_millis(1),
+        escalation_grace: Duration::from_millis(20),
+        killed_exit_wait: Duration::from_millis(10),
+        ..config()
+    };
+    let harvest = harvest_fn(|ctx: harvest_supervisor::HarvestContext| async move {
+        let n: u64 = ctx.resource_id.parse().unwrap_or(0);
+        tokio::time::sleep(Duration::from_micros(48_000 + n % 4_000)).await;
+        Ok(())
+    });
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = Supervisor::builder(harvest, rec.clone())
+        .config(SupervisorConfig {
+            session: cfg,
+            ..SupervisorConfig::default()
+        })
+        .start()
+        .await
+        .expect("supervisor");
+    for round in 0..12 {
+        let mut sessions = Vec::new();
+        for h in 0..100u64 {
+            let id = sup
+                .start_session(format!("h{h}"), [format!("{}", h * 37 + round * 11)])
+                .await
+                .expect("start");
+            sessions.push(id);
+        }
+        for id in sessions {
+            tokio::time::timeout(Duration::from_secs(30), sup.wait_finished(id))
+                .await
+                .expect("finished")
+                .expect("record");
+        }
+    }
+    // Let any late tick land before reading the logs.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for record in sup.sessions().await.expect("sessions") {
+        let events = sup.events(record.id).await.expect("events");
+        let finished = events
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::SessionFinished { .. }))
+            .count();
+        assert_eq!(finished, 1, "{:?}", events);
+        let last = events.last().map(|e| e.kind.name());
+        assert_eq!(
+            last,
+            Some("SessionFinished"),
+            "{:?}",
+            &events[events.len().saturating_sub(4)..]
+        );
+    }
+    sup.shutdown().await.expect("shutdown");
+}

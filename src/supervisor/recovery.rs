@@ -90,7 +90,7 @@ async fn recover_one(
                 record.id,
                 FinalizeReason::Interrupted,
                 timeout,
-                false,
+                None,
             );
         }
     }
