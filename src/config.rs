@@ -23,6 +23,7 @@
 //! | `retry.multiplier` | finite, 1 to [`MAX_MULTIPLIER`] (1,000) |
 //! | `retry.initial_backoff`, `retry.max_backoff` | at most [`MAX_GRACE`] (1 day), max >= initial |
 //! | `event_capacity` | 1 to [`MAX_EVENT_CAPACITY`] (1,048,576 events per subscriber) |
+//! | `store_retry_max` | [`MIN_STORE_RETRY`] (50 ms) to [`MAX_GRACE`] (1 day) |
 
 use std::time::Duration;
 
@@ -78,6 +79,24 @@ pub enum RecoveryPolicy {
     /// without a success; then finalize normally. Sessions caught aborting or finalizing
     /// are finalized as with `Finalize`.
     Resume,
+}
+
+/// What recovery does with a finalizer that a crash interrupted (its process died after
+/// the store recorded "finalizer started" and before the completion).
+///
+/// A finalizer whose claimant died *before* it started always runs: it never ran. And
+/// within one healthy process a finalizer runs exactly once (one that hangs is cut by
+/// the monitor's escalation and recorded as such, never run again).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FinalizerRecovery {
+    /// Run it again, with `SessionReport::finalizer_attempt` above 1 so that it knows: an
+    /// idempotent finalizer dedupes by session id. At least once, knowingly.
+    #[default]
+    Rerun,
+    /// Do not run it again: complete the session with a `finalizer_error` saying it was
+    /// interrupted. At most once.
+    Skip,
 }
 
 /// Retry with exponential backoff.
@@ -372,7 +391,18 @@ pub struct SupervisorConfig {
     pub event_capacity: usize,
     /// What to do at start with sessions an earlier process left unfinished.
     pub recovery: RecoveryPolicy,
+    /// What recovery does with a finalizer that a crash interrupted.
+    pub finalizer_recovery: FinalizerRecovery,
+    /// The longest wait between two tries of a store step that fails (a full disk, a lost
+    /// connection) while a session is finalized: tries start 50 ms apart and double up
+    /// to this, so once the store works again the session completes within this long.
+    /// From [`MIN_STORE_RETRY`] to [`MAX_GRACE`].
+    #[serde(with = "humantime_serde")]
+    pub store_retry_max: Duration,
 }
+
+/// The shortest `store_retry_max`.
+pub const MIN_STORE_RETRY: Duration = Duration::from_millis(50);
 
 impl Default for SupervisorConfig {
     fn default() -> Self {
@@ -380,6 +410,8 @@ impl Default for SupervisorConfig {
             session: SessionConfig::default(),
             event_capacity: 4096,
             recovery: RecoveryPolicy::default(),
+            finalizer_recovery: FinalizerRecovery::default(),
+            store_retry_max: Duration::from_secs(5),
         }
     }
 }
@@ -397,6 +429,13 @@ impl SupervisorConfig {
                 ),
             ));
         }
+        if self.store_retry_max < MIN_STORE_RETRY {
+            return Err(ConfigError::new(
+                "store_retry_max",
+                format!("must be at least {}", show(MIN_STORE_RETRY)),
+            ));
+        }
+        at_most("store_retry_max", self.store_retry_max, MAX_GRACE)?;
         Ok(())
     }
 }

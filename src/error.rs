@@ -92,6 +92,13 @@ pub enum StoreError {
         /// The session.
         session_id: SessionId,
     },
+    /// The session's finalization is not claimed (or it is terminal already): a step of
+    /// finalization that needs a claim was refused, changing nothing.
+    #[error("session {session_id} is not claimed for finalization")]
+    NotClaimed {
+        /// The session.
+        session_id: SessionId,
+    },
     /// The file is not a harvest-supervisor database (another format, or another
     /// application's SQLite database). It was left untouched.
     #[error("{}: not a harvest-supervisor database; the file was left untouched", .path.display())]

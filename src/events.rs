@@ -147,6 +147,10 @@ pub enum EventKind {
     FinalizerStarted {
         /// Why the session is being finalized.
         reason: FinalizeReason,
+        /// Which run of the finalizer, from 1; more when recovery re-runs one a crash
+        /// interrupted (see `SessionReport::finalizer_attempt`).
+        #[serde(default = "first_attempt")]
+        attempt: u32,
     },
     /// The user finalizer returned (or was given up on).
     FinalizerFinished {
@@ -213,6 +217,11 @@ impl EventKind {
             Self::Recovered { .. } => "Recovered",
         }
     }
+}
+
+/// Logs written before finalizer runs were counted hold first runs.
+fn first_attempt() -> u32 {
+    1
 }
 
 /// The fan-out to in-process subscribers, shared by every session of a supervisor.
@@ -574,6 +583,7 @@ pub(crate) mod samples {
             EventKind::MonitorCancelled,
             EventKind::FinalizerStarted {
                 reason: FinalizeReason::Completed,
+                attempt: n,
             },
             EventKind::SessionFinished {
                 status: SessionStatus::OnGoing,

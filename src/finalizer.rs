@@ -1,17 +1,31 @@
-//! The exactly-once finalizer.
+//! The exactly-once finalizer, and what it promises across crashes.
 //!
-//! Finalizing is a state transition in the store, not a flag in an actor:
-//! 1. **claim** ([`SessionStore::claim_finalization`]): a compare-and-set; the loser stops
+//! Finalizing is a state transition in the store, not a flag in an actor. The store records
+//! three durable steps:
+//! 1. **claimed** ([`SessionStore::claim_finalization`]): a compare-and-set; the loser stops
 //!    here and the winner alone goes on;
-//! 2. **reconcile**: every resource without a recorded outcome gets the reason's missing
-//!    outcome (`TimedOut`, `Cancelled` or `Lost`, never success);
-//! 3. **run** the user finalizer, catching its panic and, on the root's path, bounding it;
-//! 4. **complete** ([`SessionStore::complete_finalization`]): terminal status, missing
-//!    outcomes, finalizer error, harvester freed.
+//! 2. **finalizer started** ([`SessionStore::finalizer_started`]), once the report is
+//!    reconciled (every resource without an outcome gets the reason's missing outcome:
+//!    `TimedOut`, `Cancelled` or `Lost`, never success), right before the user finalizer
+//!    runs (its panic caught and, on the root's paths, its time bounded);
+//! 3. **completed** ([`SessionStore::complete_finalization`]): terminal status, counts,
+//!    finalizer error, harvester freed; written exactly once.
 //!
-//! If the claimant dies between 1 and 4 (its actor was killed because its finalizer hung),
-//! the root calls [`finalize`] with [`Mode::Force`]: it completes the claimed session without
-//! running the finalizer a second time.
+//! Who finishes a session whose finalizer did not complete looks at those steps:
+//! - [`Mode::Force`], the root rescuing a session of this process (its actor died or was
+//!   escalated): claimed but not started, it runs the finalizer (it never ran); started,
+//!   it completes the session with an error and does not run it again (it ran here, and
+//!   was cut for hanging): within one healthy process the finalizer runs exactly once;
+//! - [`Mode::Recover`], recovery of a session a dead process left: claimed but not started,
+//!   it runs the finalizer; started, [`FinalizerRecovery::Rerun`] runs it again and says
+//!   so in `SessionReport::finalizer_attempt`, or [`FinalizerRecovery::Skip`] records that
+//!   it was interrupted. Across a crash while it runs, the finalizer runs at least once,
+//!   and knowingly more.
+//!
+//! Every store step is retried with backoff while the store fails (a full disk, a lost
+//! connection): visibly (a `StoreFailed` event and an error line per failure), keeping
+//! what this process knows in memory, and with the harvester busy, since the session is
+//! not finalized until the completion is written.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -21,7 +35,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::FutureExt;
+use tokio::time::Instant;
 
+use crate::config::FinalizerRecovery;
 use crate::error::StoreError;
 use crate::events::{EventBus, EventKind, SessionEmitter};
 use crate::harvest::{ResourceHarvester, SessionFinalizer, error_chain};
@@ -40,6 +56,10 @@ pub(crate) struct Deps {
     pub(crate) bus: EventBus,
     /// The monitors' shared clock.
     pub(crate) ticker: Ticker,
+    /// The longest wait between two tries of a failing store step.
+    pub(crate) store_retry_max: Duration,
+    /// What recovery does with a finalizer a crash interrupted.
+    pub(crate) finalizer_recovery: FinalizerRecovery,
 }
 
 /// Where a session's finalization stands, as this process last wrote it to the store.
@@ -49,24 +69,31 @@ pub(crate) struct Deps {
 /// at no cost and read the store itself only now and then. A stuck SessionActor cannot
 /// block it: it is a plain atomic.
 #[derive(Debug, Default)]
-pub(crate) struct Lifecycle(AtomicU8);
+pub(crate) struct Lifecycle {
+    state: AtomicU8,
+    /// When the finalizing actor last tried a failing store step, while it retries one
+    /// (`None` otherwise): the monitor does not escalate a session that is alive and
+    /// waiting for its store, since the root could do no better and would lose what the
+    /// session holds in memory.
+    store_retry: std::sync::Mutex<Option<Instant>>,
+}
 
 impl Lifecycle {
     pub(crate) const CLAIMED: u8 = 1;
     const TERMINAL: u8 = 2;
 
     pub(crate) fn raise(&self, to: u8) {
-        self.0.fetch_max(to, Ordering::AcqRel);
+        self.state.fetch_max(to, Ordering::AcqRel);
     }
 
     /// Finalization was claimed (by anyone).
     pub(crate) fn is_claimed(&self) -> bool {
-        self.0.load(Ordering::Acquire) >= Self::CLAIMED
+        self.state.load(Ordering::Acquire) >= Self::CLAIMED
     }
 
     /// The session is terminal.
     pub(crate) fn is_terminal(&self) -> bool {
-        self.0.load(Ordering::Acquire) >= Self::TERMINAL
+        self.state.load(Ordering::Acquire) >= Self::TERMINAL
     }
 
     /// Mirrors what the store says about the session.
@@ -77,6 +104,16 @@ impl Lifecycle {
             self.raise(Self::CLAIMED);
         }
     }
+
+    fn retry(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // A poisoned lock only means a panic mid-write of an `Option<Instant>`.
+        self.store_retry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the finalizing actor tried a failing store step within `within`.
+    pub(crate) fn retrying_store(&self, within: Duration) -> bool {
+        self.retry().is_some_and(|at| at.elapsed() <= within)
+    }
 }
 
 /// Who is finalizing.
@@ -84,10 +121,13 @@ impl Lifecycle {
 pub(crate) enum Mode {
     /// The SessionActor: only a won claim goes on.
     Own,
-    /// The root, after the SessionActor died or was stopped: a claim left behind by the dead
-    /// actor is completed (without running the finalizer again), and the finalizer is bounded
-    /// by the given timeout because nobody watches the root.
+    /// The root, after the SessionActor of this process died or was killed: a claim left
+    /// behind by the dead actor is finished (see the module docs), and the finalizer is
+    /// bounded by the given timeout because nobody watches the root.
     Force { finalizer_timeout: Duration },
+    /// Recovery of a session a dead process left (see the module docs), its finalizer
+    /// bounded as in `Force`.
+    Recover { finalizer_timeout: Duration },
 }
 
 /// How a call to [`finalize`] ended.
@@ -127,51 +167,92 @@ pub(crate) struct Local {
     pub(crate) submitted: Vec<u32>,
 }
 
+/// Whether and how the finalizer runs in this finalization.
+enum Run {
+    /// Run it (its first run, or a re-run after a crash).
+    Yes,
+    /// Do not: complete with this error.
+    No(String),
+}
+
 /// Finalizes session `id` once. See the module docs.
 pub(crate) async fn finalize(
     deps: &Deps,
     emitter: &SessionEmitter,
     id: SessionId,
     reason: FinalizeReason,
-    local: Local,
+    mut local: Local,
     lifecycle: &Lifecycle,
     mode: Mode,
 ) -> Result<Finalized, StoreError> {
-    let (before, reason, run_finalizer) = match deps.store.claim_finalization(id, reason).await? {
+    let mut retry = Retry::new(deps, emitter, lifecycle);
+    let claim = retry
+        .step("claim the finalization", || {
+            deps.store.claim_finalization(id, reason)
+        })
+        .await?;
+    let (before, reason, run) = match claim {
         Claim::Claimed(before) => {
             lifecycle.raise(Lifecycle::CLAIMED);
-            (before, reason, true)
+            (before, reason, Run::Yes)
         }
         Claim::AlreadyFinalized(r) => {
             lifecycle.observe(&r);
             return Ok(Finalized::NotByUs);
         }
-        Claim::AlreadyClaimed(r) => match mode {
-            Mode::Own => return Ok(Finalized::NotByUs),
-            // The claimant is dead: finish its work under its reason.
-            Mode::Force { .. } => {
-                let claimed = r.finalizing.unwrap_or(reason);
-                (r, claimed, false)
-            }
-        },
+        Claim::AlreadyClaimed(r) => {
+            lifecycle.raise(Lifecycle::CLAIMED);
+            // The claimant is gone: finish its work under its reason.
+            let claimed = r.finalizing.unwrap_or(reason);
+            let run = match (mode, r.finalizer_attempts) {
+                (Mode::Own, _) => return Ok(Finalized::NotByUs),
+                // It died before its finalizer started: the finalizer never ran.
+                (_, 0) => Run::Yes,
+                (Mode::Force { finalizer_timeout }, _) => Run::No(format!(
+                    "the finalizer did not return: its session was escalated (or its actor \
+                     died) while it ran, {} or more after it started; it is not run again",
+                    humantime::format_duration(finalizer_timeout)
+                )),
+                (Mode::Recover { .. }, n) => match deps.finalizer_recovery {
+                    FinalizerRecovery::Rerun => Run::Yes,
+                    FinalizerRecovery::Skip => Run::No(format!(
+                        "the finalizer was interrupted (its process died during run {n}) and \
+                         is not run again (FinalizerRecovery::Skip)"
+                    )),
+                },
+            };
+            (r, claimed, run)
+        }
     };
 
-    let (report, missing) = reconcile(deps, &before, reason, local).await?;
+    local.store_errors.extend(retry.take_errors());
+    let (mut report, missing) = loop {
+        match reconcile(deps, &before, reason, &mut local).await {
+            Ok(done) => break done,
+            Err(e) => retry.failed("read the session's outcomes", e).await?,
+        }
+    };
     let status = report.status;
     let counts = report.counts;
 
-    let finalizer_error = if run_finalizer {
-        emitter.emit(EventKind::FinalizerStarted { reason });
-        let timeout = match mode {
-            Mode::Own => None,
-            Mode::Force { finalizer_timeout } => Some(finalizer_timeout),
-        };
-        run_user_finalizer(deps.finalizer.as_ref(), report, timeout).await
-    } else {
-        Some(
-            "the finalizer did not complete: its session actor died or was stopped while it ran"
-                .to_owned(),
-        )
+    let finalizer_error = match run {
+        Run::Yes => {
+            let attempt = retry
+                .step("record that the finalizer starts", || {
+                    deps.store.finalizer_started(id)
+                })
+                .await?;
+            report.finalizer_attempt = attempt;
+            emitter.emit(EventKind::FinalizerStarted { reason, attempt });
+            let timeout = match mode {
+                Mode::Own => None,
+                Mode::Force { finalizer_timeout } | Mode::Recover { finalizer_timeout } => {
+                    Some(finalizer_timeout)
+                }
+            };
+            run_user_finalizer(deps.finalizer.as_ref(), report, timeout).await
+        }
+        Run::No(error) => Some(error),
     };
 
     let completion = Completion {
@@ -182,7 +263,22 @@ pub(crate) async fn finalize(
         finalizer_error: finalizer_error.clone(),
         ended: Utc::now(),
     };
-    let completed = deps.store.complete_finalization(id, completion).await?;
+    let mut tried = false;
+    let completed = retry
+        .step("complete the finalization", || {
+            // A try whose answer was lost may have committed: a later one then finds the
+            // session terminal, which is this finalization's own doing (nobody else
+            // completes a session this one claimed while it lives).
+            let again = std::mem::replace(&mut tried, true);
+            let completion = completion.clone();
+            async move {
+                match deps.store.complete_finalization(id, completion).await? {
+                    Completed::AlreadyFinalized(record) if again => Ok(Completed::Now(record)),
+                    other => Ok(other),
+                }
+            }
+        })
+        .await?;
     lifecycle.raise(Lifecycle::TERMINAL);
     match completed {
         Completed::AlreadyFinalized(_) => Ok(Finalized::NotByUs),
@@ -198,6 +294,87 @@ pub(crate) async fn finalize(
             });
             Ok(Finalized::Now(record))
         }
+    }
+}
+
+/// Store steps of one finalization, each tried until the store answers: with backoff from
+/// [`Retry::FIRST`] up to the supervisor's `store_retry_max`, each failure logged
+/// (tracing and a `StoreFailed` event) and kept for the report. An error that trying again
+/// cannot mend (an unknown session, a step the store refuses, a closed store) ends the
+/// finalization with it.
+struct Retry<'a> {
+    deps: &'a Deps,
+    emitter: &'a SessionEmitter,
+    lifecycle: &'a Lifecycle,
+    delay: Duration,
+    errors: Vec<String>,
+}
+
+impl<'a> Retry<'a> {
+    /// The first wait after a failure.
+    const FIRST: Duration = Duration::from_millis(50);
+
+    fn new(deps: &'a Deps, emitter: &'a SessionEmitter, lifecycle: &'a Lifecycle) -> Self {
+        Self {
+            deps,
+            emitter,
+            lifecycle,
+            delay: Self::FIRST,
+            errors: Vec::new(),
+        }
+    }
+
+    async fn step<T, F, Fut>(&mut self, what: &str, mut step: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        loop {
+            match step().await {
+                Ok(value) => {
+                    *self.lifecycle.retry() = None;
+                    return Ok(value);
+                }
+                Err(e) => self.failed(what, e).await?,
+            }
+        }
+    }
+
+    /// Notes a failure of `what` and waits before the next try; `Err` if trying again
+    /// cannot help.
+    async fn failed(&mut self, what: &str, error: StoreError) -> Result<(), StoreError> {
+        let transient = matches!(
+            error,
+            StoreError::Backend(_) | StoreError::Locked { .. } | StoreError::File { .. }
+        );
+        if !transient {
+            *self.lifecycle.retry() = None;
+            return Err(error);
+        }
+        let text = error_chain(&error);
+        tracing::error!(
+            operation = what,
+            error = %text,
+            retry_in = %humantime::format_duration(self.delay),
+            "the store failed a finalization step; retrying"
+        );
+        self.emitter.emit(EventKind::StoreFailed {
+            operation: what.to_owned(),
+            error: text.clone(),
+        });
+        crate::session::state::note_store_error(&mut self.errors, text);
+        *self.lifecycle.retry() = Some(Instant::now());
+        tokio::time::sleep(self.delay).await;
+        *self.lifecycle.retry() = Some(Instant::now());
+        self.delay = self
+            .delay
+            .saturating_mul(2)
+            .min(self.deps.store_retry_max.max(Self::FIRST));
+        Ok(())
+    }
+
+    fn take_errors(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.errors)
     }
 }
 
@@ -218,7 +395,7 @@ async fn reconcile(
     deps: &Deps,
     before: &SessionRecord,
     reason: FinalizeReason,
-    local: Local,
+    local: &mut Local,
 ) -> Result<(SessionReport, Vec<OutcomeRecord>), StoreError> {
     let stored;
     let resources: &[ResourceId] = match &local.resources {
@@ -228,10 +405,11 @@ async fn reconcile(
             &stored
         }
     };
+    // Taken: a try after a failed read finds the outcomes by id instead (same answer).
     let recorded = Recorded::new(
         deps.store.outcomes(before.id).await?,
         resources,
-        local.submitted,
+        std::mem::take(&mut local.submitted),
     );
     let (outcomes, missing) = match recorded {
         // The common end: the store's list, in place, is the report's.
@@ -259,7 +437,8 @@ async fn reconcile(
         counts,
         outcomes,
         started: before.started,
-        store_errors: local.store_errors,
+        store_errors: std::mem::take(&mut local.store_errors),
+        finalizer_attempt: 1,
     };
     Ok((report, missing))
 }

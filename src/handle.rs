@@ -66,6 +66,8 @@ impl SupervisorBuilder {
             finalizer: self.finalizer,
             bus: bus.clone(),
             ticker: Default::default(),
+            store_retry_max: self.config.store_retry_max,
+            finalizer_recovery: self.config.finalizer_recovery,
         });
         let args = SupervisorArgs {
             config: self.config,

@@ -41,7 +41,9 @@ pub mod store;
 mod supervisor;
 mod worker;
 
-pub use config::{FailurePolicy, RecoveryPolicy, RetryPolicy, SessionConfig, SupervisorConfig};
+pub use config::{
+    FailurePolicy, FinalizerRecovery, RecoveryPolicy, RetryPolicy, SessionConfig, SupervisorConfig,
+};
 pub use error::{ConfigError, Error, IdError, SessionError, StartError, StoreError};
 pub use events::{EventKind, EventSubscription, RecvError, SessionEvent};
 pub use handle::{SessionDetail, Supervisor, SupervisorBuilder};

@@ -385,6 +385,11 @@ pub struct SessionRecord {
     pub counts: OutcomeCounts,
     /// The user finalizer's error, or why it did not finish.
     pub finalizer_error: Option<String>,
+    /// How many times the finalizer was started (the store's second durable step, between
+    /// the claim and the completion): 0 before it first runs; more than 1 when a crash
+    /// interrupted an earlier run and recovery ran it again.
+    #[serde(default)]
+    pub finalizer_attempts: u32,
 }
 
 impl SessionRecord {
@@ -421,6 +426,15 @@ pub struct SessionReport {
     /// in `outcomes`, from the session's memory). Empty when all went well.
     #[serde(default)]
     pub store_errors: Vec<String>,
+    /// Which run of the finalizer this is, from 1. More than 1 only when an earlier run was
+    /// interrupted (its process died while it ran) and recovery runs it again
+    /// (`FinalizerRecovery::Rerun`): an idempotent finalizer dedupes by `session_id`.
+    #[serde(default = "first_attempt")]
+    pub finalizer_attempt: u32,
+}
+
+fn first_attempt() -> u32 {
+    1
 }
 
 #[cfg(test)]

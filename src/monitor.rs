@@ -209,6 +209,19 @@ fn escalate(state: &mut MonitorState, waiting_for: &str) {
     if state.escalated {
         return;
     }
+    let shared = &state.args.shared;
+    if shared
+        .lifecycle
+        .retrying_store(shared.config.escalation_grace)
+    {
+        // Alive, and waiting for its store (a full disk, a lost connection): the root
+        // could do no better, and would lose the outcomes the session holds in memory.
+        tracing::warn!(
+            waiting_for,
+            "not escalating: the session is retrying its store"
+        );
+        return;
+    }
     state.escalated = true;
     let shared = &state.args.shared;
     shared.emitter.emit(EventKind::MonitorEscalated {

@@ -277,6 +277,14 @@ pub trait SessionStore: Send + Sync + 'static {
         reason: FinalizeReason,
     ) -> Result<Claim, StoreError>;
 
+    /// The second of finalization's three durable steps (claimed, finalizer started,
+    /// completed): records that the finalizer of a claimed, non-terminal session starts
+    /// (again) and returns which start this is, from 1. Recovery reads it back as
+    /// [`SessionRecord::finalizer_attempts`]: 0 means the claimant died before its
+    /// finalizer ran, so it must run; more means a run was interrupted.
+    /// `StoreError::NotClaimed` if the session is not claimed, or is terminal.
+    async fn finalizer_started(&self, id: SessionId) -> Result<u32, StoreError>;
+
     /// The budget a session was started with (`None` for sessions stored before it was
     /// kept, schema version 1).
     async fn session_config(&self, id: SessionId) -> Result<Option<SessionConfig>, StoreError>;

@@ -287,14 +287,16 @@ async fn spawn_session(
             Ok(())
         }
         Err(e) => {
-            let timeout = shared.config.escalation_grace;
+            let mode = Mode::Force {
+                finalizer_timeout: shared.config.escalation_grace,
+            };
             spawn_force(
                 state,
                 &shared.emitter,
                 Arc::clone(&shared.lifecycle),
                 id,
                 FinalizeReason::SessionCrashed,
-                timeout,
+                mode,
                 None,
             );
             Err(e.to_string())
@@ -383,17 +385,11 @@ fn force(state: &mut RootState, id: SessionId, reason: FinalizeReason) {
         wait: running.shared.config.killed_exit_wait,
     };
     let emitter = running.shared.emitter.clone();
-    let timeout = running.shared.config.escalation_grace;
+    let mode = Mode::Force {
+        finalizer_timeout: running.shared.config.escalation_grace,
+    };
     let lifecycle = Arc::clone(&running.shared.lifecycle);
-    spawn_force(
-        state,
-        &emitter,
-        lifecycle,
-        id,
-        reason,
-        timeout,
-        Some(killed),
-    );
+    spawn_force(state, &emitter, lifecycle, id, reason, mode, Some(killed));
 }
 
 /// A session actor the root killed, and its children, to wait for before finalizing.
@@ -431,19 +427,17 @@ impl Killed {
     }
 }
 
-/// Attempts of a forced finalization against a failing store, and their backoff: about
-/// five minutes in all before giving up (the next start's recovery tries again).
-const FORCE_ATTEMPTS: u32 = 10;
-const FORCE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
-const FORCE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
-
-fn spawn_force(
+/// Finalizes a session from the store in a task of the root's (see [`Mode`]): after the
+/// killed session actor and its children are gone, if there were any. Store failures are
+/// retried inside [`finalizer::finalize`] for as long as they last (shutdown stops the
+/// task, leaving the session to the next start's recovery).
+pub(crate) fn spawn_force(
     state: &mut RootState,
     emitter: &SessionEmitter,
     lifecycle: Arc<Lifecycle>,
     id: SessionId,
     reason: FinalizeReason,
-    finalizer_timeout: std::time::Duration,
+    mode: Mode,
     killed: Option<Killed>,
 ) {
     let deps = Arc::clone(&state.deps);
@@ -455,46 +449,38 @@ fn spawn_force(
             if let Some(killed) = killed {
                 killed.gone().await;
             }
-            let mode = Mode::Force { finalizer_timeout };
-            let mut delay = FORCE_RETRY_FIRST;
-            for attempt in 1..=FORCE_ATTEMPTS {
-                match finalizer::finalize(
-                    &deps,
-                    &emitter,
-                    id,
-                    reason,
-                    Local::default(),
-                    &lifecycle,
-                    mode,
-                )
-                    .await
-                {
-                    Ok(Finalized::Now(record)) => {
-                        if had_monitor {
-                            // It died with its session actor (children are killed with it).
-                            emitter.emit(EventKind::MonitorCancelled);
-                        }
+            let finalized = finalizer::finalize(
+                &deps,
+                &emitter,
+                id,
+                reason,
+                Local::default(),
+                &lifecycle,
+                mode,
+            )
+            .await;
+            match finalized {
+                Ok(Finalized::Now(record)) => {
+                    if had_monitor {
+                        // It died with its session actor (children are killed with it).
+                        emitter.emit(EventKind::MonitorCancelled);
+                    }
+                    finalizer::emit_finished(&emitter, &record);
+                }
+                Ok(Finalized::NotByUs) => {
+                    // Finalized by the session itself, which may have been killed before
+                    // it logged the end: log it (once; a closed log ignores it).
+                    if let Ok(record) = deps.store.session(id).await {
                         finalizer::emit_finished(&emitter, &record);
-                        return;
-                    }
-                    Ok(Finalized::NotByUs) => {
-                        // Finalized by the session itself, which may have been killed
-                        // before it logged the end: log it (once; a closed log ignores it).
-                        if let Ok(record) = deps.store.session(id).await {
-                            finalizer::emit_finished(&emitter, &record);
-                        }
-                        return;
-                    }
-                    Err(error) => {
-                        // The store is the guard: without it nothing can be finalized safely.
-                        // Try again; a claim made before the failure is completed then.
-                        tracing::error!(%error, attempt, "could not finalize the session; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = delay.saturating_mul(2).min(FORCE_RETRY_MAX);
                     }
                 }
+                Err(error) => {
+                    tracing::error!(
+                        %error,
+                        "could not finalize the session; the next start's recovery will"
+                    );
+                }
             }
-            tracing::error!("gave up finalizing the session: the store keeps failing");
         }
         .instrument(span),
     );

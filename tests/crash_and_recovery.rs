@@ -319,3 +319,70 @@ async fn a_resumed_session_runs_under_its_own_budget_not_the_new_default() {
     assert_eq!(next.calls(), 1);
     sup.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_cannot_finalize_is_retried_visibly_with_the_harvester_busy_until_it_can() {
+    // The disk fills as the session ends: its claim, and every step after, fail. The
+    // session keeps what it knows in memory and retries (backoff up to store_retry_max,
+    // 5 s), its harvester stays busy, the watchdog does not tear it down; when the disk
+    // has room again it completes within one retry interval, with the truth.
+    let store = FaultyStore::new();
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor_on(store.clone(), config(), &rec).await;
+    let mut events = sup.subscribe();
+    store
+        .failing_finalization_writes
+        .store(true, Ordering::SeqCst);
+    let id = sup
+        .start_session("csw", ["ok-1", "fail-2", "ok-3"])
+        .await
+        .expect("start");
+    // Past the deadline (130 s) and its escalation grace (20 s) while the store fails.
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    let record = sup.session(id).await.expect("record");
+    assert!(!record.status.is_terminal(), "{record:?}");
+    assert!(matches!(
+        sup.start_session("csw", ["ok-1"]).await,
+        Err(harvest_supervisor::StartError::HarvesterBusy { session, .. }) if session == id
+    ));
+    let failures = store.failed_finalization_writes.load(Ordering::SeqCst);
+    // 200 s at most 5 s apart, after a backoff from 50 ms.
+    assert!((40..=60).contains(&failures), "{failures} tries");
+    let mut store_failed = 0;
+    while let Ok(Ok(e)) = tokio::time::timeout(Duration::ZERO, events.recv()).await {
+        store_failed += usize::from(matches!(e.kind, EventKind::StoreFailed { .. }));
+        assert!(
+            !matches!(e.kind, EventKind::MonitorEscalated { .. }),
+            "a session retrying its store is not escalated"
+        );
+    }
+    assert_eq!(store_failed, failures, "each failure is told");
+    assert_eq!(rec.calls(), 0, "no finalizer before the claim");
+
+    store
+        .failing_finalization_writes
+        .store(false, Ordering::SeqCst);
+    let healed = tokio::time::Instant::now();
+    let record = finished(&sup, id).await;
+    assert!(
+        healed.elapsed() <= Duration::from_secs(5),
+        "{:?}",
+        healed.elapsed()
+    );
+    assert_eq!(record.reason(), Some(FinalizeReason::Completed));
+    assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
+    assert_eq!((record.counts.succeeded, record.counts.failed), (2, 1));
+    let report = &rec.reports_for(id)[0];
+    assert_eq!((report.counts.succeeded, report.counts.failed), (2, 1));
+    assert!(!report.store_errors.is_empty());
+    assert!(
+        report.store_errors[0].contains("disk is full"),
+        "{:?}",
+        report.store_errors
+    );
+    assert_eq!(rec.calls(), 1);
+    sup.start_session("csw", ["ok-1"])
+        .await
+        .expect("harvester is free");
+    sup.shutdown().await.expect("shutdown");
+}

@@ -140,7 +140,8 @@ async fn a_finalizer_that_never_returns_is_escalated_and_the_root_frees_the_harv
     );
     assert_eq!(record.reason(), Some(FinalizeReason::Completed));
     let error = record.finalizer_error.expect("the hang is recorded");
-    assert!(error.contains("did not complete"), "{error}");
+    assert!(error.contains("did not return"), "{error}");
+    assert_eq!(record.finalizer_attempts, 1, "cut, not run again");
     assert!(
         has_event(&sup, id, |k| matches!(
             k,
@@ -235,5 +236,104 @@ async fn a_crashed_monitor_is_restarted_and_the_deadline_still_holds() {
         "{took:?}"
     );
     assert_eq!(rec.calls(), 1);
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_stuck_between_its_claim_and_its_finalizer_still_gets_its_finalizer_run() {
+    // The session claims its finalization, then its actor is stuck (a store call that
+    // never returns) before the finalizer starts. The monitor escalates; the root finds
+    // the claim with no finalizer started, so the finalizer never ran: it runs it.
+    let store = FaultyStore::wrapping(Arc::new(harvest_supervisor::MemoryStore::new()));
+    store.hang_after_claim.store(true, Ordering::SeqCst);
+    let store = Arc::new(store);
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor_on(store.clone(), config(), &rec).await;
+    let id = sup
+        .start_session("csw", ["ok-1", "fail-2"])
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+
+    assert_eq!(rec.calls(), 1, "the finalizer ran, once");
+    assert_eq!(record.finalizer_error, None);
+    assert_eq!(record.finalizer_attempts, 1);
+    assert_eq!(
+        record.reason(),
+        Some(FinalizeReason::Completed),
+        "the claimed reason"
+    );
+    assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
+    let report = &rec.reports_for(id)[0];
+    assert_eq!(report.finalizer_attempt, 1);
+    assert_eq!((report.counts.succeeded, report.counts.failed), (1, 1));
+    assert!(
+        has_event(&sup, id, |k| matches!(
+            k,
+            EventKind::MonitorEscalated { .. }
+        ))
+        .await
+    );
+    store.hang_after_claim.store(false, Ordering::SeqCst);
+    sup.start_session("csw", ["ok-1"])
+        .await
+        .expect("harvester is free");
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalation_never_completes_a_session_while_its_finalizer_still_runs() {
+    // A finalizer that blocks its thread (no `.await` to be dropped at) for longer than
+    // the escalation grace: the monitor escalates, the root kills the session actor, but
+    // the kill cannot take effect until the finalizer returns. The root must wait for the
+    // actor to be gone: the session stays unfinished, and its harvester busy, until then.
+    use std::sync::atomic::AtomicBool;
+    let running = Arc::new(AtomicBool::new(false));
+    let finished_running = Arc::new(AtomicBool::new(false));
+    let (r, f) = (Arc::clone(&running), Arc::clone(&finished_running));
+    let finalizer = finalizer_fn(move |_report| {
+        r.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(1_500));
+        f.store(true, Ordering::SeqCst);
+        async { Ok(()) }
+    });
+    let sup = Supervisor::builder(harvest_fn(common::scripted), finalizer)
+        .config(SupervisorConfig {
+            session: harvest_supervisor::SessionConfig {
+                monitor_interval: Duration::from_millis(20),
+                escalation_grace: Duration::from_millis(200),
+                killed_exit_wait: Duration::from_millis(50),
+                ..config()
+            },
+            ..SupervisorConfig::default()
+        })
+        .start()
+        .await
+        .expect("supervisor");
+    let id = sup.start_session("csw", ["ok-1"]).await.expect("start");
+    while !running.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Well past the escalation (200 ms), still inside the finalizer (1.5 s).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!finished_running.load(Ordering::SeqCst));
+    let record = sup.session(id).await.expect("record");
+    assert!(
+        !record.status.is_terminal(),
+        "completed while its finalizer still runs: {record:?}"
+    );
+    assert!(
+        matches!(
+            sup.start_session("csw", ["ok-2"]).await,
+            Err(harvest_supervisor::StartError::HarvesterBusy { .. })
+        ),
+        "the harvester was freed while the finalizer still runs"
+    );
+    let record = tokio::time::timeout(Duration::from_secs(10), sup.wait_finished(id))
+        .await
+        .expect("finished once the finalizer returned")
+        .expect("record");
+    assert!(finished_running.load(Ordering::SeqCst));
+    assert!(record.status.is_terminal());
     sup.shutdown().await.expect("shutdown");
 }

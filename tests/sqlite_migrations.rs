@@ -327,7 +327,7 @@ async fn migrates_keeping_everything(
     assert_eq!(store.session_config(running).await.expect("answer"), config);
     kept_and_usable(&store, done, running).await;
     store.close().await.expect("close");
-    assert_eq!(version(path), 4);
+    assert_eq!(version(path), 5);
     assert_eq!(
         pragma(path, "page_size"),
         4096,

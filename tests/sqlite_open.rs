@@ -109,7 +109,7 @@ async fn a_newer_schema_is_refused_and_untouched() {
             supported,
             path: named,
         }) => {
-            assert_eq!((found, supported), (99, 4));
+            assert_eq!((found, supported), (99, 5));
             assert_eq!(named, path);
         }
         Err(other) => panic!("expected SchemaTooNew, got {other}"),

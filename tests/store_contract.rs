@@ -434,7 +434,48 @@ async fn every_kind_of_outcome_reads_back_as_recorded(store: Arc<dyn SessionStor
     assert_eq!((page.as_slice(), total), (&recorded[1..4], 6));
 }
 
+/// Finalization's second durable step counts the finalizer's runs of a claimed session,
+/// and nothing else.
+async fn finalizer_starts_are_counted_only_between_claim_and_completion(
+    store: Arc<dyn SessionStore>,
+) {
+    let r = store
+        .create_session(new_session("starts", 1))
+        .await
+        .expect("create");
+    assert!(matches!(
+        store.finalizer_started(r.id).await,
+        Err(StoreError::NotClaimed { session_id }) if session_id == r.id
+    ));
+    assert!(matches!(
+        store.finalizer_started(SessionId::new()).await,
+        Err(StoreError::UnknownSession { .. })
+    ));
+    assert_eq!(store.session(r.id).await.expect("r").finalizer_attempts, 0);
+    store
+        .claim_finalization(r.id, FinalizeReason::Completed)
+        .await
+        .expect("claim");
+    assert_eq!(store.finalizer_started(r.id).await.expect("first"), 1);
+    assert_eq!(store.finalizer_started(r.id).await.expect("a re-run"), 2);
+    // A claim seen by a later reader (recovery) says how many runs started.
+    assert!(matches!(
+        store.claim_finalization(r.id, FinalizeReason::Interrupted).await,
+        Ok(Claim::AlreadyClaimed(now)) if now.finalizer_attempts == 2
+    ));
+    store
+        .complete_finalization(r.id, completion(SessionStatus::FinishedAllOk))
+        .await
+        .expect("complete");
+    assert!(matches!(
+        store.finalizer_started(r.id).await,
+        Err(StoreError::NotClaimed { .. })
+    ));
+    assert_eq!(store.session(r.id).await.expect("r").finalizer_attempts, 2);
+}
+
 async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
+    finalizer_starts_are_counted_only_between_claim_and_completion(make()).await;
     every_kind_of_outcome_reads_back_as_recorded(make()).await;
     outcomes_recorded_in_place_follow_the_same_rules(make()).await;
     history_pages_by_harvester_and_status_newest_first(make()).await;
@@ -457,7 +498,7 @@ async fn sqlite_store_keeps_the_contract() {
     let dir = tempfile::tempdir().expect("temp dir");
     // One fresh file per part of the contract.
     let mut stores = Vec::new();
-    for i in 0..10 {
+    for i in 0..11 {
         stores.push(
             SqliteStore::open(dir.path().join(format!("s{i}.db")))
                 .await

@@ -226,7 +226,7 @@ impl SessionState {
 }
 
 /// Keeps the first [`MAX_STORE_ERRORS`] store errors, then one line saying there were more.
-fn note_store_error(errors: &mut Vec<String>, error: String) {
+pub(crate) fn note_store_error(errors: &mut Vec<String>, error: String) {
     match errors.len() {
         n if n < MAX_STORE_ERRORS => errors.push(error),
         n if n == MAX_STORE_ERRORS => errors.push("... and more".to_owned()),

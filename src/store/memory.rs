@@ -320,6 +320,7 @@ impl SessionStore for MemoryStore {
                     finalizing: None,
                     counts: OutcomeCounts::default(),
                     finalizer_error: None,
+                    finalizer_attempts: 0,
                 };
                 // Insert the session before releasing the harvester entry, so nobody sees
                 // a lock pointing at a session that does not exist.
@@ -496,6 +497,17 @@ impl SessionStore for MemoryStore {
                 Claim::Claimed(before)
             }
         })
+    }
+
+    async fn finalizer_started(&self, id: SessionId) -> Result<u32, StoreError> {
+        self.with(id, |s| {
+            let r = &mut s.record;
+            if r.finalizing.is_none() || r.status.is_terminal() {
+                return Err(StoreError::NotClaimed { session_id: id });
+            }
+            r.finalizer_attempts = r.finalizer_attempts.saturating_add(1);
+            Ok(r.finalizer_attempts)
+        })?
     }
 
     async fn session_config(&self, id: SessionId) -> Result<Option<SessionConfig>, StoreError> {

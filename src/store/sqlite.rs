@@ -457,6 +457,29 @@ impl SessionStore for SqliteStore {
             .await
     }
 
+    async fn finalizer_started(&self, id: SessionId) -> Result<u32, StoreError> {
+        self.writer
+            .call(move |conn| {
+                let attempts: Option<u32> = conn
+                    .prepare_cached(
+                        "UPDATE sessions SET finalizer_attempts = finalizer_attempts + 1 \
+                         WHERE id = ?1 AND finalizing IS NOT NULL \
+                         AND status IN ('pending', 'on-going', 'aborting') \
+                         RETURNING finalizer_attempts",
+                    )
+                    .and_then(|mut s| s.query_row([id.to_string()], |r| r.get(0)).optional())
+                    .map_err(backend)?;
+                match attempts {
+                    Some(n) => Ok(n),
+                    None => {
+                        load(conn, id)?;
+                        Err(StoreError::NotClaimed { session_id: id })
+                    }
+                }
+            })
+            .await
+    }
+
     async fn session_config(&self, id: SessionId) -> Result<Option<SessionConfig>, StoreError> {
         self.writer
             .call(move |conn| {

@@ -7,6 +7,7 @@ use ractor::ActorRef;
 
 use crate::config::RecoveryPolicy;
 use crate::events::{EventKind, SessionEmitter};
+use crate::finalizer::Mode;
 use crate::model::FinalizeReason;
 use crate::supervisor::{RootState, SupervisorMessage, session_shared, spawn_force, spawn_session};
 
@@ -82,14 +83,16 @@ async fn recover_one(
             }
         }
         None => {
-            let timeout = state.config.session.escalation_grace;
+            let mode = Mode::Recover {
+                finalizer_timeout: state.config.session.escalation_grace,
+            };
             spawn_force(
                 state,
                 &emitter,
                 Arc::default(),
                 record.id,
                 FinalizeReason::Interrupted,
-                timeout,
+                mode,
                 None,
             );
         }

@@ -43,6 +43,14 @@ pub struct FaultyStore {
     /// While set, queued outcomes are answered 5 s (of tokio time) after they were queued:
     /// after the session handled its last outcome.
     pub late_answers: AtomicBool,
+    /// While set, every step of finalization (claim, finalizer started, completion) fails
+    /// (a full disk), and counts its failures in `failed_finalization_writes`.
+    pub failing_finalization_writes: AtomicBool,
+    pub failed_finalization_writes: AtomicUsize,
+    /// Called after a claim this store granted; then, while `hang_after_claim` is set, the
+    /// claim never returns (a process that dies between its claim and its finalizer).
+    pub on_claim: Option<Arc<dyn Fn() + Send + Sync>>,
+    pub hang_after_claim: AtomicBool,
     /// Answers held back while `hang_outcome_writes` is set.
     unanswered: std::sync::Mutex<Vec<OutcomeAnswer>>,
     /// Queued outcome writes not yet answered (held ones aside), and the most there ever
@@ -69,6 +77,10 @@ impl FaultyStore {
             in_place_outcomes: AtomicBool::new(false),
             queued_outcomes: AtomicBool::new(false),
             late_answers: AtomicBool::new(false),
+            failing_finalization_writes: AtomicBool::new(false),
+            failed_finalization_writes: AtomicUsize::new(0),
+            on_claim: None,
+            hang_after_claim: AtomicBool::new(false),
             unanswered: std::sync::Mutex::new(Vec::new()),
             queued_now: Arc::new(AtomicUsize::new(0)),
             queued_most: AtomicUsize::new(0),
@@ -78,6 +90,20 @@ impl FaultyStore {
 
 fn injected() -> StoreError {
     StoreError::Backend("injected read failure".into())
+}
+
+impl FaultyStore {
+    /// The injected failure of a finalization step, if they fail now.
+    fn finalization_fault(&self) -> Result<(), StoreError> {
+        if self.failing_finalization_writes.load(Ordering::SeqCst) {
+            self.failed_finalization_writes
+                .fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Backend(
+                "injected write failure: database or disk is full".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -224,7 +250,21 @@ impl SessionStore for FaultyStore {
         id: SessionId,
         reason: FinalizeReason,
     ) -> Result<Claim, StoreError> {
-        self.inner.claim_finalization(id, reason).await
+        self.finalization_fault()?;
+        let claim = self.inner.claim_finalization(id, reason).await?;
+        if matches!(claim, Claim::Claimed(_)) {
+            if let Some(hook) = &self.on_claim {
+                hook();
+            }
+            if self.hang_after_claim.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+        }
+        Ok(claim)
+    }
+    async fn finalizer_started(&self, id: SessionId) -> Result<u32, StoreError> {
+        self.finalization_fault()?;
+        self.inner.finalizer_started(id).await
     }
     async fn session_config(&self, id: SessionId) -> Result<Option<SessionConfig>, StoreError> {
         self.inner.session_config(id).await
@@ -240,6 +280,7 @@ impl SessionStore for FaultyStore {
         id: SessionId,
         c: Completion,
     ) -> Result<Completed, StoreError> {
+        self.finalization_fault()?;
         self.inner.complete_finalization(id, c).await
     }
 }

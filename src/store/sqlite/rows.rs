@@ -47,7 +47,8 @@ pub(super) fn usize_of(n: i64) -> usize {
 }
 
 pub(super) const RECORD_COLUMNS: &str = "id, harvester_id, status, total, started, ended, workflow_time_ns, \
-     finalizing, succeeded, failed, panicked, timed_out, cancelled, lost, finalizer_error";
+     finalizing, succeeded, failed, panicked, timed_out, cancelled, lost, finalizer_error, \
+     finalizer_attempts";
 
 pub(super) fn record(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
     let id: String = row.get(0)?;
@@ -73,6 +74,7 @@ pub(super) fn record(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
             lost: usize_of(row.get(13)?),
         },
         finalizer_error: row.get(14)?,
+        finalizer_attempts: row.get(15)?,
     })
 }
 

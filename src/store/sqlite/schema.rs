@@ -13,7 +13,7 @@ use crate::error::StoreError;
 use crate::store::sqlite::{Durability, SqliteOptions};
 
 /// The schema version this build writes. Each entry of [`MIGRATIONS`] moves one version up.
-pub(super) const VERSION: i64 = 4;
+pub(super) const VERSION: i64 = 5;
 
 /// The page size of the files this build creates (existing files keep theirs).
 pub(super) const PAGE_SIZE: i64 = 8 * 1024;
@@ -164,6 +164,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX sessions_by_harvester ON sessions (harvester_id, id);
     CREATE INDEX sessions_by_status ON sessions (status, id);
     CREATE UNIQUE INDEX outcomes_by_resource ON outcomes (session_key, resource_id);",
+    // 4 -> 5: finalization's second durable step (between the claim and the completion):
+    // how many times the finalizer was started, so that recovery runs a finalizer whose
+    // claimant died before it ran, and knows when it re-runs an interrupted one.
+    "ALTER TABLE sessions ADD COLUMN finalizer_attempts INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Opens `path` for the store, or says precisely why not.
