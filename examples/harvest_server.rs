@@ -292,17 +292,21 @@ async fn page() -> impl IntoResponse {
     )
 }
 
-/// The stored log first, then live events, until `SessionFinished`.
+/// Events per page when replaying the stored log: a replay of a huge log holds one page
+/// at a time, and the store's connection only while it reads one.
+const REPLAY_PAGE: usize = 1000;
+
+/// The stored log first (page by page), then live events, until `SessionFinished`.
 async fn events(
     State(app): State<App>,
     Path(id): Path<SessionId>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     // Subscribe before reading the store, so nothing falls between the two.
     let mut live = app.supervisor.subscribe();
-    let stored = app.supervisor.events(id).await?;
+    // An unknown session is a 404, not an empty stream.
+    let first = app.supervisor.events_after(id, 0, REPLAY_PAGE).await?;
     let supervisor = Arc::clone(&app.supervisor);
     let stream = async_stream(move |tx| async move {
-        let mut last = 0;
         let send = |e: &SessionEvent| {
             let data = serde_json::to_string(e).unwrap_or_default();
             Event::default()
@@ -310,15 +314,31 @@ async fn events(
                 .id(e.seq.to_string())
                 .data(data)
         };
-        for e in &stored {
-            last = e.seq;
-            if tx.send(send(e)).await.is_err() {
-                return;
+        // Sends the stored events after `last`, page by page; `None` once the stream is
+        // over (the client left, or the log ended).
+        let replay = |mut last: u64, mut page: Vec<SessionEvent>| {
+            let supervisor = Arc::clone(&supervisor);
+            let tx = tx.clone();
+            async move {
+                loop {
+                    if page.is_empty() {
+                        return Some(last);
+                    }
+                    for e in &page {
+                        last = e.seq;
+                        if tx.send(send(e)).await.is_err()
+                            || matches!(e.kind, EventKind::SessionFinished { .. })
+                        {
+                            return None;
+                        }
+                    }
+                    page = supervisor.events_after(id, last, REPLAY_PAGE).await.ok()?;
+                }
             }
-            if matches!(e.kind, EventKind::SessionFinished { .. }) {
-                return;
-            }
-        }
+        };
+        let Some(mut last) = replay(0, first).await else {
+            return;
+        };
         loop {
             match live.recv().await {
                 Ok(e) if e.session_id == id && e.seq > last => {
@@ -332,17 +352,12 @@ async fn events(
                 Ok(_) => {}
                 Err(RecvError::Lagged { .. }) => {
                     // Fill the gap from the store.
-                    let Ok(missed) = supervisor.events(id).await else {
+                    let Ok(missed) = supervisor.events_after(id, last, REPLAY_PAGE).await else {
                         return;
                     };
-                    let after = last;
-                    for e in missed.iter().filter(|e| e.seq > after) {
-                        last = e.seq;
-                        if tx.send(send(e)).await.is_err()
-                            || matches!(e.kind, EventKind::SessionFinished { .. })
-                        {
-                            return;
-                        }
+                    match replay(last, missed).await {
+                        Some(now) => last = now,
+                        None => return,
                     }
                 }
                 Err(RecvError::Closed) => return,

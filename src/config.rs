@@ -24,6 +24,7 @@
 //! | `retry.initial_backoff`, `retry.max_backoff` | at most [`MAX_GRACE`] (1 day), max >= initial |
 //! | `event_capacity` | 1 to [`MAX_EVENT_CAPACITY`] (1,048,576 events per subscriber) |
 //! | `store_retry_max` | [`MIN_STORE_RETRY`] (50 ms) to [`MAX_GRACE`] (1 day) |
+//! | `shutdown_timeout` | more than zero, at most [`MAX_GRACE`] (1 day) |
 
 use std::time::Duration;
 
@@ -399,6 +400,12 @@ pub struct SupervisorConfig {
     /// From [`MIN_STORE_RETRY`] to [`MAX_GRACE`].
     #[serde(with = "humantime_serde")]
     pub store_retry_max: Duration,
+    /// The longest [`crate::Supervisor::shutdown`] waits for running sessions to finalize
+    /// (with reason `Shutdown`): a session that has not finished by then (its store
+    /// cannot complete it, its finalizer hangs) is left, as a crash would leave it, to the
+    /// next start's recovery. More than zero, at most [`MAX_GRACE`] (1 day).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 /// The shortest `store_retry_max`.
@@ -412,6 +419,7 @@ impl Default for SupervisorConfig {
             recovery: RecoveryPolicy::default(),
             finalizer_recovery: FinalizerRecovery::default(),
             store_retry_max: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -436,6 +444,8 @@ impl SupervisorConfig {
             ));
         }
         at_most("store_retry_max", self.store_retry_max, MAX_GRACE)?;
+        positive("shutdown_timeout", self.shutdown_timeout)?;
+        at_most("shutdown_timeout", self.shutdown_timeout, MAX_GRACE)?;
         Ok(())
     }
 }

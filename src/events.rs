@@ -238,17 +238,38 @@ pub struct EventBus {
 /// here has its whole log written; one that is terminal and still live is about to log
 /// its `SessionFinished` (its monitor is being stopped).
 #[derive(Debug, Default)]
-pub(crate) struct LiveLogs(std::sync::Mutex<std::collections::HashSet<SessionId>>);
+pub(crate) struct LiveLogs {
+    set: std::sync::Mutex<std::collections::HashSet<SessionId>>,
+    /// Told whenever a log leaves the set, so a waiter never misses an end that comes
+    /// without a `SessionFinished` on the bus (an emitter dropped at shutdown).
+    left: tokio::sync::Notify,
+}
 
 impl LiveLogs {
     fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SessionId>> {
         // A poisoned lock only means a panic elsewhere mid-insert; the set is intact.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.set.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, id: SessionId) {
+        self.set().insert(id);
+    }
+
+    fn remove(&self, id: SessionId) {
+        let removed = self.set().remove(&id);
+        if removed {
+            self.left.notify_waiters();
+        }
     }
 
     /// Whether this process still writes the log of `id`.
     pub(crate) fn is_live(&self, id: SessionId) -> bool {
         self.set().contains(&id)
+    }
+
+    /// Resolves when a log leaves the set after this call (create it before looking).
+    pub(crate) fn left(&self) -> tokio::sync::futures::Notified<'_> {
+        self.left.notified()
     }
 }
 
@@ -393,7 +414,7 @@ impl Drop for EmitterInner {
     fn drop(&mut self) {
         // Gone without `SessionFinished` (its actors were stopped at shutdown): nobody
         // in this process will write this log any more.
-        self.bus.live.set().remove(&self.session_id);
+        self.bus.live.remove(self.session_id);
     }
 }
 
@@ -406,7 +427,7 @@ impl SessionEmitter {
         store: Arc<dyn SessionStore>,
     ) -> Self {
         let span = tracing::info_span!("session", %session_id, %harvester_id);
-        bus.live.set().insert(session_id);
+        bus.live.insert(session_id);
         Self {
             inner: Arc::new(EmitterInner {
                 session_id,
@@ -467,7 +488,7 @@ impl SessionEmitter {
         }
         if finishing {
             state.finished = true;
-            inner.bus.live.set().remove(&inner.session_id);
+            inner.bus.live.remove(inner.session_id);
         }
         if let Some(event) = shared {
             inner.bus.publish(event);

@@ -226,7 +226,7 @@ pub(crate) async fn finalize(
     };
 
     local.store_errors.extend(retry.take_errors());
-    let (mut report, missing) = loop {
+    let (mut report, unrecorded) = loop {
         match reconcile(deps, &before, reason, &mut local).await {
             Ok(done) => break done,
             Err(e) => retry.failed("read the session's outcomes", e).await?,
@@ -255,10 +255,10 @@ pub(crate) async fn finalize(
         Run::No(error) => Some(error),
     };
 
-    let completion = Completion {
+    let mut completion = Completion {
         reason,
         status,
-        missing,
+        unrecorded,
         counts,
         finalizer_error: finalizer_error.clone(),
         ended: Utc::now(),
@@ -270,6 +270,16 @@ pub(crate) async fn finalize(
             // session terminal, which is this finalization's own doing (nobody else
             // completes a session this one claimed while it lives).
             let again = std::mem::replace(&mut tried, true);
+            if again && !completion.unrecorded.is_empty() {
+                // The first try wrote the outcomes the store had missed with it; if it
+                // failed (perhaps for want of room for them: a full disk), later tries
+                // need O(1) new space. The counts still have them, as does the report.
+                tracing::warn!(
+                    outcomes = completion.unrecorded.len(),
+                    "completing without the outcomes the store missed"
+                );
+                completion.unrecorded = Vec::new();
+            }
             let completion = completion.clone();
             async move {
                 match deps.store.complete_finalization(id, completion).await? {
@@ -411,7 +421,7 @@ async fn reconcile(
         resources,
         std::mem::take(&mut local.submitted),
     );
-    let (outcomes, missing) = match recorded {
+    let (outcomes, unrecorded) = match recorded {
         // The common end: the store's list, in place, is the report's.
         Recorded::Complete(all) => (all, Vec::new()),
         partial => fill_in(
@@ -440,12 +450,13 @@ async fn reconcile(
         store_errors: std::mem::take(&mut local.store_errors),
         finalizer_attempt: 1,
     };
-    Ok((report, missing))
+    Ok((report, unrecorded))
 }
 
 /// One outcome per resource, in resource order: the recorded one, else the one the store
 /// failed to record, else the reason's missing outcome with the work done. The second
-/// list holds the outcomes to write with the completion.
+/// list holds the outcomes the store failed to record, to write with the completion (the
+/// missing ones the store derives itself once the session is terminal).
 fn fill_in(
     mut recorded: Recorded,
     resources: &[ResourceId],
@@ -456,30 +467,28 @@ fn fill_in(
     let mut unrecorded: HashMap<&ResourceId, &OutcomeRecord> =
         unrecorded.iter().map(|o| (&o.resource_id, o)).collect();
     let mut outcomes = Vec::with_capacity(resources.len());
-    let mut missing = Vec::new();
+    let mut to_write = Vec::new();
     for (index, resource_id) in resources.iter().enumerate() {
         let record = if let Some(r) = recorded.take(index, resource_id) {
             r
         } else if let Some(r) = unrecorded.remove(resource_id) {
-            missing.push(r.clone());
+            to_write.push(r.clone());
             r.clone()
         } else {
             let (attempts, elapsed) = in_flight
                 .get(resource_id)
                 .copied()
                 .unwrap_or((0, Duration::ZERO));
-            let r = OutcomeRecord {
+            OutcomeRecord {
                 resource_id: resource_id.clone(),
                 outcome: reason.missing_outcome(),
                 attempts,
                 elapsed,
-            };
-            missing.push(r.clone());
-            r
+            }
         };
         outcomes.push(record);
     }
-    (outcomes, missing)
+    (outcomes, to_write)
 }
 
 /// No outcome for this resource (in [`Recorded::Placed`]).

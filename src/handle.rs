@@ -69,6 +69,7 @@ impl SupervisorBuilder {
             store_retry_max: self.config.store_retry_max,
             finalizer_recovery: self.config.finalizer_recovery,
         });
+        let shutdown_timeout = self.config.shutdown_timeout;
         let args = SupervisorArgs {
             config: self.config,
             deps,
@@ -82,6 +83,7 @@ impl SupervisorBuilder {
             bus: bus.downgrade(),
             store,
             join: std::sync::Mutex::new(Some(join)),
+            shutdown_timeout,
         })
     }
 }
@@ -126,6 +128,8 @@ pub struct Supervisor {
     store: Arc<dyn SessionStore>,
     /// The root's task, awaited once by the first `shutdown`.
     join: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// See [`SupervisorConfig::shutdown_timeout`].
+    shutdown_timeout: std::time::Duration,
 }
 
 impl Supervisor {
@@ -260,9 +264,24 @@ impl Supervisor {
         Ok(self.store.outcomes_page(id, offset, limit).await?)
     }
 
-    /// A session's stored event log.
+    /// A session's stored event log, whole. A long one (two events per resource) is better
+    /// read page by page with [`Supervisor::events_after`].
     pub async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, SessionError> {
         Ok(self.store.events(id).await?)
+    }
+
+    /// A page of a session's stored event log: up to `limit` events (at most
+    /// [`crate::store::MAX_EVENT_PAGE`]) with a `seq` above `after`. Start at 0, go on from
+    /// the last `seq` of each page; an empty page is the end of what is logged so far.
+    /// Each page is one short read: a reader of a huge log never holds it whole, nor a
+    /// store connection for all of it.
+    pub async fn events_after(
+        &self,
+        id: SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<SessionEvent>, SessionError> {
+        Ok(self.store.events_after(id, after, limit).await?)
     }
 
     /// Follows the event log of every session from now on. Subscribers are bounded
@@ -316,6 +335,11 @@ impl Supervisor {
         );
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Armed before looking, so that a log leaving the live set after the look
+            // (its `SessionFinished`, or its emitter dropped) wakes this wait.
+            let left = self.live.left();
+            tokio::pin!(left);
+            left.as_mut().enable();
             let record = self.store.session(id).await?;
             // Terminal and no longer logged here: its `SessionFinished` is written (or
             // another process wrote the end).
@@ -343,6 +367,7 @@ impl Supervisor {
                         }
                     },
                     _ = poll.tick(), if !live => break,
+                    () = &mut left, if live => break,
                 }
             }
         }
@@ -351,13 +376,34 @@ impl Supervisor {
     /// Finalizes every running session with `Shutdown` and stops the tree. Takes `&self`,
     /// so a server can call it while request handlers still hold the handle; calls after
     /// the first return at once.
+    ///
+    /// Returns within [`SupervisorConfig::shutdown_timeout`] (and a few seconds' grace if
+    /// the root itself is stuck): a session that has not finished by then is left, as a
+    /// crash would leave it, to the next start's recovery.
     pub async fn shutdown(&self) -> Result<(), Error> {
-        let _ = self.call(SupervisorMessage::Shutdown).await;
+        let bound = self.shutdown_timeout.saturating_add(Self::SHUTDOWN_GRACE);
+        let answered = self
+            .root
+            .call(SupervisorMessage::Shutdown, Some(bound))
+            .await;
+        if !matches!(answered, Ok(CallResult::Success(()))) {
+            // Busy past its own deadline, or gone: stop it (a no-op if gone).
+            self.root.kill();
+        }
         // Take the handle out before awaiting: the lock is never held across an await.
         let join = self.join.lock().ok().and_then(|mut j| j.take());
         if let Some(join) = join {
-            join.await.map_err(|_| Error::SupervisorDown)?;
+            match tokio::time::timeout(Self::SHUTDOWN_GRACE, join).await {
+                Ok(joined) => joined.map_err(|_| Error::SupervisorDown)?,
+                Err(_) => {
+                    tracing::error!("the supervisor did not stop in time; leaving it");
+                    return Err(Error::SupervisorDown);
+                }
+            }
         }
         Ok(())
     }
+
+    /// What [`Supervisor::shutdown`] allows the root beyond `shutdown_timeout`.
+    const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 }

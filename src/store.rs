@@ -50,6 +50,38 @@ pub struct NewSession {
     pub config: Arc<SessionConfig>,
 }
 
+/// The outcomes a terminal session derives for resources with no recorded outcome: the
+/// finalization reason's missing outcome, in resource order, with no attempt counted.
+/// `recorded`: the resources that have one. The same for every store.
+pub(crate) fn derived_outcomes<'a>(
+    record: &SessionRecord,
+    resources: &'a [ResourceId],
+    recorded: &std::collections::HashSet<&str>,
+) -> impl Iterator<Item = OutcomeRecord> + 'a {
+    let derive = record.status.is_terminal() && recorded.len() < resources.len();
+    let outcome = record
+        .reason()
+        .unwrap_or(FinalizeReason::SessionCrashed)
+        .missing_outcome();
+    let missing: Vec<&'a ResourceId> = if derive {
+        resources
+            .iter()
+            .filter(|r| !recorded.contains(r.as_str()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    missing.into_iter().map(move |r| OutcomeRecord {
+        resource_id: r.clone(),
+        outcome: outcome.clone(),
+        attempts: 0,
+        elapsed: Duration::ZERO,
+    })
+}
+
+/// The most events one [`SessionStore::events_after`] page holds.
+pub const MAX_EVENT_PAGE: usize = 10_000;
+
 /// A page of session history: newest first, optionally one harvester's or one status's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -130,8 +162,12 @@ pub struct Completion {
     pub reason: FinalizeReason,
     /// Terminal status.
     pub status: SessionStatus,
-    /// Outcomes for the resources that had none (reconciliation), written with it.
-    pub missing: Vec<OutcomeRecord>,
+    /// Outcomes the finalizing process observed and the store has not recorded (their
+    /// writes failed): written with the completion if there is room, in a part of it that
+    /// may fail alone (a completion needs O(1) new space besides them). Resources with no
+    /// outcome at all are not written: a terminal session derives them when read (see
+    /// [`SessionStore::outcomes`]).
+    pub unrecorded: Vec<OutcomeRecord>,
     /// Reconciled counts (their total equals the session's).
     pub counts: OutcomeCounts,
     /// The user finalizer's error, or why it did not finish.
@@ -244,11 +280,16 @@ pub trait SessionStore: Send + Sync + 'static {
         None
     }
 
-    /// The outcomes recorded so far, in the order they were recorded.
+    /// The outcomes recorded so far, in the order they were recorded. Once the session is
+    /// terminal, every resource has one: those with none recorded follow, in resource
+    /// order, derived from the finalization's reason (`TimedOut` for a deadline,
+    /// `Cancelled` for an abort, fail-fast or shutdown, `Lost` after a crash; 0 attempts),
+    /// so a completion never has to write a row per missing resource.
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError>;
 
-    /// A page of [`SessionStore::outcomes`]: `limit` from `offset`, and how many there are
-    /// in all. For admin pages of sessions too large to load whole.
+    /// A page of [`SessionStore::outcomes`] (derived outcomes included): `limit` from
+    /// `offset`, and how many there are in all. For admin pages of sessions too large to
+    /// load whole.
     async fn outcomes_page(
         &self,
         id: SessionId,
@@ -263,8 +304,27 @@ pub trait SessionStore: Send + Sync + 'static {
     /// restore them from the session when read.
     fn append_event(&self, event: SessionEvent) -> Result<(), StoreError>;
 
-    /// A session's events, by `seq`.
+    /// A session's events, by `seq`. The whole log at once: a reader of a long one (a
+    /// large session logs two events per resource) should page it with
+    /// [`SessionStore::events_after`].
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError>;
+
+    /// A page of a session's events: the first `limit` (1 to [`MAX_EVENT_PAGE`]) with a
+    /// `seq` above `after`, by `seq`. Pass the last `seq` of a page as `after` for the
+    /// next; an empty page is the end of what is logged so far. (The default reads the
+    /// whole log and keeps the page; both stores here read just the page.)
+    async fn events_after(
+        &self,
+        id: SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<SessionEvent>, StoreError> {
+        let limit = limit.clamp(1, MAX_EVENT_PAGE);
+        let mut events = self.events(id).await?;
+        events.retain(|e| e.seq > after);
+        events.truncate(limit);
+        Ok(events)
+    }
 
     /// The highest stored `seq` of a session's events (0 if none): where a new emitter
     /// for it goes on.
@@ -302,8 +362,10 @@ pub trait SessionStore: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Makes a claimed session terminal, writes the missing outcomes, and frees its
-    /// harvester if this session still holds it.
+    /// Makes a claimed session terminal (status, reason, counts, finalizer error, end
+    /// time), writes the unrecorded outcomes if it can, and frees its harvester if this
+    /// session still holds it. Needs O(1) new space besides the unrecorded outcomes:
+    /// should those not fit, it completes without them.
     async fn complete_finalization(
         &self,
         id: SessionId,

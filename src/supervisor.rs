@@ -51,10 +51,14 @@ pub(crate) struct RootState {
     deps: Arc<Deps>,
     sessions: HashMap<SessionId, Running>,
     by_actor: HashMap<ActorId, SessionId>,
-    /// Finalizations the root runs itself; awaited on shutdown.
+    /// Finalizations the root runs itself; waited for on shutdown (up to its timeout).
     forced: Vec<JoinHandle<()>>,
-    /// Set while shutting down: the reply to send once every session is gone.
-    shutdown: Option<RpcReplyPort<()>>,
+    /// While shutting down: the replies to send once every session is gone.
+    shutdown: Vec<RpcReplyPort<()>>,
+    /// Shutting down: no new session starts.
+    stopping: bool,
+    /// The root itself, for the tasks it spawns to report back.
+    root: ActorRef<SupervisorMessage>,
 }
 
 impl Actor for HarvestSupervisor {
@@ -64,7 +68,7 @@ impl Actor for HarvestSupervisor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: SupervisorArgs,
     ) -> Result<RootState, ActorProcessingErr> {
         Ok(RootState {
@@ -73,7 +77,9 @@ impl Actor for HarvestSupervisor {
             sessions: HashMap::new(),
             by_actor: HashMap::new(),
             forced: Vec::new(),
-            shutdown: None,
+            shutdown: Vec::new(),
+            stopping: false,
+            root: myself,
         })
     }
 
@@ -94,7 +100,7 @@ impl Actor for HarvestSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SupervisorMessage::StartSession(request, reply) => {
-                let answer = if state.shutdown.is_some() {
+                let answer = if state.stopping {
                     Err(StartError::SupervisorDown)
                 } else {
                     start_session(&myself, state, *request).await
@@ -119,12 +125,20 @@ impl Actor for HarvestSupervisor {
                 }
             }
             SupervisorMessage::Shutdown(reply) => {
-                state.shutdown = Some(reply);
-                for running in state.sessions.values() {
-                    let _ = running.actor.send_message(SessionMessage::Shutdown);
+                state.shutdown.push(reply);
+                if !state.stopping {
+                    state.stopping = true;
+                    for running in state.sessions.values() {
+                        let _ = running.actor.send_message(SessionMessage::Shutdown);
+                    }
+                    myself.send_after(state.config.shutdown_timeout, || {
+                        SupervisorMessage::ShutdownDeadline
+                    });
                 }
-                finish_shutdown_if_idle(&myself, state).await;
+                finish_shutdown_if_idle(&myself, state);
             }
+            SupervisorMessage::ShutdownDeadline => abandon(&myself, state),
+            SupervisorMessage::RescueFinished { .. } => finish_shutdown_if_idle(&myself, state),
         }
         Ok(())
     }
@@ -157,7 +171,7 @@ impl Actor for HarvestSupervisor {
             force(state, id, FinalizeReason::SessionCrashed);
         }
         state.sessions.remove(&id);
-        finish_shutdown_if_idle(&myself, state).await;
+        finish_shutdown_if_idle(&myself, state);
         Ok(())
     }
 }
@@ -392,6 +406,17 @@ fn force(state: &mut RootState, id: SessionId, reason: FinalizeReason) {
     spawn_force(state, &emitter, lifecycle, id, reason, mode, Some(killed));
 }
 
+/// Tells the root that its rescue of a session ended, when dropped.
+struct ReportBack(ActorRef<SupervisorMessage>, SessionId);
+
+impl Drop for ReportBack {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .send_message(SupervisorMessage::RescueFinished { session_id: self.1 });
+    }
+}
+
 /// A session actor the root killed, and its children, to wait for before finalizing.
 pub(crate) struct Killed {
     actor: ractor::ActorCell,
@@ -444,8 +469,11 @@ pub(crate) fn spawn_force(
     let emitter = emitter.clone();
     let span = emitter.span().clone();
     let had_monitor = killed.is_some();
+    let root = state.root.clone();
     let task = tokio::spawn(
         async move {
+            // Told when this ends however it ends (a shutdown waits for it).
+            let _report = ReportBack(root, id);
             if let Some(killed) = killed {
                 killed.gone().await;
             }
@@ -488,15 +516,39 @@ pub(crate) fn spawn_force(
     state.forced.push(task);
 }
 
-async fn finish_shutdown_if_idle(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
-    if state.shutdown.is_none() || !state.sessions.is_empty() {
+/// Ends the shutdown once every session is gone and every rescue has ended.
+fn finish_shutdown_if_idle(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
+    if !state.stopping || !state.sessions.is_empty() {
         return;
     }
-    for task in state.forced.drain(..) {
-        let _ = task.await;
+    state.forced.retain(|t| !t.is_finished());
+    if !state.forced.is_empty() {
+        return; // each tells the root when it ends
     }
-    if let Some(reply) = state.shutdown.take() {
+    for reply in state.shutdown.drain(..) {
         let _ = reply.send(());
     }
     myself.stop(Some("shutdown".to_owned()));
+}
+
+/// `shutdown_timeout` after `Shutdown`: what has not finished is left to the next start's
+/// recovery (its store records say how far it got), so that shutdown returns in bounded
+/// time even while a store cannot complete a session or a finalizer hangs.
+fn abandon(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
+    if !state.stopping {
+        return;
+    }
+    for (id, running) in state.sessions.drain() {
+        tracing::warn!(
+            session_id = %id,
+            timeout = %humantime::format_duration(state.config.shutdown_timeout),
+            "shutdown: the session did not finish in time; the next start's recovery will"
+        );
+        running.actor.kill();
+    }
+    state.by_actor.clear();
+    for task in state.forced.drain(..) {
+        task.abort();
+    }
+    finish_shutdown_if_idle(myself, state);
 }

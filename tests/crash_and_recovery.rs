@@ -386,3 +386,61 @@ async fn a_store_that_cannot_finalize_is_retried_visibly_with_the_harvester_busy
         .expect("harvester is free");
     sup.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_returns_in_bounded_time_and_leaves_an_unfinishable_session_to_recovery() {
+    // The disk is full for good while a session ends: shutdown cannot finalize it, and
+    // must not wait for ever (nor for hours): it returns after shutdown_timeout, and the
+    // next supervisor on the same store finalizes the session once the disk has room.
+    let store = FaultyStore::new();
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = harvest_supervisor::Supervisor::builder(
+        harvest_supervisor::harvest_fn(common::scripted),
+        rec.clone(),
+    )
+    .store(store.clone())
+    .config(harvest_supervisor::SupervisorConfig {
+        session: config(),
+        shutdown_timeout: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .start()
+    .await
+    .expect("supervisor");
+    store
+        .failing_finalization_writes
+        .store(true, Ordering::SeqCst);
+    let id = sup
+        .start_session("csw", ["ok-1", "ok-2"])
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let asked = tokio::time::Instant::now();
+    sup.shutdown().await.expect("shutdown");
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_secs(30) && took <= Duration::from_secs(31),
+        "{took:?}"
+    );
+    assert!(
+        !store
+            .session(id)
+            .await
+            .expect("record")
+            .status
+            .is_terminal()
+    );
+    assert_eq!(rec.calls(), 0);
+
+    store
+        .failing_finalization_writes
+        .store(false, Ordering::SeqCst);
+    let next = supervisor_on(store.clone(), config(), &rec).await;
+    let record = finished(&next, id).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::Interrupted));
+    assert_eq!(rec.calls(), 1);
+    next.start_session("csw", ["ok-1"])
+        .await
+        .expect("harvester is free");
+    next.shutdown().await.expect("shutdown");
+}

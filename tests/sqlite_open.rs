@@ -405,3 +405,73 @@ async fn options_beyond_their_bounds_are_a_typed_error_not_a_panic() {
     }
     assert!(!path.exists(), "nothing was created");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_never_queue_behind_writes() {
+    // Another connection holds the write lock: the store's writer waits for it (up to its
+    // busy timeout). Reads of records, outcomes and events answer meanwhile.
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("h.db");
+    let store = SqliteStore::open_with(
+        &path,
+        SqliteOptions {
+            busy_timeout: Duration::from_secs(10),
+            ..SqliteOptions::default()
+        },
+    )
+    .await
+    .expect("open");
+    let id = harvest_supervisor::SessionId::new();
+    store
+        .create_session(new_session(id, vec!["a".into(), "b".into()]))
+        .await
+        .expect("create");
+    append_events(&store, id, 3);
+    store.flush().await.expect("flush");
+
+    let blocker = rusqlite::Connection::open(&path).expect("open");
+    blocker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("hold the write lock");
+    let writer = store.clone();
+    let write = tokio::spawn(async move {
+        writer
+            .transition(
+                id,
+                harvest_supervisor::SessionStatus::Pending,
+                harvest_supervisor::SessionStatus::OnGoing,
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!write.is_finished(), "the write waits for the lock");
+
+    let quick = Duration::from_secs(2);
+    let record = tokio::time::timeout(quick, store.session(id))
+        .await
+        .expect("a read does not wait for the writer")
+        .expect("record");
+    assert_eq!(record.status, harvest_supervisor::SessionStatus::Pending);
+    let page = tokio::time::timeout(quick, store.events_after(id, 1, 10))
+        .await
+        .expect("nor does an event page")
+        .expect("page");
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3]);
+    tokio::time::timeout(quick, store.outcomes(id))
+        .await
+        .expect("nor outcomes")
+        .expect("outcomes");
+    tokio::time::timeout(quick, store.list_sessions())
+        .await
+        .expect("nor the history")
+        .expect("list");
+
+    blocker.execute_batch("ROLLBACK").expect("release");
+    assert!(write.await.expect("task").expect("transition"));
+    assert_eq!(
+        store.session(id).await.expect("record").status,
+        harvest_supervisor::SessionStatus::OnGoing,
+        "a read after an acknowledged write sees it"
+    );
+    store.close().await.expect("close");
+}

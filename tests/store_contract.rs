@@ -30,7 +30,7 @@ fn completion(status: SessionStatus) -> Completion {
     Completion {
         reason: FinalizeReason::Completed,
         status,
-        missing: Vec::new(),
+        unrecorded: Vec::new(),
         counts: OutcomeCounts::default(),
         finalizer_error: None,
         ended: chrono::Utc::now(),
@@ -144,8 +144,9 @@ async fn completion_is_once_and_frees_only_its_own_harvester(store: Arc<dyn Sess
         attempts: 0,
         elapsed: Duration::ZERO,
     };
+    // Nothing recorded and nothing written with the completion: the store derives the
+    // missing outcome from the reason (Completed: lost).
     let mut c = completion(SessionStatus::FinishedAllFailed);
-    c.missing = vec![missing.clone()];
     c.counts.lost = 1;
     assert!(matches!(
         store.complete_finalization(old.id, c.clone()).await,
@@ -474,7 +475,152 @@ async fn finalizer_starts_are_counted_only_between_claim_and_completion(
     assert_eq!(store.session(r.id).await.expect("r").finalizer_attempts, 2);
 }
 
+/// A terminal session has one outcome per resource without a row per missing one: what
+/// was recorded, what the completion brought, and the rest derived from the reason.
+async fn a_terminal_session_derives_the_outcomes_it_never_recorded(store: Arc<dyn SessionStore>) {
+    let r = store
+        .create_session(new_session("derive", 6))
+        .await
+        .expect("create");
+    let outcome = |id: &str, outcome| OutcomeRecord {
+        resource_id: id.into(),
+        outcome,
+        attempts: 2,
+        elapsed: Duration::from_secs(3),
+    };
+    let ok = |id: &str| outcome(id, ResourceOutcome::Succeeded);
+    store.record_outcome(r.id, ok("r4")).await.expect("r4");
+    store.record_outcome(r.id, ok("r1")).await.expect("r1");
+    // Not derived before the end.
+    assert_eq!(store.outcomes(r.id).await.expect("o").len(), 2);
+    assert_eq!(store.outcomes_page(r.id, 0, 10).await.expect("p").1, 2);
+    store
+        .claim_finalization(r.id, FinalizeReason::DeadlineExpired)
+        .await
+        .expect("claim");
+    let mut c = completion(SessionStatus::FinishedSomeFailed);
+    c.reason = FinalizeReason::DeadlineExpired;
+    // The session saw r2 fail, but the store missed it: written with the completion.
+    c.unrecorded = vec![outcome(
+        "r2",
+        ResourceOutcome::Failed {
+            error: "500".into(),
+        },
+    )];
+    c.counts = OutcomeCounts {
+        succeeded: 2,
+        failed: 1,
+        timed_out: 3,
+        ..OutcomeCounts::default()
+    };
+    store
+        .complete_finalization(r.id, c)
+        .await
+        .expect("complete");
+    let timed_out = |id: &str| OutcomeRecord {
+        resource_id: id.into(),
+        outcome: ResourceOutcome::TimedOut,
+        attempts: 0,
+        elapsed: Duration::ZERO,
+    };
+    let expected = vec![
+        ok("r4"),
+        ok("r1"),
+        outcome(
+            "r2",
+            ResourceOutcome::Failed {
+                error: "500".into(),
+            },
+        ),
+        timed_out("r0"),
+        timed_out("r3"),
+        timed_out("r5"),
+    ];
+    assert_eq!(store.outcomes(r.id).await.expect("o"), expected);
+    for (offset, limit) in [(0, 2), (1, 3), (2, 2), (4, 10), (6, 5), (0, 100)] {
+        let (page, total) = store
+            .outcomes_page(r.id, offset, limit)
+            .await
+            .expect("page");
+        let end = (offset + limit).min(expected.len());
+        assert_eq!(page, expected[offset.min(end)..end], "{offset}+{limit}");
+        assert_eq!(total, 6);
+    }
+    let after = store.session(r.id).await.expect("record");
+    assert_eq!(after.counts.total(), 6);
+
+    // An abort derives cancellations.
+    let a = store
+        .create_session(new_session("derive-abort", 2))
+        .await
+        .expect("create");
+    store
+        .claim_finalization(a.id, FinalizeReason::Aborted)
+        .await
+        .expect("claim");
+    let mut c = completion(SessionStatus::Aborted);
+    c.reason = FinalizeReason::Aborted;
+    store
+        .complete_finalization(a.id, c)
+        .await
+        .expect("complete");
+    let kinds: Vec<ResourceOutcome> = store
+        .outcomes(a.id)
+        .await
+        .expect("o")
+        .into_iter()
+        .map(|o| o.outcome)
+        .collect();
+    assert_eq!(
+        kinds,
+        [ResourceOutcome::Cancelled, ResourceOutcome::Cancelled]
+    );
+}
+
+/// A log is read page by page, in `seq` order, each event once.
+async fn event_logs_page_in_seq_order(store: Arc<dyn SessionStore>) {
+    let r = store
+        .create_session(new_session("pages", 0))
+        .await
+        .expect("create");
+    for seq in 1..=10 {
+        store
+            .append_event(harvest_supervisor::SessionEvent {
+                seq,
+                at: chrono::Utc::now(),
+                session_id: r.id,
+                harvester_id: "pages".into(),
+                kind: harvest_supervisor::EventKind::MonitorTick {
+                    remaining: Duration::from_secs(seq),
+                },
+            })
+            .expect("append");
+    }
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.events_after(r.id, after, 3).await.expect("page");
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        seen.extend(page.iter().map(|e| e.seq));
+    }
+    assert_eq!(seen, (1..=10).collect::<Vec<_>>());
+    assert_eq!(
+        store.events_after(r.id, 4, 0).await.expect("page").len(),
+        1,
+        "limit 0 reads as 1"
+    );
+    assert_eq!(store.events(r.id).await.expect("all").len(), 10);
+    assert!(matches!(
+        store.events_after(SessionId::new(), 0, 3).await,
+        Err(StoreError::UnknownSession { .. })
+    ));
+}
+
 async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
+    event_logs_page_in_seq_order(make()).await;
+    a_terminal_session_derives_the_outcomes_it_never_recorded(make()).await;
     finalizer_starts_are_counted_only_between_claim_and_completion(make()).await;
     every_kind_of_outcome_reads_back_as_recorded(make()).await;
     outcomes_recorded_in_place_follow_the_same_rules(make()).await;
@@ -498,7 +644,7 @@ async fn sqlite_store_keeps_the_contract() {
     let dir = tempfile::tempdir().expect("temp dir");
     // One fresh file per part of the contract.
     let mut stores = Vec::new();
-    for i in 0..11 {
+    for i in 0..13 {
         stores.push(
             SqliteStore::open(dir.path().join(format!("s{i}.db")))
                 .await

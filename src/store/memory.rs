@@ -195,6 +195,35 @@ enum KeptOutcome {
     Other(Box<OutcomeRecord>),
 }
 
+impl StoredSession {
+    /// Resources with no recorded outcome whose outcome is derived (only once terminal).
+    fn missing(&self) -> usize {
+        if self.record.status.is_terminal() && self.outcomes.len() < self.resources.len() {
+            self.resources
+                .len()
+                .saturating_sub(self.recorded_ids().len())
+        } else {
+            0
+        }
+    }
+
+    fn recorded_ids(&self) -> std::collections::HashSet<&str> {
+        self.outcomes
+            .iter()
+            .map(|o| o.resource_id().as_str())
+            .collect()
+    }
+
+    /// The derived outcomes of a terminal session (see [`SessionStore::outcomes`]).
+    fn derived(&self) -> Vec<OutcomeRecord> {
+        if !self.record.status.is_terminal() || self.outcomes.len() >= self.resources.len() {
+            return Vec::new();
+        }
+        let recorded = self.recorded_ids();
+        crate::store::derived_outcomes(&self.record, &self.resources, &recorded).collect()
+    }
+}
+
 impl KeptOutcome {
     fn keep(record: &OutcomeRecord) -> Self {
         match (&record.outcome, nanos(record.elapsed)) {
@@ -419,7 +448,11 @@ impl SessionStore for MemoryStore {
     }
 
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
-        self.with(id, |s| s.outcomes.iter().map(KeptOutcome::read).collect())
+        self.with(id, |s| {
+            let mut all: Vec<OutcomeRecord> = s.outcomes.iter().map(KeptOutcome::read).collect();
+            all.extend(s.derived());
+            all
+        })
     }
 
     async fn outcomes_page(
@@ -429,14 +462,16 @@ impl SessionStore for MemoryStore {
         limit: usize,
     ) -> Result<(Vec<OutcomeRecord>, usize), StoreError> {
         self.with(id, |s| {
-            let page = s
-                .outcomes
-                .iter()
-                .skip(offset)
-                .take(limit)
-                .map(KeptOutcome::read)
-                .collect();
-            (page, s.outcomes.len())
+            let recorded = s.outcomes.iter().map(KeptOutcome::read);
+            // Derived only when the page reaches past the recorded ones.
+            let derived = if offset.saturating_add(limit) > s.outcomes.len() {
+                s.derived()
+            } else {
+                Vec::new()
+            };
+            let total = s.outcomes.len() + s.missing();
+            let page = recorded.chain(derived).skip(offset).take(limit).collect();
+            (page, total)
         })
     }
 
@@ -465,6 +500,31 @@ impl SessionStore for MemoryStore {
             let harvester_id = &s.record.harvester_id;
             s.events
                 .iter()
+                .map(|e| SessionEvent {
+                    seq: e.seq,
+                    at: e.at,
+                    session_id: id,
+                    harvester_id: harvester_id.clone(),
+                    kind: e.kind.read(),
+                })
+                .collect()
+        })
+    }
+
+    async fn events_after(
+        &self,
+        id: SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<SessionEvent>, StoreError> {
+        let limit = limit.clamp(1, crate::store::MAX_EVENT_PAGE);
+        self.with(id, |s| {
+            let harvester_id = &s.record.harvester_id;
+            // The ring is in `seq` order: find the first past `after` by bisection.
+            let from = s.events.partition_point(|e| e.seq <= after);
+            s.events
+                .range(from..)
+                .take(limit)
                 .map(|e| SessionEvent {
                     seq: e.seq,
                     at: e.at,
@@ -550,7 +610,7 @@ impl SessionStore for MemoryStore {
                 return Completed::AlreadyFinalized(s.record.clone());
             }
             s.outcomes
-                .extend(completion.missing.iter().map(KeptOutcome::keep));
+                .extend(completion.unrecorded.iter().map(KeptOutcome::keep));
             let r = &mut s.record;
             r.status = completion.status;
             r.finalizing = Some(completion.reason);

@@ -14,12 +14,14 @@
 
 mod batch;
 mod line;
+mod readers;
 mod rows;
 mod schema;
 mod writer;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,10 +34,11 @@ use crate::model::{
     FinalizeReason, HarvesterId, OutcomeRecord, ResourceId, SessionId, SessionRecord, SessionStatus,
 };
 use crate::store::{
-    Claim, Completed, Completion, NewSession, OutcomeReceipt, SessionPage, SessionQuery,
-    SessionStore,
+    Claim, Completed, Completion, MAX_EVENT_PAGE, NewSession, OutcomeReceipt, SessionPage,
+    SessionQuery, SessionStore, derived_outcomes,
 };
 use line::event_of_line;
+use readers::Readers;
 use rows::{
     INSERT_OUTCOME, OutcomeCursor, OutcomeRange, RECORD_COLUMNS, backend, count, load, nanos,
     outcome_row, read_resources, record, session_key, text, usize_of, write_resources,
@@ -120,6 +123,8 @@ impl Default for SqliteOptions {
 #[derive(Clone)]
 pub struct SqliteStore {
     writer: Writer,
+    /// Reads run here, never on the writer (see `sqlite/readers.rs`).
+    readers: Arc<Readers>,
     path: PathBuf,
 }
 
@@ -145,7 +150,12 @@ impl SqliteStore {
             .map_err(|e| StoreError::Backend(Box::new(e)))??;
         let writer = Writer::spawn(conn, options.commit_delay)
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
-        Ok(Self { writer, path })
+        let readers = Readers::new(path.clone(), options.busy_timeout);
+        Ok(Self {
+            writer,
+            readers,
+            path,
+        })
     }
 
     /// The database file.
@@ -156,9 +166,67 @@ impl SqliteStore {
     /// Commits what is queued and closes the file; every clone of this store is closed.
     /// Dropping the last clone closes it too, but in the background.
     pub async fn close(&self) -> Result<(), StoreError> {
+        self.readers.close();
         self.writer.close().await
     }
+
+    /// Makes the events appended so far readable (they are committed without anyone
+    /// waiting): a barrier through the writer, skipped when none is pending. A failed
+    /// commit (a full disk) lost them; the read goes on with what is there.
+    async fn see_appended_events(&self) {
+        if self.writer.events_pending()
+            && let Err(error) = self.writer.flush().await
+        {
+            tracing::debug!(%error, "store: events appended before a read were not committed");
+        }
+    }
+
+    /// Up to `limit` events of session `id` after `after`, in `seq` order, on a reader.
+    async fn read_events(
+        &self,
+        id: SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<SessionEvent>, StoreError> {
+        self.readers
+            .read(move |conn| {
+                let harvester_id = load(conn, id)?.harvester_id;
+                let after_seq = i64::try_from(after).unwrap_or(i64::MAX);
+                let mut s = conn
+                    .prepare_cached(
+                        "SELECT body FROM event_chunks \
+                         WHERE session_key = (SELECT key FROM sessions WHERE id = ?1) \
+                           AND last_seq > ?2 \
+                         ORDER BY first_seq",
+                    )
+                    .map_err(backend)?;
+                let mut rows = s
+                    .query(params![id.to_string(), after_seq])
+                    .map_err(backend)?;
+                let mut events: Vec<SessionEvent> = Vec::new();
+                'chunks: while let Some(row) = rows.next().map_err(backend)? {
+                    let body = row.get_ref(0).and_then(|v| v.as_str().map_err(Into::into));
+                    for line in body.map_err(backend)?.lines() {
+                        let event = event_of_line(line, id, &harvester_id)?;
+                        // In seq order, once each, whatever chunks overlap.
+                        let last = events.last().map_or(after, |e| e.seq);
+                        if event.seq > last {
+                            events.push(event);
+                            if events.len() >= limit {
+                                break 'chunks;
+                            }
+                        }
+                    }
+                }
+                Ok(events)
+            })
+            .await
+    }
 }
+
+/// Events read per page by [`SessionStore::events`]: each page borrows a read connection
+/// once, so a reader of a huge log never holds one for the whole log.
+const EVENT_PAGE: usize = 4096;
 
 #[async_trait]
 impl SessionStore for SqliteStore {
@@ -211,12 +279,12 @@ impl SessionStore for SqliteStore {
     }
 
     async fn session(&self, id: SessionId) -> Result<SessionRecord, StoreError> {
-        self.writer.call(move |conn| load(conn, id)).await
+        self.readers.read(move |conn| load(conn, id)).await
     }
 
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
-        self.writer
-            .call(|conn| {
+        self.readers
+            .read(|conn| {
                 let mut s = conn
                     .prepare_cached(&format!(
                         "SELECT {RECORD_COLUMNS} FROM sessions ORDER BY id DESC"
@@ -233,8 +301,8 @@ impl SessionStore for SqliteStore {
         let harvester = query.harvester_id.as_ref().map(ToString::to_string);
         let status = query.status.as_ref().map(text).transpose()?;
         let before = query.before.map(|b| b.to_string());
-        self.writer
-            .call(move |conn| {
+        self.readers
+            .read(move |conn| {
                 let mut s = conn
                     .prepare_cached(&format!(
                         "SELECT {RECORD_COLUMNS} FROM sessions \
@@ -257,8 +325,8 @@ impl SessionStore for SqliteStore {
         harvester: &HarvesterId,
     ) -> Result<Option<SessionId>, StoreError> {
         let harvester = harvester.to_string();
-        self.writer
-            .call(move |conn| {
+        self.readers
+            .read(move |conn| {
                 let holder: Option<String> = conn
                     .query_row(
                         "SELECT session_id FROM harvester_locks WHERE harvester_id = ?1",
@@ -276,8 +344,8 @@ impl SessionStore for SqliteStore {
     }
 
     async fn resources(&self, id: SessionId) -> Result<Vec<ResourceId>, StoreError> {
-        self.writer
-            .call(move |conn| read_resources(conn, session_key(conn, id)?))
+        self.readers
+            .read(move |conn| read_resources(conn, session_key(conn, id)?))
             .await
     }
 
@@ -321,8 +389,8 @@ impl SessionStore for SqliteStore {
     }
 
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
-        self.writer
-            .call(move |conn| {
+        self.readers
+            .read(move |conn| {
                 let range = OutcomeRange::read(conn, id)?;
                 let mut s = conn
                     .prepare_cached(
@@ -333,7 +401,17 @@ impl SessionStore for SqliteStore {
                 let rows = s
                     .query_map([range.start, range.end], outcome_row)
                     .map_err(backend)?;
-                rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+                let mut all = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
+                let record = load(conn, id)?;
+                if record.status.is_terminal() && all.len() < record.total {
+                    let resources = read_resources(conn, session_key(conn, id)?)?;
+                    let recorded: HashSet<&str> =
+                        all.iter().map(|o| o.resource_id.as_str()).collect();
+                    let derived: Vec<OutcomeRecord> =
+                        derived_outcomes(&record, &resources, &recorded).collect();
+                    all.extend(derived);
+                }
+                Ok(all)
             })
             .await
     }
@@ -344,16 +422,17 @@ impl SessionStore for SqliteStore {
         offset: usize,
         limit: usize,
     ) -> Result<(Vec<OutcomeRecord>, usize), StoreError> {
-        self.writer
-            .call(move |conn| {
+        self.readers
+            .read(move |conn| {
                 let range = OutcomeRange::read(conn, id)?;
-                let total: i64 = conn
+                let stored: i64 = conn
                     .query_row(
                         "SELECT count(*) FROM outcomes WHERE place BETWEEN ?1 AND ?2",
                         [range.start, range.end],
                         |r| r.get(0),
                     )
                     .map_err(backend)?;
+                let stored = usize_of(stored);
                 let mut s = conn
                     .prepare_cached(
                         "SELECT resource_id, outcome, detail, attempts, elapsed_ns FROM outcomes \
@@ -366,8 +445,35 @@ impl SessionStore for SqliteStore {
                         outcome_row,
                     )
                     .map_err(backend)?;
-                let page = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
-                Ok((page, usize_of(total)))
+                let mut page = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
+                let record = load(conn, id)?;
+                if !record.status.is_terminal() || stored >= record.total {
+                    return Ok((page, stored));
+                }
+                // A terminal session with resources never recorded: they follow, derived.
+                let total = record.total;
+                if offset.saturating_add(limit) > stored && page.len() < limit {
+                    let resources = read_resources(conn, session_key(conn, id)?)?;
+                    let mut ids = conn
+                        .prepare_cached(
+                            "SELECT resource_id FROM outcomes WHERE place BETWEEN ?1 AND ?2",
+                        )
+                        .map_err(backend)?;
+                    let ids = ids
+                        .query_map([range.start, range.end], |r| r.get::<_, String>(0))
+                        .map_err(backend)?
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(backend)?;
+                    let recorded: HashSet<&str> = ids.iter().map(String::as_str).collect();
+                    let skip = offset.saturating_sub(stored);
+                    let room = limit - page.len();
+                    page.extend(
+                        derived_outcomes(&record, &resources, &recorded)
+                            .skip(skip)
+                            .take(room),
+                    );
+                }
+                Ok((page, total))
             })
             .await
     }
@@ -377,38 +483,34 @@ impl SessionStore for SqliteStore {
     }
 
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
-        self.writer
-            .call_seeing_events(move |conn| {
-                let harvester_id = load(conn, id)?.harvester_id;
-                let mut s = conn
-                    .prepare_cached(
-                        "SELECT body FROM event_chunks \
-                         WHERE session_key = (SELECT key FROM sessions WHERE id = ?1) \
-                         ORDER BY first_seq",
-                    )
-                    .map_err(backend)?;
-                let rows = s
-                    .query_map([id.to_string()], |r| r.get::<_, String>(0))
-                    .map_err(backend)?;
-                let mut events: Vec<SessionEvent> = Vec::new();
-                for body in rows {
-                    let body = body.map_err(backend)?;
-                    for line in body.lines() {
-                        let event = event_of_line(line, id, &harvester_id)?;
-                        // In seq order, once each, whatever chunks overlap.
-                        if events.last().is_none_or(|last| event.seq > last.seq) {
-                            events.push(event);
-                        }
-                    }
-                }
-                Ok(events)
-            })
+        self.see_appended_events().await;
+        let mut events = Vec::new();
+        loop {
+            let after = events.last().map_or(0, |e: &SessionEvent| e.seq);
+            let page = self.read_events(id, after, EVENT_PAGE).await?;
+            let more = page.len() == EVENT_PAGE;
+            events.extend(page);
+            if !more {
+                return Ok(events);
+            }
+        }
+    }
+
+    async fn events_after(
+        &self,
+        id: SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<SessionEvent>, StoreError> {
+        self.see_appended_events().await;
+        self.read_events(id, after, limit.clamp(1, MAX_EVENT_PAGE))
             .await
     }
 
     async fn last_event_seq(&self, id: SessionId) -> Result<u64, StoreError> {
-        self.writer
-            .call_seeing_events(move |conn| {
+        self.see_appended_events().await;
+        self.readers
+            .read(move |conn| {
                 load(conn, id)?;
                 let seq: Option<i64> = conn
                     .query_row(
@@ -481,8 +583,8 @@ impl SessionStore for SqliteStore {
     }
 
     async fn session_config(&self, id: SessionId) -> Result<Option<SessionConfig>, StoreError> {
-        self.writer
-            .call(move |conn| {
+        self.readers
+            .read(move |conn| {
                 load(conn, id)?;
                 let text: Option<String> = conn
                     .query_row(
@@ -576,12 +678,10 @@ impl SessionStore for SqliteStore {
                 if done == 0 {
                     return Ok(Completed::AlreadyFinalized(load(conn, id)?));
                 }
-                if !completion.missing.is_empty() {
-                    let mut cursor = OutcomeCursor::read(conn, id)?;
-                    let mut insert = conn.prepare_cached(INSERT_OUTCOME).map_err(backend)?;
-                    for o in &completion.missing {
-                        cursor.insert(&mut insert, o)?;
-                    }
+                if !completion.unrecorded.is_empty() {
+                    // Best effort, in a savepoint of its own: if they do not fit (a full
+                    // disk), the completion goes on without them.
+                    write_unrecorded(conn, id, &completion.unrecorded);
                 }
                 // Only this session's own lock: never a newer session's.
                 conn.prepare_cached("DELETE FROM harvester_locks WHERE session_id = ?1")
@@ -590,5 +690,43 @@ impl SessionStore for SqliteStore {
                 Ok(Completed::Now(load(conn, id)?))
             })
             .await
+    }
+}
+
+/// Writes outcomes a session observed and could not record, with its completion, in a
+/// savepoint: should they not fit, they are rolled back alone and the completion (O(1)
+/// new space) goes on. The session's counts, written with the completion, have them
+/// either way.
+fn write_unrecorded(conn: &rusqlite::Connection, id: SessionId, unrecorded: &[OutcomeRecord]) {
+    let run = |sql: &str| {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]).map(drop))
+    };
+    if let Err(e) = run("SAVEPOINT unrecorded") {
+        tracing::warn!(error = %e, "store: could not write the unrecorded outcomes");
+        return;
+    }
+    let written = (|| {
+        let mut cursor = OutcomeCursor::read(conn, id)?;
+        let mut insert = conn.prepare_cached(INSERT_OUTCOME).map_err(backend)?;
+        for o in unrecorded {
+            cursor.insert(&mut insert, o)?;
+        }
+        Ok::<(), StoreError>(())
+    })();
+    let end = match &written {
+        Ok(()) => run("RELEASE unrecorded"),
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                outcomes = unrecorded.len(),
+                "store: the unrecorded outcomes do not fit; completing without them \
+                 (the counts have them)"
+            );
+            run("ROLLBACK TO unrecorded").and_then(|()| run("RELEASE unrecorded"))
+        }
+    };
+    if let Err(e) = end {
+        tracing::warn!(error = %e, "store: savepoint failed");
     }
 }

@@ -52,8 +52,19 @@ pub enum SupervisorMessage {
     GetSession(SessionId, RpcReplyPort<Result<SessionRecord, SessionError>>),
     /// Every session's record, newest first.
     ListSessions(RpcReplyPort<Result<Vec<SessionRecord>, SessionError>>),
-    /// Finalize every running session with `Shutdown`, then stop the root. Replies when done.
+    /// Finalize every running session with `Shutdown`, then stop the root. Replies when
+    /// done, or after `shutdown_timeout` at the latest: what has not finished by then is
+    /// left to the next start's recovery.
     Shutdown(RpcReplyPort<()>),
+    /// Self-sent `shutdown_timeout` after `Shutdown`: stop waiting for sessions that have
+    /// not finished. Embedders never send it.
+    ShutdownDeadline,
+    /// From a task of the root's own: its finalization of a session ended. Embedders never
+    /// send it.
+    RescueFinished {
+        /// The session it finalized (or tried to).
+        session_id: SessionId,
+    },
     /// From a monitor: this session did not finalize within `escalation_grace`; stop its
     /// actor and finalize it from the store.
     Escalate {

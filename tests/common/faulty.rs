@@ -242,6 +242,14 @@ impl SessionStore for FaultyStore {
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
         self.inner.events(id).await
     }
+    async fn events_after(
+        &self,
+        id: SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<SessionEvent>, StoreError> {
+        self.inner.events_after(id, after, limit).await
+    }
     async fn last_event_seq(&self, id: SessionId) -> Result<u64, StoreError> {
         self.inner.last_event_seq(id).await
     }

@@ -11,13 +11,16 @@
 //!
 //! Events and outcomes are the bulk of the writes, so they are not opaque jobs: a batch's
 //! events of one session become one row of `event_chunks` (JSON lines), and its outcomes
-//! one insert each plus one counter update per session (see [`super::batch`]). What was
-//! gathered is written before any job runs (counts, which any job may read) or before a
-//! job marked as reading events ([`Writer::call_seeing_events`]), so every job still sees
-//! everything sent before it.
+//! one insert each plus one counter update per session (see [`super::batch`]). Counts are
+//! written before any job runs (a job may read them), so every job still sees everything
+//! sent before it. Reads do not come here: they run on connections of their own
+//! (`readers`), and see what is committed; [`Writer::events_pending`] tells a reader of
+//! events whether a barrier is needed first.
 //!
 //! Blocking I/O never runs on the async runtime: callers only send and await an answer.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -45,8 +48,8 @@ type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
 type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Answer) + Send>;
 
 pub(crate) enum Command {
-    /// An operation whose caller waits for the answer; `true` if it reads events.
-    Job(Job, bool),
+    /// An operation whose caller waits for the answer.
+    Job(Job),
     /// A final outcome to record; answered after the commit.
     Outcome(SessionId, OutcomeRecord, OutcomeAnswer),
     /// An event to append (serialized on this thread, into its chunk); nobody waits.
@@ -67,39 +70,31 @@ impl Command {
 #[derive(Clone)]
 pub(crate) struct Writer {
     tx: SyncSender<Command>,
+    /// Events sent and not yet through a commit (committed, or lost with a failed one).
+    pending_events: Arc<AtomicU64>,
 }
 
 impl Writer {
     /// Starts the thread that owns `conn`.
     pub(crate) fn spawn(conn: Connection, commit_delay: Duration) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let pending_events = Arc::new(AtomicU64::new(0));
+        let pending = Arc::clone(&pending_events);
         std::thread::Builder::new()
             .name("harvest-store".into())
-            .spawn(move || run(conn, rx, commit_delay))?;
-        Ok(Self { tx })
+            .spawn(move || run(conn, rx, commit_delay, &pending))?;
+        Ok(Self { tx, pending_events })
+    }
+
+    /// Whether events were appended that no commit has taken yet.
+    pub(crate) fn events_pending(&self) -> bool {
+        self.pending_events.load(Ordering::Acquire) > 0
     }
 
     /// Runs `f` on the connection inside the next batch; answers after the commit.
     pub(crate) async fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        self.job(f, false).await
-    }
-
-    /// [`Self::call`] for a job that reads events: every event sent before it is written
-    /// first.
-    pub(crate) async fn call_seeing_events<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        self.job(f, true).await
-    }
-
-    async fn job<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-        sees_events: bool,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
@@ -108,15 +103,21 @@ impl Writer {
                 None => Err(StoreError::Closed),
             };
             let ok = result.is_ok();
+            // A job that failed was rolled back to its savepoint and changed nothing: its
+            // own error is the answer whether or not the batch then committed (a busy
+            // harvester stays `HarvesterBusy` on a full disk).
             let answer: Answer = Box::new(move |commit_error| {
-                let _ = reply.send(match commit_error {
-                    Some(e) => Err(StoreError::Backend(format!("commit failed: {e}").into())),
-                    None => result,
+                let _ = reply.send(match (commit_error, result) {
+                    (_, Err(e)) => Err(e),
+                    (Some(e), Ok(_)) => {
+                        Err(StoreError::Backend(format!("commit failed: {e}").into()))
+                    }
+                    (None, ok) => ok,
                 });
             });
             (ok, answer)
         });
-        self.send(Command::Job(job, sees_events))?;
+        self.send(Command::Job(job))?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -140,7 +141,12 @@ impl Writer {
 
     /// Queues an event for its session's chunk; never waits unless the queue is full.
     pub(crate) fn event(&self, event: SessionEvent) -> Result<(), StoreError> {
-        self.send(Command::Event(event))
+        self.pending_events.fetch_add(1, Ordering::AcqRel);
+        let sent = self.send(Command::Event(event));
+        if sent.is_err() {
+            self.pending_events.fetch_sub(1, Ordering::AcqRel);
+        }
+        sent
     }
 
     /// Commits what is queued and closes the connection; later calls get `Closed`.
@@ -170,7 +176,7 @@ impl Writer {
     }
 }
 
-fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration) {
+fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration, pending: &AtomicU64) {
     let mut batch = Vec::with_capacity(64);
     let mut closing = None;
     while let Ok(first) = rx.recv() {
@@ -206,7 +212,13 @@ fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration) {
         {
             closing = Some(reply);
         }
+        let events = batch
+            .iter()
+            .filter(|c| matches!(c, Command::Event(..)))
+            .count();
         commit(&conn, &mut batch);
+        // Committed, or lost with a failed commit: either way no longer pending.
+        pending.fetch_sub(u64::try_from(events).unwrap_or(0), Ordering::AcqRel);
         if closing.is_some() {
             break;
         }
@@ -238,13 +250,10 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
     }
     for command in batch.drain(..) {
         match command {
-            Command::Job(job, _) if begun.is_err() => answers.push(job(None).1),
-            Command::Job(job, sees_events) => {
+            Command::Job(job) if begun.is_err() => answers.push(job(None).1),
+            Command::Job(job) => {
                 if let Err(e) = tallies.write(conn) {
                     failed.get_or_insert(e.to_string());
-                }
-                if sees_events {
-                    chunks.write(conn);
                 }
                 // Prepared once and reused: parsing these twice per job was a tenth of the
                 // writer's time.
