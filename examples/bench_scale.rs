@@ -5,6 +5,7 @@
 //! cargo run --release --example bench_scale -- throughput --n 10000 --reps 5
 //! cargo run --release --example bench_scale -- latency --runs 500
 //! cargo run --release --example bench_scale -- watchdog --sessions 10000
+//! cargo run --release --example bench_scale -- replay --n 10000 --log 100000 --readers 20
 //! cargo run --release --example bench_scale -- one --imp memory --n 1000   # one case, JSON
 //! ```
 //!
@@ -90,6 +91,22 @@ enum Cmd {
         #[arg(long, default_value_t = 30_000)]
         actors: usize,
     },
+    /// A durable session's cost per resource alone, and while readers replay a long
+    /// stored event log (reads must not queue behind the session's writes).
+    Replay {
+        /// Resources of the timed session.
+        #[arg(long, default_value_t = 10_000)]
+        n: usize,
+        /// Events in the stored log the readers replay.
+        #[arg(long, default_value_t = 100_000)]
+        log: u64,
+        /// Readers replaying it, each in a loop, while the session runs.
+        #[arg(long, default_value_t = 20)]
+        readers: usize,
+        /// Pairs of runs (alone, with readers), interleaved.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
     /// Many idle sessions, each with one slow resource, under a 1 s monitor interval.
     Watchdog {
         #[arg(long, default_value_t = 10_000)]
@@ -167,7 +184,11 @@ async fn run_one(imp: Imp, n: usize, warm: bool) -> Sample {
     let mut took = Duration::ZERO;
     for _ in 0..if warm { 2 } else { 1 } {
         took = match imp {
-            Imp::Floor => impls::run_floor(n).await,
+            // On a worker thread, where every other case's work runs (the actors): on the
+            // main thread, inside `block_on`, the JoinSet ran 2.3 times slower.
+            Imp::Floor => tokio::spawn(impls::run_floor(n))
+                .await
+                .expect("the floor's task"),
             Imp::Actor => impls::run_actor(n).await,
             // The memory store when `store` is `None`.
             Imp::Memory | Imp::Sqlite => {
@@ -351,6 +372,82 @@ async fn latency(runs: usize) {
     }
 }
 
+/// A durable session of `n` resources, alone and while `readers` tasks replay a stored log
+/// of `log` events in a loop, `reps` pairs interleaved. Prints the table row.
+async fn replay(n: usize, log: u64, readers: usize, reps: usize) {
+    use harvest_supervisor::store::NewSession;
+    use harvest_supervisor::{EventKind, SessionEvent, SessionId};
+    let dir = std::env::temp_dir().join(format!("hs-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let store = SqliteStore::open(dir.join("bench.db")).await.expect("db");
+    // The long log: one finished-looking session's events, appended straight to the store.
+    let old = SessionId::new();
+    store
+        .create_session(NewSession {
+            id: old,
+            harvester_id: "old".into(),
+            resources: Arc::new([]),
+            started: chrono::Utc::now(),
+            workflow_time: Duration::from_secs(60),
+            config: Arc::default(),
+        })
+        .await
+        .expect("old session");
+    for seq in 1..=log {
+        store
+            .append_event(SessionEvent {
+                seq,
+                at: chrono::Utc::now(),
+                session_id: old,
+                harvester_id: "old".into(),
+                kind: EventKind::WorkerSucceeded {
+                    resource_id: format!("r{seq}").into(),
+                    attempt: 1,
+                    elapsed: Duration::from_millis(3),
+                },
+            })
+            .expect("append");
+    }
+    store.flush().await.expect("flush");
+    let durable = || Some(Arc::new(store.clone()) as Arc<dyn SessionStore>);
+    let (mut alone, mut loaded, mut replays) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        alone.push(impls::run_session(n, durable()).await.as_secs_f64() * 1e6 / n as f64);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..readers)
+            .map(|_| {
+                let (store, stop, done) = (store.clone(), Arc::clone(&stop), Arc::clone(&done));
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let events = store.events(old).await.expect("replay");
+                        assert_eq!(events.len() as u64, log);
+                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        // Let every reader be mid-replay when the session starts.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        loaded.push(impls::run_session(n, durable()).await.as_secs_f64() * 1e6 / n as f64);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in tasks {
+            t.await.expect("reader");
+        }
+        replays.push(done.load(std::sync::atomic::Ordering::Relaxed) as f64);
+    }
+    let ratios: Vec<f64> = loaded.iter().zip(&alone).map(|(l, a)| l / a).collect();
+    println!(
+        "| {n} | {log} | {readers} | {:.2} | {:.2} | {:.2} | {:.0} |",
+        median(alone),
+        median(loaded),
+        median(ratios),
+        median(replays)
+    );
+    store.close().await.expect("close");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Many sessions, each with one resource that sleeps, under a 1 s monitor interval.
 async fn watchdog(sessions: usize, idle: Duration) {
     let harvest = harvest_fn(|_| async {
@@ -429,6 +526,17 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let per = (rss_kib().saturating_sub(before)) as f64 / actors as f64;
             println!("| {actors} idle ractor actors | {per:.1} KiB each |");
+        }
+        Cmd::Replay {
+            n,
+            log,
+            readers,
+            reps,
+        } => {
+            println!(
+                "| N | log events | readers | µs/resource alone | with readers | ratio (median of pairs) | replays meanwhile |\n|---|---|---|---|---|---|---|"
+            );
+            replay(n, log, readers, reps).await;
         }
         Cmd::Watchdog {
             sessions,

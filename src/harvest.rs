@@ -27,7 +27,18 @@ pub trait ResourceHarvester: Send + Sync + 'static {
     async fn harvest(&self, ctx: HarvestContext) -> Result<(), BoxError>;
 }
 
-/// Records a session's outcome. Runs exactly once per session, whatever ended it.
+/// Records a session's outcome. Runs once per session, whatever ended it.
+///
+/// Exactly once within one healthy process (a finalizer that hangs past `escalation_grace`
+/// is cut and recorded, not run again). Across a crash the store's three durable steps
+/// (claimed, finalizer started, completed) decide: a process that died after its claim and
+/// before its finalizer started leaves the finalizer to the next start's recovery, which
+/// runs it; one that died while the finalizer ran leaves it to be run again
+/// ([`crate::FinalizerRecovery::Rerun`], the default, with
+/// [`SessionReport::finalizer_attempt`] above 1) or recorded as interrupted
+/// ([`crate::FinalizerRecovery::Skip`]). Make it idempotent by session id: write the
+/// outcome keyed by `report.session_id` (an upsert), or look first when
+/// `finalizer_attempt > 1`.
 #[async_trait]
 pub trait SessionFinalizer: Send + Sync + 'static {
     /// Record the outcome. An error (or a panic) is written on the session as its

@@ -6,8 +6,9 @@
 //! *finalizer* that records the outcome and frees the harvester. With a Celery chord, one
 //! task that fails, times out or hangs means the finalizer never runs and the session stays
 //! "on-going" forever. Here an in-process supervision tree (ractor + tokio) runs the
-//! finalizer **exactly once** whatever happens: all done, failures, panics, timeouts, a hung
-//! task (the monitor's deadline), an abort, or a crash.
+//! finalizer whatever happens: all done, failures, panics, timeouts, a hung task (the
+//! monitor's deadline), an abort, a full disk, or a crash; **exactly once** in a healthy
+//! process, and across a crash as [`SessionFinalizer`] says.
 //!
 //! ```text
 //! HarvestSupervisor            root: busy lock, start/abort/query, rescue of last resort
@@ -20,11 +21,14 @@
 //! - [`ResourceHarvester`], [`SessionFinalizer`]: what you implement (or [`harvest_fn`],
 //!   [`finalizer_fn`] for closures).
 //! - [`SessionConfig`]: the budget and policies, validated up front.
-//! - [`SessionStore`]: where sessions, outcomes and events live ([`MemoryStore`] here).
+//! - [`SessionStore`]: where sessions, outcomes and events live ([`MemoryStore`] for tests
+//!   and single runs, [`SqliteStore`] for a server).
 //! - [`SessionEvent`]: the structured supervision log, to subscribe to, or read from the
 //!   store.
 //!
-//! See the [`Supervisor`] docs for a complete example.
+//! See the [`Supervisor`] docs for a complete example, and [`SessionFinalizer`] for what
+//! runs how often across a crash (exactly once in a healthy process; a finalizer a crash
+//! interrupted is run again, knowingly, or recorded as interrupted).
 
 #![warn(missing_docs)]
 
