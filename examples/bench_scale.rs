@@ -421,7 +421,8 @@ async fn replay(n: usize, log: u64, readers: usize, reps: usize) {
                 tokio::spawn(async move {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let events = store.events(old).await.expect("replay");
-                        assert_eq!(events.len() as u64, log);
+                        // The first supervisor recovers the old session: a few more events.
+                        assert!(events.len() as u64 >= log);
                         done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 })
