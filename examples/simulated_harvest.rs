@@ -219,6 +219,10 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         resource_timeout: args.resource_timeout.0,
         monitor_interval: args.monitor_interval,
         escalation_grace: args.escalation_grace,
+        // Validated to end before the escalation grace does.
+        killed_exit_wait: SessionConfig::default()
+            .killed_exit_wait
+            .min(args.escalation_grace / 2),
         abort_grace: Duration::from_secs(1),
         max_concurrency: args.concurrency,
         retry: harvest_supervisor::RetryPolicy {

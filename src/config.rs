@@ -222,7 +222,7 @@ impl Default for SessionConfig {
             monitor_interval: Duration::from_secs(60),
             escalation_grace: Duration::from_secs(60),
             abort_grace: Duration::from_secs(30),
-            killed_exit_wait: Duration::from_secs(1),
+            killed_exit_wait: Duration::from_millis(500),
             max_concurrency: 16,
             retry: RetryPolicy::default(),
             failure_policy: FailurePolicy::Continue,
