@@ -136,25 +136,22 @@ async fn abort_while_pending_ends_aborted_and_frees_the_harvester() {
     sup.shutdown().await.expect("shutdown");
 }
 
-/// A finalizer that takes ten seconds (of tokio time) and counts its runs.
-fn slow_finalizer(
-    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) -> impl harvest_supervisor::SessionFinalizer {
-    harvest_supervisor::finalizer_fn(move |_| {
+/// A supervisor over the scripted harvest whose finalizer takes ten seconds (of tokio
+/// time) and counts its runs in `calls`.
+async fn with_slow_finalizer(
+    calls: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> harvest_supervisor::Supervisor {
+    let calls = std::sync::Arc::clone(calls);
+    let finalizer = harvest_supervisor::finalizer_fn(move |_| {
         calls.fetch_add(1, Ordering::SeqCst);
         async {
             tokio::time::sleep(Duration::from_secs(10)).await;
             Ok(())
         }
-    })
-}
-
-#[tokio::test(start_paused = true)]
-async fn an_abort_while_the_finalizer_runs_is_answered_finalizing_then_with_the_real_status() {
-    let calls = std::sync::Arc::default();
-    let sup = harvest_supervisor::Supervisor::builder(
+    });
+    harvest_supervisor::Supervisor::builder(
         harvest_supervisor::harvest_fn(common::scripted),
-        slow_finalizer(std::sync::Arc::clone(&calls)),
+        finalizer,
     )
     .config(harvest_supervisor::SupervisorConfig {
         session: config(),
@@ -162,7 +159,13 @@ async fn an_abort_while_the_finalizer_runs_is_answered_finalizing_then_with_the_
     })
     .start()
     .await
-    .expect("supervisor");
+    .expect("supervisor")
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abort_while_the_finalizer_runs_is_answered_finalizing_then_with_the_real_status() {
+    let calls = std::sync::Arc::default();
+    let sup = with_slow_finalizer(&calls).await;
     let id = sup
         .start_session("csw", ["ok-1", "fail-2"])
         .await
@@ -202,20 +205,7 @@ async fn an_abort_while_the_finalizer_runs_is_answered_finalizing_then_with_the_
 async fn an_abort_queued_behind_the_finalization_is_answered_truthfully_not_supervisor_down() {
     // Many aborts in flight when the session ends: each is answered by the session, or,
     // when the session stopped before reading it, from the store; never `SupervisorDown`.
-    let calls = std::sync::Arc::default();
-    let sup = std::sync::Arc::new(
-        harvest_supervisor::Supervisor::builder(
-            harvest_supervisor::harvest_fn(common::scripted),
-            slow_finalizer(std::sync::Arc::clone(&calls)),
-        )
-        .config(harvest_supervisor::SupervisorConfig {
-            session: config(),
-            ..Default::default()
-        })
-        .start()
-        .await
-        .expect("supervisor"),
-    );
+    let sup = std::sync::Arc::new(with_slow_finalizer(&std::sync::Arc::default()).await);
     let id = sup.start_session("csw", ["sleep3-1"]).await.expect("start");
     let mut aborts = Vec::new();
     for at in [2_999u64, 3_000, 3_000, 3_001, 3_002, 8_000, 13_000, 14_000] {

@@ -196,6 +196,17 @@ enum KeptOutcome {
 }
 
 impl StoredSession {
+    /// A kept event of this session (`id`) as the event it was.
+    fn event(&self, id: SessionId, e: &KeptEvent) -> SessionEvent {
+        SessionEvent {
+            seq: e.seq,
+            at: e.at,
+            session_id: id,
+            harvester_id: self.record.harvester_id.clone(),
+            kind: e.kind.read(),
+        }
+    }
+
     /// Resources with no recorded outcome whose outcome is derived (only once terminal).
     fn missing(&self) -> usize {
         if self.record.status.is_terminal() && self.outcomes.len() < self.resources.len() {
@@ -496,19 +507,7 @@ impl SessionStore for MemoryStore {
     }
 
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
-        self.with(id, |s| {
-            let harvester_id = &s.record.harvester_id;
-            s.events
-                .iter()
-                .map(|e| SessionEvent {
-                    seq: e.seq,
-                    at: e.at,
-                    session_id: id,
-                    harvester_id: harvester_id.clone(),
-                    kind: e.kind.read(),
-                })
-                .collect()
-        })
+        self.with(id, |s| s.events.iter().map(|e| s.event(id, e)).collect())
     }
 
     async fn events_after(
@@ -519,19 +518,12 @@ impl SessionStore for MemoryStore {
     ) -> Result<Vec<SessionEvent>, StoreError> {
         let limit = limit.clamp(1, crate::store::MAX_EVENT_PAGE);
         self.with(id, |s| {
-            let harvester_id = &s.record.harvester_id;
             // The ring is in `seq` order: find the first past `after` by bisection.
             let from = s.events.partition_point(|e| e.seq <= after);
             s.events
                 .range(from..)
                 .take(limit)
-                .map(|e| SessionEvent {
-                    seq: e.seq,
-                    at: e.at,
-                    session_id: id,
-                    harvester_id: harvester_id.clone(),
-                    kind: e.kind.read(),
-                })
+                .map(|e| s.event(id, e))
                 .collect()
         })
     }
