@@ -377,6 +377,8 @@ async fn latency(runs: usize) {
 async fn replay(n: usize, log: u64, readers: usize, reps: usize) {
     use harvest_supervisor::store::NewSession;
     use harvest_supervisor::{EventKind, SessionEvent, SessionId};
+    // A node that never registers: the session is only ever read, never rescued.
+    const NODE: harvest_supervisor::NodeId = harvest_supervisor::NodeId(uuid::Uuid::nil());
     let dir = std::env::temp_dir().join(format!("hs-replay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let store = SqliteStore::open(dir.join("bench.db")).await.expect("db");
@@ -390,22 +392,26 @@ async fn replay(n: usize, log: u64, readers: usize, reps: usize) {
             started: chrono::Utc::now(),
             workflow_time: Duration::from_secs(60),
             config: Arc::default(),
+            owner: NODE,
         })
         .await
         .expect("old session");
     for seq in 1..=log {
         store
-            .append_event(SessionEvent {
-                seq,
-                at: chrono::Utc::now(),
-                session_id: old,
-                harvester_id: "old".into(),
-                kind: EventKind::WorkerSucceeded {
-                    resource_id: format!("r{seq}").into(),
-                    attempt: 1,
-                    elapsed: Duration::from_millis(3),
+            .append_event(
+                harvest_supervisor::Fence::new(NODE),
+                SessionEvent {
+                    seq,
+                    at: chrono::Utc::now(),
+                    session_id: old,
+                    harvester_id: "old".into(),
+                    kind: EventKind::WorkerSucceeded {
+                        resource_id: format!("r{seq}").into(),
+                        attempt: 1,
+                        elapsed: Duration::from_millis(3),
+                    },
                 },
-            })
+            )
             .expect("append");
     }
     store.flush().await.expect("flush");

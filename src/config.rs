@@ -25,6 +25,10 @@
 //! | `event_capacity` | 1 to [`MAX_EVENT_CAPACITY`] (1,048,576 events per subscriber) |
 //! | `store_retry_max` | [`MIN_STORE_RETRY`] (50 ms) to [`MAX_GRACE`] (1 day) |
 //! | `shutdown_timeout` | more than zero, at most [`MAX_GRACE`] (1 day) |
+//! | `lease_renew_interval` | [`MIN_LEASE_RENEW`] (10 ms) to 1 hour |
+//! | `lease_ttl` | at least twice `lease_renew_interval`, at most [`MAX_GRACE`] (1 day) |
+//! | `rescue_interval` | [`MIN_LEASE_RENEW`] (10 ms) to [`MAX_GRACE`] (1 day) |
+//! | `node_name` | a valid id (see [`crate::model::MAX_ID_BYTES`]) when given |
 
 use std::time::Duration;
 
@@ -406,7 +410,32 @@ pub struct SupervisorConfig {
     /// next start's recovery. More than zero, at most [`MAX_GRACE`] (1 day).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// A name for this node (this process's supervisor) in logs, events and pages; the
+    /// node's id is fresh at every start whatever its name. Several nodes may share a name.
+    pub node_name: Option<String>,
+    /// How long a node's lease lasts after each renewal (default 30 s), by the store's
+    /// clock. Other nodes take over a node's sessions only once its lease has expired: a
+    /// dead node's sessions wait this long plus up to a `rescue_interval` (a crashed
+    /// process on the same host is noticed at once). At least twice
+    /// `lease_renew_interval`.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often the lease is renewed (default 10 s): one store write per node, whatever
+    /// the number of sessions.
+    #[serde(with = "humantime_serde")]
+    pub lease_renew_interval: Duration,
+    /// How often the node looks for sessions of dead nodes to take over (default 15 s,
+    /// plus a random part of up to a fifth of it, so that nodes do not rescue in step).
+    /// The first look is at start.
+    #[serde(with = "humantime_serde")]
+    pub rescue_interval: Duration,
 }
+
+/// The shortest `lease_renew_interval` and `rescue_interval`.
+pub const MIN_LEASE_RENEW: Duration = Duration::from_millis(10);
+
+/// The longest `lease_renew_interval`.
+pub const MAX_LEASE_RENEW: Duration = Duration::from_secs(3600);
 
 /// The shortest `store_retry_max`.
 pub const MIN_STORE_RETRY: Duration = Duration::from_millis(50);
@@ -420,6 +449,10 @@ impl Default for SupervisorConfig {
             finalizer_recovery: FinalizerRecovery::default(),
             store_retry_max: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(20),
+            node_name: None,
+            lease_ttl: Duration::from_secs(30),
+            lease_renew_interval: Duration::from_secs(10),
+            rescue_interval: Duration::from_secs(15),
         }
     }
 }
@@ -446,6 +479,39 @@ impl SupervisorConfig {
         at_most("store_retry_max", self.store_retry_max, MAX_GRACE)?;
         positive("shutdown_timeout", self.shutdown_timeout)?;
         at_most("shutdown_timeout", self.shutdown_timeout, MAX_GRACE)?;
+        for (field, value, max) in [
+            (
+                "lease_renew_interval",
+                self.lease_renew_interval,
+                MAX_LEASE_RENEW,
+            ),
+            ("rescue_interval", self.rescue_interval, MAX_GRACE),
+        ] {
+            if value < MIN_LEASE_RENEW {
+                return Err(ConfigError::new(
+                    field,
+                    format!("must be at least {}", show(MIN_LEASE_RENEW)),
+                ));
+            }
+            at_most(field, value, max)?;
+        }
+        at_most("lease_ttl", self.lease_ttl, MAX_GRACE)?;
+        if self.lease_ttl < self.lease_renew_interval.saturating_mul(2) {
+            return Err(ConfigError::new(
+                "lease_ttl",
+                format!(
+                    "must be at least twice lease_renew_interval ({}), so that one late \
+                     renewal does not lose the lease (got {})",
+                    show(self.lease_renew_interval),
+                    show(self.lease_ttl)
+                ),
+            ));
+        }
+        if let Some(name) = &self.node_name
+            && let Some(rule) = crate::model::id_problem(name)
+        {
+            return Err(ConfigError::new("node_name", rule));
+        }
         Ok(())
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use crate::model::{HarvesterId, ResourceId, SessionId, SessionStatus};
+use crate::model::{Fence, HarvesterId, NodeId, ResourceId, SessionId, SessionStatus};
 
 /// A configuration value broke a rule.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -98,6 +98,26 @@ pub enum StoreError {
     NotClaimed {
         /// The session.
         session_id: SessionId,
+    },
+    /// The write carried a fence that is not the session's: its node lost the session (it
+    /// was taken over while the node could not renew its lease, e.g. a paused process).
+    /// Nothing was changed.
+    #[error("session {session_id} is fenced: the write came from {fence}, the session is held by {}", .holder.map_or_else(|| "nobody".to_owned(), |h| h.to_string()))]
+    Fenced {
+        /// The session.
+        session_id: SessionId,
+        /// The fence the write carried.
+        fence: Fence,
+        /// The session's current owner and epoch (`None`: no owner, a session stored
+        /// before nodes existed).
+        holder: Option<Fence>,
+    },
+    /// The node's lease has expired (by the store's clock): a node that may be a zombie
+    /// takes nothing over until it has renewed.
+    #[error("the lease of node {node} has expired")]
+    LeaseExpired {
+        /// The node.
+        node: NodeId,
     },
     /// The file is not a harvest-supervisor database (another format, or another
     /// application's SQLite database). It was left untouched.

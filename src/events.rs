@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::model::{
-    FinalizeReason, HarvesterId, OutcomeCounts, ResourceId, SessionId, SessionStatus,
+    Fence, FinalizeReason, HarvesterId, NodeId, OutcomeCounts, ResourceId, SessionId, SessionStatus,
 };
 use crate::store::SessionStore;
 
@@ -188,6 +188,23 @@ pub enum EventKind {
         /// `None`: finalized as `Interrupted`.
         resuming: Option<usize>,
     },
+    /// A node took the session over from its owner, whose lease had expired (a dead or
+    /// paused process); the owner's later writes for it are refused.
+    SessionTakenOver {
+        /// The owner before (`None`: a session stored before nodes existed).
+        from_node: Option<NodeId>,
+        /// The node that took it.
+        by_node: NodeId,
+        /// The new epoch.
+        epoch: u64,
+    },
+    /// The owning node could not renew its lease in time and self-fenced: it cancels the
+    /// session's attempts and runs no finalizer until it renews (then it goes on, if the
+    /// session was not taken over meanwhile).
+    LeaseLost {
+        /// The node.
+        node: NodeId,
+    },
 }
 
 impl EventKind {
@@ -215,6 +232,8 @@ impl EventKind {
             Self::SessionFinished { .. } => "SessionFinished",
             Self::StoreFailed { .. } => "StoreFailed",
             Self::Recovered { .. } => "Recovered",
+            Self::SessionTakenOver { .. } => "SessionTakenOver",
+            Self::LeaseLost { .. } => "LeaseLost",
         }
     }
 }
@@ -401,6 +420,8 @@ pub(crate) struct SessionEmitter {
 
 struct EmitterInner {
     session_id: SessionId,
+    /// This node's hold on the session: every event is appended under it.
+    fence: Fence,
     harvester_id: HarvesterId,
     /// Last `seq` handed out, and the clock's date; the lock also orders publication
     /// (see module docs).
@@ -421,6 +442,7 @@ impl Drop for EmitterInner {
 impl SessionEmitter {
     pub(crate) fn new(
         session_id: SessionId,
+        fence: Fence,
         harvester_id: HarvesterId,
         last_seq: u64,
         bus: EventBus,
@@ -431,6 +453,7 @@ impl SessionEmitter {
         Self {
             inner: Arc::new(EmitterInner {
                 session_id,
+                fence,
                 harvester_id,
                 state: Mutex::new(EmitState {
                     seq: last_seq,
@@ -442,6 +465,11 @@ impl SessionEmitter {
                 span,
             }),
         }
+    }
+
+    /// This node's hold on the session (owner and epoch): every write for it carries it.
+    pub(crate) fn fence(&self) -> Fence {
+        self.inner.fence
     }
 
     /// The session's span, for instrumenting work done on its behalf.
@@ -481,7 +509,7 @@ impl SessionEmitter {
         // events per resource: an allocation each saved when nobody listens).
         let shared = inner.bus.listened().then(|| Arc::new(event.clone()));
         let seq = event.seq;
-        if let Err(error) = inner.store.append_event(event) {
+        if let Err(error) = inner.store.append_event(inner.fence, event) {
             in_scope(&inner.span, || {
                 tracing::warn!(seq, %error, "could not store event");
             });
@@ -636,6 +664,19 @@ pub(crate) mod samples {
                 previous_status: SessionStatus::Aborting,
                 resuming: Some(n as usize),
             },
+            EventKind::SessionTakenOver {
+                from_node: Some(crate::model::NodeId(uuid::Uuid::from_u128(u128::from(n)))),
+                by_node: crate::model::NodeId(uuid::Uuid::from_u128(7)),
+                epoch: u64::from(n),
+            },
+            EventKind::SessionTakenOver {
+                from_node: None,
+                by_node: crate::model::NodeId(uuid::Uuid::max()),
+                epoch: 2,
+            },
+            EventKind::LeaseLost {
+                node: crate::model::NodeId(uuid::Uuid::nil()),
+            },
         ]
     }
 }
@@ -688,12 +729,14 @@ mod tests {
                 started: Utc::now(),
                 workflow_time: Duration::from_secs(1),
                 config: Arc::default(),
+                owner: crate::model::NodeId(uuid::Uuid::nil()),
             })
             .await
             .expect("create");
         let bus = EventBus::new(16);
         let mut heard = bus.subscribe();
-        let emitter = SessionEmitter::new(id, "h".into(), 0, bus.clone(), store.clone());
+        let fence = crate::model::Fence::new(crate::model::NodeId(uuid::Uuid::nil()));
+        let emitter = SessionEmitter::new(id, fence, "h".into(), 0, bus.clone(), store.clone());
         assert!(bus.live().is_live(id));
         emitter.emit(EventKind::MonitorCancelled);
         emitter.emit(EventKind::SessionFinished {
@@ -729,6 +772,7 @@ mod tests {
         let id = SessionId::new();
         let emitter = SessionEmitter::new(
             id,
+            crate::model::Fence::new(crate::model::NodeId::new()),
             "h".into(),
             0,
             bus.clone(),

@@ -60,6 +60,8 @@ pub(crate) struct Deps {
     pub(crate) store_retry_max: Duration,
     /// What recovery does with a finalizer a crash interrupted.
     pub(crate) finalizer_recovery: FinalizerRecovery,
+    /// This process's node: its id owns the sessions it creates.
+    pub(crate) node: Arc<crate::node::Node>,
 }
 
 /// Where a session's finalization stands, as this process last wrote it to the store.
@@ -185,10 +187,11 @@ pub(crate) async fn finalize(
     lifecycle: &Lifecycle,
     mode: Mode,
 ) -> Result<Finalized, StoreError> {
+    let fence = emitter.fence();
     let mut retry = Retry::new(deps, emitter, lifecycle);
     let claim = retry
         .step("claim the finalization", || {
-            deps.store.claim_finalization(id, reason)
+            deps.store.claim_finalization(id, fence, reason)
         })
         .await?;
     let (before, reason, run) = match claim {
@@ -237,9 +240,18 @@ pub(crate) async fn finalize(
 
     let finalizer_error = match run {
         Run::Yes => {
+            // A self-fenced node runs no finalizer: its lease may have expired and another
+            // node may be taking the session over. It waits for a renewal; then the
+            // fenced write below says whether the session is still its own.
+            if deps.node.is_fenced() {
+                emitter.emit(EventKind::LeaseLost {
+                    node: deps.node.id(),
+                });
+                deps.node.until_unfenced().await;
+            }
             let attempt = retry
                 .step("record that the finalizer starts", || {
-                    deps.store.finalizer_started(id)
+                    deps.store.finalizer_started(id, fence)
                 })
                 .await?;
             report.finalizer_attempt = attempt;
@@ -282,7 +294,11 @@ pub(crate) async fn finalize(
             }
             let completion = completion.clone();
             async move {
-                match deps.store.complete_finalization(id, completion).await? {
+                match deps
+                    .store
+                    .complete_finalization(id, fence, completion)
+                    .await?
+                {
                     Completed::AlreadyFinalized(record) if again => Ok(Completed::Now(record)),
                     other => Ok(other),
                 }

@@ -60,6 +60,9 @@ impl SupervisorBuilder {
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn SessionStore>);
+        // The node's lease first: nobody may take over what it creates from then on.
+        let node = Arc::new(crate::node::Node::new(&self.config));
+        node.register(store.as_ref()).await?;
         let deps = Arc::new(Deps {
             store: Arc::clone(&store),
             harvester: self.harvester,
@@ -68,6 +71,7 @@ impl SupervisorBuilder {
             ticker: Default::default(),
             store_retry_max: self.config.store_retry_max,
             finalizer_recovery: self.config.finalizer_recovery,
+            node: Arc::clone(&node),
         });
         let shutdown_timeout = self.config.shutdown_timeout;
         let args = SupervisorArgs {
@@ -77,6 +81,7 @@ impl SupervisorBuilder {
         let (root, join) = Actor::spawn(None, HarvestSupervisor, args)
             .await
             .map_err(|e| Error::Spawn(e.to_string()))?;
+        node.spawn_lease_keeper(Arc::clone(&store), root.get_cell());
         Ok(Supervisor {
             root,
             live: Arc::clone(bus.live()),

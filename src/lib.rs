@@ -40,6 +40,7 @@ mod handle;
 pub mod harvest;
 pub mod model;
 mod monitor;
+mod node;
 mod session;
 pub mod store;
 mod supervisor;
@@ -56,8 +57,8 @@ pub use harvest::{
     harvest_fn,
 };
 pub use model::{
-    FinalizeReason, HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome,
-    SessionId, SessionRecord, SessionReport, SessionStatus,
+    Fence, FinalizeReason, HarvesterId, NodeId, OutcomeCounts, OutcomeRecord, ResourceId,
+    ResourceOutcome, SessionId, SessionRecord, SessionReport, SessionStatus,
 };
 pub use store::{MemoryStore, SessionPage, SessionQuery, SessionStore, SqliteStore};
 pub use supervisor::{SessionRequest, SupervisorMessage};

@@ -43,6 +43,58 @@ impl fmt::Display for SessionId {
     }
 }
 
+/// Identifies one node: one start of a supervisor, in one process. Fresh at every start
+/// (UUID v7), never reused: a restarted process is a new node, so a write fenced by an old
+/// node's id can never pass again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(pub Uuid);
+
+impl NodeId {
+    /// A fresh, time-ordered id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for NodeId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Who may write for a session: its owner node and the epoch the owner holds it in. Every
+/// write a node makes for a session carries the fence it holds; the store refuses a write
+/// whose fence is not the session's current one with [`crate::StoreError::Fenced`],
+/// changing nothing. A takeover moves the session to the rescuing node and bumps the epoch,
+/// so a paused node that wakes up after losing its sessions cannot write for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fence {
+    /// The owner node.
+    pub node: NodeId,
+    /// The epoch: 1 at creation, one more at each takeover.
+    pub epoch: u64,
+}
+
+impl Fence {
+    /// The fence of a session `node` creates.
+    pub fn new(node: NodeId) -> Self {
+        Self { node, epoch: 1 }
+    }
+}
+
+impl fmt::Display for Fence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.node, self.epoch)
+    }
+}
+
 /// The longest harvester or resource id, in bytes of UTF-8.
 pub const MAX_ID_BYTES: usize = 1024;
 
@@ -390,9 +442,25 @@ pub struct SessionRecord {
     /// interrupted an earlier run and recovery ran it again.
     #[serde(default)]
     pub finalizer_attempts: u32,
+    /// The node that owns the session: the only one whose writes for it the store accepts
+    /// (`None` for sessions stored before nodes existed: any live node may take them over).
+    #[serde(default)]
+    pub owner: Option<NodeId>,
+    /// The epoch its owner holds it in: 1 at creation, one more at each takeover.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl SessionRecord {
+    /// The fence a write for this session must carry (its owner and epoch); `None` for a
+    /// session stored before nodes existed, which must be taken over before it is written.
+    pub fn fence(&self) -> Option<Fence> {
+        self.owner.map(|node| Fence {
+            node,
+            epoch: self.epoch,
+        })
+    }
+
     /// The reason the session was finalized with, once terminal.
     pub fn reason(&self) -> Option<FinalizeReason> {
         if self.status.is_terminal() {

@@ -123,7 +123,12 @@ async fn begin(
     if s.shared.resumed {
         // `resume_session` set it on-going; the remaining resources start now.
     } else if store
-        .transition(s.shared.id, SessionStatus::Pending, SessionStatus::OnGoing)
+        .transition(
+            s.shared.id,
+            s.shared.emitter.fence(),
+            SessionStatus::Pending,
+            SessionStatus::OnGoing,
+        )
         .await?
     {
         s.shared.emitter.emit(EventKind::StatusChanged {
@@ -146,6 +151,35 @@ async fn begin(
 
 /// The exit reason of a session actor that finalized (or found its session finalized).
 pub(crate) const STOP_FINALIZED: &str = "finalized";
+
+/// The stop reason of a session actor that found its session taken over by another node:
+/// it did not finalize, and must not be finalized by this process either.
+pub(crate) const STOP_TAKEN_OVER: &str = "taken over";
+
+/// Stops a session this node no longer holds (a write was fenced: another node took it
+/// over while this one could not renew its lease): its attempts are cancelled and its
+/// workers and monitor stopped, no finalizer runs here, and nothing more is written.
+pub(crate) async fn give_up(myself: &ActorRef<SessionMessage>, s: &mut Session) {
+    if s.st.phase == Phase::Finalized {
+        return;
+    }
+    s.st.phase = Phase::Finalized;
+    tracing::warn!(
+        node = %s.shared.emitter.fence().node,
+        "another node took this session over; this node stops it without finalizing"
+    );
+    s.shared.cancel.cancel();
+    let killed = s.st.kill_workers(&myself.get_cell());
+    let _ = s.st.wind_down(&s.shared.resources, false);
+    await_exits(&killed, s.shared.config.killed_exit_wait).await;
+    stop_monitor(s, false).await;
+    myself.stop(Some(STOP_TAKEN_OVER.to_owned()));
+}
+
+/// Whether `result` says the session was taken over by another node.
+pub(crate) fn is_fenced<T>(result: &Result<T, crate::error::StoreError>) -> bool {
+    matches!(result, Err(crate::error::StoreError::Fenced { .. }))
+}
 
 async fn on_message(
     myself: &ActorRef<SessionMessage>,
@@ -201,7 +235,12 @@ async fn abort(myself: &ActorRef<SessionMessage>, s: &mut Session) -> Result<(),
         Phase::Running => {}
     }
     if !store
-        .transition(id, SessionStatus::OnGoing, SessionStatus::Aborting)
+        .transition(
+            id,
+            s.shared.emitter.fence(),
+            SessionStatus::OnGoing,
+            SessionStatus::Aborting,
+        )
         .await?
     {
         return abort_answer(&store.session(id).await?);
@@ -307,7 +346,13 @@ async fn finalize_now(
         &shared.lifecycle,
         Mode::Own,
     )
-    .await?;
+    .await;
+    if is_fenced(&result) {
+        s.st.phase = Phase::Running; // so that `give_up` does its work
+        give_up(myself, s).await;
+        return Ok(());
+    }
+    let result = result?;
     match result {
         Finalized::Now(record) => {
             stop_monitor(s, true).await;

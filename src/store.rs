@@ -24,8 +24,8 @@ use crate::config::SessionConfig;
 use crate::error::StoreError;
 use crate::events::SessionEvent;
 use crate::model::{
-    FinalizeReason, HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, SessionId,
-    SessionRecord, SessionStatus,
+    Fence, FinalizeReason, HarvesterId, NodeId, OutcomeCounts, OutcomeRecord, ResourceId,
+    SessionId, SessionRecord, SessionStatus,
 };
 
 pub use memory::MemoryStore;
@@ -48,6 +48,57 @@ pub struct NewSession {
     /// The session's budget and policies, kept so that a resumed session runs under them.
     /// Shared with the running session, not copied.
     pub config: Arc<SessionConfig>,
+    /// The node that creates it and owns it, in epoch 1 (see [`Fence`]).
+    pub owner: NodeId,
+}
+
+/// A node as it registers: one start of a supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its fresh id.
+    pub id: NodeId,
+    /// A name for people (logs, pages); not unique.
+    pub name: Option<String>,
+    /// The process (see [`ProcessId`]), so that a node on the same host can tell at once
+    /// that it is gone instead of waiting for its lease to expire. `None` where it cannot
+    /// be known.
+    pub process: Option<ProcessId>,
+}
+
+/// A process, as another process on the same host can check it is still running: a
+/// crashed node's sessions are taken over at once by a node on its host, with no lease to
+/// wait out. Only where the check cannot be fooled: Linux, where the host key names the
+/// boot and the PID namespace and the process's start time tells a reused PID apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    /// The boot and the PID namespace: equal keys, same PIDs.
+    pub host: String,
+    /// The PID.
+    pub pid: u32,
+    /// When it started, in clock ticks after boot (`/proc/<pid>/stat`, field 22).
+    pub start: u64,
+}
+
+/// A node as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// As it registered.
+    pub info: NodeInfo,
+    /// When it registered.
+    pub started: DateTime<Utc>,
+    /// Until when its lease runs, by the store's clock.
+    pub lease_until: DateTime<Utc>,
+    /// Whether the lease still runs, by the store's clock, at the time of the read.
+    pub live: bool,
+}
+
+/// A session a rescuing node took over: [`SessionStore::take_over`].
+#[derive(Debug, Clone)]
+pub struct TakenOver {
+    /// The session after the takeover (owner: the rescuer, epoch bumped).
+    pub record: SessionRecord,
+    /// Its owner before (`None`: a session stored before nodes existed).
+    pub from_node: Option<NodeId>,
 }
 
 /// The outcomes a terminal session derives for resources with no recorded outcome: the
@@ -201,6 +252,7 @@ pub enum Completed {
 ///     started: chrono::Utc::now(),
 ///     workflow_time: std::time::Duration::from_secs(60),
 ///     config: Default::default(),
+///     owner: harvest_supervisor::NodeId::new(),
 /// }).await.expect("created");
 /// assert_eq!(store.session(id).await.expect("stored").status, SessionStatus::Pending);
 /// # });
@@ -237,6 +289,7 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn transition(
         &self,
         id: SessionId,
+        fence: Fence,
         from: SessionStatus,
         to: SessionStatus,
     ) -> Result<bool, StoreError>;
@@ -249,8 +302,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// does not (it would count it again); the durable store does (its file outlives any
     /// one process, so it keeps the first and ignores the rest). Reconciliation takes the
     /// first either way.
-    async fn record_outcome(&self, id: SessionId, outcome: OutcomeRecord)
-    -> Result<(), StoreError>;
+    async fn record_outcome(
+        &self,
+        id: SessionId,
+        fence: Fence,
+        outcome: OutcomeRecord,
+    ) -> Result<(), StoreError>;
 
     /// [`SessionStore::record_outcome`] done in place, without a future, by a store that
     /// can (one in process memory); `None`, the default, means it cannot and the caller
@@ -259,9 +316,10 @@ pub trait SessionStore: Send + Sync + 'static {
     fn record_outcome_now(
         &self,
         id: SessionId,
+        fence: Fence,
         outcome: &OutcomeRecord,
     ) -> Option<Result<(), StoreError>> {
-        let _ = (id, outcome);
+        let _ = (id, fence, outcome);
         None
     }
 
@@ -275,8 +333,13 @@ pub trait SessionStore: Send + Sync + 'static {
     ///
     /// Answer every receipt, with the same results `record_outcome` would give (an
     /// [`OutcomeAnswer`] dropped unanswered reads as [`StoreError::Closed`]).
-    fn queue_outcome(&self, id: SessionId, outcome: &OutcomeRecord) -> Option<OutcomeReceipt> {
-        let _ = (id, outcome);
+    fn queue_outcome(
+        &self,
+        id: SessionId,
+        fence: Fence,
+        outcome: &OutcomeRecord,
+    ) -> Option<OutcomeReceipt> {
+        let _ = (id, fence, outcome);
         None
     }
 
@@ -301,8 +364,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// (Owned: a store keeps it without copying, and nobody allocates a shared copy of
     /// each event unless a bus subscriber is listening.) An event carries its session's
     /// harvester id; both stores keep it without its session and harvester ids and
-    /// restore them from the session when read.
-    fn append_event(&self, event: SessionEvent) -> Result<(), StoreError>;
+    /// restore them from the session when read. Fenced like every write: an event whose
+    /// fence is not the session's is dropped (a queueing store cannot say so; one that
+    /// writes in place answers `Fenced`).
+    fn append_event(&self, fence: Fence, event: SessionEvent) -> Result<(), StoreError>;
 
     /// A session's events, by `seq`. The whole log at once: a reader of a long one (a
     /// large session logs two events per resource) should page it with
@@ -334,6 +399,7 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn claim_finalization(
         &self,
         id: SessionId,
+        fence: Fence,
         reason: FinalizeReason,
     ) -> Result<Claim, StoreError>;
 
@@ -343,7 +409,7 @@ pub trait SessionStore: Send + Sync + 'static {
     /// [`SessionRecord::finalizer_attempts`]: 0 means the claimant died before its
     /// finalizer ran, so it must run; more means a run was interrupted.
     /// `StoreError::NotClaimed` if the session is not claimed, or is terminal.
-    async fn finalizer_started(&self, id: SessionId) -> Result<u32, StoreError>;
+    async fn finalizer_started(&self, id: SessionId, fence: Fence) -> Result<u32, StoreError>;
 
     /// The budget a session was started with (`None` for sessions stored before it was
     /// kept, schema version 1).
@@ -354,7 +420,11 @@ pub trait SessionStore: Send + Sync + 'static {
     /// finalization, keeps its successes, forgets every other outcome, sets it `on-going`
     /// and returns the resources without a success, in order. `None` if it cannot resume
     /// (it was aborting or finalizing): finalize it instead.
-    async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError>;
+    async fn resume_session(
+        &self,
+        id: SessionId,
+        fence: Fence,
+    ) -> Result<Option<Vec<ResourceId>>, StoreError>;
 
     /// Waits until every write sent before (event appends included) is durable. A store
     /// without a write queue has nothing to wait for.
@@ -369,6 +439,36 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn complete_finalization(
         &self,
         id: SessionId,
+        fence: Fence,
         completion: Completion,
     ) -> Result<Completed, StoreError>;
+
+    /// Registers a node with a lease of `ttl` from now, by the store's clock.
+    async fn register_node(&self, node: &NodeInfo, ttl: Duration)
+    -> Result<NodeRecord, StoreError>;
+
+    /// Extends `node`'s lease to `ttl` from now (the store's clock) and returns it. A node
+    /// whose lease had expired renews too: it keeps what nobody took over meanwhile (its
+    /// fences say what that is). A node the store does not know (its row was removed) is
+    /// registered again.
+    async fn renew_lease(&self, node: &NodeInfo, ttl: Duration) -> Result<NodeRecord, StoreError>;
+
+    /// Ends `node`'s lease now: what it still owns can be taken over at once (a clean
+    /// shutdown that left sessions unfinished).
+    async fn release_node(&self, node: NodeId) -> Result<(), StoreError>;
+
+    /// Ends the lease of `node` if it is still the one registered as `process`: a rescuer
+    /// that found that process gone (same host) says so, and the node's sessions can be
+    /// taken over without waiting for its lease. False if nothing changed.
+    async fn expire_node(&self, node: NodeId, process: &ProcessId) -> Result<bool, StoreError>;
+
+    /// Every node the store knows, newest first, with whether its lease runs.
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+
+    /// The rescue: atomically takes over up to `limit` non-terminal sessions whose owner's
+    /// lease has expired (or that have no owner), for `rescuer`, bumping each one's epoch;
+    /// one winner per session however many nodes try at once. A rescuer whose own lease
+    /// has expired takes nothing (`LeaseExpired`): it may be the zombie. A live node's
+    /// sessions are never taken.
+    async fn take_over(&self, rescuer: NodeId, limit: usize) -> Result<Vec<TakenOver>, StoreError>;
 }

@@ -24,7 +24,9 @@ use crate::error::{SessionError, StartError};
 use crate::events::{EventKind, SessionEmitter};
 use crate::finalizer::{self, Deps, Finalized, Lifecycle, Local, Mode};
 use crate::model::{FinalizeReason, SessionId, SessionStatus};
-use crate::session::{STOP_FINALIZED, SessionActor, SessionMessage, SessionShared, abort_answer};
+use crate::session::{
+    STOP_FINALIZED, STOP_TAKEN_OVER, SessionActor, SessionMessage, SessionShared, abort_answer,
+};
 use crate::store::NewSession;
 pub use messages::{SessionRequest, SupervisorMessage};
 
@@ -88,7 +90,9 @@ impl Actor for HarvestSupervisor {
         myself: ActorRef<Self::Msg>,
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
-        recovery::recover(&myself, state).await;
+        // Start-up recovery is the first rescue pass; the next come on a timer.
+        recovery::rescue(&myself, state).await;
+        schedule_rescue(&myself, &state.config);
         Ok(())
     }
 
@@ -138,6 +142,12 @@ impl Actor for HarvestSupervisor {
                 finish_shutdown_if_idle(&myself, state);
             }
             SupervisorMessage::ShutdownDeadline => abandon(&myself, state),
+            SupervisorMessage::Rescue => {
+                if !state.stopping {
+                    recovery::rescue(&myself, state).await;
+                    schedule_rescue(&myself, &state.config);
+                }
+            }
             SupervisorMessage::RescueFinished { .. } => finish_shutdown_if_idle(&myself, state),
         }
         Ok(())
@@ -152,7 +162,9 @@ impl Actor for HarvestSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         let (cell, finalized) = match &event {
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                (cell, reason.as_deref() == Some(STOP_FINALIZED))
+                // Finalized, or taken over by another node: nothing for this one to do.
+                let done = matches!(reason.as_deref(), Some(STOP_FINALIZED | STOP_TAKEN_OVER));
+                (cell, done)
             }
             SupervisionEvent::ActorFailed(cell, error) => {
                 tracing::error!(actor = %cell.get_id(), %error, "session actor failed");
@@ -211,10 +223,12 @@ async fn start_session(
             started: chrono::Utc::now(),
             workflow_time,
             config: Arc::clone(&config),
+            owner: deps.node.id(),
         })
         .await?;
     let emitter = SessionEmitter::new(
         id,
+        crate::model::Fence::new(deps.node.id()),
         request.harvester_id.clone(),
         0,
         deps.bus.clone(),
@@ -344,7 +358,12 @@ async fn abort_session(
     // Abort before start: the store's compare-and-set decides against the session's own
     // `pending -> on-going`; the session then finalizes `aborted` as soon as it begins.
     match store
-        .transition(id, SessionStatus::Pending, SessionStatus::Aborting)
+        .transition(
+            id,
+            running.shared.emitter.fence(),
+            SessionStatus::Pending,
+            SessionStatus::Aborting,
+        )
         .await
     {
         Ok(true) => {
@@ -502,6 +521,12 @@ pub(crate) fn spawn_force(
                         finalizer::emit_finished(&emitter, &record);
                     }
                 }
+                Err(error @ crate::error::StoreError::Fenced { .. }) => {
+                    tracing::warn!(
+                        %error,
+                        "another node took the session over; this node does not finalize it"
+                    );
+                }
                 Err(error) => {
                     tracing::error!(
                         %error,
@@ -514,6 +539,13 @@ pub(crate) fn spawn_force(
     );
     state.forced.retain(|t| !t.is_finished());
     state.forced.push(task);
+}
+
+/// Sends the next `Rescue` after `rescue_interval` and up to a fifth more.
+fn schedule_rescue(myself: &ActorRef<SupervisorMessage>, config: &SupervisorConfig) {
+    let every = config.rescue_interval;
+    let wait = every.saturating_add(crate::node::jitter(every / 5));
+    myself.send_after(wait, || SupervisorMessage::Rescue);
 }
 
 /// Ends the shutdown once every session is gone and every rescue has ended.

@@ -131,15 +131,18 @@ async fn wait_finished_returns_for_a_terminal_session_whatever_its_last_stored_e
     // A stray event stored after the end (as a late monitor tick was): the record is
     // terminal, so the session is finished whatever the log's last line says.
     sup.store()
-        .append_event(SessionEvent {
-            seq: 1_000,
-            at: chrono::Utc::now(),
-            session_id: id,
-            harvester_id: "csw".into(),
-            kind: EventKind::MonitorTick {
-                remaining: Duration::ZERO,
+        .append_event(
+            record.fence().expect("owned"),
+            SessionEvent {
+                seq: 1_000,
+                at: chrono::Utc::now(),
+                session_id: id,
+                harvester_id: "csw".into(),
+                kind: EventKind::MonitorTick {
+                    remaining: Duration::ZERO,
+                },
             },
-        })
+        )
         .expect("append");
     let again = tokio::time::timeout(Duration::from_secs(5), sup.wait_finished(id))
         .await

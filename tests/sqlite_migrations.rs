@@ -264,13 +264,39 @@ async fn kept_and_usable(store: &SqliteStore, done: SessionId, running: SessionI
     let (page, total) = store.outcomes_page(running, 1, 1).await.expect("page");
     assert_eq!((ids(&page), total), (vec!["r0"], 3));
 
+    // A session stored before nodes existed has no owner: nobody may write for it until a
+    // live node takes it over (the first rescue pass does), in epoch 1.
+    let node = harvest_supervisor::store::NodeInfo {
+        id: harvest_supervisor::NodeId::new(),
+        name: None,
+        process: None,
+    };
+    let fence = harvest_supervisor::Fence {
+        node: node.id,
+        epoch: 1,
+    };
+    assert!(matches!(
+        store
+            .record_outcome(running, fence, outcome("r1", None))
+            .await,
+        Err(harvest_supervisor::StoreError::Fenced { holder: None, .. })
+    ));
+    store
+        .register_node(&node, Duration::from_secs(30))
+        .await
+        .expect("register");
+    let taken = store.take_over(node.id, 10).await.expect("take over");
+    assert_eq!(taken.len(), 1, "only the unfinished session");
+    assert_eq!(taken[0].record.id, running);
+    assert_eq!(taken[0].from_node, None);
+    assert_eq!(taken[0].record.fence(), Some(fence));
     // New outcomes come after the old ones; a second outcome of a resource is ignored.
     store
-        .record_outcome(running, outcome("r1", None))
+        .record_outcome(running, fence, outcome("r1", None))
         .await
         .expect("record");
     store
-        .record_outcome(running, outcome("r3", Some("again")))
+        .record_outcome(running, fence, outcome("r3", Some("again")))
         .await
         .expect("duplicate ignored");
     assert_eq!(
@@ -278,11 +304,11 @@ async fn kept_and_usable(store: &SqliteStore, done: SessionId, running: SessionI
         ["r3", "r0", "r4", "r1"]
     );
     // Resuming forgets the failure and hands back the resources without a success.
-    let again = store.resume_session(running).await.expect("resume");
+    let again = store.resume_session(running, fence).await.expect("resume");
     let again: Vec<ResourceId> = again.expect("resumable").into_iter().collect();
     assert_eq!(again, ["r0", "r2"].map(ResourceId::from));
     store
-        .record_outcome(running, outcome("r0", None))
+        .record_outcome(running, fence, outcome("r0", None))
         .await
         .expect("record");
     assert_eq!(
@@ -299,11 +325,16 @@ async fn kept_and_usable(store: &SqliteStore, done: SessionId, running: SessionI
             started: Utc::now(),
             workflow_time: Duration::from_secs(1),
             config: Default::default(),
+            owner: node.id,
         })
         .await
         .expect("new session");
     store
-        .record_outcome(fresh, outcome("y", None))
+        .record_outcome(
+            fresh,
+            harvest_supervisor::Fence::new(node.id),
+            outcome("y", None),
+        )
         .await
         .expect("record");
     assert_eq!(ids(&store.outcomes(fresh).await.expect("outcomes")), ["y"]);
@@ -327,7 +358,7 @@ async fn migrates_keeping_everything(
     assert_eq!(store.session_config(running).await.expect("answer"), config);
     kept_and_usable(&store, done, running).await;
     store.close().await.expect("close");
-    assert_eq!(version(path), 5);
+    assert_eq!(version(path), 6);
     assert_eq!(
         pragma(path, "page_size"),
         4096,
@@ -447,6 +478,17 @@ async fn resource_lists_longer_than_a_chunk_keep_their_order_migrated_or_new() {
         }
     }
     let store = SqliteStore::open(&path).await.expect("migrates");
+    let node = harvest_supervisor::store::NodeInfo {
+        id: harvest_supervisor::NodeId::new(),
+        name: None,
+        process: None,
+    };
+    store
+        .register_node(&node, Duration::from_secs(30))
+        .await
+        .expect("register");
+    let taken = store.take_over(node.id, 10).await.expect("take over");
+    let fence = taken[0].record.fence().expect("owned now");
     let want: Vec<ResourceId> = names.iter().map(ResourceId::from).collect();
     assert_eq!(store.resources(old).await.expect("resources"), want);
     let fresh = SessionId::new();
@@ -458,6 +500,7 @@ async fn resource_lists_longer_than_a_chunk_keep_their_order_migrated_or_new() {
             started: Utc::now(),
             workflow_time: Duration::from_secs(1),
             config: Default::default(),
+            owner: node.id,
         })
         .await
         .expect("new session");
@@ -465,12 +508,12 @@ async fn resource_lists_longer_than_a_chunk_keep_their_order_migrated_or_new() {
     // Resuming hands back the ones without a success, in order, across chunks.
     for i in [0, 511, 512, 1099] {
         store
-            .record_outcome(old, outcome(&names[i], None))
+            .record_outcome(old, fence, outcome(&names[i], None))
             .await
             .expect("record");
     }
     let rest = store
-        .resume_session(old)
+        .resume_session(old, fence)
         .await
         .expect("resume")
         .expect("resumable");

@@ -28,7 +28,17 @@ fn new_session(
         started: chrono::Utc::now(),
         workflow_time: Duration::from_secs(90),
         config: Default::default(),
+        owner: OWNER,
     }
+}
+
+/// The node the sessions of these tests are created by (it never registers: nothing here
+/// rescues).
+const OWNER: harvest_supervisor::NodeId = harvest_supervisor::NodeId(uuid::Uuid::from_u128(1));
+
+/// The fence of a session `OWNER` created.
+fn f() -> harvest_supervisor::Fence {
+    harvest_supervisor::Fence::new(OWNER)
 }
 
 /// Event `seq` of session `id`.
@@ -45,7 +55,7 @@ fn event(id: harvest_supervisor::SessionId, seq: u64) -> harvest_supervisor::Ses
 /// Appends events 1..=n to session `id` (without waiting for their commit).
 fn append_events(store: &SqliteStore, id: harvest_supervisor::SessionId, n: u64) {
     for seq in 1..=n {
-        store.append_event(event(id, seq)).expect("append");
+        store.append_event(f(), event(id, seq)).expect("append");
     }
 }
 
@@ -109,7 +119,7 @@ async fn a_newer_schema_is_refused_and_untouched() {
             supported,
             path: named,
         }) => {
-            assert_eq!((found, supported), (99, 5));
+            assert_eq!((found, supported), (99, 6));
             assert_eq!(named, path);
         }
         Err(other) => panic!("expected SchemaTooNew, got {other}"),
@@ -278,9 +288,11 @@ async fn reading_events_sees_every_append_before_it_across_chunks_and_sessions()
     // No flush: a read queued after the appends must still see them, in order, even when
     // one batch holds more than a chunk's worth of one session interleaved with another's.
     for seq in 1..=700 {
-        store.append_event(event(a, seq)).expect("append a");
+        store.append_event(f(), event(a, seq)).expect("append a");
         if seq % 3 == 0 {
-            store.append_event(event(b, seq / 3)).expect("append b");
+            store
+                .append_event(f(), event(b, seq / 3))
+                .expect("append b");
         }
     }
     let seqs = |events: Vec<harvest_supervisor::SessionEvent>| {
@@ -329,14 +341,14 @@ async fn outcomes_sent_before_a_claim_count_and_those_after_it_are_refused() {
         before
             .iter()
             .enumerate()
-            .map(|(i, r)| store.record_outcome(id, record(r, i))),
+            .map(|(i, r)| store.record_outcome(id, f(), record(r, i))),
     );
-    let claim = store.claim_finalization(id, FinalizeReason::Completed);
+    let claim = store.claim_finalization(id, f(), FinalizeReason::Completed);
     let late = futures::future::join_all(
         after
             .iter()
             .enumerate()
-            .map(|(i, r)| store.record_outcome(id, record(r, i))),
+            .map(|(i, r)| store.record_outcome(id, f(), record(r, i))),
     );
     let (early, claim, late) = tokio::join!(early, claim, late);
     assert!(early.iter().all(Result::is_ok), "{early:?}");
@@ -438,6 +450,7 @@ async fn reads_never_queue_behind_writes() {
         writer
             .transition(
                 id,
+                f(),
                 harvest_supervisor::SessionStatus::Pending,
                 harvest_supervisor::SessionStatus::OnGoing,
             )

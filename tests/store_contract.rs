@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use harvest_supervisor::store::{Claim, Completed, Completion, NewSession, SessionQuery};
 use harvest_supervisor::{
-    FinalizeReason, MemoryStore, OutcomeCounts, OutcomeRecord, ResourceOutcome, SessionConfig,
-    SessionId, SessionStatus, SessionStore, SqliteStore, StoreError,
+    Fence, FinalizeReason, MemoryStore, NodeId, OutcomeCounts, OutcomeRecord, ResourceOutcome,
+    SessionConfig, SessionId, SessionStatus, SessionStore, SqliteStore, StoreError,
 };
 
 fn new_session(harvester: &str, n: usize) -> NewSession {
@@ -23,7 +23,16 @@ fn new_session(harvester: &str, n: usize) -> NewSession {
             ..SessionConfig::default()
         }
         .into(),
+        owner: OWNER,
     }
+}
+
+/// The node every session of the contract is created by.
+const OWNER: NodeId = NodeId(uuid::Uuid::from_u128(1));
+
+/// The fence of a session `OWNER` created.
+fn f() -> Fence {
+    Fence::new(OWNER)
 }
 
 fn completion(status: SessionStatus) -> Completion {
@@ -60,7 +69,7 @@ async fn exactly_one_concurrent_claim_wins(store: Arc<dyn SessionStore>) {
         let store = Arc::clone(&store);
         tokio::spawn(async move {
             store
-                .claim_finalization(record.id, FinalizeReason::DeadlineExpired)
+                .claim_finalization(record.id, f(), FinalizeReason::DeadlineExpired)
                 .await
         })
     });
@@ -82,7 +91,7 @@ async fn a_claimed_session_refuses_outcomes_and_transitions(store: Arc<dyn Sessi
         .expect("create");
     assert!(
         store
-            .transition(r.id, SessionStatus::Pending, SessionStatus::OnGoing)
+            .transition(r.id, f(), SessionStatus::Pending, SessionStatus::OnGoing)
             .await
             .expect("t")
     );
@@ -93,7 +102,7 @@ async fn a_claimed_session_refuses_outcomes_and_transitions(store: Arc<dyn Sessi
         elapsed: Duration::from_secs(1),
     };
     store
-        .record_outcome(r.id, ok.clone())
+        .record_outcome(r.id, f(), ok.clone())
         .await
         .expect("before the claim");
     assert_eq!(store.session(r.id).await.expect("r").counts.succeeded, 1);
@@ -105,13 +114,14 @@ async fn a_claimed_session_refuses_outcomes_and_transitions(store: Arc<dyn Sessi
         .expect("past the end");
     assert_eq!((page.len(), total), (0, 1));
     assert!(matches!(
-        store.claim_finalization(r.id, FinalizeReason::Aborted).await,
+        store.claim_finalization(r.id, f(), FinalizeReason::Aborted).await,
         Ok(Claim::Claimed(before)) if before.status == SessionStatus::OnGoing
     ));
     assert!(matches!(
         store
             .record_outcome(
                 r.id,
+                f(),
                 OutcomeRecord {
                     resource_id: "r1".into(),
                     ..ok
@@ -122,7 +132,7 @@ async fn a_claimed_session_refuses_outcomes_and_transitions(store: Arc<dyn Sessi
     ));
     assert!(
         !store
-            .transition(r.id, SessionStatus::OnGoing, SessionStatus::Aborting)
+            .transition(r.id, f(), SessionStatus::OnGoing, SessionStatus::Aborting)
             .await
             .expect("t")
     );
@@ -135,7 +145,7 @@ async fn completion_is_once_and_frees_only_its_own_harvester(store: Arc<dyn Sess
         .await
         .expect("create");
     store
-        .claim_finalization(old.id, FinalizeReason::Completed)
+        .claim_finalization(old.id, f(), FinalizeReason::Completed)
         .await
         .expect("claim");
     let missing = OutcomeRecord {
@@ -149,7 +159,7 @@ async fn completion_is_once_and_frees_only_its_own_harvester(store: Arc<dyn Sess
     let mut c = completion(SessionStatus::FinishedAllFailed);
     c.counts.lost = 1;
     assert!(matches!(
-        store.complete_finalization(old.id, c.clone()).await,
+        store.complete_finalization(old.id, f(), c.clone()).await,
         Ok(Completed::Now(_))
     ));
     assert_eq!(store.outcomes(old.id).await.expect("o"), vec![missing]);
@@ -161,7 +171,7 @@ async fn completion_is_once_and_frees_only_its_own_harvester(store: Arc<dyn Sess
         .await
         .expect("harvester was free");
     assert!(matches!(
-        store.complete_finalization(old.id, completion(SessionStatus::FinishedAllOk)).await,
+        store.complete_finalization(old.id, f(), completion(SessionStatus::FinishedAllOk)).await,
         Ok(Completed::AlreadyFinalized(r)) if r.status == SessionStatus::FinishedAllFailed
     ));
     assert_eq!(
@@ -170,7 +180,7 @@ async fn completion_is_once_and_frees_only_its_own_harvester(store: Arc<dyn Sess
     );
     assert!(matches!(
         store
-            .claim_finalization(old.id, FinalizeReason::Aborted)
+            .claim_finalization(old.id, f(), FinalizeReason::Aborted)
             .await,
         Ok(Claim::AlreadyFinalized(_))
     ));
@@ -183,7 +193,7 @@ async fn unknown_ids_are_typed_errors(store: Arc<dyn SessionStore>) {
     );
     assert!(matches!(
         store
-            .claim_finalization(ghost, FinalizeReason::Completed)
+            .claim_finalization(ghost, f(), FinalizeReason::Completed)
             .await,
         Err(StoreError::UnknownSession { .. })
     ));
@@ -220,7 +230,7 @@ async fn resume_keeps_successes_and_returns_the_rest(store: Arc<dyn SessionStore
         .await
         .expect("create");
     store
-        .transition(r.id, SessionStatus::Pending, SessionStatus::OnGoing)
+        .transition(r.id, f(), SessionStatus::Pending, SessionStatus::OnGoing)
         .await
         .expect("t");
     let outcome = |id: &str, outcome| OutcomeRecord {
@@ -230,12 +240,13 @@ async fn resume_keeps_successes_and_returns_the_rest(store: Arc<dyn SessionStore
         elapsed: Duration::from_secs(1),
     };
     store
-        .record_outcome(r.id, outcome("r0", ResourceOutcome::Succeeded))
+        .record_outcome(r.id, f(), outcome("r0", ResourceOutcome::Succeeded))
         .await
         .expect("r0");
     store
         .record_outcome(
             r.id,
+            f(),
             outcome(
                 "r2",
                 ResourceOutcome::Failed {
@@ -246,12 +257,12 @@ async fn resume_keeps_successes_and_returns_the_rest(store: Arc<dyn SessionStore
         .await
         .expect("r2");
     store
-        .record_outcome(r.id, outcome("r3", ResourceOutcome::Succeeded))
+        .record_outcome(r.id, f(), outcome("r3", ResourceOutcome::Succeeded))
         .await
         .expect("r3");
 
     let remaining = store
-        .resume_session(r.id)
+        .resume_session(r.id, f())
         .await
         .expect("resume")
         .expect("resumable");
@@ -262,7 +273,7 @@ async fn resume_keeps_successes_and_returns_the_rest(store: Arc<dyn SessionStore
     assert_eq!(store.outcomes(r.id).await.expect("outcomes").len(), 2);
     // The forgotten failure can be recorded anew.
     store
-        .record_outcome(r.id, outcome("r2", ResourceOutcome::Succeeded))
+        .record_outcome(r.id, f(), outcome("r2", ResourceOutcome::Succeeded))
         .await
         .expect("again");
     assert_eq!(store.outcomes(r.id).await.expect("outcomes").len(), 3);
@@ -273,19 +284,19 @@ async fn resume_keeps_successes_and_returns_the_rest(store: Arc<dyn SessionStore
         .await
         .expect("create");
     store
-        .transition(a.id, SessionStatus::Pending, SessionStatus::Aborting)
+        .transition(a.id, f(), SessionStatus::Pending, SessionStatus::Aborting)
         .await
         .expect("t");
-    assert_eq!(store.resume_session(a.id).await.expect("answer"), None);
+    assert_eq!(store.resume_session(a.id, f()).await.expect("answer"), None);
     let c = store
         .create_session(new_session("resume-claim", 1))
         .await
         .expect("create");
     store
-        .claim_finalization(c.id, FinalizeReason::Completed)
+        .claim_finalization(c.id, f(), FinalizeReason::Completed)
         .await
         .expect("claim");
-    assert_eq!(store.resume_session(c.id).await.expect("answer"), None);
+    assert_eq!(store.resume_session(c.id, f()).await.expect("answer"), None);
 }
 
 async fn history_pages_by_harvester_and_status_newest_first(store: Arc<dyn SessionStore>) {
@@ -296,11 +307,11 @@ async fn history_pages_by_harvester_and_status_newest_first(store: Arc<dyn Sessi
             .await
             .expect("create");
         store
-            .claim_finalization(r.id, FinalizeReason::Completed)
+            .claim_finalization(r.id, f(), FinalizeReason::Completed)
             .await
             .expect("claim");
         store
-            .complete_finalization(r.id, completion(SessionStatus::FinishedAllOk))
+            .complete_finalization(r.id, f(), completion(SessionStatus::FinishedAllOk))
             .await
             .expect("complete");
         csw.push(r.id);
@@ -358,7 +369,7 @@ async fn outcomes_recorded_in_place_follow_the_same_rules(store: Arc<dyn Session
         attempts: 1,
         elapsed: Duration::from_secs(1),
     };
-    let Some(first) = store.record_outcome_now(r.id, &ok) else {
+    let Some(first) = store.record_outcome_now(r.id, f(), &ok) else {
         return; // This store only records outcomes through `record_outcome`.
     };
     first.expect("before the claim");
@@ -368,12 +379,12 @@ async fn outcomes_recorded_in_place_follow_the_same_rules(store: Arc<dyn Session
         std::slice::from_ref(&ok)
     );
     assert!(matches!(
-        store.record_outcome_now(SessionId::new(), &ok),
+        store.record_outcome_now(SessionId::new(), f(), &ok),
         Some(Err(StoreError::UnknownSession { .. }))
     ));
     assert!(matches!(
         store
-            .claim_finalization(r.id, FinalizeReason::Aborted)
+            .claim_finalization(r.id, f(), FinalizeReason::Aborted)
             .await,
         Ok(Claim::Claimed(_))
     ));
@@ -382,7 +393,7 @@ async fn outcomes_recorded_in_place_follow_the_same_rules(store: Arc<dyn Session
         ..ok
     };
     assert!(matches!(
-        store.record_outcome_now(r.id, &late),
+        store.record_outcome_now(r.id, f(), &late),
         Some(Err(StoreError::Finalizing { .. }))
     ));
     assert_eq!(store.outcomes(r.id).await.expect("o").len(), 1);
@@ -418,14 +429,14 @@ async fn every_kind_of_outcome_reads_back_as_recorded(store: Arc<dyn SessionStor
     for (i, record) in recorded.iter().enumerate() {
         // Half through each way in, where the store has both.
         let in_place = if i % 2 == 0 {
-            store.record_outcome_now(r.id, record)
+            store.record_outcome_now(r.id, f(), record)
         } else {
             None
         };
         match in_place {
             Some(result) => result.expect("recorded in place"),
             None => store
-                .record_outcome(r.id, record.clone())
+                .record_outcome(r.id, f(), record.clone())
                 .await
                 .expect("recorded"),
         }
@@ -445,31 +456,34 @@ async fn finalizer_starts_are_counted_only_between_claim_and_completion(
         .await
         .expect("create");
     assert!(matches!(
-        store.finalizer_started(r.id).await,
+        store.finalizer_started(r.id, f()).await,
         Err(StoreError::NotClaimed { session_id }) if session_id == r.id
     ));
     assert!(matches!(
-        store.finalizer_started(SessionId::new()).await,
+        store.finalizer_started(SessionId::new(), f()).await,
         Err(StoreError::UnknownSession { .. })
     ));
     assert_eq!(store.session(r.id).await.expect("r").finalizer_attempts, 0);
     store
-        .claim_finalization(r.id, FinalizeReason::Completed)
+        .claim_finalization(r.id, f(), FinalizeReason::Completed)
         .await
         .expect("claim");
-    assert_eq!(store.finalizer_started(r.id).await.expect("first"), 1);
-    assert_eq!(store.finalizer_started(r.id).await.expect("a re-run"), 2);
+    assert_eq!(store.finalizer_started(r.id, f()).await.expect("first"), 1);
+    assert_eq!(
+        store.finalizer_started(r.id, f()).await.expect("a re-run"),
+        2
+    );
     // A claim seen by a later reader (recovery) says how many runs started.
     assert!(matches!(
-        store.claim_finalization(r.id, FinalizeReason::Interrupted).await,
+        store.claim_finalization(r.id, f(), FinalizeReason::Interrupted).await,
         Ok(Claim::AlreadyClaimed(now)) if now.finalizer_attempts == 2
     ));
     store
-        .complete_finalization(r.id, completion(SessionStatus::FinishedAllOk))
+        .complete_finalization(r.id, f(), completion(SessionStatus::FinishedAllOk))
         .await
         .expect("complete");
     assert!(matches!(
-        store.finalizer_started(r.id).await,
+        store.finalizer_started(r.id, f()).await,
         Err(StoreError::NotClaimed { .. })
     ));
     assert_eq!(store.session(r.id).await.expect("r").finalizer_attempts, 2);
@@ -489,13 +503,13 @@ async fn a_terminal_session_derives_the_outcomes_it_never_recorded(store: Arc<dy
         elapsed: Duration::from_secs(3),
     };
     let ok = |id: &str| outcome(id, ResourceOutcome::Succeeded);
-    store.record_outcome(r.id, ok("r4")).await.expect("r4");
-    store.record_outcome(r.id, ok("r1")).await.expect("r1");
+    store.record_outcome(r.id, f(), ok("r4")).await.expect("r4");
+    store.record_outcome(r.id, f(), ok("r1")).await.expect("r1");
     // Not derived before the end.
     assert_eq!(store.outcomes(r.id).await.expect("o").len(), 2);
     assert_eq!(store.outcomes_page(r.id, 0, 10).await.expect("p").1, 2);
     store
-        .claim_finalization(r.id, FinalizeReason::DeadlineExpired)
+        .claim_finalization(r.id, f(), FinalizeReason::DeadlineExpired)
         .await
         .expect("claim");
     let mut c = completion(SessionStatus::FinishedSomeFailed);
@@ -514,7 +528,7 @@ async fn a_terminal_session_derives_the_outcomes_it_never_recorded(store: Arc<dy
         ..OutcomeCounts::default()
     };
     store
-        .complete_finalization(r.id, c)
+        .complete_finalization(r.id, f(), c)
         .await
         .expect("complete");
     let timed_out = |id: &str| OutcomeRecord {
@@ -555,13 +569,13 @@ async fn a_terminal_session_derives_the_outcomes_it_never_recorded(store: Arc<dy
         .await
         .expect("create");
     store
-        .claim_finalization(a.id, FinalizeReason::Aborted)
+        .claim_finalization(a.id, f(), FinalizeReason::Aborted)
         .await
         .expect("claim");
     let mut c = completion(SessionStatus::Aborted);
     c.reason = FinalizeReason::Aborted;
     store
-        .complete_finalization(a.id, c)
+        .complete_finalization(a.id, f(), c)
         .await
         .expect("complete");
     let kinds: Vec<ResourceOutcome> = store
@@ -585,15 +599,18 @@ async fn event_logs_page_in_seq_order(store: Arc<dyn SessionStore>) {
         .expect("create");
     for seq in 1..=10 {
         store
-            .append_event(harvest_supervisor::SessionEvent {
-                seq,
-                at: chrono::Utc::now(),
-                session_id: r.id,
-                harvester_id: "pages".into(),
-                kind: harvest_supervisor::EventKind::MonitorTick {
-                    remaining: Duration::from_secs(seq),
+            .append_event(
+                f(),
+                harvest_supervisor::SessionEvent {
+                    seq,
+                    at: chrono::Utc::now(),
+                    session_id: r.id,
+                    harvester_id: "pages".into(),
+                    kind: harvest_supervisor::EventKind::MonitorTick {
+                        remaining: Duration::from_secs(seq),
+                    },
                 },
-            })
+            )
             .expect("append");
     }
     let mut seen = Vec::new();
@@ -674,8 +691,8 @@ async fn two_stores_on_one_file_share_the_busy_lock_and_the_claim() {
         Err(StoreError::HarvesterBusy { session_id, .. }) if session_id == record.id
     ));
     let (a, b) = tokio::join!(
-        one.claim_finalization(record.id, FinalizeReason::Completed),
-        two.claim_finalization(record.id, FinalizeReason::DeadlineExpired),
+        one.claim_finalization(record.id, f(), FinalizeReason::Completed),
+        two.claim_finalization(record.id, f(), FinalizeReason::DeadlineExpired),
     );
     let won = [a.expect("a"), b.expect("b")]
         .iter()

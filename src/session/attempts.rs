@@ -101,6 +101,10 @@ pub(super) async fn on_child_event(
         s.st.writes.throttle().await;
         s.st.settle_writes(&s.shared.emitter);
     }
+    if s.st.taken_over() {
+        super::give_up(myself, s).await;
+        return Ok(());
+    }
     if let Some(reason) = next {
         return finalize(myself, s, reason).await;
     }
@@ -227,8 +231,12 @@ fn on_attempt(
         attempts: attempt,
         elapsed: now.saturating_duration_since(first_started),
     };
-    s.st.writes
-        .submit(&s.shared.deps.store, s.shared.id, record);
+    s.st.writes.submit(
+        &s.shared.deps.store,
+        s.shared.id,
+        s.shared.emitter.fence(),
+        record,
+    );
     // An index past `u32` is noted as `u32::MAX`: the finalizer checks every noted index
     // against the id it names, so a wrong one only costs it the faster walk.
     s.st.submitted

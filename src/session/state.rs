@@ -89,6 +89,8 @@ pub(crate) struct Rare {
     /// Store failures seen, for the report (the first [`MAX_STORE_ERRORS`]).
     pub(crate) store_errors: Vec<String>,
     pub(crate) abort_timer: Option<JoinHandle<Result<(), MessagingErr<SessionMessage>>>>,
+    /// A write was refused by the session's fence: another node took the session over.
+    pub(crate) taken_over: bool,
 }
 
 impl SessionState {
@@ -146,6 +148,11 @@ impl SessionState {
         for (record, result) in self.writes.answered.drain(..) {
             match result {
                 Ok(()) | Err(StoreError::Finalizing { .. }) => {}
+                // Another node holds the session now: the outcome is its business (it
+                // re-harvests or counts the resource lost), and this actor stops.
+                Err(StoreError::Fenced { .. }) => {
+                    self.rare.get_or_insert_with(Box::default).taken_over = true;
+                }
                 Err(e) => {
                     let error = crate::harvest::error_chain(&e);
                     emitter.emit(EventKind::StoreFailed {
@@ -158,6 +165,11 @@ impl SessionState {
                 }
             }
         }
+    }
+
+    /// Whether a write found the session taken over by another node.
+    pub(crate) fn taken_over(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.taken_over)
     }
 
     /// Kills every worker still running (`myself`: the session's own cell) and returns

@@ -16,7 +16,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 
 use crate::error::StoreError;
-use crate::model::{OutcomeRecord, SessionId};
+use crate::model::{Fence, OutcomeRecord, SessionId};
 use crate::store::{OutcomeReceipt, SessionStore};
 
 /// Submitted writes allowed in flight before the session waits for the oldest ones: bounds
@@ -50,20 +50,21 @@ impl OutcomeWrites {
         &mut self,
         store: &Arc<dyn SessionStore>,
         id: SessionId,
+        fence: Fence,
         record: OutcomeRecord,
     ) {
         let answered = &mut self.answered;
-        match store.record_outcome_now(id, &record) {
+        match store.record_outcome_now(id, fence, &record) {
             // Recorded in place (the memory store): no future at all.
             Some(Ok(())) => {}
             Some(failed) => answered.push((record, failed)),
-            None => match store.queue_outcome(id, &record) {
+            None => match store.queue_outcome(id, fence, &record) {
                 // Queued with a receipt (the durable store): no future either.
                 Some(receipt) => self.queued.push_back((record, receipt)),
                 None => {
                     let store = Arc::clone(store);
                     let mut write = async move {
-                        let result = store.record_outcome(id, record.clone()).await;
+                        let result = store.record_outcome(id, fence, record.clone()).await;
                         (record, result)
                     }
                     .boxed();

@@ -16,12 +16,70 @@ use crate::config::SessionConfig;
 use crate::error::StoreError;
 use crate::events::{EventKind, SessionEvent};
 use crate::model::{
-    FinalizeReason, HarvesterId, IdHasher, OutcomeCounts, OutcomeRecord, ResourceId,
+    Fence, FinalizeReason, HarvesterId, IdHasher, NodeId, OutcomeCounts, OutcomeRecord, ResourceId,
     ResourceOutcome, SessionId, SessionRecord, SessionStatus,
 };
 use crate::store::{
-    Claim, Completed, Completion, NewSession, SessionPage, SessionQuery, SessionStore,
+    Claim, Completed, Completion, NewSession, NodeInfo, NodeRecord, ProcessId, SessionPage,
+    SessionQuery, SessionStore, TakenOver,
 };
+
+/// A node's lease, timed by tokio's clock (so that tests can pause it): one process, one
+/// clock.
+struct Lease {
+    info: NodeInfo,
+    started: chrono::DateTime<chrono::Utc>,
+    until: tokio::time::Instant,
+}
+
+impl Lease {
+    fn live(&self) -> bool {
+        tokio::time::Instant::now() < self.until
+    }
+
+    fn record(&self) -> NodeRecord {
+        let now = tokio::time::Instant::now();
+        let left = self.until.saturating_duration_since(now);
+        let past = now.saturating_duration_since(self.until);
+        let wall = chrono::Utc::now();
+        let lease_until = chrono::Duration::from_std(left)
+            .ok()
+            .and_then(|d| wall.checked_add_signed(d))
+            .and_then(|t| {
+                chrono::Duration::from_std(past)
+                    .ok()
+                    .and_then(|d| t.checked_sub_signed(d))
+            })
+            .unwrap_or(wall);
+        NodeRecord {
+            info: self.info.clone(),
+            started: self.started,
+            lease_until,
+            live: self.live(),
+        }
+    }
+}
+
+/// `Ok` if `fence` is the session's current one.
+fn check_fence(id: SessionId, r: &SessionRecord, fence: Fence) -> Result<(), StoreError> {
+    if r.fence() == Some(fence) {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced {
+            session_id: id,
+            fence,
+            holder: r.fence(),
+        })
+    }
+}
+
+/// `now + ttl`, or as far as the clock goes.
+fn lease_end(ttl: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(ttl)
+        .or_else(|| now.checked_add(std::time::Duration::from_secs(1 << 30)))
+        .unwrap_or(now)
+}
 
 struct StoredSession {
     record: SessionRecord,
@@ -289,6 +347,7 @@ pub struct MemoryStore {
     /// session is 400 bytes (10,000 idle sessions: 0.24 KiB less each).
     sessions: Arc<DashMap<SessionId, Box<StoredSession>, IdHasher>>,
     active: Arc<DashMap<HarvesterId, SessionId>>,
+    nodes: Arc<DashMap<NodeId, Lease>>,
     event_limit: usize,
 }
 
@@ -312,12 +371,19 @@ impl MemoryStore {
         Self {
             sessions: Arc::default(),
             active: Arc::default(),
+            nodes: Arc::default(),
             event_limit: limit.max(1),
         }
     }
 
-    fn record(&self, id: SessionId, outcome: &OutcomeRecord) -> Result<(), StoreError> {
+    fn record(
+        &self,
+        id: SessionId,
+        fence: Fence,
+        outcome: &OutcomeRecord,
+    ) -> Result<(), StoreError> {
         self.with(id, |s| {
+            check_fence(id, &s.record, fence)?;
             if s.record.finalizing.is_some() {
                 return Err(StoreError::Finalizing { session_id: id });
             }
@@ -361,6 +427,8 @@ impl SessionStore for MemoryStore {
                     counts: OutcomeCounts::default(),
                     finalizer_error: None,
                     finalizer_attempts: 0,
+                    owner: Some(new.owner),
+                    epoch: 1,
                 };
                 // Insert the session before releasing the harvester entry, so nobody sees
                 // a lock pointing at a session that does not exist.
@@ -428,34 +496,38 @@ impl SessionStore for MemoryStore {
     async fn transition(
         &self,
         id: SessionId,
+        fence: Fence,
         from: SessionStatus,
         to: SessionStatus,
     ) -> Result<bool, StoreError> {
         self.with(id, |s| {
             let r = &mut s.record;
+            check_fence(id, r, fence)?;
             if r.status == from && r.finalizing.is_none() && !to.is_terminal() {
                 r.status = to;
-                true
+                Ok(true)
             } else {
-                false
+                Ok(false)
             }
-        })
+        })?
     }
 
     async fn record_outcome(
         &self,
         id: SessionId,
+        fence: Fence,
         outcome: OutcomeRecord,
     ) -> Result<(), StoreError> {
-        self.record(id, &outcome)
+        self.record(id, fence, &outcome)
     }
 
     fn record_outcome_now(
         &self,
         id: SessionId,
+        fence: Fence,
         outcome: &OutcomeRecord,
     ) -> Option<Result<(), StoreError>> {
-        Some(self.record(id, outcome))
+        Some(self.record(id, fence, outcome))
     }
 
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
@@ -486,9 +558,11 @@ impl SessionStore for MemoryStore {
         })
     }
 
-    fn append_event(&self, event: SessionEvent) -> Result<(), StoreError> {
+    fn append_event(&self, fence: Fence, event: SessionEvent) -> Result<(), StoreError> {
         let limit = self.event_limit;
-        self.with(event.session_id, |s| {
+        let id = event.session_id;
+        self.with(id, |s| {
+            check_fence(id, &s.record, fence)?;
             let len = s.events.len();
             if len >= limit {
                 s.events.pop_front();
@@ -503,7 +577,8 @@ impl SessionStore for MemoryStore {
                 at: event.at,
                 kind: KeptKind::keep(event.kind),
             });
-        })
+            Ok(())
+        })?
     }
 
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
@@ -535,11 +610,13 @@ impl SessionStore for MemoryStore {
     async fn claim_finalization(
         &self,
         id: SessionId,
+        fence: Fence,
         reason: FinalizeReason,
     ) -> Result<Claim, StoreError> {
         self.with(id, |s| {
             let r = &mut s.record;
-            if r.status.is_terminal() {
+            check_fence(id, r, fence)?;
+            Ok(if r.status.is_terminal() {
                 Claim::AlreadyFinalized(r.clone())
             } else if r.finalizing.is_some() {
                 Claim::AlreadyClaimed(r.clone())
@@ -547,13 +624,14 @@ impl SessionStore for MemoryStore {
                 let before = r.clone();
                 r.finalizing = Some(reason);
                 Claim::Claimed(before)
-            }
-        })
+            })
+        })?
     }
 
-    async fn finalizer_started(&self, id: SessionId) -> Result<u32, StoreError> {
+    async fn finalizer_started(&self, id: SessionId, fence: Fence) -> Result<u32, StoreError> {
         self.with(id, |s| {
             let r = &mut s.record;
+            check_fence(id, r, fence)?;
             if r.finalizing.is_none() || r.status.is_terminal() {
                 return Err(StoreError::NotClaimed { session_id: id });
             }
@@ -566,13 +644,18 @@ impl SessionStore for MemoryStore {
         self.with(id, |s| Some(SessionConfig::clone(&s.config)))
     }
 
-    async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError> {
+    async fn resume_session(
+        &self,
+        id: SessionId,
+        fence: Fence,
+    ) -> Result<Option<Vec<ResourceId>>, StoreError> {
         self.with(id, |s| {
             let r = &mut s.record;
+            check_fence(id, r, fence)?;
             let resumable = matches!(r.status, SessionStatus::Pending | SessionStatus::OnGoing)
                 && r.finalizing.is_none();
             if !resumable {
-                return None;
+                return Ok(None);
             }
             s.outcomes.retain(KeptOutcome::is_success);
             let done: std::collections::HashSet<&ResourceId> =
@@ -588,18 +671,20 @@ impl SessionStore for MemoryStore {
                 succeeded: s.outcomes.len(),
                 ..OutcomeCounts::default()
             };
-            Some(remaining)
-        })
+            Ok(Some(remaining))
+        })?
     }
 
     async fn complete_finalization(
         &self,
         id: SessionId,
+        fence: Fence,
         completion: Completion,
     ) -> Result<Completed, StoreError> {
         let done = self.with(id, |s| {
+            check_fence(id, &s.record, fence)?;
             if s.record.status.is_terminal() {
-                return Completed::AlreadyFinalized(s.record.clone());
+                return Ok(Completed::AlreadyFinalized(s.record.clone()));
             }
             s.outcomes
                 .extend(completion.unrecorded.iter().map(KeptOutcome::keep));
@@ -609,8 +694,8 @@ impl SessionStore for MemoryStore {
             r.counts = completion.counts;
             r.finalizer_error = completion.finalizer_error;
             r.ended = Some(completion.ended);
-            Completed::Now(r.clone())
-        })?;
+            Ok(Completed::Now(r.clone()))
+        })??;
         if let Completed::Now(record) = &done {
             // Free the harvester only if this session holds it: a stale finalizer must never
             // free a harvester that a newer session runs on.
@@ -618,6 +703,95 @@ impl SessionStore for MemoryStore {
                 .remove_if(&record.harvester_id, |_, holder| *holder == id);
         }
         Ok(done)
+    }
+
+    async fn register_node(
+        &self,
+        node: &NodeInfo,
+        ttl: std::time::Duration,
+    ) -> Result<NodeRecord, StoreError> {
+        let lease = Lease {
+            info: node.clone(),
+            started: chrono::Utc::now(),
+            until: lease_end(ttl),
+        };
+        let record = lease.record();
+        self.nodes.insert(node.id, lease);
+        Ok(record)
+    }
+
+    async fn renew_lease(
+        &self,
+        node: &NodeInfo,
+        ttl: std::time::Duration,
+    ) -> Result<NodeRecord, StoreError> {
+        match self.nodes.get_mut(&node.id) {
+            Some(mut lease) => {
+                lease.until = lease_end(ttl);
+                Ok(lease.record())
+            }
+            None => self.register_node(node, ttl).await,
+        }
+    }
+
+    async fn release_node(&self, node: NodeId) -> Result<(), StoreError> {
+        if let Some(mut lease) = self.nodes.get_mut(&node) {
+            lease.until = tokio::time::Instant::now();
+        }
+        Ok(())
+    }
+
+    async fn expire_node(&self, node: NodeId, process: &ProcessId) -> Result<bool, StoreError> {
+        Ok(match self.nodes.get_mut(&node) {
+            Some(mut lease) if lease.info.process.as_ref() == Some(process) && lease.live() => {
+                lease.until = tokio::time::Instant::now();
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let mut all: Vec<NodeRecord> = self.nodes.iter().map(|l| l.record()).collect();
+        all.sort_by_key(|n| std::cmp::Reverse(n.info.id));
+        Ok(all)
+    }
+
+    async fn take_over(&self, rescuer: NodeId, limit: usize) -> Result<Vec<TakenOver>, StoreError> {
+        if !self.nodes.get(&rescuer).is_some_and(|l| l.live()) {
+            return Err(StoreError::LeaseExpired { node: rescuer });
+        }
+        let live = |owner: Option<NodeId>| {
+            owner.is_some_and(|o| self.nodes.get(&o).is_some_and(|l| l.live()))
+        };
+        // Candidates first (no entry lock is held while the nodes map is read), then each
+        // taken under its entry's lock, checked again there: one winner per session.
+        let candidates: Vec<(SessionId, Option<NodeId>)> = self
+            .sessions
+            .iter()
+            .filter(|s| !s.record.status.is_terminal())
+            .map(|s| (s.record.id, s.record.owner))
+            .filter(|(_, owner)| !live(*owner))
+            .take(limit)
+            .collect();
+        let mut taken = Vec::with_capacity(candidates.len());
+        for (id, seen_owner) in candidates {
+            let Some(mut entry) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            let r = &mut entry.record;
+            if r.status.is_terminal() || r.owner != seen_owner {
+                continue; // finalized or taken by someone else meanwhile
+            }
+            let from_node = r.owner;
+            r.owner = Some(rescuer);
+            r.epoch = r.epoch.saturating_add(1);
+            taken.push(TakenOver {
+                record: r.clone(),
+                from_node,
+            });
+        }
+        Ok(taken)
     }
 }
 
@@ -627,6 +801,8 @@ mod tests {
     use std::time::Duration;
 
     /// A store keeping `limit` events per session, with one session in it.
+    const NODE: NodeId = NodeId(uuid::Uuid::nil());
+
     async fn one_session(limit: usize) -> (MemoryStore, SessionId) {
         let store = MemoryStore::with_event_limit(limit);
         let id = SessionId::new();
@@ -638,6 +814,7 @@ mod tests {
                 started: chrono::Utc::now(),
                 workflow_time: std::time::Duration::from_secs(1),
                 config: Arc::default(),
+                owner: NODE,
             })
             .await
             .expect("create");
@@ -652,7 +829,7 @@ mod tests {
             harvester_id: "h".into(),
             kind: EventKind::MonitorCancelled,
         };
-        store.append_event(event).expect("append");
+        store.append_event(Fence::new(NODE), event).expect("append");
     }
 
     async fn stored_seqs(store: &MemoryStore, id: SessionId) -> Vec<u64> {
@@ -704,7 +881,9 @@ mod tests {
             })
             .collect();
         for event in &appended {
-            store.append_event(event.clone()).expect("append");
+            store
+                .append_event(Fence::new(NODE), event.clone())
+                .expect("append");
         }
         assert_eq!(store.events(id).await.expect("events"), appended);
     }
@@ -718,7 +897,7 @@ mod tests {
             attempts: 1,
             elapsed: Duration::MAX,
         };
-        store.record(id, &record).expect("record");
+        store.record(id, Fence::new(NODE), &record).expect("record");
         assert_eq!(store.outcomes(id).await.expect("outcomes"), [record]);
     }
 

@@ -31,17 +31,19 @@ use crate::config::SessionConfig;
 use crate::error::StoreError;
 use crate::events::SessionEvent;
 use crate::model::{
-    FinalizeReason, HarvesterId, OutcomeRecord, ResourceId, SessionId, SessionRecord, SessionStatus,
+    Fence, FinalizeReason, HarvesterId, NodeId, OutcomeRecord, ResourceId, SessionId,
+    SessionRecord, SessionStatus,
 };
 use crate::store::{
-    Claim, Completed, Completion, MAX_EVENT_PAGE, NewSession, OutcomeReceipt, SessionPage,
-    SessionQuery, SessionStore, derived_outcomes,
+    Claim, Completed, Completion, MAX_EVENT_PAGE, NewSession, NodeInfo, NodeRecord, OutcomeReceipt,
+    ProcessId, SessionPage, SessionQuery, SessionStore, TakenOver, derived_outcomes,
 };
 use line::event_of_line;
 use readers::Readers;
 use rows::{
-    INSERT_OUTCOME, OutcomeCursor, OutcomeRange, RECORD_COLUMNS, backend, count, load, nanos,
-    outcome_row, read_resources, record, session_key, text, usize_of, write_resources,
+    INSERT_OUTCOME, NOW_MS, OutcomeCursor, OutcomeRange, RECORD_COLUMNS, backend, check_fence,
+    count, load, nanos, node_of, outcome_row, read_resources, record, session_key, text, usize_of,
+    write_resources,
 };
 use writer::Writer;
 
@@ -258,8 +260,8 @@ impl SessionStore for SqliteStore {
                 let config = serde_json::to_string(&*new.config)
                     .map_err(|e| StoreError::Backend(Box::new(e)))?;
                 conn.prepare_cached(
-                    "INSERT INTO sessions (id, harvester_id, status, total, started, workflow_time_ns, config) \
-                     VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6)",
+                    "INSERT INTO sessions (id, harvester_id, status, total, started, workflow_time_ns, \
+                     config, owner, epoch) VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7, 1)",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -268,7 +270,8 @@ impl SessionStore for SqliteStore {
                         count(new.resources.len()),
                         new.started,
                         nanos(new.workflow_time),
-                        config
+                        config,
+                        new.owner.to_string()
                     ])
                 })
                 .map_err(backend)?;
@@ -352,6 +355,7 @@ impl SessionStore for SqliteStore {
     async fn transition(
         &self,
         id: SessionId,
+        fence: Fence,
         from: SessionStatus,
         to: SessionStatus,
     ) -> Result<bool, StoreError> {
@@ -361,6 +365,8 @@ impl SessionStore for SqliteStore {
         let (from, to) = (text(&from)?, text(&to)?);
         self.writer
             .call(move |conn| {
+                // Read and written in the writer's transaction: nobody writes in between.
+                check_fence(&load(conn, id)?, fence)?;
                 let changed = conn
                     .prepare_cached(
                         "UPDATE sessions SET status = ?3 \
@@ -379,13 +385,19 @@ impl SessionStore for SqliteStore {
     async fn record_outcome(
         &self,
         id: SessionId,
+        fence: Fence,
         outcome: OutcomeRecord,
     ) -> Result<(), StoreError> {
-        self.writer.outcome(id, outcome).await
+        self.writer.outcome(id, fence, outcome).await
     }
 
-    fn queue_outcome(&self, id: SessionId, outcome: &OutcomeRecord) -> Option<OutcomeReceipt> {
-        Some(self.writer.queue_outcome(id, outcome.clone()))
+    fn queue_outcome(
+        &self,
+        id: SessionId,
+        fence: Fence,
+        outcome: &OutcomeRecord,
+    ) -> Option<OutcomeReceipt> {
+        Some(self.writer.queue_outcome(id, fence, outcome.clone()))
     }
 
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError> {
@@ -478,8 +490,8 @@ impl SessionStore for SqliteStore {
             .await
     }
 
-    fn append_event(&self, event: SessionEvent) -> Result<(), StoreError> {
-        self.writer.event(event)
+    fn append_event(&self, fence: Fence, event: SessionEvent) -> Result<(), StoreError> {
+        self.writer.event(fence, event)
     }
 
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
@@ -528,12 +540,14 @@ impl SessionStore for SqliteStore {
     async fn claim_finalization(
         &self,
         id: SessionId,
+        fence: Fence,
         reason: FinalizeReason,
     ) -> Result<Claim, StoreError> {
         let reason_text = text(&reason)?;
         self.writer
             .call(move |conn| {
                 let before = load(conn, id)?;
+                check_fence(&before, fence)?;
                 if before.status.is_terminal() {
                     return Ok(Claim::AlreadyFinalized(before));
                 }
@@ -559,9 +573,10 @@ impl SessionStore for SqliteStore {
             .await
     }
 
-    async fn finalizer_started(&self, id: SessionId) -> Result<u32, StoreError> {
+    async fn finalizer_started(&self, id: SessionId, fence: Fence) -> Result<u32, StoreError> {
         self.writer
             .call(move |conn| {
+                check_fence(&load(conn, id)?, fence)?;
                 let attempts: Option<u32> = conn
                     .prepare_cached(
                         "UPDATE sessions SET finalizer_attempts = finalizer_attempts + 1 \
@@ -600,9 +615,14 @@ impl SessionStore for SqliteStore {
             .await
     }
 
-    async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError> {
+    async fn resume_session(
+        &self,
+        id: SessionId,
+        fence: Fence,
+    ) -> Result<Option<Vec<ResourceId>>, StoreError> {
         self.writer
             .call(move |conn| {
+                check_fence(&load(conn, id)?, fence)?;
                 let reopened = conn
                     .prepare_cached(
                         "UPDATE sessions SET status = 'on-going', failed = 0, panicked = 0, \
@@ -644,12 +664,14 @@ impl SessionStore for SqliteStore {
     async fn complete_finalization(
         &self,
         id: SessionId,
+        fence: Fence,
         completion: Completion,
     ) -> Result<Completed, StoreError> {
         let status = text(&completion.status)?;
         let reason = text(&completion.reason)?;
         self.writer
             .call(move |conn| {
+                check_fence(&load(conn, id)?, fence)?;
                 let sid = id.to_string();
                 let c = completion.counts;
                 let done = conn
@@ -691,6 +713,207 @@ impl SessionStore for SqliteStore {
             })
             .await
     }
+
+    async fn register_node(
+        &self,
+        node: &NodeInfo,
+        ttl: Duration,
+    ) -> Result<NodeRecord, StoreError> {
+        let node = node.clone();
+        let ttl_ms = millis(ttl);
+        self.writer
+            .call(move |conn| {
+                let process = node.process.as_ref();
+                conn.prepare_cached(&format!(
+                    "INSERT INTO nodes (id, name, host, pid, pid_start, started, lease_until_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, {NOW_MS} + ?7) \
+                     ON CONFLICT (id) DO UPDATE SET lease_until_ms = excluded.lease_until_ms"
+                ))
+                .and_then(|mut s| {
+                    s.execute(params![
+                        node.id.to_string(),
+                        node.name,
+                        process.map(|p| p.host.as_str()),
+                        process.map(|p| p.pid),
+                        process.map(|p| i64::try_from(p.start).unwrap_or(i64::MAX)),
+                        chrono::Utc::now(),
+                        ttl_ms,
+                    ])
+                })
+                .map_err(backend)?;
+                load_node(conn, node.id)
+            })
+            .await
+    }
+
+    async fn renew_lease(&self, node: &NodeInfo, ttl: Duration) -> Result<NodeRecord, StoreError> {
+        let info = node.clone();
+        let ttl_ms = millis(ttl);
+        let renewed = self
+            .writer
+            .call(move |conn| {
+                let changed = conn
+                    .prepare_cached(&format!(
+                        "UPDATE nodes SET lease_until_ms = {NOW_MS} + ?2 WHERE id = ?1"
+                    ))
+                    .and_then(|mut s| s.execute(params![info.id.to_string(), ttl_ms]))
+                    .map_err(backend)?;
+                if changed == 0 {
+                    return Ok(None);
+                }
+                load_node(conn, info.id).map(Some)
+            })
+            .await?;
+        match renewed {
+            Some(record) => Ok(record),
+            None => self.register_node(node, ttl).await,
+        }
+    }
+
+    async fn release_node(&self, node: NodeId) -> Result<(), StoreError> {
+        self.writer
+            .call(move |conn| {
+                conn.prepare_cached(&format!(
+                    "UPDATE nodes SET lease_until_ms = min(lease_until_ms, {NOW_MS} - 1) \
+                     WHERE id = ?1"
+                ))
+                .and_then(|mut s| s.execute([node.to_string()]))
+                .map_err(backend)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn expire_node(&self, node: NodeId, process: &ProcessId) -> Result<bool, StoreError> {
+        let process = process.clone();
+        self.writer
+            .call(move |conn| {
+                let changed = conn
+                    .prepare_cached(&format!(
+                        "UPDATE nodes SET lease_until_ms = {NOW_MS} - 1 \
+                         WHERE id = ?1 AND host = ?2 AND pid = ?3 AND pid_start = ?4 \
+                         AND lease_until_ms >= {NOW_MS}"
+                    ))
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            node.to_string(),
+                            process.host,
+                            process.pid,
+                            i64::try_from(process.start).unwrap_or(i64::MAX),
+                        ])
+                    })
+                    .map_err(backend)?;
+                Ok(changed == 1)
+            })
+            .await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.readers
+            .read(|conn| {
+                let mut s = conn
+                    .prepare_cached(&format!(
+                        "SELECT {NODE_COLUMNS} FROM nodes ORDER BY id DESC"
+                    ))
+                    .map_err(backend)?;
+                let rows = s.query_map([], node_row).map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+            })
+            .await
+    }
+
+    async fn take_over(&self, rescuer: NodeId, limit: usize) -> Result<Vec<TakenOver>, StoreError> {
+        let limit = count(limit);
+        self.writer
+            .call(move |conn| {
+                // One transaction on the writer (`BEGIN IMMEDIATE` holds the file's write
+                // lock): the sessions read here cannot change before they are updated, in
+                // this process or any other, so each has one winner.
+                let me = rescuer.to_string();
+                let live: bool = conn
+                    .prepare_cached(&format!(
+                        "SELECT EXISTS (SELECT 1 FROM nodes WHERE id = ?1 AND lease_until_ms >= {NOW_MS})"
+                    ))
+                    .and_then(|mut s| s.query_row([&me], |r| r.get(0)))
+                    .map_err(backend)?;
+                if !live {
+                    return Err(StoreError::LeaseExpired { node: rescuer });
+                }
+                let mut s = conn
+                    .prepare_cached(&format!(
+                        "SELECT id, owner FROM sessions \
+                         WHERE status IN ('pending', 'on-going', 'aborting') \
+                           AND (owner IS NULL OR owner NOT IN \
+                                (SELECT id FROM nodes WHERE lease_until_ms >= {NOW_MS})) \
+                         ORDER BY id LIMIT ?1"
+                    ))
+                    .map_err(backend)?;
+                let orphans = s
+                    .query_map([limit], |r| {
+                        Ok((r.get::<_, String>(0)?, node_of(r.get(1)?)?))
+                    })
+                    .map_err(backend)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(backend)?;
+                let mut taken = Vec::with_capacity(orphans.len());
+                for (id, from_node) in orphans {
+                    conn.prepare_cached(
+                        "UPDATE sessions SET owner = ?2, epoch = epoch + 1 WHERE id = ?1",
+                    )
+                    .and_then(|mut s| s.execute([&id, &me]))
+                    .map_err(backend)?;
+                    let id = uuid::Uuid::parse_str(&id)
+                        .map_err(|e| StoreError::Backend(Box::new(e)))?;
+                    taken.push(TakenOver {
+                        record: load(conn, SessionId(id))?,
+                        from_node,
+                    });
+                }
+                Ok(taken)
+            })
+            .await
+    }
+}
+
+/// Columns of [`node_row`].
+const NODE_COLUMNS: &str = "id, name, host, pid, pid_start, started, lease_until_ms, \
+     lease_until_ms >= CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+
+fn node_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
+    let id = node_of(Some(row.get(0)?))?.unwrap_or(NodeId(uuid::Uuid::nil()));
+    let host: Option<String> = row.get(2)?;
+    let pid: Option<u32> = row.get(3)?;
+    let start: Option<i64> = row.get(4)?;
+    let process = match (host, pid, start) {
+        (Some(host), Some(pid), Some(start)) => Some(ProcessId {
+            host,
+            pid,
+            start: u64::try_from(start).unwrap_or(0),
+        }),
+        _ => None,
+    };
+    let until_ms: i64 = row.get(6)?;
+    Ok(NodeRecord {
+        info: NodeInfo {
+            id,
+            name: row.get(1)?,
+            process,
+        },
+        started: row.get(5)?,
+        lease_until: chrono::DateTime::from_timestamp_millis(until_ms).unwrap_or_default(),
+        live: row.get(7)?,
+    })
+}
+
+fn load_node(conn: &rusqlite::Connection, node: NodeId) -> Result<NodeRecord, StoreError> {
+    conn.prepare_cached(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?1"))
+        .and_then(|mut s| s.query_row([node.to_string()], node_row))
+        .map_err(backend)
+}
+
+/// A lease's length in whole milliseconds, as stored.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
 }
 
 /// Writes outcomes a session observed and could not record, with its completion, in a

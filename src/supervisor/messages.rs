@@ -56,6 +56,9 @@ pub enum SupervisorMessage {
     /// done, or after `shutdown_timeout` at the latest: what has not finished by then is
     /// left to the next start's recovery.
     Shutdown(RpcReplyPort<()>),
+    /// Self-sent every `rescue_interval` (with jitter): take over the sessions of nodes
+    /// whose lease expired. Embedders never send it.
+    Rescue,
     /// Self-sent `shutdown_timeout` after `Shutdown`: stop waiting for sessions that have
     /// not finished. Embedders never send it.
     ShutdownDeadline,

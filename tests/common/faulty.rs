@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use harvest_supervisor::store::{
-    Claim, Completed, Completion, NewSession, OutcomeAnswer, OutcomeReceipt, SessionPage,
-    SessionQuery,
+    Claim, Completed, Completion, NewSession, NodeInfo, NodeRecord, OutcomeAnswer, OutcomeReceipt,
+    ProcessId, SessionPage, SessionQuery, TakenOver,
 };
 use harvest_supervisor::{
-    FinalizeReason, HarvesterId, MemoryStore, OutcomeRecord, ResourceId, SessionConfig,
-    SessionEvent, SessionId, SessionRecord, SessionStatus, SessionStore, StoreError,
+    Fence, FinalizeReason, HarvesterId, MemoryStore, NodeId, OutcomeRecord, ResourceId,
+    SessionConfig, SessionEvent, SessionId, SessionRecord, SessionStatus, SessionStore, StoreError,
 };
 use tokio::sync::Semaphore;
 
@@ -136,6 +136,7 @@ impl SessionStore for FaultyStore {
     async fn transition(
         &self,
         id: SessionId,
+        fence: Fence,
         from: SessionStatus,
         to: SessionStatus,
     ) -> Result<bool, StoreError> {
@@ -148,9 +149,14 @@ impl SessionStore for FaultyStore {
         {
             let _permit = self.begin_gate.acquire().await;
         }
-        self.inner.transition(id, from, to).await
+        self.inner.transition(id, fence, from, to).await
     }
-    async fn record_outcome(&self, id: SessionId, o: OutcomeRecord) -> Result<(), StoreError> {
+    async fn record_outcome(
+        &self,
+        id: SessionId,
+        fence: Fence,
+        o: OutcomeRecord,
+    ) -> Result<(), StoreError> {
         if self.hang_outcome_writes.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
@@ -158,7 +164,7 @@ impl SessionStore for FaultyStore {
             return Err(StoreError::Backend("injected write failure".into()));
         }
         let ack = o.clone();
-        self.inner.record_outcome(id, o).await?;
+        self.inner.record_outcome(id, fence, o).await?;
         if let Some(hook) = &self.on_outcome_ack {
             hook(&ack);
         }
@@ -167,6 +173,7 @@ impl SessionStore for FaultyStore {
     fn record_outcome_now(
         &self,
         id: SessionId,
+        fence: Fence,
         o: &OutcomeRecord,
     ) -> Option<Result<(), StoreError>> {
         if !self.in_place_outcomes.load(Ordering::SeqCst) {
@@ -175,9 +182,14 @@ impl SessionStore for FaultyStore {
         if self.failing_outcome_writes.load(Ordering::SeqCst) {
             return Some(Err(StoreError::Backend("injected write failure".into())));
         }
-        self.inner.record_outcome_now(id, o)
+        self.inner.record_outcome_now(id, fence, o)
     }
-    fn queue_outcome(&self, id: SessionId, o: &OutcomeRecord) -> Option<OutcomeReceipt> {
+    fn queue_outcome(
+        &self,
+        id: SessionId,
+        fence: Fence,
+        o: &OutcomeRecord,
+    ) -> Option<OutcomeReceipt> {
         if !self.queued_outcomes.load(Ordering::SeqCst) {
             return None;
         }
@@ -196,12 +208,12 @@ impl SessionStore for FaultyStore {
                 }
                 Box::pin(async move { failure })
             } else {
-                match self.inner.queue_outcome(id, o) {
+                match self.inner.queue_outcome(id, fence, o) {
                     Some(inner) => Box::pin(inner.answer()),
                     None => {
                         let inner = Arc::clone(&self.inner);
                         let o = o.clone();
-                        Box::pin(async move { inner.record_outcome(id, o).await })
+                        Box::pin(async move { inner.record_outcome(id, fence, o).await })
                     }
                 }
             };
@@ -236,8 +248,8 @@ impl SessionStore for FaultyStore {
     ) -> Result<(Vec<OutcomeRecord>, usize), StoreError> {
         self.inner.outcomes_page(id, offset, limit).await
     }
-    fn append_event(&self, event: SessionEvent) -> Result<(), StoreError> {
-        self.inner.append_event(event)
+    fn append_event(&self, fence: Fence, event: SessionEvent) -> Result<(), StoreError> {
+        self.inner.append_event(fence, event)
     }
     async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, StoreError> {
         self.inner.events(id).await
@@ -256,10 +268,11 @@ impl SessionStore for FaultyStore {
     async fn claim_finalization(
         &self,
         id: SessionId,
+        fence: Fence,
         reason: FinalizeReason,
     ) -> Result<Claim, StoreError> {
         self.finalization_fault()?;
-        let claim = self.inner.claim_finalization(id, reason).await?;
+        let claim = self.inner.claim_finalization(id, fence, reason).await?;
         if matches!(claim, Claim::Claimed(_)) {
             if let Some(hook) = &self.on_claim {
                 hook();
@@ -270,15 +283,19 @@ impl SessionStore for FaultyStore {
         }
         Ok(claim)
     }
-    async fn finalizer_started(&self, id: SessionId) -> Result<u32, StoreError> {
+    async fn finalizer_started(&self, id: SessionId, fence: Fence) -> Result<u32, StoreError> {
         self.finalization_fault()?;
-        self.inner.finalizer_started(id).await
+        self.inner.finalizer_started(id, fence).await
     }
     async fn session_config(&self, id: SessionId) -> Result<Option<SessionConfig>, StoreError> {
         self.inner.session_config(id).await
     }
-    async fn resume_session(&self, id: SessionId) -> Result<Option<Vec<ResourceId>>, StoreError> {
-        self.inner.resume_session(id).await
+    async fn resume_session(
+        &self,
+        id: SessionId,
+        fence: Fence,
+    ) -> Result<Option<Vec<ResourceId>>, StoreError> {
+        self.inner.resume_session(id, fence).await
     }
     async fn flush(&self) -> Result<(), StoreError> {
         self.inner.flush().await
@@ -286,9 +303,36 @@ impl SessionStore for FaultyStore {
     async fn complete_finalization(
         &self,
         id: SessionId,
+        fence: Fence,
         c: Completion,
     ) -> Result<Completed, StoreError> {
         self.finalization_fault()?;
-        self.inner.complete_finalization(id, c).await
+        self.inner.complete_finalization(id, fence, c).await
+    }
+    async fn register_node(
+        &self,
+        node: &NodeInfo,
+        ttl: std::time::Duration,
+    ) -> Result<NodeRecord, StoreError> {
+        self.inner.register_node(node, ttl).await
+    }
+    async fn renew_lease(
+        &self,
+        node: &NodeInfo,
+        ttl: std::time::Duration,
+    ) -> Result<NodeRecord, StoreError> {
+        self.inner.renew_lease(node, ttl).await
+    }
+    async fn release_node(&self, node: NodeId) -> Result<(), StoreError> {
+        self.inner.release_node(node).await
+    }
+    async fn expire_node(&self, node: NodeId, process: &ProcessId) -> Result<bool, StoreError> {
+        self.inner.expire_node(node, process).await
+    }
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.inner.nodes().await
+    }
+    async fn take_over(&self, rescuer: NodeId, limit: usize) -> Result<Vec<TakenOver>, StoreError> {
+        self.inner.take_over(rescuer, limit).await
     }
 }

@@ -12,7 +12,7 @@ use rusqlite::{CachedStatement, Connection};
 
 use crate::error::StoreError;
 use crate::events::SessionEvent;
-use crate::model::{IdHasher, OutcomeCounts, OutcomeRecord, SessionId};
+use crate::model::{Fence, IdHasher, OutcomeCounts, OutcomeRecord, SessionId};
 use crate::store::sqlite::line::write_event_line;
 use crate::store::sqlite::rows::{INSERT_OUTCOME, OutcomeCursor, backend};
 
@@ -22,6 +22,9 @@ pub(crate) const CHUNK_EVENTS: usize = 256;
 /// One session's events of one batch, on their way to one `event_chunks` row.
 struct Chunk {
     session: SessionId,
+    /// The fence its events were appended under: the row is written only if it is still
+    /// the session's.
+    fence: Fence,
     first: i64,
     last: i64,
     count: usize,
@@ -41,18 +44,19 @@ impl Chunks {
     /// Adds `event`'s line. Serialized here, on the writer's thread, straight into its
     /// chunk: not into a `String` per event on the runtime, copied into the chunk and
     /// freed here (a cross-thread free per event).
-    pub(super) fn add(&mut self, event: &SessionEvent) {
+    pub(super) fn add(&mut self, fence: Fence, event: &SessionEvent) {
         let session = event.session_id;
         let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
         let open = self.open.get(&session).copied().filter(|&at| {
             self.chunks
                 .get(at)
-                .is_some_and(|c| c.count < CHUNK_EVENTS && seq > c.last)
+                .is_some_and(|c| c.count < CHUNK_EVENTS && seq > c.last && c.fence == fence)
         });
         let at = open.unwrap_or_else(|| {
             self.open.insert(session, self.chunks.len());
             self.chunks.push(Chunk {
                 session,
+                fence,
                 first: seq,
                 last: seq,
                 count: 0,
@@ -102,15 +106,33 @@ impl Chunks {
                 }
             };
             // The key looked up once per chunk; a chunk of a session that does not exist
-            // (nothing could read it) inserts nothing.
+            // (nothing could read it), or that its node no longer holds (fenced), inserts
+            // nothing.
             let inserted = conn
                 .prepare_cached(
                     "INSERT OR IGNORE INTO event_chunks (session_key, first_seq, last_seq, body) \
-                     SELECT key, ?2, ?3, ?4 FROM sessions WHERE id = ?1",
+                     SELECT key, ?2, ?3, ?4 FROM sessions \
+                     WHERE id = ?1 AND owner = ?5 AND epoch = ?6",
                 )
                 .and_then(|mut s| {
-                    s.execute((chunk.session.to_string(), chunk.first, chunk.last, &body))
+                    s.execute((
+                        chunk.session.to_string(),
+                        chunk.first,
+                        chunk.last,
+                        &body,
+                        chunk.fence.node.to_string(),
+                        super::rows::epoch_value(chunk.fence.epoch),
+                    ))
                 });
+            if let Ok(0) = inserted {
+                tracing::debug!(
+                    session = %chunk.session,
+                    fence = %chunk.fence,
+                    first_seq = chunk.first,
+                    last_seq = chunk.last,
+                    "store: events of a session this node does not hold were dropped (fenced)"
+                );
+            }
             if let Err(e) = inserted {
                 tracing::warn!(
                     error = %e,
@@ -148,6 +170,7 @@ impl<'c> Tallies<'c> {
         &mut self,
         conn: &'c Connection,
         id: SessionId,
+        fence: Fence,
         outcome: &OutcomeRecord,
     ) -> Result<(), StoreError> {
         let tally = match self.sessions.entry(id) {
@@ -157,6 +180,14 @@ impl<'c> Tallies<'c> {
                 counts: OutcomeCounts::default(),
             }),
         };
+        // The fence read with the cursor (once per session per batch): no extra round trip.
+        if tally.cursor.fence != Some(fence) {
+            return Err(StoreError::Fenced {
+                session_id: id,
+                fence,
+                holder: tally.cursor.fence,
+            });
+        }
         if tally.cursor.finalizing {
             return Err(StoreError::Finalizing { session_id: id });
         }

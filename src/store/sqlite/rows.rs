@@ -7,8 +7,8 @@ use rusqlite::{Connection, OptionalExtension, Row, Statement, params};
 
 use crate::error::StoreError;
 use crate::model::{
-    HarvesterId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome, SessionId,
-    SessionRecord,
+    Fence, HarvesterId, NodeId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome,
+    SessionId, SessionRecord,
 };
 
 pub(crate) fn backend(e: rusqlite::Error) -> StoreError {
@@ -48,7 +48,40 @@ pub(super) fn usize_of(n: i64) -> usize {
 
 pub(super) const RECORD_COLUMNS: &str = "id, harvester_id, status, total, started, ended, workflow_time_ns, \
      finalizing, succeeded, failed, panicked, timed_out, cancelled, lost, finalizer_error, \
-     finalizer_attempts";
+     finalizer_attempts, owner, epoch";
+
+/// The store's clock, in milliseconds since the Unix epoch: every lease is written and
+/// compared by it, in the statement that needs it (one host, one clock: never two
+/// processes' readings compared).
+pub(super) const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+
+/// A node id column.
+pub(super) fn node_of(text: Option<String>) -> rusqlite::Result<Option<NodeId>> {
+    text.map(|t| {
+        uuid::Uuid::parse_str(&t).map(NodeId).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })
+    })
+    .transpose()
+}
+
+/// `Ok` if `fence` is the session's current one, else `Fenced`.
+pub(super) fn check_fence(record: &SessionRecord, fence: Fence) -> Result<(), StoreError> {
+    if record.fence() == Some(fence) {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced {
+            session_id: record.id,
+            fence,
+            holder: record.fence(),
+        })
+    }
+}
+
+/// An epoch as stored.
+pub(super) fn epoch_value(epoch: u64) -> i64 {
+    i64::try_from(epoch).unwrap_or(i64::MAX)
+}
 
 pub(super) fn record(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
     let id: String = row.get(0)?;
@@ -75,6 +108,8 @@ pub(super) fn record(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
         },
         finalizer_error: row.get(14)?,
         finalizer_attempts: row.get(15)?,
+        owner: node_of(row.get(16)?)?,
+        epoch: u64::try_from(row.get::<_, i64>(17)?).unwrap_or(0),
     })
 }
 
@@ -174,6 +209,8 @@ pub(super) const INSERT_OUTCOME: &str = "INSERT INTO outcomes \
 pub(super) struct OutcomeCursor {
     pub(super) key: i64,
     pub(super) finalizing: bool,
+    /// The session's owner and epoch, as read.
+    pub(super) fence: Option<Fence>,
     next: i64,
     end: i64,
 }
@@ -182,16 +219,26 @@ impl OutcomeCursor {
     /// Reads it for session `id` (inside the writer's transaction, so nobody else appends
     /// in between).
     pub(super) fn read(conn: &Connection, id: SessionId) -> Result<Self, StoreError> {
-        let (key, finalizing, last): (i64, bool, Option<i64>) = conn
+        type Row = (i64, bool, Option<i64>, Option<NodeId>, i64);
+        let (key, finalizing, last, owner, epoch): Row = conn
             .prepare_cached(
                 "SELECT key, finalizing IS NOT NULL, \
                  (SELECT max(place) FROM outcomes \
-                  WHERE place BETWEEN key * 4294967296 AND key * 4294967296 + 4294967295) \
+                  WHERE place BETWEEN key * 4294967296 AND key * 4294967296 + 4294967295), \
+                 owner, epoch \
                  FROM sessions WHERE id = ?1",
             )
             .and_then(|mut s| {
-                s.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    .optional()
+                s.query_row([id.to_string()], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        node_of(r.get(3)?)?,
+                        r.get(4)?,
+                    ))
+                })
+                .optional()
             })
             .map_err(backend)?
             .ok_or(StoreError::UnknownSession { session_id: id })?;
@@ -199,6 +246,10 @@ impl OutcomeCursor {
         Ok(Self {
             key,
             finalizing,
+            fence: owner.map(|node| Fence {
+                node,
+                epoch: u64::try_from(epoch).unwrap_or(0),
+            }),
             next: last.unwrap_or(range.start) + 1,
             end: range.end,
         })

@@ -13,7 +13,7 @@ use crate::error::StoreError;
 use crate::store::sqlite::{Durability, SqliteOptions};
 
 /// The schema version this build writes. Each entry of [`MIGRATIONS`] moves one version up.
-pub(super) const VERSION: i64 = 5;
+pub(super) const VERSION: i64 = 6;
 
 /// The page size of the files this build creates (existing files keep theirs).
 pub(super) const PAGE_SIZE: i64 = 8 * 1024;
@@ -168,6 +168,23 @@ const MIGRATIONS: &[&str] = &[
     // how many times the finalizer was started, so that recovery runs a finalizer whose
     // claimant died before it ran, and knows when it re-runs an interrupted one.
     "ALTER TABLE sessions ADD COLUMN finalizer_attempts INTEGER NOT NULL DEFAULT 0;",
+    // 5 -> 6: several processes on one file. Nodes (one per supervisor start) hold leases,
+    // timed in milliseconds by SQLite's clock; each session has an owner node and an epoch
+    // that fence every write for it. Sessions stored before have no owner: the first
+    // rescue takes them over.
+    "CREATE TABLE nodes (
+        id             TEXT PRIMARY KEY,
+        name           TEXT,
+        host           TEXT,                 -- boot and PID namespace (see ProcessId)
+        pid            INTEGER,
+        pid_start      INTEGER,
+        started        TEXT NOT NULL,
+        lease_until_ms INTEGER NOT NULL
+    );
+    ALTER TABLE sessions ADD COLUMN owner TEXT;
+    ALTER TABLE sessions ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX sessions_open_by_owner ON sessions (owner)
+        WHERE status IN ('pending', 'on-going', 'aborting');",
 ];
 
 /// Opens `path` for the store, or says precisely why not.

@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 
 use crate::error::StoreError;
 use crate::events::SessionEvent;
-use crate::model::{OutcomeRecord, SessionId};
+use crate::model::{Fence, OutcomeRecord, SessionId};
 use crate::store::sqlite::batch::{Chunks, Tallies};
 use crate::store::{OutcomeAnswer, OutcomeReceipt};
 
@@ -51,9 +51,9 @@ pub(crate) enum Command {
     /// An operation whose caller waits for the answer.
     Job(Job),
     /// A final outcome to record; answered after the commit.
-    Outcome(SessionId, OutcomeRecord, OutcomeAnswer),
+    Outcome(SessionId, Fence, OutcomeRecord, OutcomeAnswer),
     /// An event to append (serialized on this thread, into its chunk); nobody waits.
-    Event(SessionEvent),
+    Event(Fence, SessionEvent),
     /// Answer once everything sent before is committed.
     Flush(oneshot::Sender<Result<(), StoreError>>),
     /// Commit what is queued, close the connection (checkpointing the WAL), then answer.
@@ -126,23 +126,29 @@ impl Writer {
     pub(crate) async fn outcome(
         &self,
         id: SessionId,
+        fence: Fence,
         outcome: OutcomeRecord,
     ) -> Result<(), StoreError> {
-        self.queue_outcome(id, outcome).answer().await
+        self.queue_outcome(id, fence, outcome).answer().await
     }
 
     /// [`Self::outcome`] without waiting: the receipt is answered after the commit (a
     /// write that cannot be sent drops its answer, which reads as `Closed`).
-    pub(crate) fn queue_outcome(&self, id: SessionId, outcome: OutcomeRecord) -> OutcomeReceipt {
+    pub(crate) fn queue_outcome(
+        &self,
+        id: SessionId,
+        fence: Fence,
+        outcome: OutcomeRecord,
+    ) -> OutcomeReceipt {
         let (answer, receipt) = OutcomeReceipt::new();
-        let _ = self.send(Command::Outcome(id, outcome, answer));
+        let _ = self.send(Command::Outcome(id, fence, outcome, answer));
         receipt
     }
 
     /// Queues an event for its session's chunk; never waits unless the queue is full.
-    pub(crate) fn event(&self, event: SessionEvent) -> Result<(), StoreError> {
+    pub(crate) fn event(&self, fence: Fence, event: SessionEvent) -> Result<(), StoreError> {
         self.pending_events.fetch_add(1, Ordering::AcqRel);
-        let sent = self.send(Command::Event(event));
+        let sent = self.send(Command::Event(fence, event));
         if sent.is_err() {
             self.pending_events.fetch_sub(1, Ordering::AcqRel);
         }
@@ -274,14 +280,14 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
                 }
                 answers.push(answer);
             }
-            Command::Outcome(_, _, reply) if begun.is_err() => {
+            Command::Outcome(_, _, _, reply) if begun.is_err() => {
                 reply.send(Err(StoreError::Closed));
             }
-            Command::Outcome(id, outcome, reply) => {
-                recorded.push((reply, tallies.record(conn, id, &outcome)));
+            Command::Outcome(id, fence, outcome, reply) => {
+                recorded.push((reply, tallies.record(conn, id, fence, &outcome)));
             }
             Command::Event(..) if begun.is_err() => {}
-            Command::Event(event) => chunks.add(&event),
+            Command::Event(fence, event) => chunks.add(fence, &event),
             Command::Flush(reply) => flushes.push(reply),
             // Taken out of the batch by `run` before it commits.
             Command::Close(reply) => drop(reply),
