@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use harvest_supervisor::store::{Claim, Completed, Completion, NewSession, SessionQuery};
+use harvest_supervisor::store::{
+    Claim, Completed, Completion, NewSession, NodeInfo, ProcessId, SessionQuery,
+};
 use harvest_supervisor::{
     Fence, FinalizeReason, MemoryStore, NodeId, OutcomeCounts, OutcomeRecord, ResourceOutcome,
     SessionConfig, SessionId, SessionStatus, SessionStore, SqliteStore, StoreError,
@@ -635,7 +637,264 @@ async fn event_logs_page_in_seq_order(store: Arc<dyn SessionStore>) {
     ));
 }
 
+fn node() -> NodeInfo {
+    NodeInfo {
+        id: NodeId::new(),
+        name: Some("contract".into()),
+        process: None,
+    }
+}
+
+const LONG: Duration = Duration::from_secs(600);
+
+async fn writes_with_a_stale_fence_are_refused_and_change_nothing(store: Arc<dyn SessionStore>) {
+    let r = store
+        .create_session(new_session("fenced", 2))
+        .await
+        .expect("create");
+    assert_eq!(r.fence(), Some(f()), "created in epoch 1 by its creator");
+    let ok = OutcomeRecord {
+        resource_id: "r0".into(),
+        outcome: ResourceOutcome::Succeeded,
+        attempts: 1,
+        elapsed: Duration::from_secs(1),
+    };
+    let another_node = Fence {
+        node: NodeId::new(),
+        epoch: 1,
+    };
+    let an_old_epoch = Fence {
+        node: OWNER,
+        epoch: 0,
+    };
+    for stale in [another_node, an_old_epoch] {
+        let fenced = |e: &StoreError| {
+            matches!(e, StoreError::Fenced { session_id, fence, holder }
+                if *session_id == r.id && *fence == stale && *holder == Some(f()))
+        };
+        let t = store
+            .transition(r.id, stale, SessionStatus::Pending, SessionStatus::OnGoing)
+            .await;
+        assert!(t.as_ref().is_err_and(fenced), "{t:?}");
+        let o = store.record_outcome(r.id, stale, ok.clone()).await;
+        assert!(o.as_ref().is_err_and(fenced), "{o:?}");
+        if let Some(o) = store.record_outcome_now(r.id, stale, &ok) {
+            assert!(o.as_ref().is_err_and(fenced), "{o:?}");
+        }
+        if let Some(receipt) = store.queue_outcome(r.id, stale, &ok) {
+            let o = receipt.answer().await;
+            assert!(o.as_ref().is_err_and(fenced), "{o:?}");
+        }
+        let c = store
+            .claim_finalization(r.id, stale, FinalizeReason::Completed)
+            .await;
+        assert!(c.as_ref().is_err_and(fenced), "{c:?}");
+        let s = store.finalizer_started(r.id, stale).await;
+        assert!(s.as_ref().is_err_and(fenced), "{s:?}");
+        let m = store.resume_session(r.id, stale).await;
+        assert!(m.as_ref().is_err_and(fenced), "{m:?}");
+        let d = store
+            .complete_finalization(r.id, stale, completion(SessionStatus::FinishedAllOk))
+            .await;
+        assert!(d.as_ref().is_err_and(fenced), "{d:?}");
+        let event = harvest_supervisor::SessionEvent {
+            seq: 1,
+            at: chrono::Utc::now(),
+            session_id: r.id,
+            harvester_id: "fenced".into(),
+            kind: harvest_supervisor::EventKind::AbortRequested,
+        };
+        // A store that writes in place says so; a queueing one drops it.
+        if let Err(e) = store.append_event(stale, event) {
+            assert!(fenced(&e), "{e}");
+        }
+    }
+    store.flush().await.expect("flush");
+    assert_eq!(
+        store.session(r.id).await.expect("record"),
+        r,
+        "nothing changed"
+    );
+    assert!(store.events(r.id).await.expect("events").is_empty());
+    assert!(store.outcomes(r.id).await.expect("outcomes").is_empty());
+    // The holder's own writes still pass.
+    store
+        .record_outcome(r.id, f(), ok)
+        .await
+        .expect("the owner writes");
+}
+
+async fn a_rescue_takes_over_only_sessions_of_nodes_whose_lease_expired(
+    store: Arc<dyn SessionStore>,
+) {
+    let (a, b, c) = (node(), node(), node());
+    for n in [&a, &b, &c] {
+        let record = store.register_node(n, LONG).await.expect("register");
+        assert!(record.live);
+        assert_eq!(record.info, *n);
+    }
+    let of = |owner: NodeId, harvester: &str| NewSession {
+        owner,
+        ..new_session(harvester, 1)
+    };
+    let live = store.create_session(of(a.id, "live")).await.expect("a's");
+    let dead_node = NodeId::new(); // never registered: as good as expired
+    let orphan = store
+        .create_session(of(dead_node, "orphan"))
+        .await
+        .expect("the dead node's");
+    let done = store
+        .create_session(of(dead_node, "done"))
+        .await
+        .expect("done");
+    let done_fence = done.fence().expect("owned");
+    store
+        .claim_finalization(done.id, done_fence, FinalizeReason::Completed)
+        .await
+        .expect("claim");
+    store
+        .complete_finalization(
+            done.id,
+            done_fence,
+            completion(SessionStatus::FinishedAllOk),
+        )
+        .await
+        .expect("complete");
+
+    let taken = store.take_over(b.id, 100).await.expect("rescue");
+    assert_eq!(taken.len(), 1, "only the dead node's unfinished session");
+    assert_eq!(taken[0].record.id, orphan.id);
+    assert_eq!(taken[0].from_node, Some(dead_node));
+    let fence = Fence {
+        node: b.id,
+        epoch: 2,
+    };
+    assert_eq!(taken[0].record.fence(), Some(fence));
+    assert!(store.take_over(c.id, 100).await.expect("again").is_empty());
+    // The old owner is fenced off; the new one writes.
+    assert!(matches!(
+        store
+            .claim_finalization(
+                orphan.id,
+                orphan.fence().expect("old"),
+                FinalizeReason::Completed
+            )
+            .await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert!(matches!(
+        store
+            .claim_finalization(orphan.id, fence, FinalizeReason::Interrupted)
+            .await,
+        Ok(Claim::Claimed(_))
+    ));
+
+    // A released node's sessions go at the next rescue, to one rescuer.
+    store.release_node(a.id).await.expect("release");
+    let a_now = store.nodes().await.expect("nodes");
+    assert!(a_now.iter().any(|n| n.info.id == a.id && !n.live));
+    let (one, two) = tokio::join!(store.take_over(b.id, 100), store.take_over(c.id, 100));
+    let mut won: Vec<_> = one.expect("b").into_iter().chain(two.expect("c")).collect();
+    assert_eq!(won.len(), 1);
+    let won = won.pop().expect("one");
+    assert_eq!((won.record.id, won.from_node), (live.id, Some(a.id)));
+    assert_eq!(won.record.epoch, 2);
+    // A renewal after expiry keeps the node alive, but not what was taken.
+    let renewed = store.renew_lease(&a, LONG).await.expect("renew");
+    assert!(renewed.live && renewed.lease_until > chrono::Utc::now());
+    assert!(matches!(
+        store
+            .transition(
+                live.id,
+                live.fence().expect("a's"),
+                SessionStatus::Pending,
+                SessionStatus::OnGoing
+            )
+            .await,
+        Err(StoreError::Fenced { .. })
+    ));
+    // A rescuer without a running lease takes nothing.
+    assert!(matches!(
+        store.take_over(NodeId::new(), 100).await,
+        Err(StoreError::LeaseExpired { .. })
+    ));
+}
+
+async fn many_rescuers_take_each_orphan_exactly_once(store: Arc<dyn SessionStore>) {
+    let dead = NodeId::new();
+    for i in 0..40 {
+        store
+            .create_session(NewSession {
+                owner: dead,
+                ..new_session(&format!("h{i}"), 1)
+            })
+            .await
+            .expect("create");
+    }
+    let mut rescuers = Vec::new();
+    for _ in 0..8 {
+        let n = node();
+        store.register_node(&n, LONG).await.expect("register");
+        rescuers.push(n.id);
+    }
+    // Small batches, so that the rescuers interleave.
+    let tasks = rescuers.iter().map(|&id| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let taken = store.take_over(id, 3).await.expect("rescue");
+                if taken.is_empty() {
+                    return mine;
+                }
+                mine.extend(taken.into_iter().map(|t| t.record.id));
+            }
+        })
+    });
+    let all: Vec<SessionId> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .flat_map(|r| r.expect("task"))
+        .collect();
+    let unique: std::collections::HashSet<_> = all.iter().collect();
+    assert_eq!((all.len(), unique.len()), (40, 40));
+}
+
+async fn a_node_whose_process_is_gone_can_be_expired_at_once(store: Arc<dyn SessionStore>) {
+    let process = ProcessId {
+        host: "host-key".into(),
+        pid: 4242,
+        start: 17,
+    };
+    let n = NodeInfo {
+        process: Some(process.clone()),
+        ..node()
+    };
+    store.register_node(&n, LONG).await.expect("register");
+    let reused = ProcessId {
+        start: 18,
+        ..process.clone()
+    };
+    assert!(
+        !store
+            .expire_node(n.id, &reused)
+            .await
+            .expect("not that process")
+    );
+    assert!(store.nodes().await.expect("nodes")[0].live);
+    assert!(store.expire_node(n.id, &process).await.expect("expire"));
+    let nodes = store.nodes().await.expect("nodes");
+    assert_eq!(nodes.len(), 1);
+    assert!(!nodes[0].live);
+    assert_eq!(nodes[0].info, n);
+    assert!(!store.expire_node(n.id, &process).await.expect("once"));
+}
+
 async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
+    writes_with_a_stale_fence_are_refused_and_change_nothing(make()).await;
+    a_rescue_takes_over_only_sessions_of_nodes_whose_lease_expired(make()).await;
+    many_rescuers_take_each_orphan_exactly_once(make()).await;
+    a_node_whose_process_is_gone_can_be_expired_at_once(make()).await;
     event_logs_page_in_seq_order(make()).await;
     a_terminal_session_derives_the_outcomes_it_never_recorded(make()).await;
     finalizer_starts_are_counted_only_between_claim_and_completion(make()).await;
@@ -659,19 +918,14 @@ async fn memory_store_keeps_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_store_keeps_the_contract() {
     let dir = tempfile::tempdir().expect("temp dir");
-    // One fresh file per part of the contract.
-    let mut stores = Vec::new();
-    for i in 0..13 {
-        stores.push(
-            SqliteStore::open(dir.path().join(format!("s{i}.db")))
-                .await
-                .expect("open"),
-        );
-    }
-    let next = std::sync::Mutex::new(stores.into_iter());
+    // One fresh file per part of the contract, opened on this runtime as it is asked for.
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    let handle = tokio::runtime::Handle::current();
     contract(|| {
-        let store = next.lock().expect("lock").next().expect("a store per part");
-        Arc::new(store) as Arc<dyn SessionStore>
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = dir.path().join(format!("s{i}.db"));
+        let store = tokio::task::block_in_place(|| handle.block_on(SqliteStore::open(path)));
+        Arc::new(store.expect("open")) as Arc<dyn SessionStore>
     })
     .await;
 }

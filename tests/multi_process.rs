@@ -1,0 +1,396 @@
+//! Several processes on one SQLite file, with real processes and real signals: a rolling
+//! deploy (a second process starts beside a harvesting one and touches none of its
+//! sessions), a crash (SIGKILL: a live process takes the dead one's session over and
+//! finalizes it once, keeping every acknowledged outcome), and a zombie (SIGSTOP past the
+//! lease: the session is taken over, and nothing the paused process writes after it wakes
+//! lands).
+//!
+//! Each process is this test binary run again with `MP_DB` set on the test `node_process`,
+//! which does nothing in a normal run.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::faulty::FaultyStore;
+use harvest_supervisor::{
+    EventKind, FinalizeReason, HarvestContext, ResourceOutcome, SessionConfig, SessionId,
+    SessionReport, SessionStore, SqliteStore, StartError, Supervisor, SupervisorConfig,
+    finalizer_fn, harvest_fn,
+};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout};
+
+const MP_DB: &str = "HARVEST_MP_DB";
+/// `harvest`: start a session of `MP_RESOURCES` slow resources on harvester `csw`, wait
+/// for its end, say `DONE status`, and stay up. `serve`: start a supervisor (a rescuer),
+/// try `csw` (say `BUSY` or `STARTED`), run a small session on `other` (`OTHER_DONE
+/// status`), and stay up. `rescue`: start a supervisor (a rescuer) and stay up.
+const MP_MODE: &str = "HARVEST_MP_MODE";
+const MP_NAME: &str = "HARVEST_MP_NAME";
+const MP_RESOURCES: &str = "HARVEST_MP_RESOURCES";
+/// How long each resource takes, in milliseconds.
+const MP_TAKES: &str = "HARVEST_MP_TAKES";
+/// A bound on how long a process may take to reach a point: a failure guard, not a
+/// deadline under test.
+const GUARD: Duration = Duration::from_secs(60);
+/// The lease of the nodes here: short, so that a paused node loses its sessions quickly.
+const LEASE_TTL: Duration = Duration::from_secs(1);
+
+fn say(line: String) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Appends `who session attempt` to the finalizer log next to the database, durably.
+fn log_run(db: &Path, who: &str, report: &SessionReport) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(db.with_extension("finalized"))?;
+    writeln!(
+        f,
+        "{who} {} {}",
+        report.session_id, report.finalizer_attempt
+    )?;
+    f.sync_all()
+}
+
+/// The finalizer log's lines for `session`: `who attempt` each.
+fn runs_for(db: &Path, session: SessionId) -> Vec<String> {
+    let text = std::fs::read_to_string(db.with_extension("finalized")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let who = w.next()?;
+            let id = w.next()?;
+            let attempt = w.next()?;
+            (id == session.to_string()).then(|| format!("{who} {attempt}"))
+        })
+        .collect()
+}
+
+fn node_config(name: &str) -> SupervisorConfig {
+    SupervisorConfig {
+        session: SessionConfig {
+            max_concurrency: 2,
+            ..SessionConfig::default()
+        },
+        node_name: Some(name.to_owned()),
+        lease_ttl: LEASE_TTL,
+        lease_renew_interval: Duration::from_millis(200),
+        rescue_interval: Duration::from_millis(200),
+        ..SupervisorConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_process() {
+    let Ok(db) = std::env::var(MP_DB) else {
+        return;
+    };
+    let db = PathBuf::from(db);
+    let mode = std::env::var(MP_MODE).unwrap_or_default();
+    let name: &'static str = std::env::var(MP_NAME)
+        .unwrap_or_else(|_| "node".into())
+        .leak();
+    let n: usize = std::env::var(MP_RESOURCES)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let takes = Duration::from_millis(
+        std::env::var(MP_TAKES)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50),
+    );
+    let sqlite = SqliteStore::open(&db).await.expect("node opens the db");
+    let mut store = FaultyStore::wrapping(Arc::new(sqlite));
+    store.queued_outcomes.store(true, Ordering::SeqCst);
+    store.on_outcome_ack = Some(Arc::new(|o| {
+        say(format!("ACK {} {}", o.resource_id, o.outcome.name()));
+    }));
+    let log_db = db.clone();
+    let finalizer = finalizer_fn(move |report: SessionReport| {
+        let db = log_db.clone();
+        async move {
+            log_run(&db, name, &report)?;
+            Ok(())
+        }
+    });
+    let harvest = harvest_fn(move |_ctx: HarvestContext| async move {
+        tokio::time::sleep(takes).await;
+        Ok(())
+    });
+    let sup = Supervisor::builder(harvest, finalizer)
+        .store(Arc::new(store))
+        .config(node_config(name))
+        .start()
+        .await
+        .expect("node supervisor");
+    say("READY".into());
+    match mode.as_str() {
+        "harvest" => {
+            let resources: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+            let id = sup.start_session("csw", resources).await.expect("start");
+            say(format!("SESSION {id}"));
+            let record = sup.wait_finished(id).await.expect("finished");
+            say(format!("DONE {}", record.status));
+        }
+        "serve" => {
+            match sup.start_session("csw", ["x"]).await {
+                Err(StartError::HarvesterBusy { session, .. }) => say(format!("BUSY {session}")),
+                Ok(id) => say(format!("STARTED {id}")),
+                Err(other) => say(format!("ERROR {other}")),
+            }
+            let other = sup
+                .start_session("other", ["o1", "o2", "o3"])
+                .await
+                .expect("another harvester starts");
+            let record = sup.wait_finished(other).await.expect("finished");
+            say(format!("OTHER_DONE {} {}", other, record.status));
+        }
+        _ => {}
+    }
+    // Stay up (a node serves until it is stopped).
+    tokio::time::sleep(Duration::from_secs(600)).await;
+}
+
+/// A running node process and its output.
+struct Node {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    acks: Vec<String>,
+}
+
+impl Node {
+    fn spawn(db: &Path, mode: &str, name: &str, resources: usize, takes_ms: u64) -> Self {
+        let exe = std::env::current_exe().expect("test binary");
+        let mut child = tokio::process::Command::new(exe)
+            .args([
+                "--exact",
+                "node_process",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(MP_DB, db)
+            .env(MP_MODE, mode)
+            .env(MP_NAME, name)
+            .env(MP_RESOURCES, resources.to_string())
+            .env(MP_TAKES, takes_ms.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn a node");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        Self {
+            child,
+            lines,
+            acks: Vec::new(),
+        }
+    }
+
+    /// Reads lines until one starts with `word` (`ACK`: the next acknowledgement); returns
+    /// its other words.
+    async fn until(&mut self, word: &str) -> Vec<String> {
+        let found = tokio::time::timeout(GUARD, async {
+            while let Some(line) = self.lines.next_line().await.expect("read node") {
+                // libtest prints `test node_process ... ` before the first line.
+                let line = line.rsplit("... ").next().unwrap_or_default();
+                let mut words = line.split_whitespace().map(str::to_owned);
+                match words.next().as_deref() {
+                    Some("ACK") => {
+                        self.acks.push(words.next().unwrap_or_default());
+                        if word == "ACK" {
+                            return Some(Vec::new());
+                        }
+                    }
+                    Some(w) if w == word => return Some(words.collect()),
+                    _ => {}
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(words)) => words,
+            Ok(None) => panic!("the node exited before saying {word}"),
+            Err(_) => panic!("the node did not say {word} within {GUARD:?}"),
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+}
+
+fn session_id(words: &[String]) -> SessionId {
+    let text = words.first().expect("an id");
+    SessionId(uuid::Uuid::parse_str(text).expect("a session id"))
+}
+
+/// Polls the file until `id` is terminal.
+async fn terminal(store: &SqliteStore, id: SessionId) -> harvest_supervisor::SessionRecord {
+    tokio::time::timeout(GUARD, async {
+        loop {
+            let record = store.session(id).await.expect("record");
+            if record.status.is_terminal() {
+                return record;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the session ends")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_deploy_a_second_process_touches_none_of_the_first_ones_sessions() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = dir.path().join("shared.db");
+    // A harvests 30 resources, two at a time, 100 ms each: about 1.5 s.
+    let mut a = Node::spawn(&db, "harvest", "A", 30, 100);
+    let session = session_id(&a.until("SESSION").await);
+    // B starts on the same file while A harvests: its start-up rescue must leave A's
+    // session alone, and A's harvester is busy for it.
+    let mut b = Node::spawn(&db, "serve", "B", 0, 10);
+    assert_eq!(session_id(&b.until("BUSY").await), session);
+    let other = b.until("OTHER_DONE").await;
+    assert_eq!(other.get(1).map(String::as_str), Some("finished-all-ok"));
+    assert_eq!(a.until("DONE").await, ["finished-all-ok"]);
+
+    let store = SqliteStore::open(&db).await.expect("open");
+    let record = terminal(&store, session).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::Completed));
+    assert_eq!(record.counts.succeeded, 30);
+    assert_eq!(record.epoch, 1, "never taken over");
+    assert_eq!(
+        runs_for(&db, session),
+        ["A 1"],
+        "finalized once, by its own node"
+    );
+    let other = session_id(&other);
+    assert_eq!(runs_for(&db, other), ["B 1"]);
+    let events = store.events(session).await.expect("events");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::SessionTakenOver { .. })),
+        "nobody took A's session over"
+    );
+    assert_eq!(
+        store.active_session(&"csw".into()).await.expect("lock"),
+        None
+    );
+    let nodes = store.nodes().await.expect("nodes");
+    let names: Vec<_> = nodes.iter().filter_map(|n| n.info.name.clone()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.contains(&"A".to_owned()) && names.contains(&"B".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_sessions_are_taken_over_by_a_live_one_and_finalized_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = dir.path().join("shared.db");
+    let mut b = Node::spawn(&db, "rescue", "B", 0, 10);
+    b.until("READY").await;
+    // A harvests 40 resources of 200 ms, two at a time: 4 s.
+    let mut a = Node::spawn(&db, "harvest", "A", 40, 200);
+    let session = session_id(&a.until("SESSION").await);
+    while a.acks.len() < 4 {
+        a.until("ACK").await;
+    }
+    a.child.start_kill().expect("SIGKILL");
+    let _ = a.child.wait().await;
+    let acked = a.acks.clone();
+
+    let store = SqliteStore::open(&db).await.expect("open");
+    let record = terminal(&store, session).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::Interrupted));
+    assert_eq!(record.epoch, 2, "taken over once");
+    assert_eq!(
+        runs_for(&db, session),
+        ["B 1"],
+        "finalized once, by the live node"
+    );
+    assert_eq!(record.counts.total(), 40, "totals reconcile");
+    let outcomes = store.outcomes(session).await.expect("outcomes");
+    for r in &acked {
+        let o = outcomes.iter().find(|o| o.resource_id == r.as_str());
+        assert_eq!(
+            o.map(|o| &o.outcome),
+            Some(&ResourceOutcome::Succeeded),
+            "acknowledged outcome of {r} kept"
+        );
+    }
+    let events = store.events(session).await.expect("events");
+    assert!(events.iter().any(|e| matches!(
+        e.kind,
+        EventKind::SessionTakenOver {
+            from_node: Some(_),
+            epoch: 2,
+            ..
+        }
+    )));
+    assert!(matches!(
+        events.last().map(|e| &e.kind),
+        Some(EventKind::SessionFinished { .. })
+    ));
+    assert_eq!(
+        store.active_session(&"csw".into()).await.expect("lock"),
+        None
+    );
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_process_that_lost_its_session_writes_nothing_for_it_when_it_wakes() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = dir.path().join("shared.db");
+    let mut b = Node::spawn(&db, "rescue", "B", 0, 10);
+    b.until("READY").await;
+    // A harvests 40 resources of 300 ms, two at a time: 6 s, so that it has attempts
+    // running when it is paused and finishing when it wakes.
+    let mut a = Node::spawn(&db, "harvest", "A", 40, 300);
+    let session = session_id(&a.until("SESSION").await);
+    while a.acks.len() < 2 {
+        a.until("ACK").await;
+    }
+    a.signal("STOP");
+    let store = SqliteStore::open(&db).await.expect("open");
+    // B takes it over once A's lease has expired (A's process still exists).
+    let record = terminal(&store, session).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::Interrupted));
+    let outcomes = store.outcomes(session).await.expect("outcomes");
+    let events = store.events(session).await.expect("events");
+
+    a.signal("CONT");
+    // A wakes: its attempts finish and its writes are refused; its lease keeper renews.
+    // Give it well over a lease and a few attempts' time.
+    tokio::time::sleep(LEASE_TTL * 3).await;
+    store.flush().await.expect("flush");
+    assert_eq!(store.session(session).await.expect("record"), record);
+    assert_eq!(store.outcomes(session).await.expect("outcomes"), outcomes);
+    assert_eq!(store.events(session).await.expect("events"), events);
+    assert_eq!(runs_for(&db, session), ["B 1"], "A ran no finalizer");
+    assert_eq!(
+        store.active_session(&"csw".into()).await.expect("lock"),
+        None
+    );
+    // A is alive and can harvest again: a fresh session on the free harvester.
+    drop(a);
+    drop(b);
+}
