@@ -69,6 +69,10 @@ struct Args {
     /// Simulated work per resource, in milliseconds.
     #[arg(long, default_value_t = 50)]
     work_ms: u64,
+    /// This server's node name, in logs (several servers may share one --db: each owns
+    /// the sessions it starts, and takes over those of a server that died).
+    #[arg(long)]
+    node_name: Option<String>,
 }
 
 /// What the handlers share.
@@ -397,6 +401,7 @@ fn router(app: App) -> Router {
 async fn supervisor(
     db: &std::path::Path,
     work: Duration,
+    node_name: Option<String>,
 ) -> Result<Supervisor, Box<dyn std::error::Error>> {
     let store = Arc::new(SqliteStore::open(db).await?);
     let harvest = harvest_fn(move |ctx: HarvestContext| async move {
@@ -427,6 +432,7 @@ async fn supervisor(
             ..SessionConfig::default()
         },
         recovery: harvest_supervisor::RecoveryPolicy::Finalize,
+        node_name,
         ..SupervisorConfig::default()
     };
     Ok(Supervisor::builder(harvest, finalizer)
@@ -477,7 +483,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             t
         }
     };
-    let supervisor = supervisor(&args.db, Duration::from_millis(args.work_ms)).await?;
+    let supervisor = supervisor(
+        &args.db,
+        Duration::from_millis(args.work_ms),
+        args.node_name.clone(),
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.port)).await?;
     println!("serving on http://{}", listener.local_addr()?);
     let app = App {
@@ -510,7 +521,7 @@ mod tests {
     impl Server {
         async fn start() -> Self {
             let dir = tempfile::tempdir().expect("dir");
-            let supervisor = supervisor(&dir.path().join("s.db"), Duration::from_millis(20))
+            let supervisor = supervisor(&dir.path().join("s.db"), Duration::from_millis(20), None)
                 .await
                 .expect("supervisor");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -98,6 +98,14 @@ struct Args {
     /// succeeded) instead of finalizing them as interrupted; start no new session then.
     #[arg(long)]
     resume: bool,
+    /// This process's node name, in logs and in the report (several processes may share
+    /// one --db: each owns its sessions, and takes over those of a process that died).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The harvester to harvest (one session at a time per harvester, across every
+    /// process on the --db).
+    #[arg(long, default_value = "simulated-csw")]
+    harvester: String,
 }
 
 /// A duration, or none at all.
@@ -252,16 +260,25 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         })
     };
 
-    // The store, and the sessions an earlier (crashed) run left unfinished in it.
+    // The store, and the sessions an earlier (crashed) run left unfinished in it: those
+    // whose node's lease has expired (a live process's sessions are its own business).
     let (store, unfinished): (Arc<dyn SessionStore>, Vec<SessionRecord>) = if args.memory {
         (Arc::new(harvest_supervisor::MemoryStore::new()), Vec::new())
     } else {
         let store = SqliteStore::open(&args.db).await?;
+        let live: std::collections::HashSet<_> = store
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.live)
+            .map(|n| n.info.id)
+            .collect();
         let unfinished = store
             .list_sessions()
             .await?
             .into_iter()
             .filter(|r| !r.status.is_terminal())
+            .filter(|r| r.owner.is_none_or(|o| !live.contains(&o)))
             .collect();
         println!("store: {}", args.db.display());
         (Arc::new(store), unfinished)
@@ -275,6 +292,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
             } else {
                 RecoveryPolicy::Finalize
             },
+            node_name: args.node_name.clone(),
             ..SupervisorConfig::default()
         })
         .start()
@@ -303,7 +321,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         resources.sort();
         let started = tokio::time::Instant::now();
         let id = supervisor
-            .start(SessionRequest::new("simulated-csw", resources))
+            .start(SessionRequest::new(args.harvester.clone(), resources))
             .await?;
         let log = follow(id, &mut events, &args, &mut problems).await?;
         let record = supervisor.session(id).await?;
@@ -313,7 +331,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
 
     // The harvester must be free for a next session.
     match supervisor
-        .start_session("simulated-csw", Vec::<String>::new())
+        .start_session(args.harvester.clone(), Vec::<String>::new())
         .await
     {
         Ok(next) => {
@@ -417,6 +435,11 @@ async fn follow(
 fn print_record(record: &SessionRecord, took: Option<Duration>, reports: &Reports) {
     println!("\nsession {}", record.id);
     println!("  status          {}", record.status);
+    println!(
+        "  owner node      {} (epoch {})",
+        record.owner.map_or("-".to_owned(), |n| n.to_string()),
+        record.epoch
+    );
     println!(
         "  reason          {}",
         record.reason().map_or("-".to_owned(), |r| format!("{r:?}"))

@@ -444,3 +444,87 @@ async fn shutdown_returns_in_bounded_time_and_leaves_an_unfinishable_session_to_
         .expect("harvester is free");
     next.shutdown().await.expect("shutdown");
 }
+
+/// Lease arithmetic and the rescuer's timer, on tokio's paused clock: node A stops being
+/// able to renew its lease (30 s, renewed every 10 s) while it harvests; node B, on the
+/// same store, leaves A's session alone while the lease may still run, and takes it over
+/// within `lease_ttl + rescue_interval` (+ its jitter) of A's last renewal. A self-fences
+/// and runs no finalizer; B finalizes once.
+#[tokio::test(start_paused = true)]
+async fn a_node_that_cannot_renew_loses_its_sessions_after_its_lease_and_not_before() {
+    let shared: Arc<dyn harvest_supervisor::SessionStore> = Arc::new(MemoryStore::new());
+    let a_store = Arc::new(FaultyStore::wrapping(Arc::clone(&shared)));
+    let nodes = |name: &str| harvest_supervisor::SupervisorConfig {
+        session: config(),
+        node_name: Some(name.to_owned()),
+        ..Default::default()
+    };
+    let defaults = harvest_supervisor::SupervisorConfig::default();
+    let (ttl, renew, rescue) = (
+        defaults.lease_ttl,
+        defaults.lease_renew_interval,
+        defaults.rescue_interval,
+    );
+    let a_rec = Recorder::new(FinalizerMode::Ok);
+    let a = harvest_supervisor::Supervisor::builder(
+        harvest_supervisor::harvest_fn(common::scripted),
+        a_rec.clone(),
+    )
+    .store(a_store.clone())
+    .config(nodes("A"))
+    .start()
+    .await
+    .expect("A");
+    let id = a
+        .start_session("csw", ["ok-1", "hang-2"])
+        .await
+        .expect("start");
+    let b_rec = Recorder::new(FinalizerMode::Ok);
+    let b = harvest_supervisor::Supervisor::builder(
+        harvest_supervisor::harvest_fn(common::scripted),
+        b_rec.clone(),
+    )
+    .store(Arc::clone(&shared))
+    .config(nodes("B"))
+    .start()
+    .await
+    .expect("B");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // From now on A cannot renew: its last renewal is at most `renew` ago.
+    a_store.failing_renewals.store(true, Ordering::SeqCst);
+    let cut = tokio::time::Instant::now();
+    let owner = |r: &harvest_supervisor::SessionRecord| r.owner;
+    let a_node = owner(&shared.session(id).await.expect("record")).expect("owned");
+    // The lease runs at least `ttl - renew` more: B must leave the session alone.
+    tokio::time::sleep(ttl - renew - Duration::from_millis(100)).await;
+    let record = shared.session(id).await.expect("record");
+    assert_eq!(
+        (record.owner, record.epoch, record.status),
+        (Some(a_node), 1, SessionStatus::OnGoing)
+    );
+    // Taken over and finalized within ttl + rescue interval (+ a fifth of it: jitter).
+    let record = finished(&b, id).await;
+    let took = cut.elapsed();
+    assert!(took <= ttl + rescue + rescue / 5, "took {took:?}");
+    assert_eq!(record.reason(), Some(FinalizeReason::Interrupted));
+    assert_eq!(record.epoch, 2);
+    assert_ne!(record.owner, Some(a_node));
+    assert_eq!(b_rec.calls(), 1);
+    assert_eq!(
+        a_rec.calls(),
+        0,
+        "the node that lost its lease runs no finalizer"
+    );
+    assert_eq!((record.counts.succeeded, record.counts.lost), (1, 1));
+    let events = b.events(id).await.expect("events");
+    assert!(events.iter().any(|e| matches!(
+        e.kind,
+        EventKind::SessionTakenOver { from_node: Some(n), epoch: 2, .. } if n == a_node
+    )));
+    b.start_session("csw", ["ok-1"])
+        .await
+        .expect("harvester free");
+    b.shutdown().await.expect("shutdown B");
+    a.shutdown().await.expect("shutdown A");
+    assert_eq!(a_rec.calls(), 0);
+}

@@ -51,6 +51,8 @@ pub struct FaultyStore {
     /// claim never returns (a process that dies between its claim and its finalizer).
     pub on_claim: Option<Arc<dyn Fn() + Send + Sync>>,
     pub hang_after_claim: AtomicBool,
+    /// While set, lease renewals fail (a node cut off from its store).
+    pub failing_renewals: AtomicBool,
     /// Answers held back while `hang_outcome_writes` is set.
     unanswered: std::sync::Mutex<Vec<OutcomeAnswer>>,
     /// Queued outcome writes not yet answered (held ones aside), and the most there ever
@@ -81,6 +83,7 @@ impl FaultyStore {
             failed_finalization_writes: AtomicUsize::new(0),
             on_claim: None,
             hang_after_claim: AtomicBool::new(false),
+            failing_renewals: AtomicBool::new(false),
             unanswered: std::sync::Mutex::new(Vec::new()),
             queued_now: Arc::new(AtomicUsize::new(0)),
             queued_most: AtomicUsize::new(0),
@@ -321,6 +324,9 @@ impl SessionStore for FaultyStore {
         node: &NodeInfo,
         ttl: std::time::Duration,
     ) -> Result<NodeRecord, StoreError> {
+        if self.failing_renewals.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("injected renewal failure".into()));
+        }
         self.inner.renew_lease(node, ttl).await
     }
     async fn release_node(&self, node: NodeId) -> Result<(), StoreError> {
