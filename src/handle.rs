@@ -81,7 +81,7 @@ impl SupervisorBuilder {
         let (root, join) = Actor::spawn(None, HarvestSupervisor, args)
             .await
             .map_err(|e| Error::Spawn(e.to_string()))?;
-        node.spawn_lease_keeper(Arc::clone(&store), root.get_cell());
+        node.spawn_lease_keeper(Arc::clone(&store), root.clone());
         Ok(Supervisor {
             root,
             live: Arc::clone(bus.live()),

@@ -449,6 +449,10 @@ pub struct SessionRecord {
     /// The epoch its owner holds it in: 1 at creation, one more at each takeover.
     #[serde(default)]
     pub epoch: u64,
+    /// Another node asked for an abort (see [`crate::Supervisor::abort`]): the owner
+    /// honours it at its next lease renewal, a rescuer finalizes it `aborted`.
+    #[serde(default)]
+    pub abort_requested: bool,
 }
 
 impl SessionRecord {

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ractor::ActorCell;
+use ractor::ActorRef;
+
+use crate::supervisor::SupervisorMessage;
 use tokio::time::Instant;
 
 use crate::config::SupervisorConfig;
@@ -122,7 +124,7 @@ impl Node {
     pub(crate) fn spawn_lease_keeper(
         self: &Arc<Self>,
         store: Arc<dyn SessionStore>,
-        root: ActorCell,
+        root: ActorRef<SupervisorMessage>,
     ) -> tokio::task::JoinHandle<()> {
         let node = Arc::clone(self);
         tokio::spawn(async move {
@@ -151,6 +153,7 @@ impl Node {
                     Ok(Ok(_)) => {
                         failures = 0;
                         node.renewed_at(sent);
+                        node.forward_requested_aborts(store.as_ref(), &root).await;
                     }
                     Ok(Err(error)) => {
                         failures = failures.saturating_add(1);
@@ -167,6 +170,34 @@ impl Node {
                 tracing::debug!(node = %node.info.id, %error, "could not end the lease");
             }
         })
+    }
+}
+
+impl Node {
+    /// Hands the aborts other nodes recorded for this node's sessions to the root, which
+    /// aborts them as it would a local request. Read after each renewal: one read per
+    /// node, not per session.
+    async fn forward_requested_aborts(
+        &self,
+        store: &dyn SessionStore,
+        root: &ActorRef<SupervisorMessage>,
+    ) {
+        let ids = match store.requested_aborts(self.info.id).await {
+            Ok(ids) => ids,
+            Err(error) => {
+                tracing::debug!(%error, "could not read the aborts other nodes requested");
+                return;
+            }
+        };
+        for id in ids {
+            let (reply, _answer) = ractor::concurrency::oneshot();
+            if root
+                .send_message(SupervisorMessage::AbortSession(id, reply.into()))
+                .is_err()
+            {
+                return;
+            }
+        }
     }
 }
 

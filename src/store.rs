@@ -443,6 +443,16 @@ pub trait SessionStore: Send + Sync + 'static {
         completion: Completion,
     ) -> Result<Completed, StoreError>;
 
+    /// Records an abort asked for by a node that does not own the session (unfenced: any
+    /// node may ask). Only a pending or on-going session whose finalization is not
+    /// claimed takes it; the record after is returned either way, so the caller can
+    /// answer truthfully. Its owner learns of it from [`SessionStore::requested_aborts`].
+    async fn request_abort(&self, id: SessionId) -> Result<SessionRecord, StoreError>;
+
+    /// The sessions `node` owns that another node asked to abort, still pending or
+    /// on-going and unclaimed. Read by the owner after each lease renewal.
+    async fn requested_aborts(&self, node: NodeId) -> Result<Vec<SessionId>, StoreError>;
+
     /// Registers a node with a lease of `ttl` from now, by the store's clock.
     async fn register_node(&self, node: &NodeInfo, ttl: Duration)
     -> Result<NodeRecord, StoreError>;

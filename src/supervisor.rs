@@ -347,8 +347,25 @@ async fn abort_session(
         .get(&id)
         .filter(|r| !r.forcing && !r.shared.lifecycle.is_claimed());
     let Some(running) = running else {
-        // Not running here, or being finalized: the store has the answer.
+        // Not running here, or being finalized: the store has the answer. A session
+        // another node owns and runs takes the request through the store; its owner
+        // honours it at its next lease renewal (a rescuer finalizes it `aborted`).
+        let me = state.deps.node.id();
         let answer = match store.session(id).await {
+            Ok(record) if is_remote_and_abortable(&record, me) => {
+                match store.request_abort(id).await {
+                    Ok(after) if after.abort_requested => {
+                        tracing::info!(
+                            session_id = %id,
+                            owner = ?after.owner.map(|o| o.to_string()),
+                            "abort requested from another node; its owner honours it"
+                        );
+                        Ok(())
+                    }
+                    Ok(after) => abort_answer(&after),
+                    Err(e) => Err(e.into()),
+                }
+            }
             Ok(record) => abort_answer(&record),
             Err(e) => Err(e.into()),
         };
@@ -394,6 +411,17 @@ async fn abort_session(
             let _ = reply.send(Err(e.into()));
         }
     }
+}
+
+/// Whether `record` is a session another node than `me` holds, that an abort can still
+/// reach (pending or on-going, unclaimed).
+fn is_remote_and_abortable(record: &crate::model::SessionRecord, me: crate::model::NodeId) -> bool {
+    record.owner != Some(me)
+        && record.finalizing.is_none()
+        && matches!(
+            record.status,
+            SessionStatus::Pending | SessionStatus::OnGoing
+        )
 }
 
 /// Stops a session's actor and finalizes the session from the store, once.

@@ -528,3 +528,40 @@ async fn a_node_that_cannot_renew_loses_its_sessions_after_its_lease_and_not_bef
     a.shutdown().await.expect("shutdown A");
     assert_eq!(a_rec.calls(), 0);
 }
+
+/// Commands and reads from any node: B aborts a session A owns and runs (recorded in the
+/// store, honoured by A within a lease renewal), and B's `wait_finished` returns for it.
+#[tokio::test(start_paused = true)]
+async fn a_session_owned_by_another_node_is_aborted_and_waited_for_from_this_one() {
+    let shared: Arc<dyn harvest_supervisor::SessionStore> = Arc::new(MemoryStore::new());
+    let a_rec = Recorder::new(FinalizerMode::Ok);
+    let a = supervisor_on(Arc::clone(&shared), config(), &a_rec).await;
+    let b_rec = Recorder::new(FinalizerMode::Ok);
+    let b = supervisor_on(Arc::clone(&shared), config(), &b_rec).await;
+    let id = a
+        .start_session("csw", ["ok-1", "hang-2", "hang-3"])
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked = tokio::time::Instant::now();
+    b.abort(id).await.expect("B asks A's session to abort");
+    let record = finished(&b, id).await;
+    let renew = harvest_supervisor::SupervisorConfig::default().lease_renew_interval;
+    assert!(
+        asked.elapsed() <= renew + config().abort_grace + Duration::from_secs(2),
+        "honoured within a renewal (+ the abort grace): {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(record.status, SessionStatus::Aborted);
+    assert_eq!(record.reason(), Some(FinalizeReason::Aborted));
+    assert_eq!(record.epoch, 1, "aborted by its owner, not taken over");
+    assert_eq!((a_rec.calls(), b_rec.calls()), (1, 0));
+    assert!(has_event(&a, id, |k| matches!(k, EventKind::AbortRequested)).await);
+    // A second abort from B is answered truthfully.
+    assert!(matches!(
+        b.abort(id).await,
+        Err(harvest_supervisor::SessionError::AlreadyFinished { .. })
+    ));
+    a.shutdown().await.expect("shutdown A");
+    b.shutdown().await.expect("shutdown B");
+}

@@ -33,6 +33,9 @@ const MP_DB: &str = "HARVEST_MP_DB";
 /// status`), and stay up. `rescue`: start a supervisor (a rescuer) and stay up.
 const MP_MODE: &str = "HARVEST_MP_MODE";
 const MP_NAME: &str = "HARVEST_MP_NAME";
+/// `abort`: abort the session named here (another node's), say `ABORT ok` (or the error),
+/// wait for its end, say `WAITED status`, and stay up.
+const MP_TARGET: &str = "HARVEST_MP_TARGET";
 const MP_RESOURCES: &str = "HARVEST_MP_RESOURCES";
 /// How long each resource takes, in milliseconds.
 const MP_TAKES: &str = "HARVEST_MP_TAKES";
@@ -156,6 +159,16 @@ async fn node_process() {
             let record = sup.wait_finished(other).await.expect("finished");
             say(format!("OTHER_DONE {} {}", other, record.status));
         }
+        "abort" => {
+            let target = std::env::var(MP_TARGET).expect("a target");
+            let id = SessionId(uuid::Uuid::parse_str(&target).expect("a session id"));
+            match sup.abort(id).await {
+                Ok(()) => say("ABORT ok".into()),
+                Err(e) => say(format!("ABORT {e}")),
+            }
+            let record = sup.wait_finished(id).await.expect("finished");
+            say(format!("WAITED {}", record.status));
+        }
         _ => {}
     }
     // Stay up (a node serves until it is stopped).
@@ -171,8 +184,23 @@ struct Node {
 
 impl Node {
     fn spawn(db: &Path, mode: &str, name: &str, resources: usize, takes_ms: u64) -> Self {
+        Self::spawn_with(db, mode, name, resources, takes_ms, None)
+    }
+
+    fn spawn_with(
+        db: &Path,
+        mode: &str,
+        name: &str,
+        resources: usize,
+        takes_ms: u64,
+        target: Option<SessionId>,
+    ) -> Self {
         let exe = std::env::current_exe().expect("test binary");
-        let mut child = tokio::process::Command::new(exe)
+        let mut command = tokio::process::Command::new(exe);
+        if let Some(target) = target {
+            command.env(MP_TARGET, target.to_string());
+        }
+        let mut child = command
             .args([
                 "--exact",
                 "node_process",
@@ -393,4 +421,23 @@ async fn a_paused_process_that_lost_its_session_writes_nothing_for_it_when_it_wa
     // A is alive and can harvest again: a fresh session on the free harvester.
     drop(a);
     drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_aborts_a_session_and_waits_for_its_end() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = dir.path().join("shared.db");
+    // A harvests 40 resources of 300 ms, two at a time: 6 s.
+    let mut a = Node::spawn(&db, "harvest", "A", 40, 300);
+    let session = session_id(&a.until("SESSION").await);
+    let mut b = Node::spawn_with(&db, "abort", "B", 0, 10, Some(session));
+    assert_eq!(b.until("ABORT").await, ["ok"]);
+    assert_eq!(b.until("WAITED").await, ["aborted"]);
+    assert_eq!(a.until("DONE").await, ["aborted"]);
+    let store = SqliteStore::open(&db).await.expect("open");
+    let record = terminal(&store, session).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::Aborted));
+    assert_eq!(record.epoch, 1, "aborted by its owner");
+    assert!(record.counts.succeeded < 40, "stopped early");
+    assert_eq!(runs_for(&db, session), ["A 1"]);
 }

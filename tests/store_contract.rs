@@ -890,7 +890,76 @@ async fn a_node_whose_process_is_gone_can_be_expired_at_once(store: Arc<dyn Sess
     assert!(!store.expire_node(n.id, &process).await.expect("once"));
 }
 
+async fn an_abort_from_another_node_is_recorded_for_the_owner_to_honour(
+    store: Arc<dyn SessionStore>,
+) {
+    let r = store
+        .create_session(new_session("remote", 1))
+        .await
+        .expect("create");
+    assert!(!r.abort_requested);
+    assert!(
+        store
+            .requested_aborts(OWNER)
+            .await
+            .expect("none")
+            .is_empty()
+    );
+    let after = store.request_abort(r.id).await.expect("request");
+    assert!(after.abort_requested);
+    assert_eq!(store.requested_aborts(OWNER).await.expect("one"), [r.id]);
+    assert!(
+        store
+            .requested_aborts(NodeId::new())
+            .await
+            .expect("another node's")
+            .is_empty()
+    );
+    // Honoured (the owner moved it to aborting): no longer asked for.
+    assert!(
+        store
+            .transition(r.id, f(), SessionStatus::Pending, SessionStatus::Aborting)
+            .await
+            .expect("abort")
+    );
+    assert!(
+        store
+            .requested_aborts(OWNER)
+            .await
+            .expect("none")
+            .is_empty()
+    );
+    // A claimed or finished session takes no request.
+    let c = store
+        .create_session(new_session("remote-claimed", 1))
+        .await
+        .expect("create");
+    store
+        .claim_finalization(c.id, f(), FinalizeReason::Completed)
+        .await
+        .expect("claim");
+    assert!(
+        !store
+            .request_abort(c.id)
+            .await
+            .expect("answer")
+            .abort_requested
+    );
+    assert!(
+        store
+            .requested_aborts(OWNER)
+            .await
+            .expect("none")
+            .is_empty()
+    );
+    assert!(matches!(
+        store.request_abort(SessionId::new()).await,
+        Err(StoreError::UnknownSession { .. })
+    ));
+}
+
 async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
+    an_abort_from_another_node_is_recorded_for_the_owner_to_honour(make()).await;
     writes_with_a_stale_fence_are_refused_and_change_nothing(make()).await;
     a_rescue_takes_over_only_sessions_of_nodes_whose_lease_expired(make()).await;
     many_rescuers_take_each_orphan_exactly_once(make()).await;

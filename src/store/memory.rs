@@ -429,6 +429,7 @@ impl SessionStore for MemoryStore {
                     finalizer_attempts: 0,
                     owner: Some(new.owner),
                     epoch: 1,
+                    abort_requested: false,
                 };
                 // Insert the session before releasing the harvester entry, so nobody sees
                 // a lock pointing at a session that does not exist.
@@ -703,6 +704,33 @@ impl SessionStore for MemoryStore {
                 .remove_if(&record.harvester_id, |_, holder| *holder == id);
         }
         Ok(done)
+    }
+
+    async fn request_abort(&self, id: SessionId) -> Result<SessionRecord, StoreError> {
+        self.with(id, |s| {
+            let r = &mut s.record;
+            if matches!(r.status, SessionStatus::Pending | SessionStatus::OnGoing)
+                && r.finalizing.is_none()
+            {
+                r.abort_requested = true;
+            }
+            r.clone()
+        })
+    }
+
+    async fn requested_aborts(&self, node: NodeId) -> Result<Vec<SessionId>, StoreError> {
+        Ok(self
+            .sessions
+            .iter()
+            .filter(|s| {
+                let r = &s.record;
+                r.owner == Some(node)
+                    && r.abort_requested
+                    && r.finalizing.is_none()
+                    && matches!(r.status, SessionStatus::Pending | SessionStatus::OnGoing)
+            })
+            .map(|s| s.record.id)
+            .collect())
     }
 
     async fn register_node(

@@ -714,6 +714,42 @@ impl SessionStore for SqliteStore {
             .await
     }
 
+    async fn request_abort(&self, id: SessionId) -> Result<SessionRecord, StoreError> {
+        self.writer
+            .call(move |conn| {
+                conn.prepare_cached(
+                    "UPDATE sessions SET abort_requested = 1 WHERE id = ?1 \
+                     AND status IN ('pending', 'on-going') AND finalizing IS NULL",
+                )
+                .and_then(|mut s| s.execute([id.to_string()]))
+                .map_err(backend)?;
+                load(conn, id)
+            })
+            .await
+    }
+
+    async fn requested_aborts(&self, node: NodeId) -> Result<Vec<SessionId>, StoreError> {
+        self.readers
+            .read(move |conn| {
+                let mut s = conn
+                    .prepare_cached(
+                        "SELECT id FROM sessions WHERE owner = ?1 AND abort_requested = 1 \
+                         AND status IN ('pending', 'on-going') AND finalizing IS NULL",
+                    )
+                    .map_err(backend)?;
+                let ids = s
+                    .query_map([node.to_string()], |r| r.get::<_, String>(0))
+                    .map_err(backend)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(backend)?;
+                ids.iter()
+                    .map(|i| uuid::Uuid::parse_str(i).map(SessionId))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| StoreError::Backend(Box::new(e)))
+            })
+            .await
+    }
+
     async fn register_node(
         &self,
         node: &NodeInfo,

@@ -121,7 +121,10 @@ async fn recover_one(
         by_node: fence.node,
         epoch: fence.epoch,
     });
+    // An abort another node asked for before the owner died is honoured: no resume.
+    let aborted = record.abort_requested;
     let remaining = match state.config.recovery {
+        _ if aborted => None,
         // If it cannot be reopened, it is at least finalized below.
         RecoveryPolicy::Resume => store
             .resume_session(record.id, fence)
@@ -161,12 +164,17 @@ async fn recover_one(
             let mode = Mode::Recover {
                 finalizer_timeout: state.config.session.escalation_grace,
             };
+            let reason = if aborted {
+                FinalizeReason::Aborted
+            } else {
+                FinalizeReason::Interrupted
+            };
             spawn_force(
                 state,
                 &emitter,
                 Arc::default(),
                 record.id,
-                FinalizeReason::Interrupted,
+                reason,
                 mode,
                 None,
             );

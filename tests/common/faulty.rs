@@ -312,6 +312,12 @@ impl SessionStore for FaultyStore {
         self.finalization_fault()?;
         self.inner.complete_finalization(id, fence, c).await
     }
+    async fn request_abort(&self, id: SessionId) -> Result<SessionRecord, StoreError> {
+        self.inner.request_abort(id).await
+    }
+    async fn requested_aborts(&self, node: NodeId) -> Result<Vec<SessionId>, StoreError> {
+        self.inner.requested_aborts(node).await
+    }
     async fn register_node(
         &self,
         node: &NodeInfo,

@@ -48,7 +48,7 @@ pub(super) fn usize_of(n: i64) -> usize {
 
 pub(super) const RECORD_COLUMNS: &str = "id, harvester_id, status, total, started, ended, workflow_time_ns, \
      finalizing, succeeded, failed, panicked, timed_out, cancelled, lost, finalizer_error, \
-     finalizer_attempts, owner, epoch";
+     finalizer_attempts, owner, epoch, abort_requested";
 
 /// The store's clock, in milliseconds since the Unix epoch: every lease is written and
 /// compared by it, in the statement that needs it (one host, one clock: never two
@@ -110,6 +110,7 @@ pub(super) fn record(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
         finalizer_attempts: row.get(15)?,
         owner: node_of(row.get(16)?)?,
         epoch: u64::try_from(row.get::<_, i64>(17)?).unwrap_or(0),
+        abort_requested: row.get(18)?,
     })
 }
 

@@ -183,6 +183,7 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE sessions ADD COLUMN owner TEXT;
     ALTER TABLE sessions ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN abort_requested INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX sessions_open_by_owner ON sessions (owner)
         WHERE status IN ('pending', 'on-going', 'aborting');",
 ];
