@@ -205,6 +205,12 @@ pub enum EventKind {
         /// The node.
         node: NodeId,
     },
+    /// The owning node renewed its lease after having self-fenced: attempts start again
+    /// (those its fencing cut first, under their attempt numbers).
+    LeaseRenewed {
+        /// The node.
+        node: NodeId,
+    },
 }
 
 impl EventKind {
@@ -234,6 +240,7 @@ impl EventKind {
             Self::Recovered { .. } => "Recovered",
             Self::SessionTakenOver { .. } => "SessionTakenOver",
             Self::LeaseLost { .. } => "LeaseLost",
+            Self::LeaseRenewed { .. } => "LeaseRenewed",
         }
     }
 }
@@ -676,6 +683,9 @@ pub(crate) mod samples {
             },
             EventKind::LeaseLost {
                 node: crate::model::NodeId(uuid::Uuid::nil()),
+            },
+            EventKind::LeaseRenewed {
+                node: crate::model::NodeId(uuid::Uuid::from_u128(3)),
             },
         ]
     }

@@ -91,6 +91,12 @@ impl Node {
         self.ttl.saturating_sub(margin)
     }
 
+    /// How long until the node self-fences if no renewal succeeds.
+    fn time_to_fence(&self) -> Duration {
+        let renewed = *self.renewed.lock().unwrap_or_else(|p| p.into_inner());
+        self.safe_for().saturating_sub(renewed.elapsed())
+    }
+
     fn renewed_at(&self, sent: Instant) {
         let mut renewed = self.renewed.lock().unwrap_or_else(|p| p.into_inner());
         if sent > *renewed {
@@ -146,10 +152,18 @@ impl Node {
                 ) {
                     break;
                 }
+                let was_fenced = node.is_fenced();
                 let sent = Instant::now();
                 let renew = store.renew_lease(&node.info, node.ttl);
-                // A renewal that takes longer than the lease is worth nothing.
-                match tokio::time::timeout(node.ttl, renew).await {
+                // A renewal still unanswered when the node must self-fence is given up then
+                // (a hung store must not delay the fencing); once fenced, it gets a
+                // renewal interval.
+                let limit = if was_fenced {
+                    node.renew_every
+                } else {
+                    node.time_to_fence().max(Duration::from_millis(10))
+                };
+                match tokio::time::timeout(limit, renew).await {
                     Ok(Ok(_)) => {
                         failures = 0;
                         node.renewed_at(sent);
@@ -165,6 +179,14 @@ impl Node {
                     }
                 }
                 node.check();
+                let fenced = node.is_fenced();
+                if fenced != was_fenced
+                    && root
+                        .send_message(SupervisorMessage::Fenced(fenced))
+                        .is_err()
+                {
+                    break;
+                }
             }
             if let Err(error) = store.release_node(node.info.id).await {
                 tracing::debug!(node = %node.info.id, %error, "could not end the lease");

@@ -74,8 +74,8 @@ impl Actor for SessionActor {
         shared: Arc<SessionShared>,
     ) -> Result<Session, ActorProcessingErr> {
         Ok(Session {
+            st: SessionState::new(&shared.cancel),
             shared,
-            st: SessionState::new(),
         })
     }
 
@@ -217,6 +217,42 @@ async fn on_message(
             }
             Ok(())
         }
+        SessionMessage::LeaseLost => {
+            if s.st.phase == Phase::Finalized || s.st.is_fenced() {
+                return Ok(());
+            }
+            s.st.rare().fenced = true;
+            s.shared.emitter.emit(EventKind::LeaseLost {
+                node: s.shared.deps.node.id(),
+            });
+            // Cooperatively first: the running attempts' token, and a fresh one for the
+            // attempts that start after the renewal; after `abort_grace`, a kill.
+            s.st.attempts.cancel();
+            s.st.attempts = s.shared.cancel.child_token();
+            myself.send_after(s.shared.config.abort_grace, || {
+                SessionMessage::FenceGraceElapsed
+            });
+            Ok(())
+        }
+        SessionMessage::FenceGraceElapsed => {
+            if s.st.phase != Phase::Finalized && s.st.is_fenced() {
+                // Their exits come back as attempts to run again.
+                let _ = s.st.kill_workers(&myself.get_cell());
+            }
+            Ok(())
+        }
+        SessionMessage::LeaseRenewed => {
+            if !s.st.is_fenced() {
+                return Ok(());
+            }
+            s.st.rare().fenced = false;
+            if s.st.phase != Phase::Finalized {
+                s.shared.emitter.emit(EventKind::LeaseRenewed {
+                    node: s.shared.deps.node.id(),
+                });
+            }
+            advance(myself, s).await
+        }
         SessionMessage::RespawnMonitor => {
             if s.st.phase != Phase::Finalized && s.st.monitor.is_none() {
                 spawn_monitor(myself, s).await;
@@ -292,7 +328,8 @@ async fn advance(
         }
         Phase::Running => {
             let total = s.shared.resources.len();
-            while s.st.in_flight.len() < s.shared.config.max_concurrency {
+            // A self-fenced node starts nothing (its lease may be gone).
+            while !s.st.is_fenced() && s.st.in_flight.len() < s.shared.config.max_concurrency {
                 let Some((index, attempt, first)) = s.st.next_attempt(total) else {
                     break;
                 };

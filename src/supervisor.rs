@@ -106,6 +106,11 @@ impl Actor for HarvestSupervisor {
             SupervisorMessage::StartSession(request, reply) => {
                 let answer = if state.stopping {
                     Err(StartError::SupervisorDown)
+                } else if state.deps.node.is_fenced() {
+                    // Its lease may be gone: it must not take a harvester's busy lock.
+                    Err(StartError::Store(crate::error::StoreError::LeaseExpired {
+                        node: state.deps.node.id(),
+                    }))
                 } else {
                     start_session(&myself, state, *request).await
                 };
@@ -142,6 +147,15 @@ impl Actor for HarvestSupervisor {
                 finish_shutdown_if_idle(&myself, state);
             }
             SupervisorMessage::ShutdownDeadline => abandon(&myself, state),
+            SupervisorMessage::Fenced(fenced) => {
+                for running in state.sessions.values().filter(|r| !r.forcing) {
+                    let _ = running.actor.send_message(if fenced {
+                        SessionMessage::LeaseLost
+                    } else {
+                        SessionMessage::LeaseRenewed
+                    });
+                }
+            }
             SupervisorMessage::Rescue => {
                 if !state.stopping {
                     recovery::rescue(&myself, state).await;

@@ -33,6 +33,9 @@ pub(crate) struct WorkerArgs {
     pub(crate) attempt: u32,
     /// When the session started this attempt (the heartbeat's origin).
     pub(crate) started: Instant,
+    /// The attempt's cancellation token (the session's attempts' token, see
+    /// `SessionState::attempts`).
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
 }
 
 /// The worker's state; its final value carries the result the session reads.
@@ -86,9 +89,10 @@ async fn run_attempt(args: WorkerArgs) -> AttemptResult {
         harvester_id: shared.harvester_id.clone(),
         resource_id: args.resource_id.clone(),
         attempt: args.attempt,
-        // One token for the whole session: a clone is cheaper than a child token (which
-        // allocates and locks the parent), and attempts are only ever cancelled together.
-        cancel: shared.cancel.clone(),
+        // One token for the session's attempts: a clone is cheaper than a child token
+        // (which allocates and locks the parent), and attempts are only ever cancelled
+        // together.
+        cancel: args.cancel.clone(),
         heartbeat: heartbeat.clone(),
     };
     let harvest = shared.deps.harvester.harvest(ctx);
@@ -102,7 +106,7 @@ async fn run_attempt(args: WorkerArgs) -> AttemptResult {
     };
     match ended {
         Some(Ok(())) => AttemptResult::Succeeded,
-        Some(Err(_)) if shared.cancel.is_cancelled() => AttemptResult::Cancelled,
+        Some(Err(_)) if args.cancel.is_cancelled() => AttemptResult::Cancelled,
         Some(Err(e)) => AttemptResult::Failed(error_chain(e.as_ref())),
         None => AttemptResult::TimedOut,
     }

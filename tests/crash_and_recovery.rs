@@ -565,3 +565,76 @@ async fn a_session_owned_by_another_node_is_aborted_and_waited_for_from_this_one
     a.shutdown().await.expect("shutdown A");
     b.shutdown().await.expect("shutdown B");
 }
+
+/// Self-fencing, on the paused clock: a node that cannot renew its lease for `lease_ttl`
+/// minus a margin starts nothing, cancels its running attempts and refuses new sessions;
+/// once it renews (nobody took its session over meanwhile) the cut attempts run again
+/// under their attempt numbers and the session finishes as if nothing happened.
+#[tokio::test(start_paused = true)]
+async fn a_node_that_cannot_renew_fences_itself_and_goes_on_once_it_can() {
+    let store = FaultyStore::new();
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let harvest =
+        harvest_supervisor::harvest_fn(|ctx: harvest_supervisor::HarvestContext| async move {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(30)) => Ok(()),
+                () = ctx.cancel.cancelled() => Err("cancelled".into()),
+            }
+        });
+    let session = harvest_supervisor::SessionConfig {
+        per_resource_estimate: Duration::from_secs(60),
+        buffer: Duration::from_secs(60),
+        max_concurrency: 2,
+        ..harvest_supervisor::SessionConfig::default()
+    };
+    let sup = harvest_supervisor::Supervisor::builder(harvest, rec.clone())
+        .store(store.clone())
+        .config(harvest_supervisor::SupervisorConfig {
+            session,
+            ..Default::default()
+        })
+        .start()
+        .await
+        .expect("supervisor");
+    let resources: Vec<String> = (0..6).map(|i| format!("r{i}")).collect();
+    let id = sup.start_session("csw", resources).await.expect("start");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    store.failing_renewals.store(true, Ordering::SeqCst);
+    // Registered at 0, lease 30 s, margin 10 s: fenced by 20 s (+ a quarter renewal).
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    assert!(has_event(&sup, id, |k| matches!(k, EventKind::LeaseLost { .. })).await);
+    assert!(matches!(
+        sup.start_session("other", ["x"]).await,
+        Err(harvest_supervisor::StartError::Store(
+            harvest_supervisor::StoreError::LeaseExpired { .. }
+        ))
+    ));
+    store.failing_renewals.store(false, Ordering::SeqCst);
+    let record = finished(&sup, id).await;
+    assert_eq!(record.status, SessionStatus::FinishedAllOk);
+    assert_eq!(record.epoch, 1);
+    assert_eq!(rec.calls(), 1);
+    let outcomes = sup.outcomes(id).await.expect("outcomes");
+    assert!(outcomes.iter().all(|o| o.attempts == 1), "{outcomes:?}");
+    let events = sup.events(id).await.expect("events");
+    let at = |name: &str| events.iter().position(|e| e.kind.name() == name);
+    let (lost, renewed) = (
+        at("LeaseLost").expect("lost"),
+        at("LeaseRenewed").expect("renewed"),
+    );
+    assert!(lost < renewed);
+    let between = &events[lost..renewed];
+    assert!(
+        !between.iter().any(|e| e.kind.name() == "WorkerStarted"),
+        "nothing starts while fenced"
+    );
+    assert_eq!(
+        between
+            .iter()
+            .filter(|e| e.kind.name() == "WorkerCancelled")
+            .count(),
+        2,
+        "the two running attempts were cut"
+    );
+    sup.shutdown().await.expect("shutdown");
+}

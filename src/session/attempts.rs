@@ -39,6 +39,7 @@ pub(super) async fn start_worker(
         resource_id,
         attempt,
         started,
+        cancel: s.st.attempts.clone(),
     };
     let times = Times {
         first_started,
@@ -199,6 +200,15 @@ fn on_attempt(
         now.saturating_duration_since(started),
     );
 
+    // Cut by the node's self-fencing (cancelled while the session runs, or ended any way
+    // but success while fenced): not an outcome; run again, same attempt, once the node
+    // has renewed its lease.
+    let cut = s.st.phase == Phase::Running
+        && (outcome == ResourceOutcome::Cancelled || (s.st.is_fenced() && !outcome.is_success()));
+    if cut {
+        s.st.rare().ready.push_back((index, attempt, first_started));
+        return None;
+    }
     let retryable = matches!(
         outcome,
         ResourceOutcome::Failed { .. }

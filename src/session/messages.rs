@@ -19,6 +19,14 @@ pub enum SessionMessage {
         /// Index of the resource in the session's list.
         index: usize,
     },
+    /// From the root: the node self-fenced (it could not renew its lease in time): start
+    /// no attempt, cancel those running (and stop them after `abort_grace`).
+    LeaseLost,
+    /// Self-sent `abort_grace` after `LeaseLost`: stop the attempts still running.
+    FenceGraceElapsed,
+    /// From the root: the node renewed its lease; attempts start again (those cut by the
+    /// fence first, under their attempt numbers).
+    LeaseRenewed,
     /// Self-sent when the monitor could not be spawned: try again.
     RespawnMonitor,
     /// From the root: the supervisor shuts down; finalize now with `Shutdown`.

@@ -73,6 +73,10 @@ pub(crate) struct SessionState {
     pub(crate) submitted: Vec<u32>,
     /// Made at the first retry, abort or store failure; see [`Rare`].
     rare: Option<Box<Rare>>,
+    /// The token this session's attempts get: a child of the session's, replaced by a
+    /// fresh one each time the node self-fences (which cancels the attempts running then,
+    /// and only those).
+    pub(crate) attempts: tokio_util::sync::CancellationToken,
 }
 
 /// What only retries, aborts and store failures use, boxed apart: ractor keeps an actor's
@@ -91,11 +95,15 @@ pub(crate) struct Rare {
     pub(crate) abort_timer: Option<JoinHandle<Result<(), MessagingErr<SessionMessage>>>>,
     /// A write was refused by the session's fence: another node took the session over.
     pub(crate) taken_over: bool,
+    /// The node is self-fenced: no attempt starts, and the attempts that end are run
+    /// again (same attempt number) once it renews its lease.
+    pub(crate) fenced: bool,
 }
 
 impl SessionState {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(session_token: &tokio_util::sync::CancellationToken) -> Self {
         Self {
+            attempts: session_token.child_token(),
             phase: Phase::Running,
             next_fresh: 0,
             in_flight: HashMap::default(),
@@ -165,6 +173,11 @@ impl SessionState {
                 }
             }
         }
+    }
+
+    /// Whether the node is self-fenced (see [`Rare::fenced`]).
+    pub(crate) fn is_fenced(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.fenced)
     }
 
     /// Whether a write found the session taken over by another node.

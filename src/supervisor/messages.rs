@@ -56,6 +56,10 @@ pub enum SupervisorMessage {
     /// done, or after `shutdown_timeout` at the latest: what has not finished by then is
     /// left to the next start's recovery.
     Shutdown(RpcReplyPort<()>),
+    /// From the node's lease keeper: the node self-fenced (`true`: it could not renew its
+    /// lease in time) or renewed again (`false`). Passed on to every running session.
+    /// Embedders never send it.
+    Fenced(bool),
     /// Self-sent every `rescue_interval` (with jitter): take over the sessions of nodes
     /// whose lease expired. Embedders never send it.
     Rescue,
