@@ -217,6 +217,10 @@ async fn on_message(
             }
             Ok(())
         }
+        SessionMessage::TakenOver => {
+            give_up(myself, s).await;
+            Ok(())
+        }
         SessionMessage::LeaseLost => {
             if s.st.phase == Phase::Finalized || s.st.is_fenced() {
                 return Ok(());

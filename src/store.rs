@@ -453,6 +453,11 @@ pub trait SessionStore: Send + Sync + 'static {
     /// on-going and unclaimed. Read by the owner after each lease renewal.
     async fn requested_aborts(&self, node: NodeId) -> Result<Vec<SessionId>, StoreError>;
 
+    /// The unfinished sessions `node` owns (pending, on-going or aborting): a node compares
+    /// them with those it runs, to stop any that was taken over while it could not tell
+    /// (one that writes nothing, e.g. a hung harvest).
+    async fn open_sessions_of(&self, node: NodeId) -> Result<Vec<SessionId>, StoreError>;
+
     /// Registers a node with a lease of `ttl` from now, by the store's clock.
     async fn register_node(&self, node: &NodeInfo, ttl: Duration)
     -> Result<NodeRecord, StoreError>;

@@ -148,6 +148,11 @@ impl Actor for HarvestSupervisor {
             }
             SupervisorMessage::ShutdownDeadline => abandon(&myself, state),
             SupervisorMessage::Fenced(fenced) => {
+                if !fenced {
+                    // It owns only what it still holds: those taken over meanwhile stop
+                    // first, and never start an attempt again.
+                    recovery::stop_sessions_taken_over(state).await;
+                }
                 for running in state.sessions.values().filter(|r| !r.forcing) {
                     let _ = running.actor.send_message(if fenced {
                         SessionMessage::LeaseLost

@@ -638,3 +638,60 @@ async fn a_node_that_cannot_renew_fences_itself_and_goes_on_once_it_can() {
     );
     sup.shutdown().await.expect("shutdown");
 }
+
+/// A node that lost a session it cannot hear about (its harvest hangs and writes nothing)
+/// stops it once it can renew again: its next rescue pass sees the session is another
+/// node's, and the session actor stops (its attempts are cancelled) without finalizing.
+#[tokio::test(start_paused = true)]
+async fn a_node_stops_a_silent_session_that_was_taken_over() {
+    let shared: Arc<dyn harvest_supervisor::SessionStore> = Arc::new(MemoryStore::new());
+    let a_store = Arc::new(FaultyStore::wrapping(Arc::clone(&shared)));
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let starts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&cut);
+    let started = Arc::clone(&starts);
+    let hang_until_cancelled =
+        harvest_supervisor::harvest_fn(move |ctx: harvest_supervisor::HarvestContext| {
+            let seen = Arc::clone(&seen);
+            started.fetch_add(1, Ordering::SeqCst);
+            async move {
+                ctx.cancel.cancelled().await;
+                seen.store(true, Ordering::SeqCst);
+                Err("cancelled".into())
+            }
+        });
+    let a_rec = Recorder::new(FinalizerMode::Ok);
+    let a = harvest_supervisor::Supervisor::builder(hang_until_cancelled, a_rec.clone())
+        .store(a_store.clone())
+        .config(harvest_supervisor::SupervisorConfig {
+            session: config(),
+            ..Default::default()
+        })
+        .start()
+        .await
+        .expect("A");
+    let id = a.start_session("csw", ["silent"]).await.expect("start");
+    let b_rec = Recorder::new(FinalizerMode::Ok);
+    let b = supervisor_on(Arc::clone(&shared), config(), &b_rec).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a_store.failing_renewals.store(true, Ordering::SeqCst);
+    let record = finished(&b, id).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::Interrupted));
+    assert_eq!(b_rec.calls(), 1);
+    // A's self-fencing cancelled the attempt already; it waits to run it again.
+    assert!(cut.swap(false, Ordering::SeqCst));
+    a_store.failing_renewals.store(false, Ordering::SeqCst);
+    let defaults = harvest_supervisor::SupervisorConfig::default();
+    tokio::time::sleep(defaults.lease_renew_interval + defaults.rescue_interval * 2).await;
+    assert_eq!(
+        starts.load(Ordering::SeqCst),
+        1,
+        "A started no attempt again for a session it no longer owns"
+    );
+    assert!(!cut.load(Ordering::SeqCst));
+    assert_eq!(a_rec.calls(), 0, "A runs no finalizer for it");
+    let after = shared.session(id).await.expect("record");
+    assert_eq!(after, record, "and writes nothing");
+    a.shutdown().await.expect("shutdown A");
+    b.shutdown().await.expect("shutdown B");
+}

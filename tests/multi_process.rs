@@ -285,6 +285,25 @@ async fn terminal(store: &SqliteStore, id: SessionId) -> harvest_supervisor::Ses
     .expect("the session ends")
 }
 
+/// `id`'s event log once its owner has logged its end (a node appends its events without
+/// waiting, and `SessionFinished` follows the terminal status by up to a commit delay).
+async fn final_events(store: &SqliteStore, id: SessionId) -> Vec<harvest_supervisor::SessionEvent> {
+    tokio::time::timeout(GUARD, async {
+        loop {
+            let events = store.events(id).await.expect("events");
+            if matches!(
+                events.last().map(|e| &e.kind),
+                Some(EventKind::SessionFinished { .. })
+            ) {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("SessionFinished is logged")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_deploy_a_second_process_touches_none_of_the_first_ones_sessions() {
     let dir = tempfile::tempdir().expect("dir");
@@ -312,7 +331,7 @@ async fn rolling_deploy_a_second_process_touches_none_of_the_first_ones_sessions
     );
     let other = session_id(&other);
     assert_eq!(runs_for(&db, other), ["B 1"]);
-    let events = store.events(session).await.expect("events");
+    let events = final_events(&store, session).await;
     assert!(
         !events
             .iter()
@@ -364,7 +383,7 @@ async fn a_killed_process_sessions_are_taken_over_by_a_live_one_and_finalized_on
             "acknowledged outcome of {r} kept"
         );
     }
-    let events = store.events(session).await.expect("events");
+    let events = final_events(&store, session).await;
     assert!(events.iter().any(|e| matches!(
         e.kind,
         EventKind::SessionTakenOver {
@@ -403,7 +422,7 @@ async fn a_paused_process_that_lost_its_session_writes_nothing_for_it_when_it_wa
     let record = terminal(&store, session).await;
     assert_eq!(record.reason(), Some(FinalizeReason::Interrupted));
     let outcomes = store.outcomes(session).await.expect("outcomes");
-    let events = store.events(session).await.expect("events");
+    let events = final_events(&store, session).await;
 
     a.signal("CONT");
     // A wakes: its attempts finish and its writes are refused; its lease keeper renews.

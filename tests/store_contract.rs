@@ -813,6 +813,19 @@ async fn a_rescue_takes_over_only_sessions_of_nodes_whose_lease_expired(
             .await,
         Err(StoreError::Fenced { .. })
     ));
+    // Who holds what, as a node checks it against the sessions it runs.
+    assert_eq!(
+        store.open_sessions_of(b.id).await.expect("b's"),
+        [orphan.id]
+    );
+    assert!(store.open_sessions_of(a.id).await.expect("a's").is_empty());
+    assert!(
+        store
+            .open_sessions_of(dead_node)
+            .await
+            .expect("gone")
+            .is_empty()
+    );
     // A rescuer without a running lease takes nothing.
     assert!(matches!(
         store.take_over(NodeId::new(), 100).await,

@@ -27,6 +27,9 @@ pub enum SessionMessage {
     /// From the root: the node renewed its lease; attempts start again (those cut by the
     /// fence first, under their attempt numbers).
     LeaseRenewed,
+    /// From the root: the store says another node owns the session now. Stop without
+    /// finalizing.
+    TakenOver,
     /// Self-sent when the monitor could not be spawned: try again.
     RespawnMonitor,
     /// From the root: the supervisor shuts down; finalize now with `Shutdown`.

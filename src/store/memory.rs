@@ -718,6 +718,15 @@ impl SessionStore for MemoryStore {
         })
     }
 
+    async fn open_sessions_of(&self, node: NodeId) -> Result<Vec<SessionId>, StoreError> {
+        Ok(self
+            .sessions
+            .iter()
+            .filter(|s| s.record.owner == Some(node) && !s.record.status.is_terminal())
+            .map(|s| s.record.id)
+            .collect())
+    }
+
     async fn requested_aborts(&self, node: NodeId) -> Result<Vec<SessionId>, StoreError> {
         Ok(self
             .sessions

@@ -183,6 +183,28 @@ impl SqliteStore {
         }
     }
 
+    /// The session ids `sql` (with the node's id as `?1`) selects, on a reader.
+    async fn ids_of_node(
+        &self,
+        node: NodeId,
+        sql: &'static str,
+    ) -> Result<Vec<SessionId>, StoreError> {
+        self.readers
+            .read(move |conn| {
+                let mut s = conn.prepare_cached(sql).map_err(backend)?;
+                let ids = s
+                    .query_map([node.to_string()], |r| r.get::<_, String>(0))
+                    .map_err(backend)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(backend)?;
+                ids.iter()
+                    .map(|i| uuid::Uuid::parse_str(i).map(SessionId))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| StoreError::Backend(Box::new(e)))
+            })
+            .await
+    }
+
     /// Up to `limit` events of session `id` after `after`, in `seq` order, on a reader.
     async fn read_events(
         &self,
@@ -728,26 +750,22 @@ impl SessionStore for SqliteStore {
             .await
     }
 
+    async fn open_sessions_of(&self, node: NodeId) -> Result<Vec<SessionId>, StoreError> {
+        self.ids_of_node(
+            node,
+            "SELECT id FROM sessions WHERE owner = ?1 \
+             AND status IN ('pending', 'on-going', 'aborting')",
+        )
+        .await
+    }
+
     async fn requested_aborts(&self, node: NodeId) -> Result<Vec<SessionId>, StoreError> {
-        self.readers
-            .read(move |conn| {
-                let mut s = conn
-                    .prepare_cached(
-                        "SELECT id FROM sessions WHERE owner = ?1 AND abort_requested = 1 \
-                         AND status IN ('pending', 'on-going') AND finalizing IS NULL",
-                    )
-                    .map_err(backend)?;
-                let ids = s
-                    .query_map([node.to_string()], |r| r.get::<_, String>(0))
-                    .map_err(backend)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(backend)?;
-                ids.iter()
-                    .map(|i| uuid::Uuid::parse_str(i).map(SessionId))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| StoreError::Backend(Box::new(e)))
-            })
-            .await
+        self.ids_of_node(
+            node,
+            "SELECT id FROM sessions WHERE owner = ?1 AND abort_requested = 1 \
+             AND status IN ('pending', 'on-going') AND finalizing IS NULL",
+        )
+        .await
     }
 
     async fn register_node(

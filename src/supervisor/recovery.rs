@@ -33,6 +33,7 @@ pub(super) async fn rescue(myself: &ActorRef<SupervisorMessage>, state: &mut Roo
         return;
     }
     expire_dead_neighbours(state).await;
+    stop_sessions_taken_over(state).await;
     loop {
         let taken = match store.take_over(node.id(), RESCUE_BATCH).await {
             Ok(taken) => taken,
@@ -60,6 +61,39 @@ pub(super) async fn rescue(myself: &ActorRef<SupervisorMessage>, state: &mut Roo
         }
         if !more {
             return;
+        }
+    }
+}
+
+/// Stops the sessions this node runs that the store says another node owns now: taken
+/// over while this node could not renew (paused, cut off), and silent since (a hung
+/// harvest writes nothing, so no fenced write told it).
+pub(super) async fn stop_sessions_taken_over(state: &RootState) {
+    let running: Vec<_> = state
+        .sessions
+        .iter()
+        .filter(|(_, r)| !r.forcing)
+        .map(|(id, r)| (*id, r.actor.clone()))
+        .collect();
+    if running.is_empty() {
+        return;
+    }
+    let owned: std::collections::HashSet<_> = match state
+        .deps
+        .store
+        .open_sessions_of(state.deps.node.id())
+        .await
+    {
+        Ok(ids) => ids.into_iter().collect(),
+        Err(error) => {
+            tracing::debug!(%error, "could not list this node's sessions");
+            return;
+        }
+    };
+    for (id, actor) in running {
+        if !owned.contains(&id) {
+            // Finished meanwhile (then it is stopping anyway), or taken over.
+            let _ = actor.send_message(crate::session::SessionMessage::TakenOver);
         }
     }
 }

@@ -315,6 +315,9 @@ impl SessionStore for FaultyStore {
     async fn request_abort(&self, id: SessionId) -> Result<SessionRecord, StoreError> {
         self.inner.request_abort(id).await
     }
+    async fn open_sessions_of(&self, node: NodeId) -> Result<Vec<SessionId>, StoreError> {
+        self.inner.open_sessions_of(node).await
+    }
     async fn requested_aborts(&self, node: NodeId) -> Result<Vec<SessionId>, StoreError> {
         self.inner.requested_aborts(node).await
     }
