@@ -6,6 +6,8 @@
 //! cargo run --release --example bench_scale -- latency --runs 500
 //! cargo run --release --example bench_scale -- watchdog --sessions 10000
 //! cargo run --release --example bench_scale -- replay --n 10000 --log 100000 --readers 20
+//! cargo run --release --example bench_scale -- takeover --kills 20 --signal KILL
+//! cargo run --release --example bench_scale -- watchdog --sessions 10000 --sqlite
 //! cargo run --release --example bench_scale -- one --imp memory --n 1000   # one case, JSON
 //! ```
 //!
@@ -113,6 +115,43 @@ enum Cmd {
         sessions: usize,
         #[arg(long, default_value_t = 10)]
         idle_secs: u64,
+        /// On the durable store (a fresh file) instead of the memory store.
+        #[arg(long)]
+        sqlite: bool,
+        /// Lease renewal and rescue all but off (every hour, every day): their cost is
+        /// the difference with a run without this.
+        #[arg(long)]
+        no_leases: bool,
+    },
+    /// Time from a node's death (SIGKILL) or pause (SIGSTOP: its process is there, so
+    /// only its lease expiring tells, as for a node on another machine) until a live
+    /// node on the same file has taken its session over.
+    Takeover {
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// KILL or STOP.
+        #[arg(long, default_value = "KILL")]
+        signal: String,
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        lease_ttl: Duration,
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        renew: Duration,
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        rescue: Duration,
+    },
+    /// A node process for `takeover`: `victim` starts a session of one hanging resource
+    /// and says its id; `rescuer` only rescues.
+    Node {
+        #[arg(long)]
+        db: std::path::PathBuf,
+        #[arg(long)]
+        victim: bool,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        lease_ttl: Duration,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        renew: Duration,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        rescue: Duration,
     },
 }
 
@@ -456,22 +495,44 @@ async fn replay(n: usize, log: u64, readers: usize, reps: usize) {
 }
 
 /// Many sessions, each with one resource that sleeps, under a 1 s monitor interval.
-async fn watchdog(sessions: usize, idle: Duration) {
+/// Write system calls of this process so far (`/proc/self/io`, `syscw`).
+fn write_syscalls() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("syscw:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn watchdog(sessions: usize, idle: Duration, sqlite: bool, no_leases: bool) {
     let harvest = harvest_fn(|_| async {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         Ok(())
     });
-    let sup = Supervisor::builder(harvest, finalizer_fn(|_| async { Ok(()) }))
-        .config(SupervisorConfig {
-            session: SessionConfig {
-                monitor_interval: Duration::from_secs(1),
-                ..impls::bench_config()
-            },
-            ..SupervisorConfig::default()
-        })
-        .start()
-        .await
-        .expect("supervisor");
+    let mut config = SupervisorConfig {
+        session: SessionConfig {
+            monitor_interval: Duration::from_secs(1),
+            ..impls::bench_config()
+        },
+        ..SupervisorConfig::default()
+    };
+    if no_leases {
+        config.lease_renew_interval = Duration::from_secs(3600);
+        config.lease_ttl = Duration::from_secs(7200);
+        config.rescue_interval = Duration::from_secs(86_400);
+    }
+    let dir = std::env::temp_dir().join(format!("hs-watchdog-{}", std::process::id()));
+    let mut builder = Supervisor::builder(harvest, finalizer_fn(|_| async { Ok(()) }));
+    if sqlite {
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let store = SqliteStore::open(dir.join("w.db")).await.expect("db");
+        builder = builder.store(Arc::new(store));
+    }
+    let sup = builder.config(config).start().await.expect("supervisor");
     let rss_before = rss_kib();
     for i in 0..sessions {
         sup.start_session(format!("h{i}"), ["slow"])
@@ -482,18 +543,161 @@ async fn watchdog(sessions: usize, idle: Duration) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_loaded = rss_kib();
     let cpu0 = cpu_time();
+    let writes0 = write_syscalls();
     let wall0 = Instant::now();
     tokio::time::sleep(idle).await;
     let cpu = cpu_time() - cpu0;
+    let writes = write_syscalls() - writes0;
     let wall = wall0.elapsed();
     let per_session_kib = (rss_loaded.saturating_sub(rss_before)) as f64 / sessions as f64;
     println!(
-        "| {sessions} | {:.1} s | {:.2} % of one core | {:.1} KiB |",
+        "| {sessions} | {} | {} | {:.1} s | {:.2} % of one core | {:.1} KiB | {:.2} |",
+        if sqlite { "sqlite" } else { "memory" },
+        if no_leases { "off" } else { "default" },
         wall.as_secs_f64(),
         cpu.as_secs_f64() / wall.as_secs_f64() * 100.0,
-        per_session_kib
+        per_session_kib,
+        writes as f64 / wall.as_secs_f64()
     );
+    let _ = std::fs::remove_dir_all(&dir);
     std::process::exit(0); // the sessions would otherwise run for an hour
+}
+
+/// A node process for [`takeover`].
+async fn node(
+    db: std::path::PathBuf,
+    victim: bool,
+    lease_ttl: Duration,
+    renew: Duration,
+    rescue: Duration,
+) {
+    let store = SqliteStore::open(&db).await.expect("db");
+    let harvest = harvest_fn(|_| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok(())
+    });
+    let sup = Supervisor::builder(harvest, finalizer_fn(|_| async { Ok(()) }))
+        .store(Arc::new(store))
+        .config(SupervisorConfig {
+            lease_ttl,
+            lease_renew_interval: renew,
+            rescue_interval: rescue,
+            ..SupervisorConfig::default()
+        })
+        .start()
+        .await
+        .expect("supervisor");
+    if victim {
+        let id = sup.start_session("csw", ["slow"]).await.expect("start");
+        println!("SESSION {id}");
+    } else {
+        println!("READY");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+}
+
+/// Spawns a `node` child; returns it and its first line.
+fn spawn_node(
+    db: &std::path::Path,
+    victim: bool,
+    times: (Duration, Duration, Duration),
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().expect("this binary");
+    let show = |d: Duration| format!("{}ms", d.as_millis());
+    let mut args = vec![
+        "node".to_owned(),
+        "--db".to_owned(),
+        db.display().to_string(),
+        "--lease-ttl".to_owned(),
+        show(times.0),
+        "--renew".to_owned(),
+        show(times.1),
+        "--rescue".to_owned(),
+        show(times.2),
+    ];
+    if victim {
+        args.push("--victim".to_owned());
+    }
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("node");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("first line");
+    (child, line.trim().to_owned())
+}
+
+async fn takeover(kills: usize, signal: &str, ttl: Duration, renew: Duration, rescue: Duration) {
+    let times = (ttl, renew, rescue);
+    let mut took = Vec::with_capacity(kills);
+    for round in 0..kills {
+        let dir = std::env::temp_dir().join(format!("hs-takeover-{}-{round}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let db = dir.join("t.db");
+        let (mut rescuer, _) = spawn_node(&db, false, times);
+        let (mut victim, line) = spawn_node(&db, true, times);
+        let id = line
+            .strip_prefix("SESSION ")
+            .and_then(|t| uuid::Uuid::parse_str(t).ok())
+            .map(harvest_supervisor::SessionId)
+            .expect("a session id");
+        let store = SqliteStore::open(&db).await.expect("db");
+        // A random point in the rescuer's cycle, as a real death would fall.
+        let phase = Duration::from_millis(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::from(d.subsec_nanos()))
+                % u64::try_from(rescue.as_millis()).unwrap_or(1).max(1),
+        );
+        tokio::time::sleep(phase).await;
+        let pid = victim.id().to_string();
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status();
+        let died = Instant::now();
+        loop {
+            let record = store.session(id).await.expect("record");
+            if record.epoch >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        took.push(died.elapsed());
+        let _ = Command::new("kill").args(["-CONT", &pid]).status();
+        let _ = victim.kill();
+        let _ = victim.wait();
+        let _ = rescuer.kill();
+        let _ = rescuer.wait();
+        let _ = store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    took.sort_unstable();
+    let at = |q: f64| {
+        let i = ((took.len() as f64 - 1.0) * q).round() as usize;
+        took.get(i).copied().unwrap_or_default()
+    };
+    println!(
+        "| signal | kills | lease_ttl | renew | rescue_interval | p50 | p99 | max | ttl + rescue (+ jitter) |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
+    println!(
+        "| {signal} | {kills} | {} | {} | {} | {} | {} | {} | {} |",
+        ms(ttl),
+        ms(renew),
+        ms(rescue),
+        ms(at(0.5)),
+        ms(at(0.99)),
+        ms(took.last().copied().unwrap_or_default()),
+        ms(ttl + rescue + rescue / 5),
+    );
 }
 
 #[tokio::main]
@@ -548,10 +752,28 @@ async fn main() {
         Cmd::Watchdog {
             sessions,
             idle_secs,
+            sqlite,
+            no_leases,
         } => {
-            println!("| sessions | idle | CPU | memory per session |\n|---|---|---|---|");
-            watchdog(sessions, Duration::from_secs(idle_secs)).await;
+            println!(
+                "| sessions | store | leases and rescue | idle | CPU | memory per session | write syscalls/s |\n|---|---|---|---|---|---|---|"
+            );
+            watchdog(sessions, Duration::from_secs(idle_secs), sqlite, no_leases).await;
         }
+        Cmd::Takeover {
+            kills,
+            signal,
+            lease_ttl,
+            renew,
+            rescue,
+        } => takeover(kills, &signal, lease_ttl, renew, rescue).await,
+        Cmd::Node {
+            db,
+            victim,
+            lease_ttl,
+            renew,
+            rescue,
+        } => node(db, victim, lease_ttl, renew, rescue).await,
         Cmd::All { reps, million } => {
             println!(
                 "## Throughput (medians of {reps} runs; a ratio is the median of its ratios within each run; window {WINDOW})\n"

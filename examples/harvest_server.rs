@@ -288,6 +288,21 @@ async fn page_of(
     Ok(Json(app.supervisor.history(&query).await?))
 }
 
+/// `GET /nodes`: the nodes (supervisor starts) on this database, newest first, with their
+/// leases: which process owns which session (`owner` in a session is a node's id).
+async fn nodes(
+    State(app): State<App>,
+) -> Result<Json<Vec<harvest_supervisor::store::NodeRecord>>, ApiError> {
+    let mut nodes = app
+        .supervisor
+        .store()
+        .nodes()
+        .await
+        .map_err(SessionError::from)?;
+    nodes.truncate(200);
+    Ok(Json(nodes))
+}
+
 /// `GET /`: the page (no build step: one static file).
 async fn page() -> impl IntoResponse {
     (
@@ -393,6 +408,7 @@ fn router(app: App) -> Router {
         .route("/sessions/{id}", get(get_session))
         .route("/sessions/{id}/abort", post(abort_session))
         .route("/sessions/{id}/events", get(events))
+        .route("/nodes", get(nodes))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(app)
 }
@@ -629,6 +645,17 @@ mod tests {
         let (code, history) = server.json("/harvesters/csw/sessions?limit=10").await;
         assert_eq!(code, StatusCode::OK);
         assert_eq!(history["sessions"][0]["id"], id.as_str());
+
+        // The owning node, by id in the session and with its lease at /nodes.
+        let owner = view["record"]["owner"]
+            .as_str()
+            .expect("an owner")
+            .to_owned();
+        assert_eq!(view["record"]["epoch"], 1);
+        let (code, nodes) = server.json("/nodes").await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(nodes[0]["info"]["id"], owner.as_str());
+        assert_eq!(nodes[0]["live"], true);
         server.stop().await;
     }
 

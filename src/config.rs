@@ -73,7 +73,9 @@ pub enum FailurePolicy {
     FailFast,
 }
 
-/// What a supervisor does at start with sessions an earlier process left unfinished.
+/// What a node does with the sessions it takes over from a dead node (at start, or at
+/// any later rescue pass): an earlier process on the store, or another live process's
+/// that died.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RecoveryPolicy {
@@ -394,7 +396,8 @@ pub struct SupervisorConfig {
     /// Events buffered per subscriber (1 to [`MAX_EVENT_CAPACITY`]); a subscriber further
     /// behind than this loses the oldest and is told how many.
     pub event_capacity: usize,
-    /// What to do at start with sessions an earlier process left unfinished.
+    /// What to do with the sessions this node takes over from a dead node (at start, or
+    /// at a later rescue pass).
     pub recovery: RecoveryPolicy,
     /// What recovery does with a finalizer that a crash interrupted.
     pub finalizer_recovery: FinalizerRecovery,
@@ -407,7 +410,7 @@ pub struct SupervisorConfig {
     /// The longest [`crate::Supervisor::shutdown`] waits for running sessions to finalize
     /// (with reason `Shutdown`): a session that has not finished by then (its store
     /// cannot complete it, its finalizer hangs) is left, as a crash would leave it, to the
-    /// next start's recovery. More than zero, at most [`MAX_GRACE`] (1 day).
+    /// next node that takes it over (its lease ends at shutdown). More than zero, at most [`MAX_GRACE`] (1 day).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// A name for this node (this process's supervisor) in logs, events and pages; the

@@ -180,7 +180,8 @@ pub enum EventKind {
         /// The store's error.
         error: String,
     },
-    /// Recovery found this session unfinished from an earlier process.
+    /// A node took this session over from a dead one (after `SessionTakenOver`) and
+    /// recovers it.
     Recovered {
         /// The status it was left in.
         previous_status: SessionStatus,

@@ -53,7 +53,9 @@ impl SupervisorBuilder {
         self
     }
 
-    /// Validates the config, spawns the root, and recovers unfinished sessions of the store.
+    /// Validates the config, registers this node (with its lease) in the store, spawns
+    /// the root, and takes over the unfinished sessions of dead nodes (never a live
+    /// node's: several processes may share a store).
     pub async fn start(self) -> Result<Supervisor, Error> {
         self.config.validate()?;
         let bus = EventBus::new(self.config.event_capacity);
@@ -384,7 +386,7 @@ impl Supervisor {
     ///
     /// Returns within [`SupervisorConfig::shutdown_timeout`] (and a few seconds' grace if
     /// the root itself is stuck): a session that has not finished by then is left, as a
-    /// crash would leave it, to the next start's recovery.
+    /// crash would leave it, to the rescue (the next start's, or a live node's).
     pub async fn shutdown(&self) -> Result<(), Error> {
         let bound = self.shutdown_timeout.saturating_add(Self::SHUTDOWN_GRACE);
         let answered = self

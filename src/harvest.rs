@@ -32,7 +32,7 @@ pub trait ResourceHarvester: Send + Sync + 'static {
 /// Exactly once within one healthy process (a finalizer that hangs past `escalation_grace`
 /// is cut and recorded, not run again). Across a crash the store's three durable steps
 /// (claimed, finalizer started, completed) decide: a process that died after its claim and
-/// before its finalizer started leaves the finalizer to the next start's recovery, which
+/// before its finalizer started leaves the finalizer to the rescue (the next start's, or a live node's), which
 /// runs it; one that died while the finalizer ran leaves it to be run again
 /// ([`crate::FinalizerRecovery::Rerun`], the default, with
 /// [`SessionReport::finalizer_attempt`] above 1) or recorded as interrupted

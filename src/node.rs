@@ -250,13 +250,20 @@ fn host_key() -> Option<String> {
     Some(format!("{}/{}", boot.trim(), ns.display()))
 }
 
-/// A process's start time in clock ticks after boot (`/proc/<pid>/stat`, field 22).
+/// A running process's start time in clock ticks after boot (`/proc/<pid>/stat`, field
+/// 22); `None` if there is no such process, or it has exited and only waits to be reaped
+/// (state `Z` or `X`: a killed child of a parent that has not waited for it yet is dead).
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold anything: count after it.
     let after = stat.get(stat.rfind(')')? + 1..)?;
-    // Fields from 3 on; the start time is field 22.
-    after.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = after.split_whitespace();
+    // Field 3, the state.
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    // The start time is field 22: 18 fields after the state.
+    fields.nth(18)?.parse().ok()
 }
 
 /// A random-enough extra wait up to `max`, so that nodes started together do not rescue
@@ -298,6 +305,35 @@ mod tests {
             ..me
         };
         assert_eq!(process_gone(&elsewhere), None);
+    }
+
+    #[test]
+    fn an_exited_process_not_yet_reaped_is_gone() {
+        let Some(me) = this_process() else {
+            return;
+        };
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        let alive = ProcessId {
+            host: me.host.clone(),
+            pid,
+            start: start_time(pid).expect("running"),
+        };
+        assert_eq!(process_gone(&alive), Some(false));
+        child.kill().expect("kill");
+        // Not waited for yet: a zombie, which is gone all the same.
+        for _ in 0..100 {
+            if process_gone(&alive) == Some(true) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(process_gone(&alive), Some(true));
+        child.wait().expect("reap");
+        assert_eq!(process_gone(&alive), Some(true));
     }
 
     #[test]

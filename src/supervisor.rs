@@ -5,7 +5,8 @@
 //! last resort: when a SessionActor dies without having finalized, or a monitor escalates a
 //! stuck one, the root stops it and finalizes the session from the store in a task of its
 //! own, so that a stuck finalizer can never block the root. At start it recovers sessions an
-//! earlier process left unfinished.
+//! earlier process left unfinished, and then, every `rescue_interval`, those of any node
+//! whose lease expired (see `supervisor/recovery.rs`).
 
 pub(crate) mod messages;
 mod recovery;
@@ -521,7 +522,7 @@ impl Killed {
 /// Finalizes a session from the store in a task of the root's (see [`Mode`]): after the
 /// killed session actor and its children are gone, if there were any. Store failures are
 /// retried inside [`finalizer::finalize`] for as long as they last (shutdown stops the
-/// task, leaving the session to the next start's recovery).
+/// task, leaving the session to the rescue (the next start's, or a live node's)).
 pub(crate) fn spawn_force(
     state: &mut RootState,
     emitter: &SessionEmitter,
@@ -577,7 +578,7 @@ pub(crate) fn spawn_force(
                 Err(error) => {
                     tracing::error!(
                         %error,
-                        "could not finalize the session; the next start's recovery will"
+                        "could not finalize the session; the rescue (the next start's, or a live node's) will"
                     );
                 }
             }
@@ -621,7 +622,7 @@ fn abandon(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
         tracing::warn!(
             session_id = %id,
             timeout = %humantime::format_duration(state.config.shutdown_timeout),
-            "shutdown: the session did not finish in time; the next start's recovery will"
+            "shutdown: the session did not finish in time; the rescue (the next start's, or a live node's) will"
         );
         running.actor.kill();
     }

@@ -54,7 +54,7 @@ pub enum SupervisorMessage {
     ListSessions(RpcReplyPort<Result<Vec<SessionRecord>, SessionError>>),
     /// Finalize every running session with `Shutdown`, then stop the root. Replies when
     /// done, or after `shutdown_timeout` at the latest: what has not finished by then is
-    /// left to the next start's recovery.
+    /// left to the rescue (the next start's, or a live node's).
     Shutdown(RpcReplyPort<()>),
     /// From the node's lease keeper: the node self-fenced (`true`: it could not renew its
     /// lease in time) or renewed again (`false`). Passed on to every running session.
