@@ -36,6 +36,9 @@ const MP_NAME: &str = "HARVEST_MP_NAME";
 /// `abort`: abort the session named here (another node's), say `ABORT ok` (or the error),
 /// wait for its end, say `WAITED status`, and stay up.
 const MP_TARGET: &str = "HARVEST_MP_TARGET";
+/// Set: this node resumes the sessions it takes over (`RecoveryPolicy::Resume`), and says
+/// `HARVEST resource` for each attempt it runs.
+const MP_RESUME: &str = "HARVEST_MP_RESUME";
 const MP_RESOURCES: &str = "HARVEST_MP_RESOURCES";
 /// How long each resource takes, in milliseconds.
 const MP_TAKES: &str = "HARVEST_MP_TAKES";
@@ -127,13 +130,21 @@ async fn node_process() {
             Ok(())
         }
     });
-    let harvest = harvest_fn(move |_ctx: HarvestContext| async move {
+    let resume = std::env::var(MP_RESUME).is_ok();
+    let harvest = harvest_fn(move |ctx: HarvestContext| async move {
+        if resume {
+            say(format!("HARVEST {}", ctx.resource_id));
+        }
         tokio::time::sleep(takes).await;
         Ok(())
     });
+    let mut config = node_config(name);
+    if resume {
+        config.recovery = harvest_supervisor::RecoveryPolicy::Resume;
+    }
     let sup = Supervisor::builder(harvest, finalizer)
         .store(Arc::new(store))
-        .config(node_config(name))
+        .config(config)
         .start()
         .await
         .expect("node supervisor");
@@ -212,6 +223,9 @@ impl Node {
         let mut command = tokio::process::Command::new(exe);
         if let Some(target) = target {
             command.env(MP_TARGET, target.to_string());
+        }
+        if mode == "resume" {
+            command.env(MP_RESUME, "1");
         }
         let mut child = command
             .args([
@@ -649,4 +663,58 @@ async fn a_storm_of_kills_and_pauses_finalizes_every_session_once_and_never_doub
         sessions.iter().filter(|r| r.epoch > 1).count()
     );
     drop(rescuer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resuming_node_harvests_only_what_the_killed_one_had_not_done() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = dir.path().join("shared.db");
+    // B takes over with RecoveryPolicy::Resume ("resume" mode: a rescuer that says what
+    // it harvests).
+    let mut b = Node::spawn(&db, "resume", "B", 0, 10);
+    b.until("READY").await;
+    let mut a = Node::spawn(&db, "harvest", "A", 30, 150);
+    let session = session_id(&a.until("SESSION").await);
+    while a.acks.len() < 6 {
+        a.until("ACK").await;
+    }
+    a.child.start_kill().expect("SIGKILL");
+    let _ = a.child.wait().await;
+    let acked = a.acks.clone();
+
+    let store = SqliteStore::open(&db).await.expect("open");
+    let record = terminal(&store, session).await;
+    assert_eq!(
+        record.status,
+        harvest_supervisor::SessionStatus::FinishedAllOk
+    );
+    assert_eq!(record.reason(), Some(FinalizeReason::Completed));
+    assert_eq!(record.counts.succeeded, 30);
+    assert_eq!(record.epoch, 2);
+    assert_eq!(runs_for(&db, session), ["B 1"]);
+    let events = final_events(&store, session).await;
+    assert!(events.iter().any(|e| matches!(
+        e.kind,
+        EventKind::Recovered {
+            resuming: Some(_),
+            ..
+        }
+    )));
+    // What B harvested again: never an acknowledged success of A's.
+    let mut again = Vec::new();
+    b.child.start_kill().expect("stop B");
+    while let Ok(Some(line)) = b.lines.next_line().await {
+        let line = line.rsplit("... ").next().unwrap_or_default().to_owned();
+        if let Some(r) = line.strip_prefix("HARVEST ") {
+            again.push(r.to_owned());
+        }
+    }
+    assert!(!again.is_empty());
+    for r in &acked {
+        assert!(
+            !again.contains(r),
+            "{r} succeeded under A and was harvested again"
+        );
+    }
+    assert!(again.len() <= 30 - acked.len(), "{again:?}");
 }
