@@ -17,7 +17,6 @@ use std::sync::Arc;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::SupervisorConfig;
@@ -307,7 +306,7 @@ fn session_shared(
         deps: Arc::clone(&state.deps),
         emitter,
         root: myself.clone(),
-        cancel: CancellationToken::new(),
+        cancel: crate::session::AttemptsToken::default(),
         resumed,
         lifecycle: Arc::default(),
     })

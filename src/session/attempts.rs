@@ -39,7 +39,7 @@ pub(super) async fn start_worker(
         resource_id,
         attempt,
         started,
-        cancel: s.st.attempts.clone(),
+        cancel: s.shared.cancel.token(),
     };
     let times = Times {
         first_started,
@@ -103,7 +103,8 @@ pub(super) async fn on_child_event(
         s.st.settle_writes(&s.shared.emitter);
     }
     if s.st.taken_over() {
-        super::give_up(myself, s).await;
+        // Boxed: rare, and this handler's future lives in every session's mailbox loop.
+        Box::pin(super::give_up(myself, s)).await;
         return Ok(());
     }
     if let Some(reason) = next {

@@ -73,10 +73,6 @@ pub(crate) struct SessionState {
     pub(crate) submitted: Vec<u32>,
     /// Made at the first retry, abort or store failure; see [`Rare`].
     rare: Option<Box<Rare>>,
-    /// The token this session's attempts get: a child of the session's, replaced by a
-    /// fresh one each time the node self-fences (which cancels the attempts running then,
-    /// and only those).
-    pub(crate) attempts: tokio_util::sync::CancellationToken,
 }
 
 /// What only retries, aborts and store failures use, boxed apart: ractor keeps an actor's
@@ -101,9 +97,8 @@ pub(crate) struct Rare {
 }
 
 impl SessionState {
-    pub(crate) fn new(session_token: &tokio_util::sync::CancellationToken) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
-            attempts: session_token.child_token(),
             phase: Phase::Running,
             next_fresh: 0,
             in_flight: HashMap::default(),
