@@ -260,31 +260,14 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         })
     };
 
-    // The store, and the sessions an earlier (crashed) run left unfinished in it: those
-    // whose node's lease has expired (a live process's sessions are its own business).
-    let (store, unfinished): (Arc<dyn SessionStore>, Vec<SessionRecord>) = if args.memory {
-        (Arc::new(harvest_supervisor::MemoryStore::new()), Vec::new())
+    let store: Arc<dyn SessionStore> = if args.memory {
+        Arc::new(harvest_supervisor::MemoryStore::new())
     } else {
-        let store = SqliteStore::open(&args.db).await?;
-        let live: std::collections::HashSet<_> = store
-            .nodes()
-            .await?
-            .into_iter()
-            .filter(|n| n.live)
-            .map(|n| n.info.id)
-            .collect();
-        let unfinished = store
-            .list_sessions()
-            .await?
-            .into_iter()
-            .filter(|r| !r.status.is_terminal())
-            .filter(|r| r.owner.is_none_or(|o| !live.contains(&o)))
-            .collect();
         println!("store: {}", args.db.display());
-        (Arc::new(store), unfinished)
+        Arc::new(SqliteStore::open(&args.db).await?)
     };
     let supervisor = Supervisor::builder(harvest, finalizer)
-        .store(store)
+        .store(Arc::clone(&store))
         .config(SupervisorConfig {
             session,
             recovery: if args.resume {
@@ -297,11 +280,20 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         })
         .start()
         .await?;
+    // The sessions this start took over: an earlier run's that crashed (or another
+    // process's that died). A live process's sessions are its own business.
+    let me = supervisor.node_id();
+    let unfinished: Vec<SessionRecord> = store
+        .list_sessions()
+        .await?
+        .into_iter()
+        .filter(|r| r.owner == Some(me) && r.epoch > 1)
+        .collect();
 
     let mut problems = Vec::new();
     for left in &unfinished {
         println!(
-            "\nrecovering session {} (left {} by an earlier run, {}/{} outcomes recorded){}",
+            "\nrecovering session {} (taken over from a dead node, {}; {}/{} outcomes recorded){}",
             left.id,
             left.status,
             left.counts.total(),
@@ -309,7 +301,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
             if args.resume { ": resuming" } else { "" }
         );
         let record = supervisor.wait_finished(left.id).await?;
-        print_record(&record, None, &reports);
+        print_record(&record, None, &reports, &node_names(&supervisor).await);
         problems.extend(check(&record, None, &reports, false));
     }
 
@@ -325,7 +317,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
             .await?;
         let log = follow(id, &mut events, &args, &mut problems).await?;
         let record = supervisor.session(id).await?;
-        print_record(&record, Some(started.elapsed()), &reports);
+        let names = node_names(&supervisor).await;
+        print_record(&record, Some(started.elapsed()), &reports, &names);
         problems.extend(check(&record, Some(&log), &reports, true));
     }
 
@@ -432,14 +425,31 @@ async fn follow(
     Ok(log)
 }
 
-fn print_record(record: &SessionRecord, took: Option<Duration>, reports: &Reports) {
+/// The nodes' names (or ids) on the store, by id.
+async fn node_names(supervisor: &Supervisor) -> HashMap<harvest_supervisor::NodeId, String> {
+    let nodes = supervisor.store().nodes().await.unwrap_or_default();
+    nodes
+        .into_iter()
+        .map(|n| {
+            let id = n.info.id;
+            (id, n.info.name.unwrap_or_else(|| id.to_string()))
+        })
+        .collect()
+}
+
+fn print_record(
+    record: &SessionRecord,
+    took: Option<Duration>,
+    reports: &Reports,
+    names: &HashMap<harvest_supervisor::NodeId, String>,
+) {
     println!("\nsession {}", record.id);
     println!("  status          {}", record.status);
-    println!(
-        "  owner node      {} (epoch {})",
-        record.owner.map_or("-".to_owned(), |n| n.to_string()),
-        record.epoch
-    );
+    let owner = record.owner.map_or("-".to_owned(), |n| {
+        names.get(&n).cloned().unwrap_or_else(|| n.to_string())
+    });
+    let taken = if record.epoch > 1 { ", taken over" } else { "" };
+    println!("  owner node      {owner} (epoch {}{taken})", record.epoch);
     println!(
         "  reason          {}",
         record.reason().map_or("-".to_owned(), |r| format!("{r:?}"))

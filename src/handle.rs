@@ -55,7 +55,8 @@ impl SupervisorBuilder {
 
     /// Validates the config, registers this node (with its lease) in the store, spawns
     /// the root, and takes over the unfinished sessions of dead nodes (never a live
-    /// node's: several processes may share a store).
+    /// node's: several processes may share a store). Returns once that first rescue pass
+    /// is done: the sessions it took over are then owned by [`Supervisor::node_id`].
     pub async fn start(self) -> Result<Supervisor, Error> {
         self.config.validate()?;
         let bus = EventBus::new(self.config.event_capacity);
@@ -84,7 +85,16 @@ impl SupervisorBuilder {
             .await
             .map_err(|e| Error::Spawn(e.to_string()))?;
         node.spawn_lease_keeper(Arc::clone(&store), root.clone());
+        // The root answers messages only once its start (the first rescue pass) is over.
+        let ready = root
+            .call(SupervisorMessage::Ready, None)
+            .await
+            .map_err(|e| Error::Spawn(e.to_string()))?;
+        if !matches!(ready, CallResult::Success(())) {
+            return Err(Error::SupervisorDown);
+        }
         Ok(Supervisor {
+            node: node.id(),
             root,
             live: Arc::clone(bus.live()),
             bus: bus.downgrade(),
@@ -127,6 +137,8 @@ impl SupervisorBuilder {
 /// ```
 pub struct Supervisor {
     root: ActorRef<SupervisorMessage>,
+    /// This supervisor's node.
+    node: crate::model::NodeId,
     /// Weak, so that subscribers hear `Closed` once the tree is gone, even while a handle
     /// lives on.
     bus: WeakEventBus,
@@ -155,6 +167,12 @@ impl Supervisor {
             harvester: Arc::new(harvester),
             finalizer: Arc::new(finalizer),
         }
+    }
+
+    /// This supervisor's node: a fresh id at every start, the owner of the sessions it
+    /// starts or takes over (see [`SessionRecord::owner`]).
+    pub fn node_id(&self) -> crate::model::NodeId {
+        self.node
     }
 
     /// The root actor, for embedders that send [`SupervisorMessage`]s themselves.

@@ -147,6 +147,9 @@ impl Actor for HarvestSupervisor {
                 finish_shutdown_if_idle(&myself, state);
             }
             SupervisorMessage::ShutdownDeadline => abandon(&myself, state),
+            SupervisorMessage::Ready(reply) => {
+                let _ = reply.send(());
+            }
             SupervisorMessage::Fenced(fenced) => {
                 if !fenced {
                     // It owns only what it still holds: those taken over meanwhile stop

@@ -60,6 +60,9 @@ pub enum SupervisorMessage {
     /// lease in time) or renewed again (`false`). Passed on to every running session.
     /// Embedders never send it.
     Fenced(bool),
+    /// Answered once the root has started (its first rescue pass is over).
+    /// [`crate::Supervisor`]'s builder waits for it; embedders need not send it.
+    Ready(RpcReplyPort<()>),
     /// Self-sent every `rescue_interval` (with jitter): take over the sessions of nodes
     /// whose lease expired. Embedders never send it.
     Rescue,
