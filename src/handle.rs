@@ -426,6 +426,15 @@ impl Supervisor {
                 }
             }
         }
+        // End the lease now, not whenever the lease keeper gets to it: what shutdown left
+        // unfinished can be taken over at once by another node, even if this process
+        // exits right away.
+        let release = self.store.release_node(self.node);
+        match tokio::time::timeout(Self::SHUTDOWN_GRACE, release).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "could not end this node's lease"),
+            Err(_) => tracing::warn!("ending this node's lease timed out"),
+        }
         Ok(())
     }
 

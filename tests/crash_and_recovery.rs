@@ -431,6 +431,9 @@ async fn shutdown_returns_in_bounded_time_and_leaves_an_unfinishable_session_to_
             .is_terminal()
     );
     assert_eq!(rec.calls(), 0);
+    // Its lease ended with the shutdown: another node may take the session at once.
+    let nodes = store.nodes().await.expect("nodes");
+    assert!(nodes.iter().all(|n| !n.live), "{nodes:?}");
 
     store
         .failing_finalization_writes
