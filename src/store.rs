@@ -130,6 +130,10 @@ pub(crate) fn derived_outcomes<'a>(
     })
 }
 
+/// How long the store remembers a node after its lease ended (if it owns no unfinished
+/// session): a row per supervisor start would otherwise pile up for ever.
+pub const NODE_RETENTION: Duration = Duration::from_secs(86_400);
+
 /// The most events one [`SessionStore::events_after`] page holds.
 pub const MAX_EVENT_PAGE: usize = 10_000;
 
@@ -477,7 +481,9 @@ pub trait SessionStore: Send + Sync + 'static {
     /// taken over without waiting for its lease. False if nothing changed.
     async fn expire_node(&self, node: NodeId, process: &ProcessId) -> Result<bool, StoreError>;
 
-    /// Every node the store knows, newest first, with whether its lease runs.
+    /// Every node the store knows, newest first, with whether its lease runs. A node whose
+    /// lease ended more than [`NODE_RETENTION`] ago and that owns no unfinished session is
+    /// forgotten by the next [`SessionStore::take_over`].
     async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
 
     /// The rescue: atomically takes over up to `limit` non-terminal sessions whose owner's

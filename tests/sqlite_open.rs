@@ -488,3 +488,48 @@ async fn reads_never_queue_behind_writes() {
     );
     store.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_long_gone_are_forgotten_by_the_next_rescue() {
+    use harvest_supervisor::store::NodeInfo;
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("nodes.db");
+    let store = SqliteStore::open(&path).await.expect("open");
+    let node = || NodeInfo {
+        id: harvest_supervisor::NodeId::new(),
+        name: None,
+        process: None,
+    };
+    let (gone, recent, rescuer) = (node(), node(), node());
+    let minute = Duration::from_secs(60);
+    for n in [&gone, &recent, &rescuer] {
+        store.register_node(n, minute).await.expect("register");
+    }
+    store.flush().await.expect("flush");
+    {
+        // Age the leases: `gone`'s ended two days ago, `recent`'s an hour ago.
+        let conn = rusqlite::Connection::open(&path).expect("raw");
+        conn.busy_timeout(Duration::from_secs(5)).expect("busy");
+        for (id, ago_ms) in [(gone.id, 2 * 86_400_000_i64), (recent.id, 3_600_000)] {
+            conn.execute(
+                "UPDATE nodes SET lease_until_ms = \
+                 CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) - ?2 WHERE id = ?1",
+                rusqlite::params![id.to_string(), ago_ms],
+            )
+            .expect("age");
+        }
+    }
+    store.take_over(rescuer.id, 10).await.expect("rescue");
+    let mut ids: Vec<_> = store
+        .nodes()
+        .await
+        .expect("nodes")
+        .into_iter()
+        .map(|n| n.info.id)
+        .collect();
+    ids.sort();
+    let mut want = vec![recent.id, rescuer.id];
+    want.sort();
+    assert_eq!(ids, want, "only the node gone for over a day is forgotten");
+    store.close().await.expect("close");
+}

@@ -798,6 +798,18 @@ impl SessionStore for MemoryStore {
         if !self.nodes.get(&rescuer).is_some_and(|l| l.live()) {
             return Err(StoreError::LeaseExpired { node: rescuer });
         }
+        // Forget nodes long gone that own nothing unfinished.
+        let now = tokio::time::Instant::now();
+        let owners: std::collections::HashSet<NodeId> = self
+            .sessions
+            .iter()
+            .filter(|s| !s.record.status.is_terminal())
+            .filter_map(|s| s.record.owner)
+            .collect();
+        self.nodes.retain(|id, lease| {
+            owners.contains(id)
+                || now.saturating_duration_since(lease.until) <= crate::store::NODE_RETENTION
+        });
         let live = |owner: Option<NodeId>| {
             owner.is_some_and(|o| self.nodes.get(&o).is_some_and(|l| l.live()))
         };
@@ -936,6 +948,49 @@ mod tests {
         };
         store.record(id, Fence::new(NODE), &record).expect("record");
         assert_eq!(store.outcomes(id).await.expect("outcomes"), [record]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nodes_long_gone_that_own_nothing_unfinished_are_forgotten() {
+        let store = MemoryStore::new();
+        let node = |n: u128| NodeInfo {
+            id: NodeId(uuid::Uuid::from_u128(n)),
+            name: None,
+            process: None,
+        };
+        let (gone, owner, rescuer) = (node(1), node(2), node(3));
+        let second = Duration::from_secs(1);
+        store.register_node(&gone, second).await.expect("gone");
+        store.register_node(&owner, second).await.expect("owner");
+        let id = SessionId::new();
+        store
+            .create_session(NewSession {
+                id,
+                harvester_id: "h".into(),
+                resources: Arc::new([]),
+                started: chrono::Utc::now(),
+                workflow_time: second,
+                config: Arc::default(),
+                owner: owner.id,
+            })
+            .await
+            .expect("create");
+        tokio::time::sleep(crate::store::NODE_RETENTION + 2 * second).await;
+        let day = crate::store::NODE_RETENTION;
+        store.register_node(&rescuer, day).await.expect("rescuer");
+        let known = |store: &MemoryStore| {
+            let ids: Vec<NodeId> = store.nodes.iter().map(|n| *n.key()).collect();
+            ids
+        };
+        // The owner of an unfinished session is kept (its session is taken over now).
+        let taken = store.take_over(rescuer.id, 10).await.expect("rescue");
+        assert_eq!(taken.len(), 1);
+        let mut ids = known(&store);
+        ids.sort();
+        assert_eq!(ids, [owner.id, rescuer.id]);
+        // Once it owns nothing unfinished, it goes too.
+        store.take_over(rescuer.id, 10).await.expect("rescue");
+        assert_eq!(known(&store), [rescuer.id]);
     }
 
     #[test]

@@ -893,6 +893,14 @@ impl SessionStore for SqliteStore {
                 if !live {
                     return Err(StoreError::LeaseExpired { node: rescuer });
                 }
+                // Forget nodes long gone that own nothing unfinished.
+                conn.prepare_cached(&format!(
+                    "DELETE FROM nodes WHERE lease_until_ms < {NOW_MS} - ?1 \
+                     AND id NOT IN (SELECT owner FROM sessions WHERE owner IS NOT NULL \
+                                    AND status IN ('pending', 'on-going', 'aborting'))"
+                ))
+                .and_then(|mut s| s.execute([millis(crate::store::NODE_RETENTION)]))
+                .map_err(backend)?;
                 let mut s = conn
                     .prepare_cached(&format!(
                         "SELECT id, owner FROM sessions \
