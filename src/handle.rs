@@ -354,10 +354,9 @@ impl Supervisor {
     pub async fn wait_finished(&self, id: SessionId) -> Result<SessionRecord, SessionError> {
         // Subscribed before the first read, so no end between the two is missed.
         let mut events = self.subscribe();
-        let mut poll = tokio::time::interval_at(
-            tokio::time::Instant::now() + Self::WAIT_POLL,
-            Self::WAIT_POLL,
-        );
+        let now = tokio::time::Instant::now();
+        let first = now.checked_add(Self::WAIT_POLL).unwrap_or(now);
+        let mut poll = tokio::time::interval_at(first, Self::WAIT_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Armed before looking, so that a log leaving the live set after the look
