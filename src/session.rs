@@ -203,9 +203,15 @@ pub(crate) const STOP_TAKEN_OVER: &str = "taken over";
 /// workers and monitor stopped, no finalizer runs here, and nothing more is written.
 pub(crate) async fn give_up(myself: &ActorRef<SessionMessage>, s: &mut Session) {
     if s.st.phase == Phase::Finalized {
-        return;
+        return; // finalized, or given up, already
     }
     s.st.phase = Phase::Finalized;
+    stop_taken_over(myself, s).await;
+}
+
+/// The work of [`give_up`], for a session already marked finalized (its finalization
+/// found it fenced).
+async fn stop_taken_over(myself: &ActorRef<SessionMessage>, s: &mut Session) {
     tracing::warn!(
         node = %s.shared.emitter.fence().node,
         "another node took this session over; this node stops it without finalizing"
@@ -430,8 +436,7 @@ async fn finalize_now(
     )
     .await;
     if is_fenced(&result) {
-        s.st.phase = Phase::Running; // so that `give_up` does its work
-        give_up(myself, s).await;
+        stop_taken_over(myself, s).await;
         return Ok(());
     }
     let result = result?;
