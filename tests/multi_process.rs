@@ -375,21 +375,34 @@ async fn rolling_deploy_a_second_process_touches_none_of_the_first_ones_sessions
     assert!(names.contains(&"A".to_owned()) && names.contains(&"B".to_owned()));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_process_sessions_are_taken_over_by_a_live_one_and_finalized_once() {
-    let dir = tempfile::tempdir().expect("dir");
-    let db = dir.path().join("shared.db");
-    let mut b = Node::spawn(&db, "rescue", "B", 0, 10);
+/// Starts node B in `b_mode`, then node A harvesting `resources` of `takes_ms` each on
+/// harvester `csw`; SIGKILLs A once it has acknowledged `acks` outcomes. Returns B, A's
+/// session and the resources A acknowledged.
+async fn kill_a_harvest_beside(
+    db: &Path,
+    b_mode: &str,
+    resources: usize,
+    takes_ms: u64,
+    acks: usize,
+) -> (Node, SessionId, Vec<String>) {
+    let mut b = Node::spawn(db, b_mode, "B", 0, 10);
     b.until("READY").await;
-    // A harvests 40 resources of 200 ms, two at a time: 4 s.
-    let mut a = Node::spawn(&db, "harvest", "A", 40, 200);
+    let mut a = Node::spawn(db, "harvest", "A", resources, takes_ms);
     let session = session_id(&a.until("SESSION").await);
-    while a.acks.len() < 4 {
+    while a.acks.len() < acks {
         a.until("ACK").await;
     }
     a.child.start_kill().expect("SIGKILL");
     let _ = a.child.wait().await;
-    let acked = a.acks.clone();
+    (b, session, a.acks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_sessions_are_taken_over_by_a_live_one_and_finalized_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = dir.path().join("shared.db");
+    // A harvests 40 resources of 200 ms, two at a time: 4 s.
+    let (b, session, acked) = kill_a_harvest_beside(&db, "rescue", 40, 200, 4).await;
 
     let store = SqliteStore::open(&db).await.expect("open");
     let record = terminal(&store, session).await;
@@ -671,16 +684,7 @@ async fn a_resuming_node_harvests_only_what_the_killed_one_had_not_done() {
     let db = dir.path().join("shared.db");
     // B takes over with RecoveryPolicy::Resume ("resume" mode: a rescuer that says what
     // it harvests).
-    let mut b = Node::spawn(&db, "resume", "B", 0, 10);
-    b.until("READY").await;
-    let mut a = Node::spawn(&db, "harvest", "A", 30, 150);
-    let session = session_id(&a.until("SESSION").await);
-    while a.acks.len() < 6 {
-        a.until("ACK").await;
-    }
-    a.child.start_kill().expect("SIGKILL");
-    let _ = a.child.wait().await;
-    let acked = a.acks.clone();
+    let (mut b, session, acked) = kill_a_harvest_beside(&db, "resume", 30, 150, 6).await;
 
     let store = SqliteStore::open(&db).await.expect("open");
     let record = terminal(&store, session).await;
