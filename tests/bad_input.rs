@@ -188,3 +188,83 @@ async fn empty_blank_control_and_overlong_ids_are_rejected_naming_the_rule() {
     assert!(harvest_supervisor::ResourceId::parse("ok").is_ok());
     sup.shutdown().await.expect("shutdown");
 }
+
+#[test]
+fn lease_and_rescue_settings_out_of_bounds_are_rejected_naming_the_field() {
+    let ok = SupervisorConfig::default();
+    assert!(ok.validate().is_ok());
+    let cases: Vec<(&str, SupervisorConfig)> = vec![
+        (
+            "lease_ttl",
+            SupervisorConfig {
+                lease_ttl: Duration::from_secs(19),
+                lease_renew_interval: Duration::from_secs(10),
+                ..ok.clone()
+            },
+        ),
+        (
+            "lease_ttl",
+            SupervisorConfig {
+                lease_ttl: Duration::MAX,
+                ..ok.clone()
+            },
+        ),
+        (
+            "lease_renew_interval",
+            SupervisorConfig {
+                lease_renew_interval: Duration::from_millis(1),
+                ..ok.clone()
+            },
+        ),
+        (
+            "lease_renew_interval",
+            SupervisorConfig {
+                lease_renew_interval: Duration::MAX,
+                ..ok.clone()
+            },
+        ),
+        (
+            "rescue_interval",
+            SupervisorConfig {
+                rescue_interval: Duration::ZERO,
+                ..ok.clone()
+            },
+        ),
+        (
+            "rescue_interval",
+            SupervisorConfig {
+                rescue_interval: Duration::MAX,
+                ..ok.clone()
+            },
+        ),
+        (
+            "node_name",
+            SupervisorConfig {
+                node_name: Some(" ".into()),
+                ..ok.clone()
+            },
+        ),
+        (
+            "node_name",
+            SupervisorConfig {
+                node_name: Some("a\nb".into()),
+                ..ok.clone()
+            },
+        ),
+    ];
+    for (field, config) in cases {
+        match config.validate() {
+            Err(e) => assert_eq!(e.field(), field, "{e}"),
+            Ok(()) => panic!("{field}: accepted {config:?}"),
+        }
+    }
+    // The tightest valid lease: twice the renewal.
+    let tight = SupervisorConfig {
+        lease_ttl: Duration::from_millis(20),
+        lease_renew_interval: Duration::from_millis(10),
+        rescue_interval: Duration::from_millis(10),
+        node_name: Some("node-1".into()),
+        ..ok
+    };
+    assert!(tight.validate().is_ok());
+}
