@@ -157,6 +157,61 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The database server could not be reached (refused, unknown host, timed out), or the
+    /// connection to it was lost while connecting. Transient: it may come back.
+    #[error("{target}: the database server cannot be reached: {source}")]
+    Unreachable {
+        /// The server and database (`host:port/dbname`; never a password).
+        target: String,
+        /// What the driver said.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The database server refused the credentials.
+    #[error("{target}: authentication failed for user {user:?}")]
+    AuthenticationFailed {
+        /// The server and database (`host:port/dbname`).
+        target: String,
+        /// The user it tried.
+        user: String,
+    },
+    /// The database named in the connection does not exist on the server.
+    #[error("{target}: database {database:?} does not exist")]
+    UnknownDatabase {
+        /// The server (`host:port`).
+        target: String,
+        /// The database asked for.
+        database: String,
+    },
+    /// The store's schema in the database holds tables that are not ours (another
+    /// application's table of the same name, or our tables without our version mark). Left
+    /// untouched.
+    #[error(
+        "{target}: schema {schema:?} holds table {table:?}, which is not a harvest-supervisor table; the schema was left untouched"
+    )]
+    ForeignSchema {
+        /// The server and database.
+        target: String,
+        /// The store's schema.
+        schema: String,
+        /// The table found.
+        table: String,
+    },
+    /// The store's schema in the database was written by a newer version of this library.
+    /// Left untouched.
+    #[error(
+        "{target}: schema {schema:?} is at version {found}, newer than this build supports ({supported}); it was left untouched"
+    )]
+    DatabaseSchemaTooNew {
+        /// The server and database.
+        target: String,
+        /// The store's schema.
+        schema: String,
+        /// Its version.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
     /// The store's options are out of bounds; nothing was opened.
     #[error("invalid store option: {0}")]
     InvalidOptions(#[source] ConfigError),

@@ -371,7 +371,10 @@ impl<'a> Retry<'a> {
     async fn failed(&mut self, what: &str, error: StoreError) -> Result<(), StoreError> {
         let transient = matches!(
             error,
-            StoreError::Backend(_) | StoreError::Locked { .. } | StoreError::File { .. }
+            StoreError::Backend(_)
+                | StoreError::Locked { .. }
+                | StoreError::File { .. }
+                | StoreError::Unreachable { .. }
         );
         if !transient {
             *self.lifecycle.retry() = None;

@@ -9,7 +9,11 @@
 //!   harvester only if it is still held by *this* session;
 //! - the **record** the monitor reads, so a stuck SessionActor cannot hide a deadline.
 
+mod chunks;
+mod line;
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod receipt;
 pub mod sqlite;
 
@@ -29,6 +33,8 @@ use crate::model::{
 };
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use receipt::{OutcomeAnswer, OutcomeReceipt};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};
 

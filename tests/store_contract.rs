@@ -1,6 +1,8 @@
 //! The `SessionStore` contract, written once and generic over the store, so that every store
-//! (memory and SQLite) passes the same suite: the busy lock, the finalization
+//! (memory, SQLite and PostgreSQL) passes the same suite: the busy lock, the finalization
 //! compare-and-set, and what a claimed or finished session refuses.
+
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -1016,6 +1018,20 @@ async fn sqlite_store_keeps_the_contract() {
         let path = dir.path().join(format!("s{i}.db"));
         let store = tokio::task::block_in_place(|| handle.block_on(SqliteStore::open(path)));
         Arc::new(store.expect("open")) as Arc<dyn SessionStore>
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_keeps_the_contract() {
+    let Some(pg) = support::pg::server("postgres_store_keeps_the_contract") else {
+        return;
+    };
+    // One fresh schema per part of the contract, connected on this runtime when asked for.
+    let handle = tokio::runtime::Handle::current();
+    contract(|| {
+        let store = tokio::task::block_in_place(|| handle.block_on(pg.store()));
+        Arc::new(store) as Arc<dyn SessionStore>
     })
     .await;
 }

@@ -13,7 +13,6 @@
 //! `commit_delay` worth) can be lost. [`SqliteStore::flush`] is a barrier.
 
 mod batch;
-mod line;
 mod readers;
 mod rows;
 mod schema;
@@ -34,11 +33,11 @@ use crate::model::{
     Fence, FinalizeReason, HarvesterId, NodeId, OutcomeRecord, ResourceId, SessionId,
     SessionRecord, SessionStatus,
 };
+use crate::store::line::event_of_line;
 use crate::store::{
     Claim, Completed, Completion, MAX_EVENT_PAGE, NewSession, NodeInfo, NodeRecord, OutcomeReceipt,
     ProcessId, SessionPage, SessionQuery, SessionStore, TakenOver, derived_outcomes,
 };
-use line::event_of_line;
 use readers::Readers;
 use rows::{
     INSERT_OUTCOME, NOW_MS, OutcomeCursor, OutcomeRange, RECORD_COLUMNS, backend, check_fence,

@@ -11,137 +11,49 @@ use std::collections::hash_map::Entry;
 use rusqlite::{CachedStatement, Connection};
 
 use crate::error::StoreError;
-use crate::events::SessionEvent;
 use crate::model::{Fence, IdHasher, OutcomeCounts, OutcomeRecord, SessionId};
-use crate::store::sqlite::line::write_event_line;
+use crate::store::chunks::Chunks;
 use crate::store::sqlite::rows::{INSERT_OUTCOME, OutcomeCursor, backend};
 
-/// Most events in one `event_chunks` row.
-pub(crate) const CHUNK_EVENTS: usize = 256;
-
-/// One session's events of one batch, on their way to one `event_chunks` row.
-struct Chunk {
-    session: SessionId,
-    /// The fence its events were appended under: the row is written only if it is still
-    /// the session's.
-    fence: Fence,
-    first: i64,
-    last: i64,
-    count: usize,
-    /// JSON lines (serde_json escapes newlines inside strings, so a line is an event),
-    /// written here directly: UTF-8, checked once when the row is written.
-    body: Vec<u8>,
-}
-
-/// The chunks a batch is gathering, at most one open per session.
-#[derive(Default)]
-pub(super) struct Chunks {
-    chunks: Vec<Chunk>,
-    open: HashMap<SessionId, usize, IdHasher>,
-}
-
-impl Chunks {
-    /// Adds `event`'s line. Serialized here, on the writer's thread, straight into its
-    /// chunk: not into a `String` per event on the runtime, copied into the chunk and
-    /// freed here (a cross-thread free per event).
-    pub(super) fn add(&mut self, fence: Fence, event: &SessionEvent) {
-        let session = event.session_id;
-        let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
-        let open = self.open.get(&session).copied().filter(|&at| {
-            self.chunks
-                .get(at)
-                .is_some_and(|c| c.count < CHUNK_EVENTS && seq > c.last && c.fence == fence)
-        });
-        let at = open.unwrap_or_else(|| {
-            self.open.insert(session, self.chunks.len());
-            self.chunks.push(Chunk {
-                session,
-                fence,
-                first: seq,
-                last: seq,
-                count: 0,
-                body: Vec::with_capacity(4096),
-            });
-            self.chunks.len() - 1
-        });
-        let Some(chunk) = self.chunks.get_mut(at) else {
-            return;
-        };
-        let mark = chunk.body.len();
-        if chunk.count > 0 {
-            chunk.body.push(b'\n');
-        }
-        match write_event_line(&mut chunk.body, event) {
-            Ok(()) => {
-                if chunk.count == 0 {
-                    chunk.first = seq;
-                }
-                chunk.last = seq;
-                chunk.count += 1;
-            }
-            Err(e) => {
-                chunk.body.truncate(mark);
-                tracing::warn!(
-                    error = %e,
-                    session = %session,
-                    seq,
-                    "store: could not serialize an event"
-                );
-            }
-        }
-    }
-
-    /// Writes the gathered chunks (inside the batch's transaction).
-    pub(super) fn write(&mut self, conn: &Connection) {
-        self.open.clear();
-        for chunk in self.chunks.drain(..) {
-            if chunk.count == 0 {
-                continue;
-            }
-            let body = match String::from_utf8(chunk.body) {
-                Ok(body) => body,
-                Err(e) => {
-                    tracing::warn!(error = %e, session = %chunk.session, "store: an event chunk is not UTF-8");
-                    continue;
-                }
-            };
-            // The key looked up once per chunk; a chunk of a session that does not exist
-            // (nothing could read it), or that its node no longer holds (fenced), inserts
-            // nothing.
-            let inserted = conn
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO event_chunks (session_key, first_seq, last_seq, body) \
+/// Writes the chunks a batch gathered (inside the batch's transaction).
+pub(super) fn write_chunks(conn: &Connection, chunks: &mut Chunks) {
+    for chunk in chunks.take() {
+        // The key looked up once per chunk; a chunk of a session that does not exist
+        // (nothing could read it), or that its node no longer holds (fenced), inserts
+        // nothing.
+        let inserted = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO event_chunks (session_key, first_seq, last_seq, body) \
                      SELECT key, ?2, ?3, ?4 FROM sessions \
                      WHERE id = ?1 AND owner = ?5 AND epoch = ?6",
-                )
-                .and_then(|mut s| {
-                    s.execute((
-                        chunk.session.to_string(),
-                        chunk.first,
-                        chunk.last,
-                        &body,
-                        chunk.fence.node.to_string(),
-                        super::rows::epoch_value(chunk.fence.epoch),
-                    ))
-                });
-            if let Ok(0) = inserted {
-                tracing::debug!(
-                    session = %chunk.session,
-                    fence = %chunk.fence,
-                    first_seq = chunk.first,
-                    last_seq = chunk.last,
-                    "store: events of a session this node does not hold were dropped (fenced)"
-                );
-            }
-            if let Err(e) = inserted {
-                tracing::warn!(
-                    error = %e,
-                    session = %chunk.session,
-                    first_seq = chunk.first,
-                    last_seq = chunk.last,
-                    "store: could not write events"
-                );
-            }
+            )
+            .and_then(|mut s| {
+                s.execute((
+                    chunk.session.to_string(),
+                    chunk.first,
+                    chunk.last,
+                    &chunk.body,
+                    chunk.fence.node.to_string(),
+                    super::rows::epoch_value(chunk.fence.epoch),
+                ))
+            });
+        if let Ok(0) = inserted {
+            tracing::debug!(
+                session = %chunk.session,
+                fence = %chunk.fence,
+                first_seq = chunk.first,
+                last_seq = chunk.last,
+                "store: events of a session this node does not hold were dropped (fenced)"
+            );
+        }
+        if let Err(e) = inserted {
+            tracing::warn!(
+                error = %e,
+                session = %chunk.session,
+                first_seq = chunk.first,
+                last_seq = chunk.last,
+                "store: could not write events"
+            );
         }
     }
 }

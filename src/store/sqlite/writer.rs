@@ -30,7 +30,8 @@ use tokio::sync::oneshot;
 use crate::error::StoreError;
 use crate::events::SessionEvent;
 use crate::model::{Fence, OutcomeRecord, SessionId};
-use crate::store::sqlite::batch::{Chunks, Tallies};
+use crate::store::chunks::Chunks;
+use crate::store::sqlite::batch::{Tallies, write_chunks};
 use crate::store::{OutcomeAnswer, OutcomeReceipt};
 
 /// Most operations in one transaction: bounds the latency a batch adds to its first job.
@@ -294,7 +295,7 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
         }
     }
     if begun.is_ok() {
-        chunks.write(conn);
+        write_chunks(conn, &mut chunks);
         if let Err(e) = tallies.write(conn) {
             failed.get_or_insert(e.to_string());
         }

@@ -1,4 +1,5 @@
-//! Event lines: one event of an `event_chunks` row as a line of JSON, and back.
+//! Event lines: one event of an `event_chunks` row (SQLite and PostgreSQL alike) as a line
+//! of JSON, and back.
 //!
 //! A line leaves out the session and harvester ids, which the row and the session already
 //! hold (a third of the bytes of an event):
@@ -23,14 +24,14 @@ use crate::model::{HarvesterId, ResourceId, SessionId};
 
 /// The line of `e`.
 #[cfg(test)]
-pub(super) fn event_line(e: &SessionEvent) -> serde_json::Result<String> {
+pub(crate) fn event_line(e: &SessionEvent) -> serde_json::Result<String> {
     let mut line = Vec::with_capacity(128);
     write_event_line(&mut line, e)?;
     String::from_utf8(line).map_err(|e| serde::ser::Error::custom(e.to_string()))
 }
 
 /// Appends the line of `e` to `out` (nothing if it fails). What it appends is UTF-8.
-pub(super) fn write_event_line(out: &mut Vec<u8>, e: &SessionEvent) -> serde_json::Result<()> {
+pub(crate) fn write_event_line(out: &mut Vec<u8>, e: &SessionEvent) -> serde_json::Result<()> {
     let start = out.len();
     let written = Line(out).event(e);
     if written.is_err() {
@@ -324,7 +325,7 @@ struct ReadLine {
 }
 
 /// The event of `line`, stored for session `session_id` of harvester `harvester_id`.
-pub(super) fn event_of_line(
+pub(crate) fn event_of_line(
     line: &str,
     session_id: SessionId,
     harvester_id: &HarvesterId,

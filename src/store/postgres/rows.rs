@@ -1,0 +1,188 @@
+//! Rows to values and back, and the driver's errors to [`StoreError`]s.
+
+use std::time::Duration;
+
+use tokio_postgres::Row;
+
+use crate::error::StoreError;
+use crate::model::{
+    Fence, HarvesterId, NodeId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome,
+    SessionId, SessionRecord,
+};
+use crate::store::{NodeInfo, NodeRecord, ProcessId};
+
+/// A driver error as a store error: a lost or refused connection, a failed statement.
+/// Both are [`StoreError::Backend`] (transient: writers retry them with backoff).
+pub(crate) fn backend(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+/// A pool error (no connection could be had) as a store error.
+pub(crate) fn pool(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Closed => StoreError::Closed,
+        other => StoreError::Backend(Box::new(other)),
+    }
+}
+
+/// An enum as its serde name (`"on-going"`, `"deadline-expired"`).
+pub(crate) fn text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => Ok(s),
+        Ok(other) => Err(StoreError::Backend(format!("not a name: {other}").into())),
+        Err(e) => Err(StoreError::Backend(Box::new(e))),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|e| StoreError::Backend(Box::new(e)))
+}
+
+pub(crate) fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn duration(n: i64) -> Duration {
+    Duration::from_nanos(u64::try_from(n).unwrap_or(0))
+}
+
+pub(crate) fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn usize_of(n: i64) -> usize {
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// A duration in whole milliseconds, as a lease length.
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
+/// An epoch as stored.
+pub(crate) fn epoch_value(epoch: u64) -> i64 {
+    i64::try_from(epoch).unwrap_or(i64::MAX)
+}
+
+/// Reads column `i`, a typed error (never a panic) if it does not convert.
+pub(crate) fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    i: usize,
+) -> Result<T, StoreError> {
+    row.try_get(i).map_err(backend)
+}
+
+/// The columns [`record`] reads, in its order.
+pub(crate) const RECORD_COLUMNS: &str = "id, harvester_id, status, total, started, ended, \
+     workflow_time_ns, finalizing, succeeded, failed, panicked, timed_out, cancelled, lost, \
+     finalizer_error, finalizer_attempts, owner, epoch, abort_requested";
+
+/// A session's record from a row of [`RECORD_COLUMNS`].
+pub(crate) fn record(row: &Row) -> Result<SessionRecord, StoreError> {
+    let finalizing: Option<&str> = get(row, 7)?;
+    Ok(SessionRecord {
+        id: SessionId(get(row, 0)?),
+        harvester_id: HarvesterId::from(get::<&str>(row, 1)?),
+        status: parse(get(row, 2)?)?,
+        total: usize_of(get(row, 3)?),
+        started: get(row, 4)?,
+        ended: get(row, 5)?,
+        workflow_time: duration(get(row, 6)?),
+        finalizing: finalizing.map(parse).transpose()?,
+        counts: OutcomeCounts {
+            succeeded: usize_of(get(row, 8)?),
+            failed: usize_of(get(row, 9)?),
+            panicked: usize_of(get(row, 10)?),
+            timed_out: usize_of(get(row, 11)?),
+            cancelled: usize_of(get(row, 12)?),
+            lost: usize_of(get(row, 13)?),
+        },
+        finalizer_error: get(row, 14)?,
+        finalizer_attempts: u32::try_from(get::<i64>(row, 15)?).unwrap_or(u32::MAX),
+        owner: get::<Option<uuid::Uuid>>(row, 16)?.map(NodeId),
+        epoch: u64::try_from(get::<i64>(row, 17)?).unwrap_or(0),
+        abort_requested: get(row, 18)?,
+    })
+}
+
+/// `Ok` if `fence` is the session's current one, else `Fenced`.
+pub(crate) fn check_fence(record: &SessionRecord, fence: Fence) -> Result<(), StoreError> {
+    if record.fence() == Some(fence) {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced {
+            session_id: record.id,
+            fence,
+            holder: record.fence(),
+        })
+    }
+}
+
+/// An outcome as (name, detail) columns.
+pub(crate) fn outcome_columns(o: &ResourceOutcome) -> (&'static str, Option<&str>) {
+    match o {
+        ResourceOutcome::Failed { error } => (o.name(), Some(error)),
+        ResourceOutcome::Panicked { message } => (o.name(), Some(message)),
+        _ => (o.name(), None),
+    }
+}
+
+fn outcome_of(name: &str, detail: Option<&str>) -> Result<ResourceOutcome, StoreError> {
+    let detail = || detail.unwrap_or_default().to_owned();
+    Ok(match name {
+        "succeeded" => ResourceOutcome::Succeeded,
+        "failed" => ResourceOutcome::Failed { error: detail() },
+        "panicked" => ResourceOutcome::Panicked { message: detail() },
+        "timed-out" => ResourceOutcome::TimedOut,
+        "cancelled" => ResourceOutcome::Cancelled,
+        "lost" => ResourceOutcome::Lost,
+        other => {
+            return Err(StoreError::Backend(
+                format!("unknown outcome {other:?}").into(),
+            ));
+        }
+    })
+}
+
+/// The columns [`outcome_row`] reads.
+pub(crate) const OUTCOME_COLUMNS: &str = "resource_id, outcome, detail, attempts, elapsed_ns";
+
+/// An outcome from a row of [`OUTCOME_COLUMNS`].
+pub(crate) fn outcome_row(row: &Row) -> Result<OutcomeRecord, StoreError> {
+    Ok(OutcomeRecord {
+        resource_id: ResourceId::from(get::<&str>(row, 0)?),
+        outcome: outcome_of(get(row, 1)?, get(row, 2)?)?,
+        attempts: u32::try_from(get::<i64>(row, 3)?).unwrap_or(u32::MAX),
+        elapsed: duration(get(row, 4)?),
+    })
+}
+
+/// The columns [`node_row`] reads.
+pub(crate) const NODE_COLUMNS: &str =
+    "id, name, host, pid, pid_start, started, lease_until, lease_until >= now()";
+
+/// A node from a row of [`NODE_COLUMNS`].
+pub(crate) fn node_row(row: &Row) -> Result<NodeRecord, StoreError> {
+    let host: Option<String> = get(row, 2)?;
+    let pid: Option<i64> = get(row, 3)?;
+    let start: Option<i64> = get(row, 4)?;
+    let process = match (host, pid, start) {
+        (Some(host), Some(pid), Some(start)) => Some(ProcessId {
+            host,
+            pid: u32::try_from(pid).unwrap_or(0),
+            start: u64::try_from(start).unwrap_or(0),
+        }),
+        _ => None,
+    };
+    Ok(NodeRecord {
+        info: NodeInfo {
+            id: NodeId(get(row, 0)?),
+            name: get(row, 1)?,
+            process,
+        },
+        started: get(row, 5)?,
+        lease_until: get(row, 6)?,
+        live: get(row, 7)?,
+    })
+}
