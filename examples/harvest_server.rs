@@ -42,8 +42,8 @@ use clap::Parser;
 use futures::Stream;
 use harvest_supervisor::{
     EventKind, HarvestContext, HarvesterId, RecvError, SessionConfig, SessionError, SessionEvent,
-    SessionId, SessionQuery, SessionRequest, SessionStatus, SqliteStore, StartError, Supervisor,
-    SupervisorConfig, finalizer_fn, harvest_fn,
+    SessionId, SessionQuery, SessionRequest, SessionStatus, SessionStore, SqliteStore, StartError,
+    Supervisor, SupervisorConfig, finalizer_fn, harvest_fn,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -60,6 +60,10 @@ struct Args {
     /// The database file.
     #[arg(long, default_value = "harvest_server.db")]
     db: PathBuf,
+    /// A PostgreSQL database instead of the file (`postgres://user:pass@host/db`, or
+    /// DATABASE_URL): servers on several machines share its sessions.
+    #[arg(long, env = "DATABASE_URL", value_name = "URL")]
+    postgres: Option<String>,
     /// Bearer token for mutating requests (else HARVEST_SERVER_TOKEN, else a random one).
     #[arg(long, env = "HARVEST_SERVER_TOKEN")]
     token: Option<String>,
@@ -413,13 +417,12 @@ fn router(app: App) -> Router {
         .with_state(app)
 }
 
-/// Starts the tree on `db` with simulated harvesters.
+/// Starts the tree on `store` with simulated harvesters.
 async fn supervisor(
-    db: &std::path::Path,
+    store: Arc<dyn SessionStore>,
     work: Duration,
     node_name: Option<String>,
 ) -> Result<Supervisor, Box<dyn std::error::Error>> {
-    let store = Arc::new(SqliteStore::open(db).await?);
     let harvest = harvest_fn(move |ctx: HarvestContext| async move {
         if ctx.resource_id.contains("hang") {
             std::future::pending::<()>().await;
@@ -499,8 +502,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             t
         }
     };
+    let store: Arc<dyn SessionStore> = match &args.postgres {
+        Some(url) => {
+            let store = harvest_supervisor::store::PostgresStore::connect(url).await?;
+            println!(
+                "store: PostgreSQL {} (schema {})",
+                store.target(),
+                store.schema()
+            );
+            Arc::new(store)
+        }
+        None => {
+            println!("store: {}", args.db.display());
+            Arc::new(SqliteStore::open(&args.db).await?)
+        }
+    };
     let supervisor = supervisor(
-        &args.db,
+        store,
         Duration::from_millis(args.work_ms),
         args.node_name.clone(),
     )
@@ -537,7 +555,10 @@ mod tests {
     impl Server {
         async fn start() -> Self {
             let dir = tempfile::tempdir().expect("dir");
-            let supervisor = supervisor(&dir.path().join("s.db"), Duration::from_millis(20), None)
+            let store = SqliteStore::open(dir.path().join("s.db"))
+                .await
+                .expect("store");
+            let supervisor = supervisor(Arc::new(store), Duration::from_millis(20), None)
                 .await
                 .expect("supervisor");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -88,8 +88,12 @@ struct Args {
     #[arg(long, default_value = "simulated_harvest.db")]
     db: PathBuf,
     /// Keep everything in memory instead of the database file.
-    #[arg(long, conflicts_with_all = ["resume", "crash_after"])]
+    #[arg(long, conflicts_with_all = ["resume", "crash_after", "postgres"])]
     memory: bool,
+    /// A PostgreSQL database instead of the file (`postgres://user:pass@host/db`, or
+    /// DATABASE_URL): processes on several machines share its sessions.
+    #[arg(long, env = "DATABASE_URL", value_name = "URL")]
+    postgres: Option<String>,
     /// Simulate a power cut: kill this process after N resources have finished. Run again
     /// (with or without --resume) to see the interrupted session recovered.
     #[arg(long, value_name = "N")]
@@ -262,6 +266,14 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
 
     let store: Arc<dyn SessionStore> = if args.memory {
         Arc::new(harvest_supervisor::MemoryStore::new())
+    } else if let Some(url) = &args.postgres {
+        let store = harvest_supervisor::store::PostgresStore::connect(url).await?;
+        println!(
+            "store: PostgreSQL {} (schema {})",
+            store.target(),
+            store.schema()
+        );
+        Arc::new(store)
     } else {
         println!("store: {}", args.db.display());
         Arc::new(SqliteStore::open(&args.db).await?)
