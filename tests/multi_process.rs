@@ -1,4 +1,5 @@
-//! Several processes on one SQLite file, with real processes and real signals: a rolling
+//! Several processes on one store (a SQLite file, or a PostgreSQL database: every test runs
+//! on both), with real processes and real signals: a rolling
 //! deploy (a second process starts beside a harvesting one and touches none of its
 //! sessions), a crash (SIGKILL: a live process takes the dead one's session over and
 //! finalizes it once, keeping every acknowledged outcome), and a zombie (SIGSTOP past the
@@ -6,7 +7,8 @@
 //! lands).
 //!
 //! Each process is this test binary run again with `MP_DB` set on the test `node_process`,
-//! which does nothing in a normal run.
+//! which does nothing in a normal run. On PostgreSQL each test has a schema of its own on
+//! the test server (see `common/pg.rs`).
 
 mod common;
 
@@ -18,6 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::faulty::FaultyStore;
+use harvest_supervisor::store::{PostgresOptions, PostgresStore};
 use harvest_supervisor::{
     EventKind, FinalizeReason, HarvestContext, ResourceOutcome, SessionConfig, SessionId,
     SessionReport, SessionStore, SqliteStore, StartError, Supervisor, SupervisorConfig,
@@ -26,7 +29,11 @@ use harvest_supervisor::{
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
 
+/// The SQLite file, or (with `MP_PG`) the base of the finalizer log's path.
 const MP_DB: &str = "HARVEST_MP_DB";
+/// A PostgreSQL URL: the store is that database's schema `MP_PG_SCHEMA`.
+const MP_PG: &str = "HARVEST_MP_PG";
+const MP_PG_SCHEMA: &str = "HARVEST_MP_PG_SCHEMA";
 /// `harvest`: start a session of `MP_RESOURCES` slow resources on harvester `csw`, wait
 /// for its end, say `DONE status`, and stay up. `serve`: start a supervisor (a rescuer),
 /// try `csw` (say `BUSY` or `STARTED`), run a small session on `other` (`OTHER_DONE
@@ -96,6 +103,97 @@ fn node_config(name: &str) -> SupervisorConfig {
     }
 }
 
+/// The store options of every process of a PostgreSQL test: a paused process's
+/// transactions end (and free their locks) well within its lease.
+fn pg_options(url: &str, schema: &str) -> PostgresOptions {
+    PostgresOptions::from_url(url)
+        .expect("url")
+        .schema(schema)
+        .lock_timeout(LEASE_TTL / 2)
+}
+
+/// Where a test's processes share their sessions: a SQLite file, or a schema of the test
+/// PostgreSQL server. The finalizer log is a file beside `db` either way.
+struct Shared {
+    _dir: tempfile::TempDir,
+    db: PathBuf,
+    pg: Option<(String, String)>,
+}
+
+impl Shared {
+    fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("shared.db");
+        Self {
+            _dir: dir,
+            db,
+            pg: None,
+        }
+    }
+
+    fn postgres(test: &str) -> Option<Self> {
+        let server = common::pg::server(test)?;
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("shared");
+        Some(Self {
+            _dir: dir,
+            db,
+            pg: Some((server.url.clone(), common::pg::fresh_schema())),
+        })
+    }
+
+    /// A store of the test's own, as an observer outside the nodes.
+    async fn store(&self) -> Arc<dyn SessionStore> {
+        match &self.pg {
+            Some((url, schema)) => Arc::new(
+                PostgresStore::connect_with(pg_options(url, schema))
+                    .await
+                    .expect("connect"),
+            ),
+            // The file may be locked a moment by a node's migration or batch.
+            None => Arc::new(
+                tokio::time::timeout(GUARD, async {
+                    loop {
+                        match SqliteStore::open(&self.db).await {
+                            Ok(store) => return store,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        }
+                    }
+                })
+                .await
+                .expect("open"),
+            ),
+        }
+    }
+
+    /// The finalizer log's base path.
+    fn log(&self) -> &Path {
+        &self.db
+    }
+}
+
+/// Runs the test `$name(shared: Shared)` on SQLite and on PostgreSQL, as `$name::sqlite`
+/// and `$name::postgres`.
+macro_rules! on_both_stores {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::Shared::sqlite()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(shared) =
+                    super::Shared::postgres(concat!(stringify!($name), "::postgres"))
+                {
+                    super::$name(shared).await;
+                }
+            }
+        }
+    };
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_process() {
     let Ok(db) = std::env::var(MP_DB) else {
@@ -116,8 +214,18 @@ async fn node_process() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(50),
     );
-    let sqlite = SqliteStore::open(&db).await.expect("node opens the db");
-    let mut store = FaultyStore::wrapping(Arc::new(sqlite));
+    let inner: Arc<dyn SessionStore> = match std::env::var(MP_PG) {
+        Ok(url) => Arc::new(
+            PostgresStore::connect_with(pg_options(
+                &url,
+                &std::env::var(MP_PG_SCHEMA).expect("schema"),
+            ))
+            .await
+            .expect("node connects"),
+        ),
+        Err(_) => Arc::new(SqliteStore::open(&db).await.expect("node opens the db")),
+    };
+    let mut store = FaultyStore::wrapping(inner);
     store.queued_outcomes.store(true, Ordering::SeqCst);
     store.on_outcome_ack = Some(Arc::new(|o| {
         say(format!("ACK {} {}", o.resource_id, o.outcome.name()));
@@ -207,12 +315,12 @@ struct Node {
 }
 
 impl Node {
-    fn spawn(db: &Path, mode: &str, name: &str, resources: usize, takes_ms: u64) -> Self {
+    fn spawn(db: &Shared, mode: &str, name: &str, resources: usize, takes_ms: u64) -> Self {
         Self::spawn_with(db, mode, name, resources, takes_ms, None)
     }
 
     fn spawn_with(
-        db: &Path,
+        db: &Shared,
         mode: &str,
         name: &str,
         resources: usize,
@@ -227,6 +335,9 @@ impl Node {
         if mode == "resume" {
             command.env(MP_RESUME, "1");
         }
+        if let Some((url, schema)) = &db.pg {
+            command.env(MP_PG, url).env(MP_PG_SCHEMA, schema);
+        }
         let mut child = command
             .args([
                 "--exact",
@@ -235,7 +346,7 @@ impl Node {
                 "--test-threads",
                 "1",
             ])
-            .env(MP_DB, db)
+            .env(MP_DB, db.log())
             .env(MP_MODE, mode)
             .env(MP_NAME, name)
             .env(MP_RESOURCES, resources.to_string())
@@ -297,8 +408,8 @@ fn session_id(words: &[String]) -> SessionId {
     SessionId(uuid::Uuid::parse_str(text).expect("a session id"))
 }
 
-/// Polls the file until `id` is terminal.
-async fn terminal(store: &SqliteStore, id: SessionId) -> harvest_supervisor::SessionRecord {
+/// Polls the store until `id` is terminal.
+async fn terminal(store: &dyn SessionStore, id: SessionId) -> harvest_supervisor::SessionRecord {
     tokio::time::timeout(GUARD, async {
         loop {
             let record = store.session(id).await.expect("record");
@@ -314,7 +425,10 @@ async fn terminal(store: &SqliteStore, id: SessionId) -> harvest_supervisor::Ses
 
 /// `id`'s event log once its owner has logged its end (a node appends its events without
 /// waiting, and `SessionFinished` follows the terminal status by up to a commit delay).
-async fn final_events(store: &SqliteStore, id: SessionId) -> Vec<harvest_supervisor::SessionEvent> {
+async fn final_events(
+    store: &dyn SessionStore,
+    id: SessionId,
+) -> Vec<harvest_supervisor::SessionEvent> {
     tokio::time::timeout(GUARD, async {
         loop {
             let events = store.events(id).await.expect("events");
@@ -331,34 +445,34 @@ async fn final_events(store: &SqliteStore, id: SessionId) -> Vec<harvest_supervi
     .expect("SessionFinished is logged")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolling_deploy_a_second_process_touches_none_of_the_first_ones_sessions() {
-    let dir = tempfile::tempdir().expect("dir");
-    let db = dir.path().join("shared.db");
+on_both_stores!(rolling_deploy_a_second_process_touches_none_of_the_first_ones_sessions);
+async fn rolling_deploy_a_second_process_touches_none_of_the_first_ones_sessions(db: Shared) {
+    let db = &db;
     // A harvests 30 resources, two at a time, 100 ms each: about 1.5 s.
-    let mut a = Node::spawn(&db, "harvest", "A", 30, 100);
+    let mut a = Node::spawn(db, "harvest", "A", 30, 100);
     let session = session_id(&a.until("SESSION").await);
     // B starts on the same file while A harvests: its start-up rescue must leave A's
     // session alone, and A's harvester is busy for it.
-    let mut b = Node::spawn(&db, "serve", "B", 0, 10);
+    let mut b = Node::spawn(db, "serve", "B", 0, 10);
     assert_eq!(session_id(&b.until("BUSY").await), session);
     let other = b.until("OTHER_DONE").await;
     assert_eq!(other.get(1).map(String::as_str), Some("finished-all-ok"));
     assert_eq!(a.until("DONE").await, ["finished-all-ok"]);
 
-    let store = SqliteStore::open(&db).await.expect("open");
-    let record = terminal(&store, session).await;
+    let store = db.store().await;
+    let store = &*store;
+    let record = terminal(store, session).await;
     assert_eq!(record.reason(), Some(FinalizeReason::Completed));
     assert_eq!(record.counts.succeeded, 30);
     assert_eq!(record.epoch, 1, "never taken over");
     assert_eq!(
-        runs_for(&db, session),
+        runs_for(db.log(), session),
         ["A 1"],
         "finalized once, by its own node"
     );
     let other = session_id(&other);
-    assert_eq!(runs_for(&db, other), ["B 1"]);
-    let events = final_events(&store, session).await;
+    assert_eq!(runs_for(db.log(), other), ["B 1"]);
+    let events = final_events(store, session).await;
     assert!(
         !events
             .iter()
@@ -379,7 +493,7 @@ async fn rolling_deploy_a_second_process_touches_none_of_the_first_ones_sessions
 /// harvester `csw`; SIGKILLs A once it has acknowledged `acks` outcomes. Returns B, A's
 /// session and the resources A acknowledged.
 async fn kill_a_harvest_beside(
-    db: &Path,
+    db: &Shared,
     b_mode: &str,
     resources: usize,
     takes_ms: u64,
@@ -397,19 +511,19 @@ async fn kill_a_harvest_beside(
     (b, session, a.acks)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_process_sessions_are_taken_over_by_a_live_one_and_finalized_once() {
-    let dir = tempfile::tempdir().expect("dir");
-    let db = dir.path().join("shared.db");
+on_both_stores!(a_killed_process_sessions_are_taken_over_by_a_live_one_and_finalized_once);
+async fn a_killed_process_sessions_are_taken_over_by_a_live_one_and_finalized_once(db: Shared) {
+    let db = &db;
     // A harvests 40 resources of 200 ms, two at a time: 4 s.
-    let (b, session, acked) = kill_a_harvest_beside(&db, "rescue", 40, 200, 4).await;
+    let (b, session, acked) = kill_a_harvest_beside(db, "rescue", 40, 200, 4).await;
 
-    let store = SqliteStore::open(&db).await.expect("open");
-    let record = terminal(&store, session).await;
+    let store = db.store().await;
+    let store = &*store;
+    let record = terminal(store, session).await;
     assert_eq!(record.reason(), Some(FinalizeReason::Interrupted));
     assert_eq!(record.epoch, 2, "taken over once");
     assert_eq!(
-        runs_for(&db, session),
+        runs_for(db.log(), session),
         ["B 1"],
         "finalized once, by the live node"
     );
@@ -423,7 +537,7 @@ async fn a_killed_process_sessions_are_taken_over_by_a_live_one_and_finalized_on
             "acknowledged outcome of {r} kept"
         );
     }
-    let events = final_events(&store, session).await;
+    let events = final_events(store, session).await;
     assert!(events.iter().any(|e| matches!(
         e.kind,
         EventKind::SessionTakenOver {
@@ -443,26 +557,26 @@ async fn a_killed_process_sessions_are_taken_over_by_a_live_one_and_finalized_on
     drop(b);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_process_that_lost_its_session_writes_nothing_for_it_when_it_wakes() {
-    let dir = tempfile::tempdir().expect("dir");
-    let db = dir.path().join("shared.db");
-    let mut b = Node::spawn(&db, "rescue", "B", 0, 10);
+on_both_stores!(a_paused_process_that_lost_its_session_writes_nothing_for_it_when_it_wakes);
+async fn a_paused_process_that_lost_its_session_writes_nothing_for_it_when_it_wakes(db: Shared) {
+    let db = &db;
+    let mut b = Node::spawn(db, "rescue", "B", 0, 10);
     b.until("READY").await;
     // A harvests 40 resources of 300 ms, two at a time: 6 s, so that it has attempts
     // running when it is paused and finishing when it wakes.
-    let mut a = Node::spawn(&db, "harvest", "A", 40, 300);
+    let mut a = Node::spawn(db, "harvest", "A", 40, 300);
     let session = session_id(&a.until("SESSION").await);
     while a.acks.len() < 2 {
         a.until("ACK").await;
     }
     a.signal("STOP");
-    let store = SqliteStore::open(&db).await.expect("open");
+    let store = db.store().await;
+    let store = &*store;
     // B takes it over once A's lease has expired (A's process still exists).
-    let record = terminal(&store, session).await;
+    let record = terminal(store, session).await;
     assert_eq!(record.reason(), Some(FinalizeReason::Interrupted));
     let outcomes = store.outcomes(session).await.expect("outcomes");
-    let events = final_events(&store, session).await;
+    let events = final_events(store, session).await;
 
     a.signal("CONT");
     // A wakes: its attempts finish and its writes are refused; its lease keeper renews.
@@ -472,7 +586,7 @@ async fn a_paused_process_that_lost_its_session_writes_nothing_for_it_when_it_wa
     assert_eq!(store.session(session).await.expect("record"), record);
     assert_eq!(store.outcomes(session).await.expect("outcomes"), outcomes);
     assert_eq!(store.events(session).await.expect("events"), events);
-    assert_eq!(runs_for(&db, session), ["B 1"], "A ran no finalizer");
+    assert_eq!(runs_for(db.log(), session), ["B 1"], "A ran no finalizer");
     assert_eq!(
         store.active_session(&"csw".into()).await.expect("lock"),
         None
@@ -482,23 +596,23 @@ async fn a_paused_process_that_lost_its_session_writes_nothing_for_it_when_it_wa
     drop(b);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_process_aborts_a_session_and_waits_for_its_end() {
-    let dir = tempfile::tempdir().expect("dir");
-    let db = dir.path().join("shared.db");
+on_both_stores!(another_process_aborts_a_session_and_waits_for_its_end);
+async fn another_process_aborts_a_session_and_waits_for_its_end(db: Shared) {
+    let db = &db;
     // A harvests 40 resources of 300 ms, two at a time: 6 s.
-    let mut a = Node::spawn(&db, "harvest", "A", 40, 300);
+    let mut a = Node::spawn(db, "harvest", "A", 40, 300);
     let session = session_id(&a.until("SESSION").await);
-    let mut b = Node::spawn_with(&db, "abort", "B", 0, 10, Some(session));
+    let mut b = Node::spawn_with(db, "abort", "B", 0, 10, Some(session));
     assert_eq!(b.until("ABORT").await, ["ok"]);
     assert_eq!(b.until("WAITED").await, ["aborted"]);
     assert_eq!(a.until("DONE").await, ["aborted"]);
-    let store = SqliteStore::open(&db).await.expect("open");
-    let record = terminal(&store, session).await;
+    let store = db.store().await;
+    let store = &*store;
+    let record = terminal(store, session).await;
     assert_eq!(record.reason(), Some(FinalizeReason::Aborted));
     assert_eq!(record.epoch, 1, "aborted by its owner");
     assert!(record.counts.succeeded < 40, "stopped early");
-    assert_eq!(runs_for(&db, session), ["A 1"]);
+    assert_eq!(runs_for(db.log(), session), ["A 1"]);
 }
 
 /// A storm node's process and what it said.
@@ -508,7 +622,7 @@ struct StormNode {
 }
 
 impl StormNode {
-    fn spawn(db: &Path, name: String) -> Self {
+    fn spawn(db: &Shared, name: String) -> Self {
         let mut node = Node::spawn(db, "storm", &name, 0, 30);
         let mut lines = node.lines;
         let said = tokio::spawn(async move {
@@ -542,16 +656,17 @@ impl StormNode {
     }
 }
 
+on_both_stores!(a_storm_of_kills_and_pauses_finalizes_every_session_once_and_never_doubles_a_lock);
 /// Three processes start sessions on three harvesters while one of them at a time is
 /// SIGKILLed (and restarted) or SIGSTOPped past its lease (and continued). Throughout,
 /// no harvester ever has two unfinished sessions; at the end every session is finished,
 /// its finalizer ran as the crash semantics say (each run a distinct, recorded start:
 /// once unless a crash or a takeover interrupted a run), and no acknowledged outcome was
 /// lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_storm_of_kills_and_pauses_finalizes_every_session_once_and_never_doubles_a_lock() {
-    let dir = tempfile::tempdir().expect("dir");
-    let db = dir.path().join("shared.db");
+async fn a_storm_of_kills_and_pauses_finalizes_every_session_once_and_never_doubles_a_lock(
+    db: Shared,
+) {
+    let db = &db;
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64)
@@ -566,19 +681,14 @@ async fn a_storm_of_kills_and_pauses_finalizes_every_session_once_and_never_doub
         rng % n
     };
     let mut nodes: Vec<StormNode> = (0..3)
-        .map(|i| StormNode::spawn(&db, format!("S{i}")))
+        .map(|i| StormNode::spawn(db, format!("S{i}")))
         .collect();
     // The busy lock, watched from outside: never two unfinished sessions per harvester.
-    let watcher_db = db.clone();
+    let watched = db.store().await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = Arc::clone(&stop);
     let watcher = tokio::spawn(async move {
-        let store = loop {
-            match SqliteStore::open(&watcher_db).await {
-                Ok(store) => break store,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
+        let store = watched;
         let mut looks = 0u32;
         while !stopped.load(Ordering::SeqCst) {
             let sessions = store.list_sessions().await.expect("list");
@@ -600,7 +710,7 @@ async fn a_storm_of_kills_and_pauses_finalizes_every_session_once_and_never_doub
         let slot = usize::try_from(next(3)).unwrap_or(0);
         if next(2) == 0 {
             generation += 1;
-            let fresh = StormNode::spawn(&db, format!("S{slot}.{generation}"));
+            let fresh = StormNode::spawn(db, format!("S{slot}.{generation}"));
             let old = std::mem::replace(&mut nodes[slot], fresh);
             said.extend(old.kill().await);
         } else {
@@ -613,9 +723,10 @@ async fn a_storm_of_kills_and_pauses_finalizes_every_session_once_and_never_doub
         said.extend(node.kill().await);
     }
     // One node finishes what the storm left.
-    let mut rescuer = Node::spawn(&db, "rescue", "R", 0, 10);
+    let mut rescuer = Node::spawn(db, "rescue", "R", 0, 10);
     rescuer.until("READY").await;
-    let store = SqliteStore::open(&db).await.expect("open");
+    let store = db.store().await;
+    let store = &*store;
     let sessions = tokio::time::timeout(GUARD, async {
         loop {
             let all = store.list_sessions().await.expect("list");
@@ -635,7 +746,7 @@ async fn a_storm_of_kills_and_pauses_finalizes_every_session_once_and_never_doub
     let mut outcomes = std::collections::HashMap::new();
     for r in &sessions {
         assert_eq!(r.counts.total(), r.total, "{r:?}");
-        let runs = runs_for(&db, r.id);
+        let runs = runs_for(db.log(), r.id);
         let mut attempts: Vec<u32> = runs
             .iter()
             .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
@@ -678,16 +789,16 @@ async fn a_storm_of_kills_and_pauses_finalizes_every_session_once_and_never_doub
     drop(rescuer);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resuming_node_harvests_only_what_the_killed_one_had_not_done() {
-    let dir = tempfile::tempdir().expect("dir");
-    let db = dir.path().join("shared.db");
+on_both_stores!(a_resuming_node_harvests_only_what_the_killed_one_had_not_done);
+async fn a_resuming_node_harvests_only_what_the_killed_one_had_not_done(db: Shared) {
+    let db = &db;
     // B takes over with RecoveryPolicy::Resume ("resume" mode: a rescuer that says what
     // it harvests).
-    let (mut b, session, acked) = kill_a_harvest_beside(&db, "resume", 30, 150, 6).await;
+    let (mut b, session, acked) = kill_a_harvest_beside(db, "resume", 30, 150, 6).await;
 
-    let store = SqliteStore::open(&db).await.expect("open");
-    let record = terminal(&store, session).await;
+    let store = db.store().await;
+    let store = &*store;
+    let record = terminal(store, session).await;
     assert_eq!(
         record.status,
         harvest_supervisor::SessionStatus::FinishedAllOk
@@ -695,8 +806,8 @@ async fn a_resuming_node_harvests_only_what_the_killed_one_had_not_done() {
     assert_eq!(record.reason(), Some(FinalizeReason::Completed));
     assert_eq!(record.counts.succeeded, 30);
     assert_eq!(record.epoch, 2);
-    assert_eq!(runs_for(&db, session), ["B 1"]);
-    let events = final_events(&store, session).await;
+    assert_eq!(runs_for(db.log(), session), ["B 1"]);
+    let events = final_events(store, session).await;
     assert!(events.iter().any(|e| matches!(
         e.kind,
         EventKind::Recovered {

@@ -2,7 +2,7 @@
 //! (memory, SQLite and PostgreSQL) passes the same suite: the busy lock, the finalization
 //! compare-and-set, and what a claimed or finished session refuses.
 
-mod support;
+mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -1024,7 +1024,7 @@ async fn sqlite_store_keeps_the_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_store_keeps_the_contract() {
-    let Some(pg) = support::pg::server("postgres_store_keeps_the_contract") else {
+    let Some(pg) = common::pg::server("postgres_store_keeps_the_contract") else {
         return;
     };
     // One fresh schema per part of the contract, connected on this runtime when asked for.

@@ -61,6 +61,7 @@ pub struct PostgresOptions {
     pool_size: usize,
     commit_delay: Duration,
     connect_timeout: Duration,
+    lock_timeout: Duration,
 }
 
 impl std::fmt::Debug for PostgresOptions {
@@ -72,6 +73,7 @@ impl std::fmt::Debug for PostgresOptions {
             .field("pool_size", &self.pool_size)
             .field("commit_delay", &self.commit_delay)
             .field("connect_timeout", &self.connect_timeout)
+            .field("lock_timeout", &self.lock_timeout)
             .finish()
     }
 }
@@ -146,6 +148,7 @@ impl PostgresOptions {
             pool_size: 8,
             commit_delay: Duration::from_millis(5),
             connect_timeout: Duration::from_secs(10),
+            lock_timeout: Duration::from_secs(10),
         }
     }
 
@@ -176,6 +179,16 @@ impl PostgresOptions {
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long one of the store's transactions may sit idle (its process paused, its
+    /// machine cut off) before the server ends it and frees the rows it locked. Default
+    /// 10 s. Keep it below the supervisor's `lease_ttl`: a paused node's locks must not
+    /// outlast its lease, or they would hold up the takeover of its sessions.
+    #[must_use]
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
         self
     }
 
@@ -219,6 +232,7 @@ impl PostgresOptions {
                 self.connect_timeout,
                 Self::MAX_CONNECT_TIMEOUT,
             ),
+            ("lock_timeout", self.lock_timeout, Self::MAX_CONNECT_TIMEOUT),
         ] {
             if value > max {
                 return Err(ConfigError::new(
@@ -231,8 +245,13 @@ impl PostgresOptions {
                 ));
             }
         }
-        if self.connect_timeout.is_zero() {
-            return Err(ConfigError::new("connect_timeout", "must be above zero"));
+        for (field, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("lock_timeout", self.lock_timeout),
+        ] {
+            if value < Duration::from_millis(1) {
+                return Err(ConfigError::new(field, "must be at least 1ms"));
+            }
         }
         Ok(())
     }
@@ -328,6 +347,18 @@ impl PostgresStore {
         options.validate().map_err(StoreError::InvalidOptions)?;
         let mut config = options.config.clone();
         config.connect_timeout(options.connect_timeout);
+        // A dead server is noticed within a minute or so, not TCP's two hours.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        // A paused or cut-off process must not hold rows locked past its lease: the server
+        // ends a transaction left idle this long (and its connection; the pool makes a
+        // new one).
+        let mut server_options = config.get_options().unwrap_or_default().to_owned();
+        server_options.push_str(&format!(
+            " -c idle_in_transaction_session_timeout={}",
+            options.lock_timeout.as_millis()
+        ));
+        config.options(server_options.trim());
         let manager = Manager::from_config(
             config.clone(),
             NoTls,

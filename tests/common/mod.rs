@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod faulty;
+pub mod pg;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
