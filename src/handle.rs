@@ -309,6 +309,40 @@ impl Supervisor {
         Ok(self.store.events_after(id, after, limit).await?)
     }
 
+    /// Follows one session's event log: the stored events after `after` (0: from the
+    /// start), then each new one as it is appended, until `SessionFinished`, whichever
+    /// process runs the session (see [`EventFollower`]). The follower holds no store
+    /// connection between reads, and reads the store only when there may be something new.
+    ///
+    /// ```
+    /// # use harvest_supervisor::{Supervisor, finalizer_fn, harvest_fn, EventKind};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let supervisor = Supervisor::builder(
+    /// #     harvest_fn(|_| async { Ok(()) }),
+    /// #     finalizer_fn(|_| async { Ok(()) }),
+    /// # ).start().await?;
+    /// let id = supervisor.start_session("csw", ["a", "b"]).await?;
+    /// let mut log = supervisor.follow(id, 0);
+    /// let mut last = None;
+    /// while let Some(event) = log.next().await {
+    ///     last = Some(event?.kind);
+    /// }
+    /// assert!(matches!(last, Some(EventKind::SessionFinished { .. })));
+    /// # supervisor.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn follow(&self, id: SessionId, after: u64) -> crate::follow::EventFollower {
+        crate::follow::EventFollower::new(
+            id,
+            after,
+            Arc::clone(&self.store),
+            Arc::clone(&self.live),
+            self.subscribe(),
+        )
+    }
+
     /// Follows the event log of every session from now on. Subscribers are bounded
     /// ([`crate::SupervisorConfig::event_capacity`]): one that falls behind gets
     /// [`RecvError::Lagged`] with the number it missed, and never slows the tree.
@@ -348,12 +382,13 @@ impl Supervisor {
     /// It decides from the session's status in the store, so it returns at once for a
     /// session that is already terminal, whatever its log holds, and it wakes for a
     /// session that another supervisor finished on the same store (another process on
-    /// the same database): this one's events wake it at once, another's within
-    /// [`Supervisor::WAIT_POLL`]. `SupervisorDown` if this supervisor stops first with the
-    /// session still unfinished.
+    /// the same database): this one's events wake it at once; another's too on a store
+    /// that announces them (PostgreSQL), else within [`Supervisor::WAIT_POLL`].
+    /// `SupervisorDown` if this supervisor stops first with the session still unfinished.
     pub async fn wait_finished(&self, id: SessionId) -> Result<SessionRecord, SessionError> {
         // Subscribed before the first read, so no end between the two is missed.
         let mut events = self.subscribe();
+        let mut signals = self.store.signals();
         let now = tokio::time::Instant::now();
         let first = now.checked_add(Self::WAIT_POLL).unwrap_or(now);
         let mut poll = tokio::time::interval_at(first, Self::WAIT_POLL);
@@ -373,7 +408,9 @@ impl Supervisor {
             }
             // Wait for something that can change the answer: this session's end, lost
             // events, or (for a session another process runs: this one's bus never
-            // carries its end) the next look at the store.
+            // carries its end) the store's announcement of new events for it, or, when
+            // the store makes none, the next look at the store.
+            let listening = crate::follow::listening(&signals);
             loop {
                 tokio::select! {
                     received = events.recv() => match received {
@@ -390,7 +427,12 @@ impl Supervisor {
                             };
                         }
                     },
-                    _ = poll.tick(), if !live => break,
+                    wake = crate::follow::store_wake(&mut signals, Some(id)), if !live => {
+                        if matches!(wake, crate::follow::Wake::Look) {
+                            break;
+                        }
+                    }
+                    _ = poll.tick(), if !live && !listening => break,
                     () = &mut left, if live => break,
                 }
             }

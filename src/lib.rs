@@ -36,6 +36,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 mod finalizer;
+mod follow;
 mod handle;
 pub mod harvest;
 pub mod model;
@@ -51,6 +52,7 @@ pub use config::{
 };
 pub use error::{ConfigError, Error, IdError, SessionError, StartError, StoreError};
 pub use events::{EventKind, EventSubscription, RecvError, SessionEvent};
+pub use follow::EventFollower;
 pub use handle::{SessionDetail, Supervisor, SupervisorBuilder};
 pub use harvest::{
     BoxError, HarvestContext, Heartbeat, ResourceHarvester, SessionFinalizer, finalizer_fn,

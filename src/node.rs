@@ -133,6 +133,9 @@ impl Node {
         root: ActorRef<SupervisorMessage>,
     ) -> tokio::task::JoinHandle<()> {
         let node = Arc::clone(self);
+        // A store that announces abort requests (PostgreSQL) has them honoured at once;
+        // otherwise after the next renewal.
+        let mut signals = store.signals();
         tokio::spawn(async move {
             let mut failures = 0u32;
             loop {
@@ -142,9 +145,19 @@ impl Node {
                 } else {
                     (node.renew_every / 4).max(Duration::from_millis(10))
                 };
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    _ = root.wait(None) => break,
+                let renew_at = tokio::time::Instant::now()
+                    .checked_add(wait)
+                    .unwrap_or_else(tokio::time::Instant::now);
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(renew_at) => break,
+                        _ = root.wait(None) => return node.release(store.as_ref()).await,
+                        heard = abort_requested(&mut signals, node.info.id) => {
+                            if heard && !node.is_fenced() {
+                                node.forward_requested_aborts(store.as_ref(), &root).await;
+                            }
+                        }
+                    }
                 }
                 if matches!(
                     root.get_status(),
@@ -188,10 +201,48 @@ impl Node {
                     break;
                 }
             }
-            if let Err(error) = store.release_node(node.info.id).await {
-                tracing::debug!(node = %node.info.id, %error, "could not end the lease");
-            }
+            node.release(store.as_ref()).await;
         })
+    }
+
+    /// Ends the lease (the root stopped).
+    async fn release(&self, store: &dyn SessionStore) {
+        if let Err(error) = store.release_node(self.info.id).await {
+            tracing::debug!(node = %self.info.id, %error, "could not end the lease");
+        }
+    }
+}
+
+/// Waits for an announcement that another node asked to abort one of `me`'s sessions
+/// (`true`), or that some may have been missed (`true`: a lagging receiver, or
+/// announcements resuming after the store's connection came back: look anyway). Never
+/// returns without announcements.
+async fn abort_requested(signals: &mut Option<crate::store::StoreSignals>, me: NodeId) -> bool {
+    use tokio::sync::broadcast::error::RecvError;
+    let Some(s) = signals.as_mut() else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            received = s.receiver.recv() => match received {
+                Ok(crate::store::StoreSignal::AbortRequested(node)) if node == me => return true,
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => return true,
+                Err(RecvError::Closed) => {
+                    *signals = None;
+                    return false;
+                }
+            },
+            changed = s.live.changed() => {
+                if changed.is_err() {
+                    *signals = None;
+                    return false;
+                }
+                if *s.live.borrow_and_update() {
+                    return true;
+                }
+            }
+        }
     }
 }
 

@@ -246,6 +246,29 @@ pub enum Completed {
     AlreadyFinalized(SessionRecord),
 }
 
+/// What a store announces as it happens, for this process's writes and other processes'
+/// alike: see [`SessionStore::signals`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreSignal {
+    /// New events of this session are committed.
+    Events(SessionId),
+    /// Another node asked to abort a session this node owns.
+    AbortRequested(NodeId),
+}
+
+/// A store's announcements ([`SessionStore::signals`]): followers of a session another
+/// process runs wake on them instead of polling, while they are live.
+#[derive(Debug)]
+pub struct StoreSignals {
+    /// The announcements. A receiver that lags has missed some: look at the store again.
+    pub receiver: tokio::sync::broadcast::Receiver<StoreSignal>,
+    /// Whether announcements arrive now. While `false` (the store lost its connection to
+    /// the server and reconnects) followers poll; when it turns `true` again they look at
+    /// the store once, for what they may have missed.
+    pub live: tokio::sync::watch::Receiver<bool>,
+}
+
 /// Storage of sessions, outcomes and events. Implementations must make `create_session`,
 /// `transition`, `claim_finalization` and `complete_finalization` atomic per session.
 ///
@@ -491,6 +514,13 @@ pub trait SessionStore: Send + Sync + 'static {
     /// lease ended more than [`NODE_RETENTION`] ago and that owns no unfinished session is
     /// forgotten by the next [`SessionStore::take_over`].
     async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+
+    /// Announcements of new events and abort requests as they are committed, by any
+    /// process (a PostgreSQL store listens for them); `None`, the default, if the store
+    /// makes none, and followers of other processes' sessions poll.
+    fn signals(&self) -> Option<StoreSignals> {
+        None
+    }
 
     /// The rescue: atomically takes over up to `limit` non-terminal sessions whose owner's
     /// lease has expired (or that have no owner), for `rescuer`, bumping each one's epoch;

@@ -17,6 +17,7 @@
 //! those not yet committed (at most `commit_delay` worth) can be lost by a crash, and
 //! those a lost connection kept from being written are retried with the next batch.
 
+mod listen;
 mod rows;
 mod schema;
 mod writer;
@@ -288,6 +289,7 @@ fn target_of(config: &Config) -> String {
 pub struct PostgresStore {
     pool: Pool,
     writer: Writer,
+    listener: std::sync::Arc<listen::Listener>,
     schema: String,
     target: String,
 }
@@ -392,16 +394,18 @@ impl PostgresStore {
         };
         schema::prepare(&mut client, &options.schema, &target).await?;
         drop(client);
+        let listener = listen::Listener::spawn(config.clone(), &options.schema);
         let writer = Writer::spawn(Target {
             config,
             schema: options.schema.clone(),
             commit_delay: options.commit_delay,
-            events_channel: events_channel(&options.schema),
+            events_channel: listen::channels(&options.schema).0,
         })
         .map_err(|e| StoreError::Backend(Box::new(e)))?;
         Ok(Self {
             pool,
             writer,
+            listener,
             schema: options.schema,
             target,
         })
@@ -420,6 +424,7 @@ impl PostgresStore {
     /// Commits what is queued and closes the connections; every clone is closed.
     pub async fn close(&self) {
         self.writer.close().await;
+        self.listener.close();
         self.pool.close();
     }
 
@@ -583,11 +588,6 @@ impl PostgresStore {
             .map(|r| get::<uuid::Uuid>(r, 0).map(SessionId))
             .collect()
     }
-}
-
-/// The channel new events of a schema's sessions are announced on.
-fn events_channel(schema: &str) -> String {
-    format!("{schema}_events")
 }
 
 /// The unfinished statuses, as SQL.
@@ -1260,7 +1260,18 @@ impl SessionStore for PostgresStore {
                 )
                 .await
                 .map_err(backend)?;
-                load(tx, schema, id).await
+                let record = load(tx, schema, id).await?;
+                // The owner hears of it at once (delivered at the commit), not at its
+                // next lease renewal.
+                if let (true, Some(owner)) = (record.abort_requested, record.owner) {
+                    tx.execute(
+                        "SELECT pg_notify($1, $2)",
+                        &[&listen::channels(schema).1, &owner.to_string()],
+                    )
+                    .await
+                    .map_err(backend)?;
+                }
+                Ok(record)
             }
         }
         .await;
@@ -1382,6 +1393,10 @@ impl SessionStore for PostgresStore {
         rows.iter().map(node_row).collect()
     }
 
+    fn signals(&self) -> Option<crate::store::StoreSignals> {
+        Some(self.listener.signals())
+    }
+
     async fn take_over(&self, rescuer: NodeId, limit: usize) -> Result<Vec<TakenOver>, StoreError> {
         let limit = count(limit);
         let retention = millis(NODE_RETENTION) as f64;
@@ -1443,12 +1458,19 @@ impl SessionStore for PostgresStore {
                 for row in &orphans {
                     let key: i64 = get(row, 0)?;
                     let from_node: Option<uuid::Uuid> = get(row, 1)?;
+                    // Checked again on the row as it is now: a row another rescuer took
+                    // over and committed between this statement's snapshot and its lock
+                    // comes back from `FOR UPDATE` with the join not re-evaluated (its new
+                    // owner is live). Only this row lock makes the check exact.
                     let updated = tx
-                        .query_one(
+                        .query_opt(
                             &qualify(
                                 &format!(
-                                    "UPDATE @.sessions SET owner = $2, epoch = epoch + 1 \
-                                     WHERE key = $1 RETURNING {RECORD_COLUMNS}"
+                                    "UPDATE @.sessions s SET owner = $2, epoch = s.epoch + 1 \
+                                     WHERE s.key = $1 AND s.status IN {OPEN} \
+                                       AND NOT EXISTS (SELECT 1 FROM @.nodes n \
+                                           WHERE n.id = s.owner AND n.lease_until >= now()) \
+                                     RETURNING {RECORD_COLUMNS}"
                                 ),
                                 schema,
                             ),
@@ -1456,10 +1478,12 @@ impl SessionStore for PostgresStore {
                         )
                         .await
                         .map_err(backend)?;
-                    taken.push(TakenOver {
-                        record: record(&updated)?,
-                        from_node: from_node.map(NodeId),
-                    });
+                    if let Some(updated) = updated {
+                        taken.push(TakenOver {
+                            record: record(&updated)?,
+                            from_node: from_node.map(NodeId),
+                        });
+                    }
                 }
                 Ok(taken)
             }

@@ -350,4 +350,7 @@ impl SessionStore for FaultyStore {
     async fn take_over(&self, rescuer: NodeId, limit: usize) -> Result<Vec<TakenOver>, StoreError> {
         self.inner.take_over(rescuer, limit).await
     }
+    fn signals(&self) -> Option<harvest_supervisor::store::StoreSignals> {
+        self.inner.signals()
+    }
 }

@@ -22,6 +22,21 @@ pub struct TestPg {
     pub bin: Option<PathBuf>,
 }
 
+impl TestPg {
+    /// The socket folder of a cluster started here.
+    pub fn socket_dir(&self) -> Option<PathBuf> {
+        self.data
+            .as_ref()
+            .and_then(|d| d.parent())
+            .map(Path::to_path_buf)
+    }
+}
+
+/// A role that must give its password ([`PASSWORD`]) on a cluster started here.
+pub const PASSWORD_ROLE: &str = "harvest_pw";
+/// Its password.
+pub const PASSWORD: &str = "right-password";
+
 static SERVER: OnceLock<Result<TestPg, String>> = OnceLock::new();
 
 /// The server, or `None` after printing why the calling test is skipped (a panic instead
@@ -146,6 +161,15 @@ fn start() -> Result<TestPg, String> {
             "--no-sync",
         ],
     )?;
+    // One role must give a password (scram), so that a wrong one can be tested; every
+    // other connection is trusted.
+    let hba = data.join("pg_hba.conf");
+    let trusted = std::fs::read_to_string(&hba).map_err(|e| format!("pg_hba.conf: {e}"))?;
+    std::fs::write(
+        &hba,
+        format!("local all {PASSWORD_ROLE} scram-sha-256\n{trusted}"),
+    )
+    .map_err(|e| format!("pg_hba.conf: {e}"))?;
     let settings = format!(
         "-c listen_addresses='' -c unix_socket_directories='{root_s}' -c fsync=off \
          -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
@@ -168,11 +192,23 @@ fn start() -> Result<TestPg, String> {
     reap_at_exit(&bin, &root, as_root);
     let url = format!("host={root_s} port=5432 user=postgres dbname=postgres");
     wait_ready(&url)?;
-    Ok(TestPg {
+    let pg = TestPg {
         url,
         data: Some(data),
         bin: Some(bin),
-    })
+    };
+    let create = format!("CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD '{PASSWORD}'");
+    let out = Command::new("psql")
+        .args(["-q", "-d", &pg.url, "-c", &create])
+        .output()
+        .map_err(|e| format!("psql: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "creating the password role: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(pg)
 }
 
 /// The folder of `initdb` and `pg_ctl`: Debian keeps them out of `PATH`.
