@@ -77,6 +77,8 @@ pub struct EventFollower {
     buffered: VecDeque<SessionEvent>,
     /// The last `seq` handed out.
     last: u64,
+    /// The session was seen terminal with nothing new to read: one more wait, then over.
+    terminal_seen: bool,
     done: bool,
 }
 
@@ -112,6 +114,7 @@ impl EventFollower {
             poll,
             buffered: VecDeque::new(),
             last: after,
+            terminal_seen: false,
             done: false,
         }
     }
@@ -154,24 +157,20 @@ impl EventFollower {
                 continue;
             }
             let here = self.live.is_live(self.id);
+            let mut ending = false;
             if !here {
-                // Nothing new and nobody here logs it: a finished session whose log ends
-                // without `SessionFinished` (stored by an older version) is over.
+                // Nothing new and nobody here logs it. Finished: its owner appends
+                // `SessionFinished` just after the terminal status, so wait once more
+                // (for an announcement, or a poll's time); still nothing then, the log
+                // ends without it (stored by an older version, or lost with a crash).
                 match self.store.session(self.id).await {
                     Ok(record) if record.status.is_terminal() => {
-                        // Its owner appends `SessionFinished` just after the status: one
-                        // more look, then it is over.
-                        match self.store.events_after(self.id, self.last, PAGE).await {
-                            Ok(page) if !page.is_empty() => {
-                                self.buffered.extend(page);
-                                continue;
-                            }
-                            Ok(_) => {
-                                self.done = true;
-                                return None;
-                            }
-                            Err(e) => return Some(Err(e.into())),
+                        if self.terminal_seen {
+                            self.done = true;
+                            return None;
                         }
+                        self.terminal_seen = true;
+                        ending = true;
                     }
                     Ok(_) => {}
                     Err(e) => return Some(Err(e.into())),
@@ -211,7 +210,7 @@ impl EventFollower {
                             break;
                         }
                     }
-                    _ = self.poll.tick(), if !here && !listening => break,
+                    _ = self.poll.tick(), if !here && (!listening || ending) => break,
                     () = &mut left, if here => break,
                 }
             }

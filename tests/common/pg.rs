@@ -197,7 +197,10 @@ fn start() -> Result<TestPg, String> {
         data: Some(data),
         bin: Some(bin),
     };
-    let create = format!("CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD '{PASSWORD}'");
+    let create = format!(
+        "CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD '{PASSWORD}'; \
+         GRANT CREATE ON DATABASE postgres TO {PASSWORD_ROLE}"
+    );
     let out = Command::new("psql")
         .args(["-q", "-d", &pg.url, "-c", &create])
         .output()

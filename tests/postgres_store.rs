@@ -1,0 +1,421 @@
+//! What only the PostgreSQL store has: connecting (each bad input a typed error naming
+//! what), its schema beside the application's (refused when not ours or newer, migrated
+//! once by processes starting together), and its announcements (an abort reaches the
+//! owning node at once; a follower on another node sees the log as it grows; both survive
+//! the loss of the listening connection). The contract every store keeps is in
+//! `store_contract.rs`; several processes in `multi_process.rs`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::pg::{PASSWORD, PASSWORD_ROLE, TestPg};
+use harvest_supervisor::store::{NewSession, PostgresOptions, PostgresStore, StoreSignal};
+use harvest_supervisor::{
+    EventKind, FinalizeReason, HarvestContext, NodeId, SessionConfig, SessionId, SessionStatus,
+    SessionStore, StoreError, Supervisor, SupervisorConfig, finalizer_fn, harvest_fn,
+};
+
+/// A failure guard, not a deadline under test.
+const GUARD: Duration = Duration::from_secs(30);
+
+fn server(test: &str) -> Option<&'static TestPg> {
+    common::pg::server(test)
+}
+
+async fn connect_err(options: PostgresOptions) -> StoreError {
+    match PostgresStore::connect_with(options).await {
+        Ok(store) => panic!("connected to {store:?}"),
+        Err(e) => e,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_connection_input_is_a_typed_error_naming_what() {
+    // Parsing needs no server.
+    let e = PostgresOptions::from_url("postgres://u@h:notaport/db").expect_err("bad port");
+    assert!(
+        matches!(&e, StoreError::InvalidOptions(c) if c.field() == "url"),
+        "{e:?}"
+    );
+    for (options, field) in [
+        (
+            PostgresOptions::from_url("host=/tmp")
+                .expect("url")
+                .schema("Bad-Name"),
+            "schema",
+        ),
+        (
+            PostgresOptions::from_url("host=/tmp")
+                .expect("url")
+                .schema("pg_catalog"),
+            "schema",
+        ),
+        (
+            PostgresOptions::from_url("host=/tmp")
+                .expect("url")
+                .pool_size(0),
+            "pool_size",
+        ),
+        (
+            PostgresOptions::from_url("host=/tmp")
+                .expect("url")
+                .commit_delay(Duration::from_secs(5)),
+            "commit_delay",
+        ),
+        (
+            PostgresOptions::from_url("host=/tmp")
+                .expect("url")
+                .lock_timeout(Duration::ZERO),
+            "lock_timeout",
+        ),
+    ] {
+        let e = connect_err(options).await;
+        assert!(
+            matches!(&e, StoreError::InvalidOptions(c) if c.field() == field),
+            "{field}: {e:?}"
+        );
+    }
+    // Nobody listens there.
+    let e = connect_err(
+        PostgresOptions::from_url("host=127.0.0.1 port=1 user=x password=secret-1 dbname=d")
+            .expect("url")
+            .connect_timeout(Duration::from_secs(5)),
+    )
+    .await;
+    assert!(
+        matches!(&e, StoreError::Unreachable { target, .. } if target == "127.0.0.1:1/d"),
+        "{e:?}"
+    );
+    assert!(!format!("{e} {e:?}").contains("secret-1"), "{e}");
+
+    let Some(pg) = server("every_bad_connection_input_is_a_typed_error_naming_what") else {
+        return;
+    };
+    let e = connect_err(
+        PostgresOptions::from_url(&format!("{} dbname=no_such_db", pg.url)).expect("url"),
+    )
+    .await;
+    assert!(
+        matches!(&e, StoreError::UnknownDatabase { database, .. } if database == "no_such_db"),
+        "{e:?}"
+    );
+    let Some(socket) = pg.socket_dir() else {
+        eprintln!("(the wrong-password case needs the cluster these tests start)");
+        return;
+    };
+    let as_role = |password: &str| {
+        PostgresOptions::from_url(&format!(
+            "host={} user={PASSWORD_ROLE} password={password} dbname=postgres",
+            socket.display()
+        ))
+        .expect("url")
+        .schema(common::pg::fresh_schema())
+    };
+    let e = connect_err(as_role("wrong-secret")).await;
+    assert!(
+        matches!(&e, StoreError::AuthenticationFailed { user, .. } if user == PASSWORD_ROLE),
+        "{e:?}"
+    );
+    assert!(!format!("{e} {e:?}").contains("wrong-secret"), "{e}");
+    let store = PostgresStore::connect_with(as_role(PASSWORD))
+        .await
+        .expect("the right password");
+    assert!(store.list_sessions().await.expect("list").is_empty());
+}
+
+/// The tables of `schema`, by name.
+fn tables(pg: &TestPg, schema: &str) -> Vec<String> {
+    let out = std::process::Command::new("psql")
+        .args([
+            "-At",
+            "-d",
+            &pg.url,
+            "-c",
+            &format!(
+                "SELECT table_name FROM information_schema.tables \
+                 WHERE table_schema = '{schema}' ORDER BY 1"
+            ),
+        ])
+        .output()
+        .expect("psql");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_that_is_not_ours_or_is_newer_is_refused_and_left_untouched() {
+    let Some(pg) = server("a_schema_that_is_not_ours_or_is_newer_is_refused_and_left_untouched")
+    else {
+        return;
+    };
+    // Another application's table of one of our names.
+    let foreign = common::pg::fresh_schema();
+    pg.psql(&format!(
+        "CREATE SCHEMA {foreign}; CREATE TABLE {foreign}.sessions (x int); \
+         INSERT INTO {foreign}.sessions VALUES (7)"
+    ));
+    let e = connect_err(
+        PostgresOptions::from_url(&pg.url)
+            .expect("url")
+            .schema(foreign.as_str()),
+    )
+    .await;
+    assert!(
+        matches!(&e, StoreError::ForeignSchema { schema, table, .. }
+            if *schema == foreign && table == "sessions"),
+        "{e:?}"
+    );
+    assert_eq!(tables(pg, &foreign), ["sessions"], "nothing was created");
+
+    // Our mark, someone else's name in it.
+    let marked = common::pg::fresh_schema();
+    pg.psql(&format!(
+        "CREATE SCHEMA {marked}; \
+         CREATE TABLE {marked}.harvest_supervisor_schema (application text, version bigint); \
+         INSERT INTO {marked}.harvest_supervisor_schema VALUES ('another-app', 1)"
+    ));
+    let e = connect_err(
+        PostgresOptions::from_url(&pg.url)
+            .expect("url")
+            .schema(marked.as_str()),
+    )
+    .await;
+    assert!(matches!(e, StoreError::ForeignSchema { .. }), "{e:?}");
+    assert_eq!(tables(pg, &marked), ["harvest_supervisor_schema"]);
+
+    // Ours, written by a newer version.
+    let newer = common::pg::fresh_schema();
+    let options = PostgresOptions::from_url(&pg.url)
+        .expect("url")
+        .schema(newer.as_str());
+    let store = PostgresStore::connect_with(options.clone())
+        .await
+        .expect("create");
+    store.close().await;
+    let before = tables(pg, &newer);
+    pg.psql(&format!(
+        "UPDATE {newer}.harvest_supervisor_schema SET version = 99"
+    ));
+    let e = connect_err(options).await;
+    assert!(
+        matches!(&e, StoreError::DatabaseSchemaTooNew { found: 99, supported, .. } if *supported < 99),
+        "{e:?}"
+    );
+    assert_eq!(tables(pg, &newer), before);
+    assert!(e.to_string().contains(&newer), "{e}");
+
+    // Beside the application's own tables: they are left alone.
+    let shared = common::pg::fresh_schema();
+    pg.psql(&format!(
+        "CREATE SCHEMA {shared}; CREATE TABLE {shared}.geonode_layers (id int)"
+    ));
+    PostgresStore::connect_with(
+        PostgresOptions::from_url(&pg.url)
+            .expect("url")
+            .schema(shared.as_str()),
+    )
+    .await
+    .expect("beside other tables");
+    assert!(tables(pg, &shared).contains(&"geonode_layers".to_owned()));
+    assert!(tables(pg, &shared).contains(&"sessions".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_starting_together_migrate_once_and_share_what_is_stored() {
+    let Some(pg) = server("processes_starting_together_migrate_once_and_share_what_is_stored")
+    else {
+        return;
+    };
+    let options = pg.options();
+    let stores =
+        futures::future::join_all((0..8).map(|_| PostgresStore::connect_with(options.clone())))
+            .await;
+    let stores: Vec<PostgresStore> = stores
+        .into_iter()
+        .map(|s| s.expect("every one connects"))
+        .collect();
+    let record = stores[0]
+        .create_session(NewSession {
+            id: SessionId::new(),
+            harvester_id: "csw".into(),
+            resources: vec!["a".into(), "b".into()].into(),
+            started: chrono::Utc::now(),
+            workflow_time: Duration::from_secs(60),
+            config: SessionConfig::default().into(),
+            owner: NodeId::new(),
+        })
+        .await
+        .expect("create");
+    for store in &stores[1..] {
+        assert_eq!(store.session(record.id).await.expect("seen"), record);
+    }
+    // Reconnecting to a schema at this version changes nothing.
+    let again = PostgresStore::connect_with(options).await.expect("again");
+    assert_eq!(again.list_sessions().await.expect("list"), [record]);
+}
+
+/// A node whose lease is renewed only every 10 minutes: anything it does sooner, it did
+/// because it heard of it.
+fn slow_renewing(name: &str) -> SupervisorConfig {
+    SupervisorConfig {
+        session: SessionConfig {
+            max_concurrency: 2,
+            ..SessionConfig::default()
+        },
+        node_name: Some(name.to_owned()),
+        lease_ttl: Duration::from_secs(1800),
+        lease_renew_interval: Duration::from_secs(600),
+        ..SupervisorConfig::default()
+    }
+}
+
+/// Resources that wait for their cancellation (or take `takes` when not cancelled).
+fn harvest_taking(takes: Duration) -> impl harvest_supervisor::ResourceHarvester {
+    harvest_fn(move |ctx: HarvestContext| async move {
+        tokio::select! {
+            () = tokio::time::sleep(takes) => Ok(()),
+            () = ctx.cancel.cancelled() => Err("cancelled".into()),
+        }
+    })
+}
+
+async fn node(
+    options: &PostgresOptions,
+    name: &str,
+    takes: Duration,
+) -> (Supervisor, Arc<PostgresStore>) {
+    let store = Arc::new(
+        PostgresStore::connect_with(options.clone())
+            .await
+            .expect("connect"),
+    );
+    let sup = Supervisor::builder(harvest_taking(takes), finalizer_fn(|_| async { Ok(()) }))
+        .store(Arc::clone(&store) as Arc<dyn SessionStore>)
+        .config(slow_renewing(name))
+        .start()
+        .await
+        .expect("start");
+    (sup, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_from_another_node_reaches_the_owner_at_once() {
+    let Some(pg) = server("an_abort_from_another_node_reaches_the_owner_at_once") else {
+        return;
+    };
+    let options = pg.options();
+    let (a, _) = node(&options, "A", Duration::from_secs(3600)).await;
+    let (b, _) = node(&options, "B", Duration::from_secs(3600)).await;
+    let id = a
+        .start_session("csw", ["r1", "r2", "r3"])
+        .await
+        .expect("A starts");
+    b.abort(id).await.expect("B asks");
+    // Without the announcement A would hear of it at its next renewal, in 10 minutes.
+    let record = tokio::time::timeout(GUARD, b.wait_finished(id))
+        .await
+        .expect("aborted long before A's next renewal")
+        .expect("record");
+    assert_eq!(record.status, SessionStatus::Aborted);
+    assert_eq!(record.reason(), Some(FinalizeReason::Aborted));
+    assert_eq!(record.owner, Some(a.node_id()), "aborted by its owner");
+    a.shutdown().await.expect("a");
+    b.shutdown().await.expect("b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_on_another_node_sees_the_whole_log_as_it_grows() {
+    let Some(pg) = server("a_follower_on_another_node_sees_the_whole_log_as_it_grows") else {
+        return;
+    };
+    let options = pg.options();
+    let (a, store) = node(&options, "A", Duration::from_millis(30)).await;
+    let (b, _) = node(&options, "B", Duration::from_millis(30)).await;
+    let resources: Vec<String> = (0..40).map(|i| format!("r{i}")).collect();
+    let id = a.start_session("csw", resources).await.expect("A starts");
+    let mut follower = b.follow(id, 0);
+    let mut seen = Vec::new();
+    let followed = tokio::time::timeout(GUARD, async {
+        while let Some(event) = follower.next().await {
+            seen.push(event.expect("an event"));
+        }
+    })
+    .await;
+    assert!(followed.is_ok(), "the follower ended with the log");
+    let stored = store.events(id).await.expect("events");
+    assert_eq!(seen, stored, "every event, in order, once");
+    assert!(matches!(
+        seen.last().map(|e| &e.kind),
+        Some(EventKind::SessionFinished { .. })
+    ));
+    // A follower of a finished session replays it and ends.
+    let mut late = b.follow(id, seen[seen.len() / 2].seq);
+    let mut rest = Vec::new();
+    while let Some(event) = late.next().await {
+        rest.push(event.expect("an event"));
+    }
+    assert_eq!(rest, stored[stored.len() / 2 + 1..]);
+    // Unknown sessions are an error, not an empty log.
+    let mut unknown = b.follow(SessionId::new(), 0);
+    assert!(matches!(
+        unknown.next().await,
+        Some(Err(harvest_supervisor::SessionError::UnknownSession { .. }))
+    ));
+    a.shutdown().await.expect("a");
+    b.shutdown().await.expect("b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcements_resume_after_the_listening_connection_is_killed() {
+    let Some(pg) = server("announcements_resume_after_the_listening_connection_is_killed") else {
+        return;
+    };
+    // An application name of its own, so that only this test's connections are killed.
+    let app = format!("listener-test-{}", std::process::id());
+    let options = PostgresOptions::from_url(&format!("{} application_name={app}", pg.url))
+        .expect("url")
+        .schema(common::pg::fresh_schema());
+    let (a, _) = node(&options, "A", Duration::from_secs(3600)).await;
+    let (b, b_store) = node(&options, "B", Duration::from_secs(3600)).await;
+    let mut signals = b_store.signals().expect("announcements");
+    tokio::time::timeout(GUARD, signals.live.wait_for(|live| *live))
+        .await
+        .expect("listening")
+        .expect("live");
+    // Kill every listening connection of this test (A's and B's).
+    pg.psql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = '{app}' AND query LIKE 'LISTEN%'"
+    ));
+    tokio::time::timeout(GUARD, signals.live.wait_for(|live| !*live))
+        .await
+        .expect("noticed")
+        .expect("live");
+    tokio::time::timeout(GUARD, signals.live.wait_for(|live| *live))
+        .await
+        .expect("reconnected")
+        .expect("live");
+    // A's listener is back too (or comes back and looks): the abort still reaches A.
+    let id = a
+        .start_session("csw", ["r1", "r2"])
+        .await
+        .expect("A starts");
+    b.abort(id).await.expect("B asks");
+    let record = tokio::time::timeout(GUARD, b.wait_finished(id))
+        .await
+        .expect("aborted long before A's next renewal")
+        .expect("record");
+    assert_eq!(record.status, SessionStatus::Aborted);
+    // And B heard the session's events.
+    let mut heard = false;
+    while let Ok(signal) = signals.receiver.try_recv() {
+        heard |= signal == StoreSignal::Events(id);
+    }
+    assert!(heard, "B was told of the session's events");
+    a.shutdown().await.expect("a");
+    b.shutdown().await.expect("b");
+}
