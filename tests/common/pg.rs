@@ -23,6 +23,37 @@ pub struct TestPg {
 }
 
 impl TestPg {
+    /// Runs `pg_ctl <args>` on a cluster started here (`false` if there is none or it
+    /// failed): `restart`, `stop`, `start`.
+    pub fn ctl(&self, args: &[&str]) -> bool {
+        let (Some(bin), Some(data), Some(dir)) = (&self.bin, &self.data, self.socket_dir()) else {
+            return false;
+        };
+        let settings = server_settings(&dir.display().to_string());
+        let mut all: Vec<String> = vec![
+            "-D".into(),
+            data.display().to_string(),
+            "-l".into(),
+            dir.join("log").display().to_string(),
+            "-o".into(),
+            settings,
+            "-w".into(),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin.join("pg_ctl"));
+            c
+        } else {
+            Command::new(bin.join("pg_ctl"))
+        };
+        cmd.args(&all)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// The socket folder of a cluster started here.
     pub fn socket_dir(&self) -> Option<PathBuf> {
         self.data
@@ -170,10 +201,7 @@ fn start() -> Result<TestPg, String> {
         format!("local all {PASSWORD_ROLE} scram-sha-256\n{trusted}"),
     )
     .map_err(|e| format!("pg_hba.conf: {e}"))?;
-    let settings = format!(
-        "-c listen_addresses='' -c unix_socket_directories='{root_s}' -c fsync=off \
-         -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
-    );
+    let settings = server_settings(&root_s);
     run(
         &bin.join("pg_ctl"),
         &[
@@ -212,6 +240,14 @@ fn start() -> Result<TestPg, String> {
         ));
     }
     Ok(pg)
+}
+
+/// The server's settings: no TCP, the socket in `dir`, no waiting for the disk.
+fn server_settings(dir: &str) -> String {
+    format!(
+        "-c listen_addresses='' -c unix_socket_directories='{dir}' -c fsync=off \
+         -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+    )
 }
 
 /// The folder of `initdb` and `pg_ctl`: Debian keeps them out of `PATH`.
