@@ -188,6 +188,10 @@ pub(crate) async fn finalize(
     mode: Mode,
 ) -> Result<Finalized, StoreError> {
     let fence = emitter.fence();
+    // A finalizer that runs inside the store's completing transaction (see
+    // `SessionFinalizer::in_completion`): its effects commit with the completion or not
+    // at all, so running it again after an interrupted run is exactly once.
+    let in_completion = deps.finalizer.in_completion();
     let mut retry = Retry::new(deps, emitter, lifecycle);
     let claim = retry
         .step("claim the finalization", || {
@@ -216,6 +220,8 @@ pub(crate) async fn finalize(
                      died) while it ran, {} or more after it started; it is not run again",
                     humantime::format_duration(finalizer_timeout)
                 )),
+                // Its interrupted run committed nothing: run it again.
+                (Mode::Recover { .. }, _) if in_completion.is_some() => Run::Yes,
                 (Mode::Recover { .. }, n) => match deps.finalizer_recovery {
                     FinalizerRecovery::Rerun => Run::Yes,
                     FinalizerRecovery::Skip => Run::No(format!(
@@ -238,6 +244,12 @@ pub(crate) async fn finalize(
     let status = report.status;
     let counts = report.counts;
 
+    // Set: the finalizer runs in the completion, with this report, within this time.
+    let mut in_store: Option<(
+        crate::harvest::InCompletion,
+        SessionReport,
+        Option<Duration>,
+    )> = None;
     let finalizer_error = match run {
         Run::Yes => {
             // A self-fenced node runs no finalizer: its lease may have expired and another
@@ -262,7 +274,13 @@ pub(crate) async fn finalize(
                     Some(finalizer_timeout)
                 }
             };
-            run_user_finalizer(deps.finalizer.as_ref(), report, timeout).await
+            match &in_completion {
+                Some(work) => {
+                    in_store = Some((work.clone(), report, timeout));
+                    None
+                }
+                None => run_user_finalizer(deps.finalizer.as_ref(), report, timeout).await,
+            }
         }
         Run::No(error) => Some(error),
     };
@@ -293,12 +311,19 @@ pub(crate) async fn finalize(
                 completion.unrecorded = Vec::new();
             }
             let completion = completion.clone();
+            let in_store = in_store.as_ref();
             async move {
-                match deps
-                    .store
-                    .complete_finalization(id, fence, completion)
-                    .await?
-                {
+                let done = match in_store {
+                    None => {
+                        deps.store
+                            .complete_finalization(id, fence, completion)
+                            .await?
+                    }
+                    Some((work, report, timeout)) => {
+                        complete_with(deps, id, fence, completion, work, report, *timeout).await?
+                    }
+                };
+                match done {
                     Completed::AlreadyFinalized(record) if again => Ok(Completed::Now(record)),
                     other => Ok(other),
                 }
@@ -309,10 +334,16 @@ pub(crate) async fn finalize(
     match completed {
         Completed::AlreadyFinalized(_) => Ok(Finalized::NotByUs),
         Completed::Now(record) => {
+            // A finalizer that ran in the completion: its error is on the record.
+            let error = if in_store.is_some() {
+                record.finalizer_error.clone()
+            } else {
+                finalizer_error
+            };
             emitter.emit(EventKind::FinalizerFinished {
                 reason,
                 status,
-                error: finalizer_error,
+                error,
             });
             emitter.emit(EventKind::StatusChanged {
                 from: before.status,
@@ -629,6 +660,41 @@ impl InOrder {
             self.early.entry(r.resource_id.clone()).or_insert(r);
         }
         None
+    }
+}
+
+/// Completes with the finalizer's work inside the store's transaction, within `timeout`:
+/// past it the work is dropped (its transaction rolled back) and the session completes
+/// with that as its error, without the work.
+async fn complete_with(
+    deps: &Deps,
+    id: SessionId,
+    fence: crate::model::Fence,
+    completion: Completion,
+    work: &crate::harvest::InCompletion,
+    report: &SessionReport,
+    timeout: Option<Duration>,
+) -> Result<Completed, StoreError> {
+    let run = deps
+        .store
+        .complete_finalization_with(id, fence, completion.clone(), work, report);
+    let Some(limit) = timeout else {
+        return run.await;
+    };
+    match tokio::time::timeout(limit, run).await {
+        Ok(done) => done,
+        Err(_) => {
+            let completion = Completion {
+                finalizer_error: Some(format!(
+                    "the finalizer did not return within {}; its transaction was rolled back",
+                    humantime::format_duration(limit)
+                )),
+                ..completion
+            };
+            deps.store
+                .complete_finalization(id, fence, completion)
+                .await
+        }
     }
 }
 

@@ -63,6 +63,15 @@ impl SupervisorBuilder {
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn SessionStore>);
+        if let Some(work) = self.finalizer.in_completion()
+            && !store.runs_in_completion(&work)
+        {
+            return Err(Error::Config(crate::ConfigError::new(
+                "finalizer",
+                "this finalizer runs inside the store's completing transaction: use it with \
+                 the PostgreSQL store it was made for",
+            )));
+        }
         // The node's lease first: nobody may take over what it creates from then on.
         let node = Arc::new(crate::node::Node::new(&self.config));
         node.register(store.as_ref()).await?;

@@ -44,6 +44,38 @@ pub trait SessionFinalizer: Send + Sync + 'static {
     /// Record the outcome. An error (or a panic) is written on the session as its
     /// `finalizer_error`; the session still ends and its harvester is still freed.
     async fn finalize(&self, report: SessionReport) -> Result<(), BoxError>;
+
+    /// `Some` for a finalizer whose work runs inside the store's own transaction that
+    /// completes the session (the PostgreSQL store's transactional finalizer,
+    /// `store::postgres::PostgresFinalizer`): its writes commit together with the terminal
+    /// status, or not at all. [`SessionFinalizer::finalize`] is then not called. `None`,
+    /// the default, for every other finalizer.
+    fn in_completion(&self) -> Option<InCompletion> {
+        None
+    }
+}
+
+/// A finalizer's work that a store runs inside its completing transaction (see
+/// [`SessionFinalizer::in_completion`]); opaque to everything but the store that made it.
+#[derive(Clone)]
+pub struct InCompletion(pub(crate) Arc<dyn std::any::Any + Send + Sync>);
+
+impl InCompletion {
+    /// Wraps a store's own representation of the work.
+    pub fn new(work: Arc<dyn std::any::Any + Send + Sync>) -> Self {
+        Self(work)
+    }
+
+    /// The store's representation, for the store that made it.
+    pub fn work(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self.0.as_ref()
+    }
+}
+
+impl std::fmt::Debug for InCompletion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InCompletion")
+    }
 }
 
 /// What one attempt knows about itself.

@@ -55,8 +55,8 @@ pub use events::{EventKind, EventSubscription, RecvError, SessionEvent};
 pub use follow::EventFollower;
 pub use handle::{SessionDetail, Supervisor, SupervisorBuilder};
 pub use harvest::{
-    BoxError, HarvestContext, Heartbeat, ResourceHarvester, SessionFinalizer, finalizer_fn,
-    harvest_fn,
+    BoxError, HarvestContext, Heartbeat, InCompletion, ResourceHarvester, SessionFinalizer,
+    finalizer_fn, harvest_fn,
 };
 pub use model::{
     Fence, FinalizeReason, HarvesterId, NodeId, OutcomeCounts, OutcomeRecord, ResourceId,

@@ -27,9 +27,10 @@ use serde::{Deserialize, Serialize};
 use crate::config::SessionConfig;
 use crate::error::StoreError;
 use crate::events::SessionEvent;
+use crate::harvest::InCompletion;
 use crate::model::{
     Fence, FinalizeReason, HarvesterId, NodeId, OutcomeCounts, OutcomeRecord, ResourceId,
-    SessionId, SessionRecord, SessionStatus,
+    SessionId, SessionRecord, SessionReport, SessionStatus,
 };
 
 pub use memory::MemoryStore;
@@ -475,6 +476,34 @@ pub trait SessionStore: Send + Sync + 'static {
         fence: Fence,
         completion: Completion,
     ) -> Result<Completed, StoreError>;
+
+    /// [`SessionStore::complete_finalization`] with a finalizer's `work` run first, in
+    /// the same transaction: its writes commit with the terminal status or not at all. A
+    /// failure (or panic) of the work rolls back its writes alone, and the session
+    /// completes with it as `finalizer_error`. Only a store that made the work can run it
+    /// (see [`SessionStore::runs_in_completion`]); the default refuses.
+    async fn complete_finalization_with(
+        &self,
+        id: SessionId,
+        fence: Fence,
+        completion: Completion,
+        work: &InCompletion,
+        report: &SessionReport,
+    ) -> Result<Completed, StoreError> {
+        let _ = (id, fence, completion, work, report);
+        Err(StoreError::InvalidOptions(crate::ConfigError::new(
+            "finalizer",
+            "this finalizer runs inside the store's transaction, and this store has none \
+             (it needs the PostgreSQL store)",
+        )))
+    }
+
+    /// Whether this store can run `work` inside its completing transaction (see
+    /// [`SessionStore::complete_finalization_with`]); checked when a supervisor starts.
+    fn runs_in_completion(&self, work: &InCompletion) -> bool {
+        let _ = work;
+        false
+    }
 
     /// Records an abort asked for by a node that does not own the session (unfenced: any
     /// node may ask). Only a pending or on-going session whose finalization is not

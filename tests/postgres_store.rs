@@ -419,3 +419,233 @@ async fn announcements_resume_after_the_listening_connection_is_killed() {
     a.shutdown().await.expect("a");
     b.shutdown().await.expect("b");
 }
+
+/// Env of [`crashing_node`]: the database URL, the store's schema and the application's
+/// table the finalizer writes to.
+const CRASH_URL: &str = "HARVEST_PGT_URL";
+const CRASH_SCHEMA: &str = "HARVEST_PGT_SCHEMA";
+const CRASH_TABLE: &str = "HARVEST_PGT_TABLE";
+
+/// Writes a row for the session into the application's table, in the completing
+/// transaction; with `crash`, SIGKILLs its own process right after (before the commit).
+struct MarkHarvested {
+    table: String,
+    crash: bool,
+}
+
+#[async_trait::async_trait]
+impl harvest_supervisor::store::postgres::TransactionalFinalizer for MarkHarvested {
+    async fn finalize(
+        &self,
+        report: &harvest_supervisor::SessionReport,
+        tx: &harvest_supervisor::store::postgres::tokio_postgres::Transaction<'_>,
+    ) -> Result<(), harvest_supervisor::BoxError> {
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (session_id, status, attempt) VALUES ($1, $2, $3)",
+                self.table
+            ),
+            &[
+                &report.session_id.0,
+                &report.status.to_string(),
+                &i64::from(report.finalizer_attempt),
+            ],
+        )
+        .await?;
+        if self.crash {
+            let me = std::process::id().to_string();
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &me])
+                .status();
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+/// Run again as a child by the transactional-finalizer test: harvests a session and dies
+/// inside its finalizer's transaction. Does nothing in a normal run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashing_node() {
+    let (Ok(url), Ok(schema), Ok(table)) = (
+        std::env::var(CRASH_URL),
+        std::env::var(CRASH_SCHEMA),
+        std::env::var(CRASH_TABLE),
+    ) else {
+        return;
+    };
+    let store =
+        PostgresStore::connect_with(PostgresOptions::from_url(&url).expect("url").schema(schema))
+            .await
+            .expect("connect");
+    let sup = Supervisor::builder(
+        harvest_fn(|_ctx: HarvestContext| async { Ok(()) }),
+        harvest_supervisor::store::postgres::PostgresFinalizer::new(MarkHarvested {
+            table,
+            crash: true,
+        }),
+    )
+    .store(Arc::new(store))
+    .start()
+    .await
+    .expect("start");
+    let id = sup
+        .start_session("csw", ["a", "b", "c"])
+        .await
+        .expect("start");
+    println!("SESSION {id}");
+    let _ = sup.wait_finished(id).await;
+    unreachable!("the finalizer kills this process");
+}
+
+/// Rows of the application's table for `id`.
+fn app_rows(pg: &TestPg, table: &str, id: SessionId) -> Vec<String> {
+    let out = std::process::Command::new("psql")
+        .args([
+            "-At",
+            "-d",
+            &pg.url,
+            "-c",
+            &format!("SELECT status || ' ' || attempt FROM {table} WHERE session_id = '{id}'"),
+        ])
+        .output()
+        .expect("psql");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactional_finalizer_commits_with_the_terminal_status_or_not_at_all() {
+    let test = "a_transactional_finalizer_commits_with_the_terminal_status_or_not_at_all";
+    let Some(pg) = server(test) else {
+        return;
+    };
+    let schema = common::pg::fresh_schema();
+    let table = format!("{schema}_app_harvests");
+    pg.psql(&format!(
+        "CREATE TABLE {table} (session_id uuid NOT NULL, status text NOT NULL, attempt bigint)"
+    ));
+    // A node harvests and is SIGKILLed inside its finalizer, its row written, not committed.
+    let child = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "crashing_node",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CRASH_URL, &pg.url)
+        .env(CRASH_SCHEMA, &schema)
+        .env(CRASH_TABLE, &table)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(GUARD, child)
+        .await
+        .expect("the node dies")
+        .expect("ran");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9), "killed inside its finalizer");
+    let said = String::from_utf8_lossy(&out.stdout);
+    let id = said
+        .split_whitespace()
+        .skip_while(|w| *w != "SESSION")
+        .nth(1)
+        .and_then(|w| uuid::Uuid::parse_str(w).ok())
+        .map(SessionId)
+        .expect("the node said its session");
+
+    let options = PostgresOptions::from_url(&pg.url)
+        .expect("url")
+        .schema(schema.as_str());
+    let store = Arc::new(PostgresStore::connect_with(options).await.expect("connect"));
+    let record = store.session(id).await.expect("record");
+    assert!(!record.status.is_terminal(), "{record:?}");
+    assert_eq!(record.finalizer_attempts, 1, "its run had started");
+    assert!(
+        app_rows(pg, &table, id).is_empty(),
+        "its write was not committed"
+    );
+
+    // A live node takes the session over (the dead process is on this host) and finalizes
+    // it: the finalizer runs again, and its row and the terminal status both exist, once.
+    let rescuer = Supervisor::builder(
+        harvest_fn(|_ctx: HarvestContext| async { Ok(()) }),
+        harvest_supervisor::store::postgres::PostgresFinalizer::new(MarkHarvested {
+            table: table.clone(),
+            crash: false,
+        }),
+    )
+    .store(Arc::clone(&store) as Arc<dyn SessionStore>)
+    .start()
+    .await
+    .expect("start");
+    let record = tokio::time::timeout(GUARD, rescuer.wait_finished(id))
+        .await
+        .expect("finalized")
+        .expect("record");
+    assert_eq!(record.status, SessionStatus::FinishedAllOk);
+    assert_eq!(record.finalizer_error, None);
+    assert_eq!(record.finalizer_attempts, 2);
+    assert_eq!(app_rows(pg, &table, id), ["finished-all-ok 2"]);
+
+    // A failing transactional finalizer leaves no row, and the session still ends.
+    struct Fails(String);
+    #[async_trait::async_trait]
+    impl harvest_supervisor::store::postgres::TransactionalFinalizer for Fails {
+        async fn finalize(
+            &self,
+            report: &harvest_supervisor::SessionReport,
+            tx: &harvest_supervisor::store::postgres::tokio_postgres::Transaction<'_>,
+        ) -> Result<(), harvest_supervisor::BoxError> {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {} (session_id, status) VALUES ($1, 'partial')",
+                    self.0
+                ),
+                &[&report.session_id.0],
+            )
+            .await?;
+            Err("the catalogue refused the update".into())
+        }
+    }
+    rescuer.shutdown().await.expect("shutdown");
+    let failing = Supervisor::builder(
+        harvest_fn(|_ctx: HarvestContext| async { Ok(()) }),
+        harvest_supervisor::store::postgres::PostgresFinalizer::new(Fails(table.clone())),
+    )
+    .store(Arc::clone(&store) as Arc<dyn SessionStore>)
+    .start()
+    .await
+    .expect("start");
+    let id = failing.start_session("csw", ["x"]).await.expect("start");
+    let record = failing.wait_finished(id).await.expect("record");
+    assert!(record.status.is_terminal());
+    assert_eq!(
+        record.finalizer_error.as_deref(),
+        Some("the catalogue refused the update")
+    );
+    assert!(app_rows(pg, &table, id).is_empty(), "rolled back");
+    let events = store.events(id).await.expect("events");
+    assert!(events.iter().any(|e| matches!(
+        &e.kind,
+        EventKind::FinalizerFinished { error: Some(e), .. } if e == "the catalogue refused the update"
+    )));
+    failing.shutdown().await.expect("shutdown");
+
+    // On another store it is refused at start.
+    let refused = Supervisor::builder(
+        harvest_fn(|_ctx: HarvestContext| async { Ok(()) }),
+        harvest_supervisor::store::postgres::PostgresFinalizer::new(Fails(table)),
+    )
+    .start()
+    .await;
+    assert!(
+        matches!(&refused, Err(harvest_supervisor::Error::Config(c)) if c.field() == "finalizer"),
+        "{:?}",
+        refused.err()
+    );
+}

@@ -17,6 +17,7 @@
 //! those not yet committed (at most `commit_delay` worth) can be lost by a crash, and
 //! those a lost connection kept from being written are retried with the next batch.
 
+mod finalizer;
 mod listen;
 mod rows;
 mod schema;
@@ -35,6 +36,8 @@ use tokio_postgres::{Config, NoTls};
 use crate::config::SessionConfig;
 use crate::error::{ConfigError, StoreError};
 use crate::events::SessionEvent;
+use crate::harvest::InCompletion;
+use crate::model::SessionReport;
 use crate::model::{
     Fence, FinalizeReason, HarvesterId, NodeId, OutcomeRecord, ResourceId, SessionId,
     SessionRecord, SessionStatus,
@@ -51,6 +54,11 @@ use rows::{
 };
 use schema::qualify;
 use writer::{Target, Writer};
+
+pub use finalizer::{PostgresFinalizer, TransactionalFinalizer};
+/// The driver, as this crate uses it: a [`TransactionalFinalizer`] writes through its
+/// [`tokio_postgres::Transaction`].
+pub use tokio_postgres;
 
 /// How to reach the database, and the store's settings. Built from a URL
 /// ([`PostgresOptions::from_url`]) or the standard `PG*` variables
@@ -524,6 +532,92 @@ impl PostgresStore {
                 }
                 load(tx, schema, new.id).await
             }
+        }
+        .await;
+        end(txn, result).await
+    }
+
+    /// Completes a claimed session, running `work` first in the same transaction (see
+    /// `complete_finalization_with`).
+    async fn complete(
+        &self,
+        id: SessionId,
+        fence: Fence,
+        mut completion: Completion,
+        work: Option<(&dyn TransactionalFinalizer, &SessionReport)>,
+    ) -> Result<Completed, StoreError> {
+        let status = text(&completion.status)?;
+        let reason = text(&completion.reason)?;
+        let schema = self.schema.as_str();
+        let mut client = self.write_client().await?;
+        let txn = client.transaction().await.map_err(backend)?;
+        let result = async {
+            let tx = &txn;
+            let before = lock(tx, schema, id).await?;
+            check_fence(&before, fence)?;
+            if before.status.is_terminal() {
+                return Ok(Completed::AlreadyFinalized(before));
+            }
+            if let Some((work, report)) = work
+                && let Some(error) = finalizer::run(tx, work, report).await?
+            {
+                completion.finalizer_error = Some(error);
+            }
+            let c = completion.counts;
+            // A terminal status also frees the busy lock (a partial unique index of
+            // unfinished sessions): only this session's, never a newer one's.
+            let row = tx
+                .query_one(
+                    &qualify(
+                        "UPDATE @.sessions SET status = $2, finalizing = $3, ended = $4, \
+                         finalizer_error = $5, succeeded = $6, failed = $7, panicked = $8, \
+                         timed_out = $9, cancelled = $10, lost = $11 \
+                         WHERE id = $1 RETURNING key",
+                        schema,
+                    ),
+                    &[
+                        &id.0,
+                        &status,
+                        &reason,
+                        &completion.ended,
+                        &completion.finalizer_error,
+                        &count(c.succeeded),
+                        &count(c.failed),
+                        &count(c.panicked),
+                        &count(c.timed_out),
+                        &count(c.cancelled),
+                        &count(c.lost),
+                    ],
+                )
+                .await
+                .map_err(backend)?;
+            let key: i64 = get(&row, 0)?;
+            if !completion.unrecorded.is_empty() {
+                // Best effort, in a savepoint: the counts have them either way.
+                tx.batch_execute("SAVEPOINT unrecorded")
+                    .await
+                    .map_err(backend)?;
+                match insert_outcomes(tx, schema, key, &completion.unrecorded).await {
+                    Ok(()) => tx
+                        .batch_execute("RELEASE SAVEPOINT unrecorded")
+                        .await
+                        .map_err(backend)?,
+                    Err(error) => {
+                        tracing::warn!(
+                            %error,
+                            outcomes = completion.unrecorded.len(),
+                            "store: the unrecorded outcomes could not be written; \
+                             completing without them (the counts have them)"
+                        );
+                        tx.batch_execute(
+                            "ROLLBACK TO SAVEPOINT unrecorded; RELEASE SAVEPOINT unrecorded",
+                        )
+                        .await
+                        .map_err(backend)?;
+                    }
+                }
+            }
+            Ok(Completed::Now(load(tx, schema, id).await?))
         }
         .await;
         end(txn, result).await
@@ -1168,79 +1262,29 @@ impl SessionStore for PostgresStore {
         fence: Fence,
         completion: Completion,
     ) -> Result<Completed, StoreError> {
-        let status = text(&completion.status)?;
-        let reason = text(&completion.reason)?;
-        let schema = self.schema.as_str();
-        let (status, reason, completion) = (&status, &reason, &completion);
-        let mut client = self.write_client().await?;
-        let txn = client.transaction().await.map_err(backend)?;
-        let result = async {
-            let tx = &txn;
-            {
-                let before = lock(tx, schema, id).await?;
-                check_fence(&before, fence)?;
-                if before.status.is_terminal() {
-                    return Ok(Completed::AlreadyFinalized(before));
-                }
-                let c = completion.counts;
-                // A terminal status also frees the busy lock (a partial unique index of
-                // unfinished sessions): only this session's, never a newer one's.
-                let row = tx
-                    .query_one(
-                        &qualify(
-                            "UPDATE @.sessions SET status = $2, finalizing = $3, ended = $4, \
-                             finalizer_error = $5, succeeded = $6, failed = $7, panicked = $8, \
-                             timed_out = $9, cancelled = $10, lost = $11 \
-                             WHERE id = $1 RETURNING key",
-                            schema,
-                        ),
-                        &[
-                            &id.0,
-                            status,
-                            reason,
-                            &completion.ended,
-                            &completion.finalizer_error,
-                            &count(c.succeeded),
-                            &count(c.failed),
-                            &count(c.panicked),
-                            &count(c.timed_out),
-                            &count(c.cancelled),
-                            &count(c.lost),
-                        ],
-                    )
-                    .await
-                    .map_err(backend)?;
-                let key: i64 = get(&row, 0)?;
-                if !completion.unrecorded.is_empty() {
-                    // Best effort, in a savepoint: the counts have them either way.
-                    tx.batch_execute("SAVEPOINT unrecorded")
-                        .await
-                        .map_err(backend)?;
-                    match insert_outcomes(tx, schema, key, &completion.unrecorded).await {
-                        Ok(()) => tx
-                            .batch_execute("RELEASE SAVEPOINT unrecorded")
-                            .await
-                            .map_err(backend)?,
-                        Err(error) => {
-                            tracing::warn!(
-                                %error,
-                                outcomes = completion.unrecorded.len(),
-                                "store: the unrecorded outcomes could not be written; \
-                                 completing without them (the counts have them)"
-                            );
-                            tx.batch_execute(
-                                "ROLLBACK TO SAVEPOINT unrecorded; RELEASE SAVEPOINT unrecorded",
-                            )
-                            .await
-                            .map_err(backend)?;
-                        }
-                    }
-                }
-                Ok(Completed::Now(load(tx, schema, id).await?))
-            }
-        }
-        .await;
-        end(txn, result).await
+        self.complete(id, fence, completion, None).await
+    }
+
+    async fn complete_finalization_with(
+        &self,
+        id: SessionId,
+        fence: Fence,
+        completion: Completion,
+        work: &InCompletion,
+        report: &SessionReport,
+    ) -> Result<Completed, StoreError> {
+        let Some(work) = finalizer::work_of(work) else {
+            return Err(StoreError::InvalidOptions(ConfigError::new(
+                "finalizer",
+                "this work was not made by the PostgreSQL store",
+            )));
+        };
+        self.complete(id, fence, completion, Some((work.as_ref(), report)))
+            .await
+    }
+
+    fn runs_in_completion(&self, work: &InCompletion) -> bool {
+        finalizer::work_of(work).is_some()
     }
 
     async fn request_abort(&self, id: SessionId) -> Result<SessionRecord, StoreError> {
