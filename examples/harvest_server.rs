@@ -41,9 +41,9 @@ use axum::{Json, Router};
 use clap::Parser;
 use futures::Stream;
 use harvest_supervisor::{
-    EventKind, HarvestContext, HarvesterId, RecvError, SessionConfig, SessionError, SessionEvent,
-    SessionId, SessionQuery, SessionRequest, SessionStatus, SessionStore, SqliteStore, StartError,
-    Supervisor, SupervisorConfig, finalizer_fn, harvest_fn,
+    HarvestContext, HarvesterId, SessionConfig, SessionError, SessionEvent, SessionId,
+    SessionQuery, SessionRequest, SessionStatus, SessionStore, SqliteStore, StartError, Supervisor,
+    SupervisorConfig, finalizer_fn, harvest_fn,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -315,20 +315,20 @@ async fn page() -> impl IntoResponse {
     )
 }
 
-/// Events per page when replaying the stored log: a replay of a huge log holds one page
-/// at a time, and the store's connection only while it reads one.
-const REPLAY_PAGE: usize = 1000;
-
-/// The stored log first (page by page), then live events, until `SessionFinished`.
+/// The stored log first, then each new event, until `SessionFinished`: whichever server
+/// runs the session (several may share one database), through the library's follower,
+/// which reads the store page by page and only when something new may be there.
 async fn events(
     State(app): State<App>,
     Path(id): Path<SessionId>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    // Subscribe before reading the store, so nothing falls between the two.
-    let mut live = app.supervisor.subscribe();
+    let mut follower = app.supervisor.follow(id, 0);
     // An unknown session is a 404, not an empty stream.
-    let first = app.supervisor.events_after(id, 0, REPLAY_PAGE).await?;
-    let supervisor = Arc::clone(&app.supervisor);
+    let first = match follower.next().await {
+        Some(Ok(event)) => Some(event),
+        Some(Err(e)) => return Err(e.into()),
+        None => None,
+    };
     let stream = async_stream(move |tx| async move {
         let send = |e: &SessionEvent| {
             let data = serde_json::to_string(e).unwrap_or_default();
@@ -337,53 +337,23 @@ async fn events(
                 .id(e.seq.to_string())
                 .data(data)
         };
-        // Sends the stored events after `last`, page by page; `None` once the stream is
-        // over (the client left, or the log ended).
-        let replay = |mut last: u64, mut page: Vec<SessionEvent>| {
-            let supervisor = Arc::clone(&supervisor);
-            let tx = tx.clone();
-            async move {
-                loop {
-                    if page.is_empty() {
-                        return Some(last);
-                    }
-                    for e in &page {
-                        last = e.seq;
-                        if tx.send(send(e)).await.is_err()
-                            || matches!(e.kind, EventKind::SessionFinished { .. })
-                        {
-                            return None;
-                        }
-                    }
-                    page = supervisor.events_after(id, last, REPLAY_PAGE).await.ok()?;
-                }
-            }
-        };
-        let Some(mut last) = replay(0, first).await else {
+        let Some(first) = first else {
             return;
         };
-        loop {
-            match live.recv().await {
-                Ok(e) if e.session_id == id && e.seq > last => {
-                    last = e.seq;
-                    if tx.send(send(&e)).await.is_err()
-                        || matches!(e.kind, EventKind::SessionFinished { .. })
-                    {
+        if tx.send(send(&first)).await.is_err() {
+            return;
+        }
+        while let Some(next) = follower.next().await {
+            match next {
+                Ok(e) => {
+                    if tx.send(send(&e)).await.is_err() {
                         return;
                     }
                 }
-                Ok(_) => {}
-                Err(RecvError::Lagged { .. }) => {
-                    // Fill the gap from the store.
-                    let Ok(missed) = supervisor.events_after(id, last, REPLAY_PAGE).await else {
-                        return;
-                    };
-                    match replay(last, missed).await {
-                        Some(now) => last = now,
-                        None => return,
-                    }
+                Err(error) => {
+                    tracing::warn!(%error, session_id = %id, "event stream ended: the store failed");
+                    return;
                 }
-                Err(RecvError::Closed) => return,
             }
         }
     });
@@ -537,6 +507,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await
 }
 
+/// The tests' PostgreSQL server (shared with the integration tests).
+#[cfg(test)]
+#[path = "../tests/common/pg.rs"]
+#[allow(dead_code)]
+mod test_pg;
+
 #[cfg(test)]
 mod tests {
     //! HTTP-level tests against a server on an ephemeral loopback port.
@@ -558,9 +534,15 @@ mod tests {
             let store = SqliteStore::open(dir.path().join("s.db"))
                 .await
                 .expect("store");
-            let supervisor = supervisor(Arc::new(store), Duration::from_millis(20), None)
-                .await
-                .expect("supervisor");
+            Self::start_on(Arc::new(store), dir, Duration::from_millis(20)).await
+        }
+
+        async fn start_on(
+            store: Arc<dyn SessionStore>,
+            dir: tempfile::TempDir,
+            work: Duration,
+        ) -> Self {
+            let supervisor = supervisor(store, work, None).await.expect("supervisor");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
@@ -875,6 +857,70 @@ mod tests {
         assert_eq!(again.matches("event: SessionFinished").count(), 1);
         server.stop().await;
     }
+
+    /// The README's walk-through: two servers on one PostgreSQL database. A session
+    /// started on one is streamed and aborted from the other.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_servers_on_one_postgres_database_share_their_sessions() {
+        let Some(pg) =
+            super::test_pg::server("two_servers_on_one_postgres_database_share_their_sessions")
+        else {
+            return;
+        };
+        let options = pg.options();
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            let store = harvest_supervisor::store::PostgresStore::connect_with(options.clone())
+                .await
+                .expect("connect");
+            let dir = tempfile::tempdir().expect("dir");
+            servers.push(Server::start_on(Arc::new(store), dir, Duration::from_millis(200)).await);
+        }
+        let (one, two) = (&servers[0], &servers[1]);
+        let r = one.start_session("csw", json!({ "count": 200 })).await;
+        assert_eq!(r.status().as_u16(), 201);
+        let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        // The other server sees it, and the harvester is busy there too.
+        let (status, body) = two.json(&format!("/sessions/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let busy = two.start_session("csw", json!({ "count": 1 })).await;
+        assert_eq!(busy.status().as_u16(), 409);
+        // Stream it from the other server while it runs, and abort it from there.
+        let stream = two
+            .http
+            .get(format!("{}/sessions/{id}/events", two.base))
+            .send()
+            .await
+            .expect("stream");
+        let aborted = two
+            .http
+            .post(format!("{}/sessions/{id}/abort", two.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("abort");
+        assert!(aborted.status().is_success(), "{}", aborted.status());
+        let body = tokio::time::timeout(Duration::from_secs(30), stream.text())
+            .await
+            .expect("the stream ended with the session")
+            .expect("body");
+        let kinds: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: "))
+            .collect();
+        assert_eq!(kinds.first(), Some(&"SessionStarted"));
+        assert_eq!(kinds.last(), Some(&"SessionFinished"));
+        assert!(body.contains("\"aborted\""), "{body}");
+        let (_, record) = one.json(&format!("/sessions/{id}")).await;
+        assert_eq!(record["record"]["status"], "aborted", "{record}");
+        for server in servers {
+            server.stop().await;
+        }
+    }
+
     /// A minimal WebDriver client (the W3C protocol is JSON over HTTP) for the browser test.
     struct Browser {
         http: reqwest::Client,
