@@ -9,6 +9,10 @@
 //! cargo run --release --example bench_scale -- takeover --kills 20 --signal KILL
 //! cargo run --release --example bench_scale -- watchdog --sessions 10000 --sqlite
 //! cargo run --release --example bench_scale -- one --imp memory --n 1000   # one case, JSON
+//! HARVEST_BENCH_PG=URL cargo run --release --example bench_scale -- pg-throughput --n 10000
+//! cargo run --release --example bench_scale -- takeover --kills 20 --postgres URL
+//! cargo run --release --example bench_scale -- cluster --procs 3 --secs 20 --postgres URL
+//! cargo run --release --example bench_scale -- idle-cluster --sessions 10000 --nodes 3 --postgres URL
 //! ```
 //!
 //! Each throughput case runs in a fresh child process (`one`), so its peak RSS (VmHWM) is its
@@ -20,7 +24,9 @@
 //! - `actor`: a bare ractor parent that `spawn_linked`s no-op children, counts their
 //!   terminations, then calls a closure;
 //! - `memory`: one harvest-supervisor session of N no-op resources on the memory store;
-//! - `sqlite`: the same on the durable store (a fresh file in a temp dir).
+//! - `sqlite`: the same on the durable store (a fresh file in a temp dir);
+//! - `postgres`: the same on the PostgreSQL store (a fresh schema of the database that
+//!   `HARVEST_BENCH_PG` names; dropped after).
 
 #[path = "../benches/common/mod.rs"]
 mod impls;
@@ -30,6 +36,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use harvest_supervisor::store::postgres::tokio_postgres;
+use harvest_supervisor::store::{PostgresOptions, PostgresStore};
 use harvest_supervisor::{
     FailurePolicy, SessionConfig, SessionRequest, SessionStore, SqliteStore, Supervisor,
     SupervisorConfig, finalizer_fn, harvest_fn,
@@ -138,12 +146,76 @@ enum Cmd {
         renew: Duration,
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         rescue: Duration,
+        /// On this PostgreSQL database (a fresh schema per round) instead of SQLite.
+        #[arg(long)]
+        postgres: Option<String>,
+    },
+    /// Memory against PostgreSQL per resource, alternating fresh processes: medians and
+    /// the median of the within-pair ratios. The database: `HARVEST_BENCH_PG`.
+    PgThroughput {
+        #[arg(long)]
+        n: usize,
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+    },
+    /// `procs` processes on one PostgreSQL database, each running sessions of `size`
+    /// no-op resources back to back on a harvester of its own for `secs`: sessions and
+    /// outcomes per second, in all and per process, and each process's CPU.
+    Cluster {
+        #[arg(long, default_value_t = 3)]
+        procs: usize,
+        #[arg(long, default_value_t = 20)]
+        secs: u64,
+        #[arg(long, default_value_t = 1000)]
+        size: usize,
+        #[arg(long)]
+        postgres: String,
+    },
+    /// One process of `cluster`: prints `DONE sessions outcomes cpu_secs` at the end.
+    ClusterNode {
+        #[arg(long)]
+        postgres: String,
+        #[arg(long)]
+        schema: String,
+        #[arg(long)]
+        harvester: String,
+        #[arg(long)]
+        secs: u64,
+        #[arg(long)]
+        size: usize,
+    },
+    /// `sessions` idle sessions (one resource sleeping for an hour each, 1 s monitor
+    /// interval) spread over `nodes` processes on one PostgreSQL database: the database's
+    /// transactions and rows read per second while they idle.
+    IdleCluster {
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 30)]
+        idle_secs: u64,
+        #[arg(long)]
+        postgres: String,
+    },
+    /// One process of `idle-cluster`: starts its sessions, says `READY`, idles.
+    IdleNode {
+        #[arg(long)]
+        postgres: String,
+        #[arg(long)]
+        schema: String,
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        count: usize,
     },
     /// A node process for `takeover`: `victim` starts a session of one hanging resource
     /// and says its id; `rescuer` only rescues.
     Node {
         #[arg(long)]
         db: std::path::PathBuf,
+        /// `URL schema`: on PostgreSQL instead of the `db` file.
+        #[arg(long, num_args = 2)]
+        postgres: Option<Vec<String>>,
         #[arg(long)]
         victim: bool,
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -161,6 +233,7 @@ enum Imp {
     Actor,
     Memory,
     Sqlite,
+    Postgres,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -213,11 +286,16 @@ async fn run_one(imp: Imp, n: usize, warm: bool) -> Sample {
     // `warm`: the same case once untimed first; the timed one then runs on a heap (and a
     // database file) that a session of this size has used before.
     let dir = std::env::temp_dir().join(format!("hs-bench-{}", std::process::id()));
-    let store = match imp {
+    let store: Option<Arc<dyn SessionStore>> = match imp {
         Imp::Sqlite => {
             std::fs::create_dir_all(&dir).expect("temp dir");
-            Some(SqliteStore::open(dir.join("bench.db")).await.expect("db"))
+            Some(Arc::new(
+                SqliteStore::open(dir.join("bench.db")).await.expect("db"),
+            ))
         }
+        Imp::Postgres => Some(Arc::new(
+            pg_store(&bench_pg(), &format!("bench_{}", std::process::id())).await,
+        )),
         _ => None,
     };
     let mut took = Duration::ZERO;
@@ -230,15 +308,15 @@ async fn run_one(imp: Imp, n: usize, warm: bool) -> Sample {
                 .expect("the floor's task"),
             Imp::Actor => impls::run_actor(n).await,
             // The memory store when `store` is `None`.
-            Imp::Memory | Imp::Sqlite => {
-                let durable = store.clone().map(|s| Arc::new(s) as Arc<dyn SessionStore>);
-                impls::run_session(n, durable).await
-            }
+            Imp::Memory | Imp::Sqlite | Imp::Postgres => impls::run_session(n, store.clone()).await,
         };
     }
-    if let Some(store) = store {
-        store.close().await.expect("close");
+    drop(store);
+    if imp == Imp::Sqlite {
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    if imp == Imp::Postgres {
+        drop_schema(&bench_pg(), &format!("bench_{}", std::process::id())).await;
     }
     Sample {
         imp,
@@ -563,21 +641,314 @@ async fn watchdog(sessions: usize, idle: Duration, sqlite: bool, no_leases: bool
     std::process::exit(0); // the sessions would otherwise run for an hour
 }
 
+/// The PostgreSQL database of the benchmarks (`HARVEST_BENCH_PG`).
+fn bench_pg() -> String {
+    std::env::var("HARVEST_BENCH_PG")
+        .expect("HARVEST_BENCH_PG: the URL of the PostgreSQL database to benchmark on")
+}
+
+/// A PostgreSQL store in `schema` (created if missing).
+async fn pg_store(url: &str, schema: &str) -> PostgresStore {
+    PostgresStore::connect_with(PostgresOptions::from_url(url).expect("url").schema(schema))
+        .await
+        .expect("postgres")
+}
+
+/// A plain connection to `url`, for the harness's own statements.
+async fn pg_client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+async fn drop_schema(url: &str, schema: &str) {
+    let client = pg_client(url).await;
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .expect("drop schema");
+}
+
+/// Memory against PostgreSQL per resource, in alternating fresh processes.
+fn pg_throughput(n: usize, pairs: usize) {
+    let mut memory = Vec::new();
+    let mut postgres = Vec::new();
+    let mut ratios = Vec::new();
+    let mut cpu_ratios = Vec::new();
+    for _ in 0..pairs {
+        let m = child_case(Imp::Memory, n, false);
+        let p = child_case(Imp::Postgres, n, false);
+        ratios.push(p.secs / m.secs);
+        cpu_ratios.push(p.cpu_secs / m.cpu_secs);
+        memory.push(m);
+        postgres.push(p);
+    }
+    let us = |v: &[Sample]| median(v.iter().map(|s| s.secs * 1e6 / n as f64).collect());
+    let rss = |v: &[Sample]| v.iter().map(|s| s.peak_rss_kib).max().unwrap_or(0) / 1024;
+    let (lo, hi) = ratios
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &r| (a.min(r), b.max(r)));
+    println!(
+        "| {n} | {pairs} | {:.2} | {:.2} | {:.2} ({lo:.2} to {hi:.2}) | {:.2} | {} / {} |",
+        us(&memory),
+        us(&postgres),
+        median(ratios),
+        median(cpu_ratios),
+        rss(&memory),
+        rss(&postgres),
+    );
+}
+
+/// CPU time of process `pid` (user + system), from `/proc/<pid>/stat`.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .rsplit(") ")
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+async fn cluster(procs: usize, secs: u64, size: usize, url: &str) {
+    use std::io::BufRead;
+    let schema = format!("cluster_{}", std::process::id());
+    drop(pg_store(url, &schema).await);
+    let exe = std::env::current_exe().expect("this binary");
+    let children: Vec<std::process::Child> = (0..procs)
+        .map(|i| {
+            Command::new(&exe)
+                .args([
+                    "cluster-node",
+                    "--postgres",
+                    url,
+                    "--schema",
+                    &schema,
+                    "--harvester",
+                    &format!("h{i}"),
+                    "--secs",
+                    &secs.to_string(),
+                    "--size",
+                    &size.to_string(),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("cluster node")
+        })
+        .collect();
+    let (mut sessions, mut outcomes, mut cpu) = (0u64, 0u64, Vec::new());
+    for mut child in children {
+        let stdout = child.stdout.take().expect("stdout");
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            if w.first() == Some(&"DONE") {
+                sessions += w.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+                outcomes += w.get(2).and_then(|v| v.parse().ok()).unwrap_or(0);
+                cpu.push(w.get(3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0));
+            }
+        }
+        let _ = child.wait();
+    }
+    drop_schema(url, &schema).await;
+    let s = secs as f64;
+    let cpu_text: Vec<String> = cpu
+        .iter()
+        .map(|c| format!("{:.0} %", c / s * 100.0))
+        .collect();
+    println!(
+        "| {procs} | {size} | {secs} s | {:.1} | {:.0} | {:.1} | {:.0} | {} |",
+        sessions as f64 / s,
+        outcomes as f64 / s,
+        sessions as f64 / s / procs as f64,
+        outcomes as f64 / s / procs as f64,
+        cpu_text.join(", ")
+    );
+}
+
+async fn cluster_node(url: &str, schema: &str, harvester: &str, secs: u64, size: usize) {
+    let store = pg_store(url, schema).await;
+    let sup = Supervisor::builder(
+        harvest_fn(|_| async { Ok(()) }),
+        finalizer_fn(|_| async { Ok(()) }),
+    )
+    .store(Arc::new(store))
+    .config(SupervisorConfig {
+        session: impls::bench_config(),
+        ..SupervisorConfig::default()
+    })
+    .start()
+    .await
+    .expect("supervisor");
+    let cpu0 = cpu_time();
+    let until = Instant::now() + Duration::from_secs(secs);
+    let (mut sessions, mut outcomes) = (0u64, 0u64);
+    let mut k = 0u64;
+    while Instant::now() < until {
+        let resources: Vec<String> = (0..size).map(|i| format!("{harvester}-{k}-r{i}")).collect();
+        let id = sup
+            .start_session(harvester, resources)
+            .await
+            .expect("start");
+        sup.wait_finished(id).await.expect("finished");
+        sessions += 1;
+        outcomes += size as u64;
+        k += 1;
+    }
+    let cpu = cpu_time() - cpu0;
+    println!("DONE {sessions} {outcomes} {:.3}", cpu.as_secs_f64());
+    sup.shutdown().await.expect("shutdown");
+}
+
+async fn idle_cluster(sessions: usize, nodes: usize, idle: Duration, url: &str) {
+    use std::io::BufRead;
+    let schema = format!("idle_{}", std::process::id());
+    drop(pg_store(url, &schema).await);
+    let exe = std::env::current_exe().expect("this binary");
+    let per = sessions.div_ceil(nodes);
+    let mut children = Vec::new();
+    for i in 0..nodes {
+        let mut child = Command::new(&exe)
+            .args([
+                "idle-node",
+                "--postgres",
+                url,
+                "--schema",
+                &schema,
+                "--first",
+                &(i * per).to_string(),
+                "--count",
+                &per.min(sessions.saturating_sub(i * per)).to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("idle node");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("READY");
+        assert_eq!(line.trim(), "READY");
+        children.push(child);
+    }
+    // Let every session settle (first monitor reads, first batched read), then measure.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let client = pg_client(url).await;
+    let stats = "SELECT (xact_commit + xact_rollback)::float8, tup_returned::float8, \
+                 tup_fetched::float8, (tup_inserted + tup_updated + tup_deleted)::float8 \
+                 FROM pg_stat_database WHERE datname = current_database()";
+    let read = |row: &tokio_postgres::Row| -> [f64; 4] {
+        [row.get(0), row.get(1), row.get(2), row.get(3)]
+    };
+    let _ = client
+        .batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await;
+    let before = read(&client.query_one(stats, &[]).await.expect("stats"));
+    let cpu0: Vec<Duration> = children.iter().map(|c| cpu_of(c.id())).collect();
+    let wall0 = Instant::now();
+    tokio::time::sleep(idle).await;
+    // Backends publish their counts at most once a second: wait for them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = client
+        .batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await;
+    let after = read(&client.query_one(stats, &[]).await.expect("stats"));
+    let wall = wall0.elapsed().as_secs_f64();
+    let cpu: Vec<String> = children
+        .iter()
+        .zip(&cpu0)
+        .map(|(c, c0)| {
+            format!(
+                "{:.1} %",
+                (cpu_of(c.id()) - *c0).as_secs_f64() / wall * 100.0
+            )
+        })
+        .collect();
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    drop_schema(url, &schema).await;
+    let rate = |i: usize| (after[i] - before[i]) / wall;
+    println!(
+        "| {sessions} | {nodes} | {:.0} s | {:.1} | {:.0} | {:.0} | {:.1} | {} |",
+        wall,
+        rate(0),
+        rate(1),
+        rate(2),
+        rate(3),
+        cpu.join(", ")
+    );
+}
+
+async fn idle_node(url: &str, schema: &str, first: usize, count: usize) {
+    let store = pg_store(url, schema).await;
+    let sup = Supervisor::builder(
+        harvest_fn(|_| async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(())
+        }),
+        finalizer_fn(|_| async { Ok(()) }),
+    )
+    .store(Arc::new(store))
+    .config(SupervisorConfig {
+        session: SessionConfig {
+            monitor_interval: Duration::from_secs(1),
+            ..impls::bench_config()
+        },
+        ..SupervisorConfig::default()
+    })
+    .start()
+    .await
+    .expect("supervisor");
+    for i in first..first + count {
+        sup.start_session(format!("h{i}"), ["slow"])
+            .await
+            .expect("start");
+    }
+    println!("READY");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+}
+
 /// A node process for [`takeover`].
 async fn node(
     db: std::path::PathBuf,
+    postgres: Option<Vec<String>>,
     victim: bool,
     lease_ttl: Duration,
     renew: Duration,
     rescue: Duration,
 ) {
-    let store = SqliteStore::open(&db).await.expect("db");
+    let store: Arc<dyn SessionStore> = match postgres.as_deref() {
+        Some([url, schema]) => Arc::new(
+            PostgresStore::connect_with(
+                PostgresOptions::from_url(url)
+                    .expect("url")
+                    .schema(schema.as_str())
+                    .lock_timeout(lease_ttl / 2),
+            )
+            .await
+            .expect("postgres"),
+        ),
+        _ => Arc::new(SqliteStore::open(&db).await.expect("db")),
+    };
     let harvest = harvest_fn(|_| async {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         Ok(())
     });
     let sup = Supervisor::builder(harvest, finalizer_fn(|_| async { Ok(()) }))
-        .store(Arc::new(store))
+        .store(store)
         .config(SupervisorConfig {
             lease_ttl,
             lease_renew_interval: renew,
@@ -601,6 +972,7 @@ async fn node(
 /// Spawns a `node` child; returns it and its first line.
 fn spawn_node(
     db: &std::path::Path,
+    postgres: Option<(&str, &str)>,
     victim: bool,
     times: (Duration, Duration, Duration),
 ) -> (std::process::Child, String) {
@@ -621,6 +993,9 @@ fn spawn_node(
     if victim {
         args.push("--victim".to_owned());
     }
+    if let Some((url, schema)) = postgres {
+        args.extend(["--postgres".to_owned(), url.to_owned(), schema.to_owned()]);
+    }
     let mut child = Command::new(exe)
         .args(args)
         .stdout(std::process::Stdio::piped())
@@ -635,21 +1010,33 @@ fn spawn_node(
     (child, line.trim().to_owned())
 }
 
-async fn takeover(kills: usize, signal: &str, ttl: Duration, renew: Duration, rescue: Duration) {
+async fn takeover(
+    kills: usize,
+    signal: &str,
+    ttl: Duration,
+    renew: Duration,
+    rescue: Duration,
+    postgres: Option<&str>,
+) {
     let times = (ttl, renew, rescue);
     let mut took = Vec::with_capacity(kills);
     for round in 0..kills {
         let dir = std::env::temp_dir().join(format!("hs-takeover-{}-{round}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let db = dir.join("t.db");
-        let (mut rescuer, _) = spawn_node(&db, false, times);
-        let (mut victim, line) = spawn_node(&db, true, times);
+        let schema = format!("takeover_{}_{round}", std::process::id());
+        let pg = postgres.map(|url| (url, schema.as_str()));
+        let (mut rescuer, _) = spawn_node(&db, pg, false, times);
+        let (mut victim, line) = spawn_node(&db, pg, true, times);
         let id = line
             .strip_prefix("SESSION ")
             .and_then(|t| uuid::Uuid::parse_str(t).ok())
             .map(harvest_supervisor::SessionId)
             .expect("a session id");
-        let store = SqliteStore::open(&db).await.expect("db");
+        let store: Arc<dyn SessionStore> = match postgres {
+            Some(url) => Arc::new(pg_store(url, &schema).await),
+            None => Arc::new(SqliteStore::open(&db).await.expect("db")),
+        };
         // A random point in the rescuer's cycle, as a real death would fall.
         let phase = Duration::from_millis(
             std::time::SystemTime::now()
@@ -676,7 +1063,10 @@ async fn takeover(kills: usize, signal: &str, ttl: Duration, renew: Duration, re
         let _ = victim.wait();
         let _ = rescuer.kill();
         let _ = rescuer.wait();
-        let _ = store.close().await;
+        drop(store);
+        if let Some(url) = postgres {
+            drop_schema(url, &schema).await;
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
     took.sort_unstable();
@@ -766,14 +1156,67 @@ async fn main() {
             lease_ttl,
             renew,
             rescue,
-        } => takeover(kills, &signal, lease_ttl, renew, rescue).await,
+            postgres,
+        } => {
+            takeover(
+                kills,
+                &signal,
+                lease_ttl,
+                renew,
+                rescue,
+                postgres.as_deref(),
+            )
+            .await
+        }
         Cmd::Node {
             db,
+            postgres,
             victim,
             lease_ttl,
             renew,
             rescue,
-        } => node(db, victim, lease_ttl, renew, rescue).await,
+        } => node(db, postgres, victim, lease_ttl, renew, rescue).await,
+        Cmd::PgThroughput { n, pairs } => {
+            println!(
+                "| N | pairs | memory µs/resource | postgres µs/resource | postgres/memory (range) | CPU postgres/memory | peak RSS memory / postgres (MiB) |\n|---|---|---|---|---|---|---|"
+            );
+            pg_throughput(n, pairs);
+        }
+        Cmd::Cluster {
+            procs,
+            secs,
+            size,
+            postgres,
+        } => {
+            println!(
+                "| processes | resources per session | for | sessions/s | outcomes/s | sessions/s per process | outcomes/s per process | CPU per process |\n|---|---|---|---|---|---|---|---|"
+            );
+            cluster(procs, secs, size, &postgres).await;
+        }
+        Cmd::ClusterNode {
+            postgres,
+            schema,
+            harvester,
+            secs,
+            size,
+        } => cluster_node(&postgres, &schema, &harvester, secs, size).await,
+        Cmd::IdleCluster {
+            sessions,
+            nodes,
+            idle_secs,
+            postgres,
+        } => {
+            println!(
+                "| sessions | nodes | idle | transactions/s | rows returned/s | rows fetched/s | rows written/s | CPU per node |\n|---|---|---|---|---|---|---|---|"
+            );
+            idle_cluster(sessions, nodes, Duration::from_secs(idle_secs), &postgres).await;
+        }
+        Cmd::IdleNode {
+            postgres,
+            schema,
+            first,
+            count,
+        } => idle_node(&postgres, &schema, first, count).await,
         Cmd::All { reps, million } => {
             println!(
                 "## Throughput (medians of {reps} runs; a ratio is the median of its ratios within each run; window {WINDOW})\n"

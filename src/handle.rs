@@ -80,7 +80,7 @@ impl SupervisorBuilder {
             harvester: self.harvester,
             finalizer: self.finalizer,
             bus: bus.clone(),
-            ticker: Default::default(),
+            ticker: crate::monitor::ticker::Ticker::new(Arc::clone(&store)),
             store_retry_max: self.config.store_retry_max,
             finalizer_recovery: self.config.finalizer_recovery,
             node: Arc::clone(&node),

@@ -71,6 +71,7 @@ impl Actor for MonitorActor {
         let clock = args.shared.deps.ticker.register(
             interval,
             myself.clone(),
+            args.shared.id,
             args.shared.deadline,
             Arc::clone(&args.shared.lifecycle),
         );
@@ -116,9 +117,6 @@ impl Actor for MonitorActor {
     }
 }
 
-/// Ticks between two reads of the store when nothing else calls for one.
-const STORE_CHECK_EVERY: u64 = 10;
-
 /// `MonitorTick` events are written at most this often per session (and on the deadline):
 /// with a short interval and thousands of sessions, one event per tick would flood the
 /// audit trail with nothing new.
@@ -135,12 +133,13 @@ async fn check(
     // Ticks of this monitor's life so far: 0 on its first.
     let n = tick.saturating_sub(*state.first_tick.get_or_insert(tick));
     // The store is the authority; the lifecycle cell mirrors what this process wrote to
-    // it. Read the store on the first tick, whenever a decision is due (the deadline has
-    // passed, or a finalizer runs), and every few ticks otherwise. A failed read crashes
-    // this monitor; its session restarts it.
+    // it, and what the clock's batched reads of the store found (every few ticks, see
+    // `ticker`). Read the store here on the first tick and whenever a decision is due (the
+    // deadline has passed, or a finalizer runs). A failed read crashes this monitor; its
+    // session restarts it.
     let lifecycle = &shared.lifecycle;
     let decide = remaining.is_zero() || lifecycle.is_claimed();
-    if n == 0 || decide || n.is_multiple_of(STORE_CHECK_EVERY) {
+    if n == 0 || decide {
         let record = shared.deps.store.session(shared.id).await?;
         lifecycle.observe(&record);
     }
@@ -148,15 +147,14 @@ async fn check(
         myself.stop(None);
         return Ok(());
     }
-    // The next tick with something to do when nothing else calls for one: a read of the
-    // store or a `MonitorTick` event. (The clock wakes this monitor on every tick anyway
-    // once the deadline has passed or a finalization is claimed.)
+    // The next tick with something to do when nothing else calls for one: a
+    // `MonitorTick` event. (The clock wakes this monitor on every tick anyway once the
+    // deadline has passed, or a finalization is claimed or done, which its batched reads
+    // of the store also see.)
     let to_next = |every: u64| every - n % every;
-    state
-        .clock
-        .wake_at(tick + to_next(STORE_CHECK_EVERY).min(to_next(state.tick_event_every)));
+    state.clock.wake_at(tick + to_next(state.tick_event_every));
     if !decide && !n.is_multiple_of(state.tick_event_every) {
-        // Only a store check was due: nothing to record.
+        // Woken for nothing to record (the first tick's read done).
         return Ok(());
     }
     let grace = shared.config.escalation_grace;

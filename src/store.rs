@@ -303,6 +303,21 @@ pub trait SessionStore: Send + Sync + 'static {
     /// One session's record.
     async fn session(&self, id: SessionId) -> Result<SessionRecord, StoreError>;
 
+    /// The records of `ids` that exist, in no particular order (the monitors' batched
+    /// look at their sessions: one query per batch, not one per session). The default
+    /// reads them one by one.
+    async fn sessions_by_id(&self, ids: &[SessionId]) -> Result<Vec<SessionRecord>, StoreError> {
+        let mut records = Vec::with_capacity(ids.len());
+        for &id in ids {
+            match self.session(id).await {
+                Ok(record) => records.push(record),
+                Err(StoreError::UnknownSession { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(records)
+    }
+
     /// Every session, newest first.
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError>;
 

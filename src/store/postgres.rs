@@ -851,6 +851,21 @@ impl SessionStore for PostgresStore {
         load(&client, &self.schema, id).await
     }
 
+    async fn sessions_by_id(&self, ids: &[SessionId]) -> Result<Vec<SessionRecord>, StoreError> {
+        let ids: Vec<uuid::Uuid> = ids.iter().map(|id| id.0).collect();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &self.q(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM @.sessions WHERE id = ANY($1)"
+                )),
+                &[&ids],
+            )
+            .await
+            .map_err(backend)?;
+        rows.iter().map(record).collect()
+    }
+
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
         let client = self.client().await?;
         let rows = client

@@ -306,6 +306,24 @@ impl SessionStore for SqliteStore {
         self.readers.read(move |conn| load(conn, id)).await
     }
 
+    async fn sessions_by_id(&self, ids: &[SessionId]) -> Result<Vec<SessionRecord>, StoreError> {
+        let ids = ids.to_vec();
+        // One read transaction on one connection: an indexed look-up per id, no round trip.
+        self.readers
+            .read(move |conn| {
+                let mut records = Vec::with_capacity(ids.len());
+                for id in ids {
+                    match load(conn, id) {
+                        Ok(record) => records.push(record),
+                        Err(StoreError::UnknownSession { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(records)
+            })
+            .await
+    }
+
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
         self.readers
             .read(|conn| {

@@ -114,6 +114,9 @@ impl SessionStore for FaultyStore {
     async fn create_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
         self.inner.create_session(new).await
     }
+    async fn sessions_by_id(&self, ids: &[SessionId]) -> Result<Vec<SessionRecord>, StoreError> {
+        self.inner.sessions_by_id(ids).await
+    }
     async fn session(&self, id: SessionId) -> Result<SessionRecord, StoreError> {
         let fail = self
             .failing_reads
