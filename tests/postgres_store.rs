@@ -649,3 +649,81 @@ async fn a_transactional_finalizer_commits_with_the_terminal_status_or_not_at_al
         refused.err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_outcome_of_a_resource_is_ignored_and_order_is_kept() {
+    let test = "a_second_outcome_of_a_resource_is_ignored_and_order_is_kept";
+    let Some(pg) = server(test) else {
+        return;
+    };
+    let store = pg.store().await;
+    let owner = NodeId::new();
+    let fence = harvest_supervisor::Fence::new(owner);
+    let record = store
+        .create_session(NewSession {
+            id: SessionId::new(),
+            harvester_id: "csw".into(),
+            resources: (0..6).map(|i| format!("r{i}").into()).collect(),
+            started: chrono::Utc::now(),
+            workflow_time: Duration::from_secs(60),
+            config: SessionConfig::default().into(),
+            owner,
+        })
+        .await
+        .expect("create");
+    let outcome = |r: &str, ok: bool| harvest_supervisor::OutcomeRecord {
+        resource_id: r.into(),
+        outcome: if ok {
+            harvest_supervisor::ResourceOutcome::Succeeded
+        } else {
+            harvest_supervisor::ResourceOutcome::Failed {
+                error: "second".into(),
+            }
+        },
+        attempts: 1,
+        elapsed: Duration::from_millis(5),
+    };
+    // In one batch: r3, r1, r3 again (queued together), r0.
+    let receipts: Vec<_> = [("r3", true), ("r1", true), ("r3", false), ("r0", true)]
+        .iter()
+        .map(|(r, ok)| {
+            store
+                .queue_outcome(record.id, fence, &outcome(r, *ok))
+                .expect("queued")
+        })
+        .collect();
+    for receipt in receipts {
+        receipt
+            .answer()
+            .await
+            .expect("answered ok, the duplicate too");
+    }
+    // Across batches: r1 again, then r5.
+    store
+        .record_outcome(record.id, fence, outcome("r1", false))
+        .await
+        .expect("ignored");
+    store
+        .record_outcome(record.id, fence, outcome("r5", true))
+        .await
+        .expect("recorded");
+    let read = store.session(record.id).await.expect("record");
+    assert_eq!(read.counts.succeeded, 4, "each resource counted once");
+    assert_eq!(read.counts.failed, 0, "the second outcomes were ignored");
+    let order: Vec<String> = store
+        .outcomes(record.id)
+        .await
+        .expect("outcomes")
+        .iter()
+        .map(|o| o.resource_id.to_string())
+        .collect();
+    assert_eq!(
+        order,
+        ["r3", "r1", "r0", "r5"],
+        "in recorded order, the first of each"
+    );
+    let (page, total) = store.outcomes_page(record.id, 1, 2).await.expect("page");
+    assert_eq!(total, 4);
+    let page: Vec<String> = page.iter().map(|o| o.resource_id.to_string()).collect();
+    assert_eq!(page, ["r1", "r0"]);
+}

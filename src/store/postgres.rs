@@ -782,7 +782,8 @@ async fn read_resources(
     Ok(resources)
 }
 
-/// Inserts outcomes (a completion's unrecorded ones), ignoring any resource that has one.
+/// Inserts outcomes (a completion's unrecorded ones) after the session's last, ignoring
+/// any resource that has one. The session's row is locked by the caller.
 async fn insert_outcomes(
     tx: &impl deadpool_postgres::GenericClient,
     schema: &str,
@@ -798,16 +799,30 @@ async fn insert_outcomes(
     let details: Vec<Option<&str>> = columns.iter().map(|c| c.1).collect();
     let attempts: Vec<i64> = outcomes.iter().map(|o| i64::from(o.attempts)).collect();
     let elapsed: Vec<i64> = outcomes.iter().map(|o| nanos(o.elapsed)).collect();
+    let row = tx
+        .query_one(
+            &qualify(
+                "UPDATE @.sessions SET outcome_seq = outcome_seq + $2 WHERE key = $1 \
+                 RETURNING outcome_seq - $2",
+                schema,
+            ),
+            &[&key, &count(outcomes.len())],
+        )
+        .await
+        .map_err(backend)?;
+    let after: i64 = get(&row, 0)?;
     tx.execute(
         &qualify(
             "INSERT INTO @.outcomes \
-             (session_key, resource_id, outcome, detail, attempts, elapsed_ns) \
-             SELECT $1, r, o, d, a, e FROM unnest($2::text[], $3::text[], $4::text[], \
-                 $5::int8[], $6::int8[]) WITH ORDINALITY AS v(r, o, d, a, e, n) ORDER BY n \
+             (session_key, resource_id, ord, outcome, detail, attempts, elapsed_ns) \
+             SELECT $1, r, $2 + n, o, d, a, e FROM unnest($3::text[], $4::text[], $5::text[], \
+                 $6::int8[], $7::int8[]) WITH ORDINALITY AS v(r, o, d, a, e, n) \
              ON CONFLICT (session_key, resource_id) DO NOTHING",
             schema,
         ),
-        &[&key, &resources, &names, &details, &attempts, &elapsed],
+        &[
+            &key, &after, &resources, &names, &details, &attempts, &elapsed,
+        ],
     )
     .await
     .map_err(backend)?;

@@ -280,6 +280,19 @@ fn run(
     }
 }
 
+/// A session of the batch, as locked: where its outcomes go, whether they are still
+/// taken, and what the batch adds.
+struct Locked {
+    key: i64,
+    finalizing: bool,
+    fence: Option<Fence>,
+    /// The session's last `ord` before this batch.
+    seq: i64,
+    /// Outcomes of this batch for it (their `ord`s follow `seq`).
+    sent: i64,
+    counts: OutcomeCounts,
+}
+
 /// One outcome on its way into the batch's insert.
 struct Outcome {
     id: SessionId,
@@ -315,7 +328,15 @@ async fn commit(
     }
     let mut rows = std::mem::take(retained);
     rows.extend(chunks.take());
-    let result = write(connection, target, &mut outcomes, &rows).await;
+    let mut result = write(connection, target, &mut outcomes, &rows, false).await;
+    if result.as_ref().is_err_and(duplicate) {
+        // A resource with an outcome already (a retried write whose first try committed,
+        // or two in this batch): the batch again, keeping the first of each.
+        for o in &mut outcomes {
+            o.refused = None;
+        }
+        result = write(connection, target, &mut outcomes, &rows, true).await;
+    }
     let error = result.err().map(|e| e.to_string());
     if let Some(e) = &error {
         tracing::error!(
@@ -366,13 +387,27 @@ fn keep_newest(rows: Vec<ChunkRow>) -> Vec<ChunkRow> {
     keep
 }
 
+/// Whether the error is a unique violation (an outcome for a resource that has one).
+fn duplicate(e: &StoreError) -> bool {
+    let StoreError::Backend(source) = e else {
+        return false;
+    };
+    source
+        .downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::code)
+        .is_some_and(|c| *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
 /// Writes the batch in one transaction. Refusals are set on the outcomes; the result is
-/// the transaction's.
+/// the transaction's. Outcomes are inserted plainly (a conflict fails the batch, which is
+/// then written again with `dedupe`): `ON CONFLICT` costs a third of every insert, for a
+/// case that almost never happens.
 async fn write(
     connection: &mut Connection,
     target: &Target,
     outcomes: &mut [Outcome],
     rows: &[ChunkRow],
+    dedupe: bool,
 ) -> Result<(), StoreError> {
     if outcomes.is_empty() && rows.is_empty() {
         return Ok(());
@@ -389,15 +424,14 @@ async fn write(
         let locked = tx
             .query(
                 &q(
-                    "SELECT id, key, finalizing IS NOT NULL, owner, epoch FROM @.sessions \
-                    WHERE id = ANY($1) ORDER BY key FOR NO KEY UPDATE",
+                    "SELECT id, key, finalizing IS NOT NULL, owner, epoch, outcome_seq \
+                    FROM @.sessions WHERE id = ANY($1) ORDER BY key FOR NO KEY UPDATE",
                 ),
                 &[&ids],
             )
             .await
             .map_err(backend)?;
-        let mut sessions: HashMap<SessionId, (i64, bool, Option<Fence>), IdHasher> =
-            HashMap::default();
+        let mut sessions: HashMap<SessionId, Locked, IdHasher> = HashMap::default();
         for row in &locked {
             let id = SessionId(row.try_get(0).map_err(backend)?);
             let owner: Option<uuid::Uuid> = row.try_get(3).map_err(backend)?;
@@ -408,13 +442,17 @@ async fn write(
             });
             sessions.insert(
                 id,
-                (
-                    row.try_get(1).map_err(backend)?,
-                    row.try_get(2).map_err(backend)?,
+                Locked {
+                    key: row.try_get(1).map_err(backend)?,
+                    finalizing: row.try_get(2).map_err(backend)?,
                     fence,
-                ),
+                    seq: row.try_get(5).map_err(backend)?,
+                    sent: 0,
+                    counts: OutcomeCounts::default(),
+                },
             );
         }
+        let mut ords = Vec::with_capacity(outcomes.len());
         let mut keys = Vec::with_capacity(outcomes.len());
         let mut resources = Vec::with_capacity(outcomes.len());
         let mut names = Vec::with_capacity(outcomes.len());
@@ -422,17 +460,22 @@ async fn write(
         let mut attempts = Vec::with_capacity(outcomes.len());
         let mut elapsed = Vec::with_capacity(outcomes.len());
         for o in outcomes.iter_mut() {
-            let refusal = match sessions.get(&o.id) {
+            let refusal = match sessions.get_mut(&o.id) {
                 None => Some(StoreError::UnknownSession { session_id: o.id }),
-                Some((_, _, holder)) if *holder != Some(o.fence) => Some(StoreError::Fenced {
+                Some(l) if l.fence != Some(o.fence) => Some(StoreError::Fenced {
                     session_id: o.id,
                     fence: o.fence,
-                    holder: *holder,
+                    holder: l.fence,
                 }),
-                Some((_, true, _)) => Some(StoreError::Finalizing { session_id: o.id }),
-                Some((key, false, _)) => {
+                Some(l) if l.finalizing => Some(StoreError::Finalizing { session_id: o.id }),
+                Some(l) => {
                     let (name, detail) = outcome_columns(&o.record.outcome);
-                    keys.push(*key);
+                    l.sent += 1;
+                    ords.push(l.seq.saturating_add(l.sent));
+                    if !dedupe {
+                        l.counts.add(&o.record.outcome);
+                    }
+                    keys.push(l.key);
                     resources.push(o.record.resource_id.as_str());
                     names.push(name);
                     details.push(detail);
@@ -444,60 +487,71 @@ async fn write(
             o.refused = refusal;
         }
         if !keys.is_empty() {
-            // In the batch's order (`ord` follows it); a second outcome of a resource is
-            // ignored and not counted.
-            let inserted = tx
-                .query(
-                    &q("INSERT INTO @.outcomes \
-                        (session_key, resource_id, outcome, detail, attempts, elapsed_ns) \
-                        SELECT k, r, o, d, a, e FROM unnest($1::int8[], $2::text[], \
-                            $3::text[], $4::text[], $5::int8[], $6::int8[]) \
-                            WITH ORDINALITY AS v(k, r, o, d, a, e, n) ORDER BY n \
-                        ON CONFLICT (session_key, resource_id) DO NOTHING \
-                        RETURNING session_key, outcome"),
-                    &[&keys, &resources, &names, &details, &attempts, &elapsed],
-                )
-                .await
-                .map_err(backend)?;
-            let mut tallies: HashMap<i64, OutcomeCounts> = HashMap::new();
-            for row in &inserted {
-                let key: i64 = row.try_get(0).map_err(backend)?;
-                let name: &str = row.try_get(1).map_err(backend)?;
-                let t = tallies.entry(key).or_default();
-                let slot = match name {
-                    "succeeded" => &mut t.succeeded,
-                    "failed" => &mut t.failed,
-                    "panicked" => &mut t.panicked,
-                    "timed-out" => &mut t.timed_out,
-                    "cancelled" => &mut t.cancelled,
-                    _ => &mut t.lost,
-                };
-                *slot += 1;
+            let columns = "INSERT INTO @.outcomes \
+                (session_key, resource_id, ord, outcome, detail, attempts, elapsed_ns) \
+                SELECT * FROM unnest($1::int8[], $2::text[], $3::int8[], $4::text[], \
+                    $5::text[], $6::int8[], $7::int8[])";
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+                &keys, &resources, &ords, &names, &details, &attempts, &elapsed,
+            ];
+            if dedupe {
+                // The first outcome of each resource is kept, and counted.
+                let inserted = tx
+                    .query(
+                        &q(&format!(
+                            "{columns} ON CONFLICT (session_key, resource_id) DO NOTHING \
+                             RETURNING session_key, outcome"
+                        )),
+                        &params,
+                    )
+                    .await
+                    .map_err(backend)?;
+                let by_key: HashMap<i64, SessionId> =
+                    sessions.iter().map(|(id, l)| (l.key, *id)).collect();
+                for row in &inserted {
+                    let key: i64 = row.try_get(0).map_err(backend)?;
+                    let name: &str = row.try_get(1).map_err(backend)?;
+                    if let Some(l) = by_key.get(&key).and_then(|id| sessions.get_mut(id)) {
+                        let slot = match name {
+                            "succeeded" => &mut l.counts.succeeded,
+                            "failed" => &mut l.counts.failed,
+                            "panicked" => &mut l.counts.panicked,
+                            "timed-out" => &mut l.counts.timed_out,
+                            "cancelled" => &mut l.counts.cancelled,
+                            _ => &mut l.counts.lost,
+                        };
+                        *slot += 1;
+                    }
+                }
+            } else {
+                tx.execute(&q(columns), &params).await.map_err(backend)?;
             }
-            let mut columns: [Vec<i64>; 7] = Default::default();
-            for (key, c) in tallies {
+            let mut columns: [Vec<i64>; 8] = Default::default();
+            for l in sessions.values().filter(|l| l.sent > 0) {
+                let c = l.counts;
                 for (column, value) in columns.iter_mut().zip([
-                    key,
+                    l.key,
                     count(c.succeeded),
                     count(c.failed),
                     count(c.panicked),
                     count(c.timed_out),
                     count(c.cancelled),
                     count(c.lost),
+                    l.sent,
                 ]) {
                     column.push(value);
                 }
             }
-            let [k, su, fa, pa, ti, ca, lo] = &columns;
+            let [k, su, fa, pa, ti, ca, lo, se] = &columns;
             tx.execute(
                 &q("UPDATE @.sessions s SET succeeded = s.succeeded + v.su, \
                     failed = s.failed + v.fa, panicked = s.panicked + v.pa, \
                     timed_out = s.timed_out + v.ti, cancelled = s.cancelled + v.ca, \
-                    lost = s.lost + v.lo \
+                    lost = s.lost + v.lo, outcome_seq = s.outcome_seq + v.se \
                     FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
-                        $6::int8[], $7::int8[]) AS v(k, su, fa, pa, ti, ca, lo) \
+                        $6::int8[], $7::int8[], $8::int8[]) AS v(k, su, fa, pa, ti, ca, lo, se) \
                     WHERE s.key = v.k"),
-                &[k, su, fa, pa, ti, ca, lo],
+                &[k, su, fa, pa, ti, ca, lo, se],
             )
             .await
             .map_err(backend)?;
