@@ -73,6 +73,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX sessions_by_status ON @.sessions (status, id);
     CREATE INDEX sessions_open_by_owner ON @.sessions (owner)
         WHERE status IN ('pending', 'on-going', 'aborting');
+    -- Read by every node after each renewal: almost always empty, so it costs nothing
+    -- however many sessions a node owns.
+    CREATE INDEX sessions_abort_requested ON @.sessions (owner)
+        WHERE abort_requested AND status IN ('pending', 'on-going');
     CREATE TABLE @.resource_chunks (
         session_key    bigint NOT NULL,
         first_position bigint NOT NULL,           -- from 0; chunks are contiguous
