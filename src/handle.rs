@@ -320,7 +320,7 @@ impl Supervisor {
 
     /// Follows one session's event log: the stored events after `after` (0: from the
     /// start), then each new one as it is appended, until `SessionFinished`, whichever
-    /// process runs the session (see [`EventFollower`]). The follower holds no store
+    /// process runs the session (see [`EventFollower`](crate::EventFollower)). The follower holds no store
     /// connection between reads, and reads the store only when there may be something new.
     ///
     /// ```

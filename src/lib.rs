@@ -22,9 +22,15 @@
 //!   [`finalizer_fn`] for closures).
 //! - [`SessionConfig`]: the budget and policies, validated up front.
 //! - [`SessionStore`]: where sessions, outcomes and events live ([`MemoryStore`] for tests
-//!   and single runs, [`SqliteStore`] for a server).
+//!   and single runs, [`SqliteStore`] for a server, and with the `postgres` feature, on
+//!   by default, [`store::PostgresStore`] for servers on several machines sharing one
+//!   database; its [`store::postgres::PostgresFinalizer`] commits the finalizer's own
+//!   writes with the session's terminal status).
 //! - [`SessionEvent`]: the structured supervision log, to subscribe to, or read from the
 //!   store.
+//!
+//! - [`Supervisor::follow`]: one session's log, replayed then followed live, whichever
+//!   process runs the session.
 //!
 //! See the [`Supervisor`] docs for a complete example, and [`SessionFinalizer`] for what
 //! runs how often across a crash (exactly once in a healthy process; a finalizer a crash

@@ -727,3 +727,64 @@ async fn a_second_outcome_of_a_resource_is_ignored_and_order_is_kept() {
     let page: Vec<String> = page.iter().map(|o| o.resource_id.to_string()).collect();
     assert_eq!(page, ["r1", "r0"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_in_an_error_text_is_stored_replaced_and_blocks_nothing() {
+    let test = "a_nul_character_in_an_error_text_is_stored_replaced_and_blocks_nothing";
+    let Some(pg) = server(test) else {
+        return;
+    };
+    // PostgreSQL's text has no NUL: one in an error message must not fail the batches it
+    // is in (every other outcome of the batch with it) for ever.
+    let store = Arc::new(pg.store().await);
+    let sup = Supervisor::builder(
+        harvest_fn(|ctx: HarvestContext| async move {
+            if ctx.resource_id.as_str().starts_with("nul") {
+                return Err("remote said \0 and stopped".into());
+            }
+            Ok(())
+        }),
+        finalizer_fn(|_| async { Err("the catalogue answered \0".into()) }),
+    )
+    .store(Arc::clone(&store) as Arc<dyn SessionStore>)
+    .start()
+    .await
+    .expect("start");
+    let resources: Vec<String> = (0..50)
+        .map(|i| {
+            if i % 10 == 3 {
+                format!("nul{i}")
+            } else {
+                format!("ok{i}")
+            }
+        })
+        .collect();
+    let id = sup.start_session("csw", resources).await.expect("start");
+    let record = tokio::time::timeout(GUARD, sup.wait_finished(id))
+        .await
+        .expect("finished")
+        .expect("record");
+    assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
+    assert_eq!((record.counts.succeeded, record.counts.failed), (45, 5));
+    assert_eq!(
+        record.finalizer_error.as_deref(),
+        Some("the catalogue answered \u{FFFD}")
+    );
+    let outcomes = store.outcomes(id).await.expect("outcomes");
+    assert_eq!(outcomes.len(), 50);
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| match &o.outcome {
+            harvest_supervisor::ResourceOutcome::Failed { error } => Some(error.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, ["remote said \u{FFFD} and stopped"; 5]);
+    // The event log keeps the text as it was (JSON escapes it).
+    let events = store.events(id).await.expect("events");
+    assert!(events.iter().any(|e| matches!(
+        &e.kind,
+        EventKind::WorkerFailed { error, .. } if error.contains('\0')
+    )));
+    sup.shutdown().await.expect("shutdown");
+}

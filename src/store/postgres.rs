@@ -357,9 +357,12 @@ impl PostgresStore {
         options.validate().map_err(StoreError::InvalidOptions)?;
         let mut config = options.config.clone();
         config.connect_timeout(options.connect_timeout);
-        // A dead server is noticed within a minute or so, not TCP's two hours.
+        // A dead server (or a cut network) is noticed within a minute, not TCP's two
+        // hours: probes after 30 s of silence, every 5 s, 3 unanswered and it is gone.
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_interval(Duration::from_secs(5));
+        config.keepalives_retries(3);
         // A paused or cut-off process must not hold rows locked past its lease: the server
         // ends a transaction left idle this long (and its connection; the pool makes a
         // new one).
@@ -380,6 +383,9 @@ impl PostgresStore {
             .max_size(options.pool_size)
             .runtime(Runtime::Tokio1)
             .create_timeout(Some(options.connect_timeout))
+            // Every connection busy for this long (a stalled server): a transient error
+            // the caller retries with backoff, not a wait without end.
+            .wait_timeout(Some(options.connect_timeout))
             .build()
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
         let target = options.target();
@@ -562,6 +568,11 @@ impl PostgresStore {
                 && let Some(error) = finalizer::run(tx, work, report).await?
             {
                 completion.finalizer_error = Some(error);
+            }
+            if let Some(error) = &mut completion.finalizer_error
+                && error.contains('\0')
+            {
+                *error = rows::storable(error).into_owned();
             }
             let c = completion.counts;
             // A terminal status also frees the busy lock (a partial unique index of
@@ -791,12 +802,8 @@ async fn insert_outcomes(
     outcomes: &[OutcomeRecord],
 ) -> Result<(), StoreError> {
     let resources: Vec<&str> = outcomes.iter().map(|o| o.resource_id.as_str()).collect();
-    let columns: Vec<(&str, Option<&str>)> = outcomes
-        .iter()
-        .map(|o| outcome_columns(&o.outcome))
-        .collect();
-    let names: Vec<&str> = columns.iter().map(|c| c.0).collect();
-    let details: Vec<Option<&str>> = columns.iter().map(|c| c.1).collect();
+    let (names, details): (Vec<&str>, Vec<_>) =
+        outcomes.iter().map(|o| outcome_columns(&o.outcome)).unzip();
     let attempts: Vec<i64> = outcomes.iter().map(|o| i64::from(o.attempts)).collect();
     let elapsed: Vec<i64> = outcomes.iter().map(|o| nanos(o.elapsed)).collect();
     let row = tx

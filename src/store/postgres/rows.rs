@@ -1,5 +1,6 @@
 //! Rows to values and back, and the driver's errors to [`StoreError`]s.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use tokio_postgres::Row;
@@ -120,11 +121,22 @@ pub(crate) fn check_fence(record: &SessionRecord, fence: Fence) -> Result<(), St
 }
 
 /// An outcome as (name, detail) columns.
-pub(crate) fn outcome_columns(o: &ResourceOutcome) -> (&'static str, Option<&str>) {
+pub(crate) fn outcome_columns(o: &ResourceOutcome) -> (&'static str, Option<Cow<'_, str>>) {
     match o {
-        ResourceOutcome::Failed { error } => (o.name(), Some(error)),
-        ResourceOutcome::Panicked { message } => (o.name(), Some(message)),
+        ResourceOutcome::Failed { error } => (o.name(), Some(storable(error))),
+        ResourceOutcome::Panicked { message } => (o.name(), Some(storable(message))),
         _ => (o.name(), None),
+    }
+}
+
+/// `text` as PostgreSQL can store it: its text type has no NUL character, and one NUL in
+/// a harvester's error message would otherwise fail every batch it is in. Each NUL becomes
+/// U+FFFD (the replacement character); any other text is kept as it is.
+pub(crate) fn storable(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(text)
     }
 }
 
