@@ -83,6 +83,17 @@ enum Cmd {
         /// Run the case once untimed first (see `throughput --warm`).
         #[arg(long)]
         warm: bool,
+        /// With a metrics recorder installed (the Prometheus exporter's).
+        #[arg(long)]
+        metrics: bool,
+    },
+    /// The memory store with and without a metrics recorder (the Prometheus exporter's),
+    /// in alternating fresh processes: medians and the median within-pair ratio.
+    MetricsOverhead {
+        #[arg(long, default_value_t = 100_000)]
+        n: usize,
+        #[arg(long, default_value_t = 10)]
+        pairs: usize,
     },
     /// Failure-to-finalizer (FailFast) and last-outcome-to-finalizer (Continue) latency.
     Latency {
@@ -329,6 +340,11 @@ async fn run_one(imp: Imp, n: usize, warm: bool) -> Sample {
 
 /// Runs one case in a fresh process of this binary.
 fn child_case(imp: Imp, n: usize, warm: bool) -> Sample {
+    child_case_with(imp, n, warm, false)
+}
+
+/// [`child_case`], with a metrics recorder installed when `metrics`.
+fn child_case_with(imp: Imp, n: usize, warm: bool, metrics: bool) -> Sample {
     let exe = std::env::current_exe().expect("this binary");
     let imp_name = format!("{imp:?}").to_lowercase();
     let mut args = vec!["one", "--imp", &imp_name];
@@ -336,6 +352,9 @@ fn child_case(imp: Imp, n: usize, warm: bool) -> Sample {
     args.extend(["--n", &n_text]);
     if warm {
         args.push("--warm");
+    }
+    if metrics {
+        args.push("--metrics");
     }
     let out = Command::new(exe).args(args).output().expect("run the case");
     assert!(
@@ -669,6 +688,30 @@ async fn drop_schema(url: &str, schema: &str) {
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .await
         .expect("drop schema");
+}
+
+/// The memory store with and without a metrics recorder, in alternating fresh processes.
+fn metrics_overhead(n: usize, pairs: usize) {
+    let (mut without, mut with, mut ratios, mut cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..pairs {
+        let a = child_case_with(Imp::Memory, n, false, false);
+        let b = child_case_with(Imp::Memory, n, false, true);
+        ratios.push(b.secs / a.secs);
+        cpu.push(b.cpu_secs / a.cpu_secs);
+        without.push(a.secs * 1e6 / n as f64);
+        with.push(b.secs * 1e6 / n as f64);
+    }
+    let (lo, hi) = ratios
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &r| (a.min(r), b.max(r)));
+    println!(
+        "| {n} | {pairs} | {:.2} | {:.2} | {:.3} ({lo:.2} to {hi:.2}) | {:.3} |",
+        median(without),
+        median(with),
+        median(ratios),
+        median(cpu)
+    );
 }
 
 /// Memory against PostgreSQL per resource, in alternating fresh processes.
@@ -1094,7 +1137,20 @@ async fn takeover(
 async fn main() {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::One { imp, n, warm } => {
+        Cmd::One {
+            imp,
+            n,
+            warm,
+            metrics,
+        } => {
+            if metrics {
+                metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .install_recorder()
+                    .expect("the Prometheus recorder");
+                // A server installs its recorder once, at start: its one-time set-up (the
+                // clock it reads calibrates on first use) is not a session's cost.
+                metrics::histogram!("bench_warm_up").record(0.0);
+            }
             let sample = run_one(imp, n, warm).await;
             println!("{}", serde_json::to_string(&sample).expect("json"));
         }
@@ -1176,6 +1232,12 @@ async fn main() {
             renew,
             rescue,
         } => node(db, postgres, victim, lease_ttl, renew, rescue).await,
+        Cmd::MetricsOverhead { n, pairs } => {
+            println!(
+                "| N | pairs | µs/resource without | with a recorder | with/without (range) | CPU with/without |\n|---|---|---|---|---|---|"
+            );
+            metrics_overhead(n, pairs);
+        }
         Cmd::PgThroughput { n, pairs } => {
             println!(
                 "| N | pairs | memory µs/resource | postgres µs/resource | postgres/memory (range) | CPU postgres/memory | peak RSS memory / postgres (MiB) |\n|---|---|---|---|---|---|---|"

@@ -502,6 +502,15 @@ impl SessionEmitter {
             return;
         }
         let finishing = matches!(kind, EventKind::SessionFinished { .. });
+        match &kind {
+            EventKind::SessionStarted { .. } => crate::meters::session_started(&inner.harvester_id),
+            EventKind::DeadlineExpired => crate::meters::watchdog("deadline"),
+            EventKind::MonitorEscalated { .. } => crate::meters::watchdog("escalation"),
+            EventKind::Recovered { .. } => crate::meters::recovered(false),
+            EventKind::SessionTakenOver { .. } => crate::meters::recovered(true),
+            EventKind::StoreFailed { .. } => crate::meters::store_failed(),
+            _ => {}
+        }
         state.seq += 1;
         let event = SessionEvent {
             seq: state.seq,

@@ -56,6 +56,8 @@ pub(crate) struct Deps {
     pub(crate) bus: EventBus,
     /// The monitors' shared clock.
     pub(crate) ticker: Ticker,
+    /// The running sessions and attempts, for the gauges.
+    pub(crate) gauges: Arc<crate::meters::Gauges>,
     /// The longest wait between two tries of a failing store step.
     pub(crate) store_retry_max: Duration,
     /// What recovery does with a finalizer a crash interrupted.
@@ -243,6 +245,7 @@ pub(crate) async fn finalize(
     };
     let status = report.status;
     let counts = report.counts;
+    let started = report.started;
 
     // Set: the finalizer runs in the completion, with this report, within this time.
     let mut in_store: Option<(
@@ -279,7 +282,12 @@ pub(crate) async fn finalize(
                     in_store = Some((work.clone(), report, timeout));
                     None
                 }
-                None => run_user_finalizer(deps.finalizer.as_ref(), report, timeout).await,
+                None => {
+                    let began = Instant::now();
+                    let error = run_user_finalizer(deps.finalizer.as_ref(), report, timeout).await;
+                    crate::meters::finalizer_ran(began.elapsed());
+                    error
+                }
             }
         }
         Run::No(error) => Some(error),
@@ -320,7 +328,13 @@ pub(crate) async fn finalize(
                             .await?
                     }
                     Some((work, report, timeout)) => {
-                        complete_with(deps, id, fence, completion, work, report, *timeout).await?
+                        // The finalizer runs inside the completion: timed with it.
+                        let began = Instant::now();
+                        let done =
+                            complete_with(deps, id, fence, completion, work, report, *timeout)
+                                .await?;
+                        crate::meters::finalizer_ran(began.elapsed());
+                        done
                     }
                 };
                 match done {
@@ -334,6 +348,13 @@ pub(crate) async fn finalize(
     match completed {
         Completed::AlreadyFinalized(_) => Ok(Finalized::NotByUs),
         Completed::Now(record) => {
+            crate::meters::session_finished(
+                &record.harvester_id,
+                status,
+                reason,
+                &counts,
+                (Utc::now() - started).to_std().unwrap_or_default(),
+            );
             // A finalizer that ran in the completion: its error is on the record.
             let error = if in_store.is_some() {
                 record.finalizer_error.clone()

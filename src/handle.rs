@@ -74,13 +74,15 @@ impl SupervisorBuilder {
         }
         // The node's lease first: nobody may take over what it creates from then on.
         let node = Arc::new(crate::node::Node::new(&self.config));
+        let gauges = Arc::new(crate::meters::Gauges::new());
         node.register(store.as_ref()).await?;
         let deps = Arc::new(Deps {
             store: Arc::clone(&store),
             harvester: self.harvester,
             finalizer: self.finalizer,
             bus: bus.clone(),
-            ticker: crate::monitor::ticker::Ticker::new(Arc::clone(&store)),
+            ticker: crate::monitor::ticker::Ticker::new(Arc::clone(&store), Arc::clone(&gauges)),
+            gauges,
             store_retry_max: self.config.store_retry_max,
             finalizer_recovery: self.config.finalizer_recovery,
             node: Arc::clone(&node),

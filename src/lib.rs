@@ -45,6 +45,7 @@ mod finalizer;
 mod follow;
 mod handle;
 pub mod harvest;
+pub mod meters;
 pub mod model;
 mod monitor;
 mod node;

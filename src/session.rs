@@ -54,6 +54,11 @@ pub(crate) struct SessionShared {
     pub(crate) resumed: bool,
     /// Mirror of the store's finalization state, for the monitor's cheap ticks.
     pub(crate) lifecycle: Arc<Lifecycle>,
+    /// When this process began to run it: a first attempt's wait for its slot counts from
+    /// here.
+    pub(crate) opened: Instant,
+    /// Its metric handles (see `meters`).
+    pub(crate) meters: crate::meters::SessionMeters,
 }
 
 /// The cancellation token a session's attempts get. One token for all of them (a clone is
@@ -103,6 +108,8 @@ pub(crate) struct SessionActor;
 pub(crate) struct Session {
     shared: Arc<SessionShared>,
     st: SessionState,
+    /// On the active-sessions gauge while the actor lives.
+    _running: crate::meters::Running,
 }
 
 impl Actor for SessionActor {
@@ -115,9 +122,11 @@ impl Actor for SessionActor {
         _myself: ActorRef<Self::Msg>,
         shared: Arc<SessionShared>,
     ) -> Result<Session, ActorProcessingErr> {
+        let running = shared.deps.gauges.running(crate::meters::Kind::Sessions);
         Ok(Session {
             st: SessionState::new(),
             shared,
+            _running: running,
         })
     }
 

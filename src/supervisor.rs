@@ -300,6 +300,7 @@ fn session_shared(
         .checked_add(budget)
         .or_else(|| now.checked_add(std::time::Duration::from_secs(1 << 30)))
         .unwrap_or(now);
+    let meters = crate::meters::SessionMeters::new(&harvester_id);
     Arc::new(SessionShared {
         id,
         harvester_id,
@@ -312,6 +313,8 @@ fn session_shared(
         cancel: crate::session::AttemptsToken::default(),
         resumed,
         lifecycle: Arc::default(),
+        opened: now,
+        meters,
     })
 }
 

@@ -42,6 +42,8 @@ pub(crate) struct WorkerArgs {
 pub(crate) struct WorkerState {
     args: Option<WorkerArgs>,
     pub(crate) result: Option<AttemptResult>,
+    /// On the active-workers gauge while the worker (or its final state) lives.
+    _running: crate::meters::Running,
 }
 
 impl Actor for ResourceWorker {
@@ -55,6 +57,11 @@ impl Actor for ResourceWorker {
         args: WorkerArgs,
     ) -> Result<WorkerState, ActorProcessingErr> {
         Ok(WorkerState {
+            _running: args
+                .session
+                .deps
+                .gauges
+                .running(crate::meters::Kind::Workers),
             args: Some(args),
             result: None,
         })
@@ -96,14 +103,18 @@ async fn run_attempt(args: WorkerArgs) -> AttemptResult {
         heartbeat: heartbeat.clone(),
     };
     let harvest = shared.deps.harvester.harvest(ctx);
+    let hard = resource_timeout.and_then(|t| args.started.checked_add(t));
     let ended = if resource_timeout.is_none() && heartbeat_timeout.is_none() {
         // No limit to watch: await the harvest alone (a hang is the monitor's business).
         Some(harvest.await)
     } else {
-        let hard = resource_timeout.and_then(|t| args.started.checked_add(t));
         let silence = heartbeat_timeout.map(|t| (&heartbeat, t));
         limited(harvest, hard, silence).await
     };
+    if ended.is_none() && hard.is_none_or(|h| Instant::now() < h) {
+        // Cut before its time limit: the heartbeat fell silent.
+        crate::meters::watchdog("heartbeat_silence");
+    }
     match ended {
         Some(Ok(())) => AttemptResult::Succeeded,
         Some(Err(_)) if args.cancel.is_cancelled() => AttemptResult::Cancelled,

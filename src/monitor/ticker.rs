@@ -102,6 +102,8 @@ pub(crate) struct Ticker {
     buckets: Mutex<HashMap<Duration, Weak<Bucket>>>,
     /// Read in batches for the monitors.
     store: Arc<dyn SessionStore>,
+    /// Published on every tick.
+    gauges: Arc<crate::meters::Gauges>,
 }
 
 /// A monitor's place on its clock; dropping it leaves.
@@ -131,10 +133,11 @@ impl Registration {
 
 impl Ticker {
     /// The clocks of a supervisor on `store`.
-    pub(crate) fn new(store: Arc<dyn SessionStore>) -> Self {
+    pub(crate) fn new(store: Arc<dyn SessionStore>, gauges: Arc<crate::meters::Gauges>) -> Self {
         Self {
             buckets: Mutex::default(),
             store,
+            gauges,
         }
     }
 
@@ -160,6 +163,7 @@ impl Ticker {
                         Arc::downgrade(&bucket),
                         every,
                         Arc::clone(&self.store),
+                        Arc::clone(&self.gauges),
                     ));
                     bucket
                 }
@@ -192,7 +196,12 @@ impl Ticker {
 }
 
 /// The clock of one bucket. Ends once the bucket is gone (no monitor holds it).
-async fn tick(bucket: Weak<Bucket>, every: Duration, store: Arc<dyn SessionStore>) {
+async fn tick(
+    bucket: Weak<Bucket>,
+    every: Duration,
+    store: Arc<dyn SessionStore>,
+    gauges: Arc<crate::meters::Gauges>,
+) {
     // Validation bounds `every` to a day; an instant past the clock's range ticks at once.
     let now = Instant::now();
     let mut clock = tokio::time::interval_at(now.checked_add(every).unwrap_or(now), every);
@@ -203,6 +212,7 @@ async fn tick(bucket: Weak<Bucket>, every: Duration, store: Arc<dyn SessionStore
         let Some(bucket) = bucket.upgrade() else {
             return;
         };
+        gauges.publish();
         let next = bucket.table().tick + 1;
         if next.is_multiple_of(STORE_CHECK_EVERY) {
             check_store(&bucket, store.as_ref()).await;
@@ -304,7 +314,10 @@ mod tests {
     }
 
     fn memory_ticker() -> Ticker {
-        Ticker::new(Arc::new(crate::store::MemoryStore::new()))
+        Ticker::new(
+            Arc::new(crate::store::MemoryStore::new()),
+            Arc::new(crate::meters::Gauges::new()),
+        )
     }
 
     /// Lets `n` ticks pass (and their messages be handled). Tests start half an interval
@@ -369,7 +382,10 @@ mod tests {
     async fn a_session_finished_elsewhere_wakes_its_monitor_at_the_next_batched_read() {
         use crate::store::{Completion, NewSession, SessionStore};
         let store = Arc::new(crate::store::MemoryStore::new());
-        let ticker = Ticker::new(Arc::clone(&store) as Arc<dyn SessionStore>);
+        let ticker = Ticker::new(
+            Arc::clone(&store) as Arc<dyn SessionStore>,
+            Arc::new(crate::meters::Gauges::new()),
+        );
         let owner = crate::model::NodeId::new();
         let record = store
             .create_session(NewSession {

@@ -29,6 +29,11 @@ pub(super) async fn start_worker(
     // The one clock read of an attempt's start: it times the attempt, the resource (on a
     // first attempt) and is the heartbeat's origin.
     let started = Instant::now();
+    s.shared.meters.attempt_started(
+        first_started
+            .is_none()
+            .then(|| started.saturating_duration_since(s.shared.opened)),
+    );
     let first_started = first_started.unwrap_or(started);
     s.shared.emitter.emit(EventKind::WorkerStarted {
         resource_id: resource_id.clone(),
@@ -193,6 +198,9 @@ fn on_attempt(
         first_started,
         started,
     } = times;
+    s.shared
+        .meters
+        .attempt_ended(&outcome, now.saturating_duration_since(started));
     emit_attempt(
         &s.shared.emitter,
         &resource_id,
@@ -218,6 +226,7 @@ fn on_attempt(
     );
     if s.st.phase == Phase::Running && retryable && attempt < s.shared.config.retry.max_attempts {
         let delay = s.shared.config.retry.backoff(attempt);
+        s.shared.meters.retried();
         s.shared.emitter.emit(EventKind::WorkerRetrying {
             resource_id,
             next_attempt: attempt + 1,
