@@ -18,9 +18,15 @@
 //! | `GET /sessions?status=&before=&limit=` | every harvester's sessions, newest first |
 //! | `GET /` | a page that lists sessions, starts and aborts them, and draws a session's timeline |
 //!
-//! Mutating requests need `Authorization: Bearer <token>` (`--token`, or `HARVEST_SERVER_TOKEN`,
-//! or a random one printed at start). Bodies over 64 KiB get `413`, sessions over
-//! `--max-resources` a `400`. Ctrl-C stops accepting, finalizes running sessions
+//! Mutating requests need `Authorization: Bearer <token>` (any case of `Bearer`; `--token`,
+//! or `HARVEST_SERVER_TOKEN`, at least 16 characters, or a random one printed at start).
+//! Bodies over 64 KiB get `413`, sessions over `--max-resources` a `400` (a `count` is
+//! checked before any resource is made). A partial `config` is merged over the server's
+//! own session config, nested fields one by one. Every error is JSON:
+//! `{"error": text, "code": stable code, "field"?: what was wrong, "session_id"?: ...}`,
+//! with codes `bad_request`, `bad_body`, `unauthorized`, `not_found`, `method_not_allowed`,
+//! `busy`, `already_finished`, `finalizing`, `unavailable`; a page's `limit` outside its
+//! range is a `400` naming it. Ctrl-C stops accepting, finalizes running sessions
 //! (`Shutdown`), and closes the database.
 //!
 //! Simulated harvest: a resource id containing `fail` fails, `hang` never returns (the
@@ -85,6 +91,53 @@ struct App {
     supervisor: Arc<Supervisor>,
     token: Arc<str>,
     max_resources: usize,
+    /// The server's session config: a request's partial `config` is merged over it.
+    defaults: Arc<SessionConfig>,
+}
+
+/// The shortest bearer token the server accepts at start.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// Refuses an empty or short token: a server with one would reject everything, or accept
+/// a guess.
+fn check_token(token: &str) -> Result<(), String> {
+    if token.trim().len() < MIN_TOKEN_LEN || token.trim() != token {
+        return Err(format!(
+            "the bearer token must be at least {MIN_TOKEN_LEN} characters, without surrounding \
+             spaces (leave --token and HARVEST_SERVER_TOKEN unset for a random one)"
+        ));
+    }
+    Ok(())
+}
+
+/// The session config this server starts sessions with.
+fn server_session_config() -> SessionConfig {
+    SessionConfig {
+        per_resource_estimate: Duration::from_millis(200),
+        buffer: Duration::from_secs(30),
+        resource_timeout: Some(Duration::from_secs(5)),
+        monitor_interval: Duration::from_secs(1),
+        escalation_grace: Duration::from_secs(5),
+        abort_grace: Duration::from_secs(2),
+        ..SessionConfig::default()
+    }
+}
+
+/// `given` merged over `base`: objects key by key (recursively), anything else replaced.
+fn merge(base: &mut serde_json::Value, given: serde_json::Value) {
+    match (base, given) {
+        (serde_json::Value::Object(base), serde_json::Value::Object(given)) => {
+            for (key, value) in given {
+                match base.get_mut(&key) {
+                    Some(slot) => merge(slot, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (slot, value) => *slot = value,
+    }
 }
 
 /// An error as JSON: `{"error": ..., "field"?: ..., "session_id"?: ...}` with its status.
@@ -99,8 +152,79 @@ impl IntoResponse for ApiError {
 fn bad_request(field: &str, error: impl std::fmt::Display) -> ApiError {
     ApiError(
         StatusCode::BAD_REQUEST,
-        json!({ "error": error.to_string(), "field": field }),
+        json!({ "error": error.to_string(), "code": "bad_request", "field": field }),
     )
+}
+
+/// An extractor's own rejection (a path or query that does not parse), as JSON.
+fn rejected(field: &str, status: StatusCode, text: String) -> ApiError {
+    ApiError(
+        status,
+        json!({ "error": text, "code": "bad_request", "field": field }),
+    )
+}
+
+/// `GET` and `POST` on no route: JSON, like every other error.
+async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        json!({ "error": "no such route", "code": "not_found" }),
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        json!({ "error": "this route does not take this method", "code": "method_not_allowed" }),
+    )
+}
+
+/// A session id from the path, or a JSON `400` naming it.
+struct SessionPath(SessionId);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for SessionPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Path::<SessionId>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Self(id)),
+            Err(e) => Err(rejected("session_id", e.status(), e.body_text())),
+        }
+    }
+}
+
+/// A query string, or a JSON `400` naming what does not parse.
+struct JsonQuery<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
+    for JsonQuery<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(Self(q)),
+            Err(e) => Err(rejected("query", e.status(), e.body_text())),
+        }
+    }
+}
+
+/// `limit` of a page: from 1 to `max`, else a `400` naming it.
+fn page_limit(limit: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(bad_request(
+            "limit",
+            format!("must be from 1 to {max} (got {n})"),
+        )),
+    }
 }
 
 impl From<SessionError> for ApiError {
@@ -114,15 +238,24 @@ impl From<SessionError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
-        ApiError(status, json!({ "error": e.to_string() }))
+        let code = match &e {
+            SessionError::UnknownSession { .. } => "not_found",
+            SessionError::AlreadyFinished { .. } => "already_finished",
+            SessionError::Finalizing { .. } => "finalizing",
+            SessionError::Store(_) | SessionError::SupervisorDown => "unavailable",
+        };
+        ApiError(status, json!({ "error": e.to_string(), "code": code }))
     }
 }
 
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    // The scheme is case-insensitive (RFC 9110): `Bearer`, `bearer`, `BEARER`.
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     // Compared in constant time, so the answer's timing does not leak the token.
     let matches = given.is_some_and(|g| {
         g.len() == app.token.len()
@@ -136,7 +269,7 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     } else {
         Err(ApiError(
             StatusCode::UNAUTHORIZED,
-            json!({ "error": "a valid bearer token is required" }),
+            json!({ "error": "a valid bearer token is required", "code": "unauthorized" }),
         ))
     }
 }
@@ -147,10 +280,11 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
 struct StartBody {
     /// The resources to harvest.
     resources: Option<Vec<String>>,
-    /// Or this many simulated ones.
-    count: Option<usize>,
-    /// Budget overrides (any `SessionConfig` field).
-    config: Option<SessionConfig>,
+    /// Or this many simulated ones (checked against `--max-resources` before any is made).
+    count: Option<u64>,
+    /// Budget overrides: any `SessionConfig` fields, merged over the server's own config
+    /// (nested ones, like `retry`, field by field).
+    config: Option<serde_json::Value>,
 }
 
 async fn start_session(
@@ -164,12 +298,25 @@ async fn start_session(
     let Json(body) = body.map_err(|e| {
         ApiError(
             e.status(),
-            json!({ "error": e.body_text(), "field": "body" }),
+            json!({ "error": e.body_text(), "code": "bad_body", "field": "body" }),
         )
     })?;
+    // Every limit before the allocation it guards: a count is checked, then made.
+    let too_many = || {
+        bad_request(
+            "resources",
+            format!("at most {} resources per session", app.max_resources),
+        )
+    };
     let resources = match (body.resources, body.count) {
         (Some(list), None) => list,
-        (None, Some(n)) => (0..n).map(|i| format!("r-{i:06}")).collect(),
+        (None, Some(n)) => {
+            let n = usize::try_from(n)
+                .ok()
+                .filter(|&n| n <= app.max_resources)
+                .ok_or_else(too_many)?;
+            (0..n).map(|i| format!("r-{i:06}")).collect()
+        }
         _ => {
             return Err(bad_request(
                 "resources",
@@ -178,18 +325,21 @@ async fn start_session(
         }
     };
     if resources.len() > app.max_resources {
-        return Err(bad_request(
-            "resources",
-            format!("at most {} resources per session", app.max_resources),
-        ));
+        return Err(too_many());
     }
     let mut request = SessionRequest::new(harvester, resources);
-    request.config = body.config;
+    if let Some(given) = body.config {
+        let mut config =
+            serde_json::to_value(&*app.defaults).map_err(|e| bad_request("config", e))?;
+        merge(&mut config, given);
+        request.config =
+            Some(serde_json::from_value(config).map_err(|e| bad_request("config", e))?);
+    }
     match app.supervisor.start(request).await {
         Ok(id) => Ok((StatusCode::CREATED, Json(json!({ "session_id": id }))).into_response()),
         Err(StartError::HarvesterBusy { session, .. }) => Err(ApiError(
             StatusCode::CONFLICT,
-            json!({ "error": "the harvester is busy", "session_id": session }),
+            json!({ "error": "the harvester is busy", "code": "busy", "session_id": session }),
         )),
         Err(StartError::InvalidConfig(e)) => Err(bad_request(&format!("config.{}", e.field()), e)),
         Err(e @ StartError::DuplicateResource { .. }) => Err(bad_request("resources", e)),
@@ -203,14 +353,14 @@ async fn start_session(
         }
         Err(e) => Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
-            json!({ "error": e.to_string() }),
+            json!({ "error": e.to_string(), "code": "unavailable" }),
         )),
     }
 }
 
 async fn abort_session(
     State(app): State<App>,
-    Path(id): Path<SessionId>,
+    SessionPath(id): SessionPath,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
@@ -222,12 +372,7 @@ async fn abort_session(
 struct Page {
     #[serde(default)]
     offset: usize,
-    #[serde(default = "default_limit")]
-    limit: usize,
-}
-
-fn default_limit() -> usize {
-    100
+    limit: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -240,13 +385,13 @@ struct SessionView {
 
 async fn get_session(
     State(app): State<App>,
-    Path(id): Path<SessionId>,
-    Query(page): Query<Page>,
+    SessionPath(id): SessionPath,
+    JsonQuery(page): JsonQuery<Page>,
 ) -> Result<Json<SessionView>, ApiError> {
+    let limit = page_limit(page.limit, 100, 1000)?;
     let record = app.supervisor.session(id).await?;
-    let limit = page.limit.clamp(1, 1000);
     let (outcomes, total) = app.supervisor.outcomes_page(id, page.offset, limit).await?;
-    let end = page.offset + outcomes.len();
+    let end = page.offset.saturating_add(outcomes.len());
     Ok(Json(SessionView {
         record,
         next_offset: (end < total).then_some(end),
@@ -265,7 +410,7 @@ struct HistoryQuery {
 async fn history(
     State(app): State<App>,
     Path(harvester): Path<String>,
-    Query(q): Query<HistoryQuery>,
+    JsonQuery(q): JsonQuery<HistoryQuery>,
 ) -> Result<Json<harvest_supervisor::SessionPage>, ApiError> {
     page_of(&app, Some(HarvesterId::from(harvester)), q).await
 }
@@ -273,7 +418,7 @@ async fn history(
 /// `GET /sessions`: every harvester's sessions, newest first.
 async fn all_sessions(
     State(app): State<App>,
-    Query(q): Query<HistoryQuery>,
+    JsonQuery(q): JsonQuery<HistoryQuery>,
 ) -> Result<Json<harvest_supervisor::SessionPage>, ApiError> {
     page_of(&app, None, q).await
 }
@@ -287,7 +432,7 @@ async fn page_of(
         harvester_id,
         status: q.status,
         before: q.before,
-        limit: q.limit.unwrap_or(50),
+        limit: page_limit(q.limit, 50, SessionQuery::MAX_LIMIT)?,
     };
     Ok(Json(app.supervisor.history(&query).await?))
 }
@@ -320,7 +465,7 @@ async fn page() -> impl IntoResponse {
 /// which reads the store page by page and only when something new may be there.
 async fn events(
     State(app): State<App>,
-    Path(id): Path<SessionId>,
+    SessionPath(id): SessionPath,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let mut follower = app.supervisor.follow(id, 0);
     // An unknown session is a 404, not an empty stream.
@@ -383,6 +528,8 @@ fn router(app: App) -> Router {
         .route("/sessions/{id}/abort", post(abort_session))
         .route("/sessions/{id}/events", get(events))
         .route("/nodes", get(nodes))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(app)
 }
@@ -411,15 +558,7 @@ async fn supervisor(
         Ok(())
     });
     let config = SupervisorConfig {
-        session: SessionConfig {
-            per_resource_estimate: Duration::from_millis(200),
-            buffer: Duration::from_secs(30),
-            resource_timeout: Some(Duration::from_secs(5)),
-            monitor_interval: Duration::from_secs(1),
-            escalation_grace: Duration::from_secs(5),
-            abort_grace: Duration::from_secs(2),
-            ..SessionConfig::default()
-        },
+        session: server_session_config(),
         recovery: harvest_supervisor::RecoveryPolicy::Finalize,
         node_name,
         ..SupervisorConfig::default()
@@ -465,7 +604,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
     let token = match &args.token {
-        Some(t) => t.clone(),
+        Some(t) => {
+            if let Err(why) = check_token(t) {
+                eprintln!("harvest_server: {why}");
+                std::process::exit(2);
+            }
+            t.clone()
+        }
         None => {
             let t = random_token();
             println!("bearer token for mutating requests: {t}");
@@ -499,6 +644,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         supervisor: Arc::new(supervisor),
         token: token.into(),
         max_resources: args.max_resources,
+        defaults: Arc::new(server_session_config()),
     };
     serve(listener, app, async {
         let _ = tokio::signal::ctrl_c().await;
@@ -518,7 +664,7 @@ mod tests {
     //! HTTP-level tests against a server on an ephemeral loopback port.
     use super::*;
 
-    const TOKEN: &str = "test-token";
+    const TOKEN: &str = "test-token-of-some-length";
 
     struct Server {
         base: String,
@@ -551,6 +697,7 @@ mod tests {
                 supervisor: Arc::new(supervisor),
                 token: TOKEN.into(),
                 max_resources: 1000,
+                defaults: Arc::new(server_session_config()),
             };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let done = tokio::spawn(async move {
@@ -919,6 +1066,99 @@ mod tests {
         for server in servers {
             server.stop().await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hostile_and_sloppy_requests_get_json_errors_and_break_nothing() {
+        let server = Server::start().await;
+        let code = |r: &serde_json::Value| r["code"].as_str().unwrap_or_default().to_owned();
+        // Counts are checked before any resource is made.
+        for count in [
+            json!(1_000_000_000_000u64),
+            json!(u64::MAX),
+            json!(-1),
+            json!(1e300),
+        ] {
+            let r = server.start_session("csw", json!({ "count": count })).await;
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.expect("json");
+            assert!(status == 400 || status == 422, "{count}: {status} {body}");
+            assert!(body["error"].is_string(), "{body}");
+        }
+        // Still serving; a partial config merges over the server's (200 ms per resource
+        // + 30 s), not the library's defaults.
+        let r = server
+            .start_session(
+                "csw",
+                json!({ "count": 2, "config": { "max_concurrency": 1 } }),
+            )
+            .await;
+        assert_eq!(r.status().as_u16(), 201);
+        let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        let (status, view) = server.json(&format!("/sessions/{id}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(view["record"]["workflow_time"], "30s 400ms", "{view}");
+        let r = server
+            .start_session(
+                "other",
+                json!({ "count": 1, "config": { "retry": { "bogus": 1 } } }),
+            )
+            .await;
+        assert_eq!(r.status().as_u16(), 400);
+        assert_eq!(
+            r.json::<serde_json::Value>().await.expect("json")["field"],
+            "config"
+        );
+        // The scheme is case-insensitive.
+        let r = server
+            .http
+            .post(format!("{}/sessions/{id}/abort", server.base))
+            .header("authorization", format!("bearer {TOKEN}"))
+            .send()
+            .await
+            .expect("abort");
+        assert_ne!(r.status().as_u16(), 401);
+        // Every error is JSON with a stable code.
+        for (path, want, field) in [
+            (format!("/sessions/{id}?limit=0"), 400, Some("limit")),
+            (format!("/sessions/{id}?limit=abc"), 400, Some("query")),
+            ("/sessions?limit=100000".to_owned(), 400, Some("limit")),
+            ("/sessions/not-a-uuid".to_owned(), 400, Some("session_id")),
+            ("/no/such/route".to_owned(), 404, None),
+        ] {
+            let (status, body) = server.json(&path).await;
+            assert_eq!(status.as_u16(), want, "{path}: {body}");
+            assert!(!code(&body).is_empty(), "{path}: {body}");
+            if let Some(field) = field {
+                assert_eq!(body["field"], field, "{path}: {body}");
+            }
+        }
+        let r = server
+            .http
+            .delete(format!("{}/sessions", server.base))
+            .send()
+            .await
+            .expect("delete");
+        assert_eq!(r.status().as_u16(), 405);
+        let body: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(code(&body), "method_not_allowed");
+        server.stop().await;
+    }
+
+    #[test]
+    fn an_empty_short_or_padded_token_is_refused_at_start() {
+        for bad in [
+            "",
+            "short",
+            "                    ",
+            " padded-but-long-enough ",
+        ] {
+            assert!(check_token(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_token("a-long-enough-token").is_ok());
     }
 
     /// A minimal WebDriver client (the W3C protocol is JSON over HTTP) for the browser test.
