@@ -93,6 +93,9 @@ struct App {
     max_resources: usize,
     /// The server's session config: a request's partial `config` is merged over it.
     defaults: Arc<SessionConfig>,
+    /// Cancelled when the server stops: open event streams end then (a stream of a
+    /// session another server runs would otherwise hold the shutdown up).
+    closing: tokio_util::sync::CancellationToken,
 }
 
 /// The shortest bearer token the server accepts at start.
@@ -460,6 +463,9 @@ async fn page() -> impl IntoResponse {
     )
 }
 
+/// How long an open event stream may still send what is logged once the server stops.
+const STREAM_DRAIN: Duration = Duration::from_secs(2);
+
 /// The stored log first, then each new event, until `SessionFinished`: whichever server
 /// runs the session (several may share one database), through the library's follower,
 /// which reads the store page by page and only when something new may be there.
@@ -474,6 +480,7 @@ async fn events(
         Some(Err(e)) => return Err(e.into()),
         None => None,
     };
+    let closing = app.closing.clone();
     let stream = async_stream(move |tx| async move {
         let send = |e: &SessionEvent| {
             let data = serde_json::to_string(e).unwrap_or_default();
@@ -488,17 +495,36 @@ async fn events(
         if tx.send(send(&first)).await.is_err() {
             return;
         }
-        while let Some(next) = follower.next().await {
+        // Set when the server stops: what is already logged is still sent (the
+        // `SessionFinished` of this server's sessions, finalized just before) for up to
+        // this long, then the stream ends; the client reconnects elsewhere (its
+        // `Last-Event-ID` says where it was).
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match drain_until {
+                None => tokio::select! {
+                    next = follower.next() => next,
+                    () = closing.cancelled() => {
+                        drain_until = Some(tokio::time::Instant::now() + STREAM_DRAIN);
+                        continue;
+                    }
+                },
+                Some(until) => match tokio::time::timeout_at(until, follower.next()).await {
+                    Ok(next) => next,
+                    Err(_) => return,
+                },
+            };
             match next {
-                Ok(e) => {
+                Some(Ok(e)) => {
                     if tx.send(send(&e)).await.is_err() {
                         return;
                     }
                 }
-                Err(error) => {
+                Some(Err(error)) => {
                     tracing::warn!(%error, session_id = %id, "event stream ended: the store failed");
                     return;
                 }
+                None => return,
             }
         }
     });
@@ -577,11 +603,22 @@ async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let supervisor = Arc::clone(&app.supervisor);
+    let closing = app.closing.clone();
+    let stopping = Arc::clone(&supervisor);
+    // On the signal: finalize what runs (`Shutdown`, bounded by the supervisor's
+    // shutdown_timeout), which ends the streams of this server's sessions with their
+    // `SessionFinished`; then end every other open stream, and only then let the HTTP
+    // server drain (it waits for open connections).
+    let signal = async move {
+        shutdown.await;
+        if let Err(error) = stopping.shutdown().await {
+            tracing::warn!(%error, "the supervisor did not stop cleanly");
+        }
+        closing.cancel();
+    };
     axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(signal)
         .await?;
-    // Nothing accepts requests any more: finalize what runs, then the store is closed as
-    // the last handle drops (an event stream still open may hold one for a moment).
     supervisor.shutdown().await?;
     supervisor.store().flush().await?;
     Ok(())
@@ -645,6 +682,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         token: token.into(),
         max_resources: args.max_resources,
         defaults: Arc::new(server_session_config()),
+        closing: tokio_util::sync::CancellationToken::new(),
     };
     serve(listener, app, async {
         let _ = tokio::signal::ctrl_c().await;
@@ -698,6 +736,7 @@ mod tests {
                 token: TOKEN.into(),
                 max_resources: 1000,
                 defaults: Arc::new(server_session_config()),
+                closing: tokio_util::sync::CancellationToken::new(),
             };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let done = tokio::spawn(async move {
@@ -823,7 +862,25 @@ mod tests {
         assert_eq!(code, StatusCode::OK);
         assert_eq!(all["sessions"][0]["id"], json!(id));
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let dir = server.stop().await;
+        // A client follows the running session: stopping must not wait for it (the hang
+        // would last until the session's deadline).
+        let stream = server
+            .http
+            .get(format!("{}/sessions/{id}/events", server.base))
+            .send()
+            .await
+            .expect("stream");
+        let reading = tokio::spawn(stream.text());
+        // (The session's deadline is 30 s away: a stop that waited for it fails here.)
+        let dir = tokio::time::timeout(Duration::from_secs(15), server.stop())
+            .await
+            .expect("the server stops with a stream open");
+        let body = tokio::time::timeout(Duration::from_secs(5), reading)
+            .await
+            .expect("the stream ended")
+            .expect("task")
+            .unwrap_or_default();
+        assert!(body.contains("event: SessionFinished"), "{body}");
 
         // What a restarted server would find: the session ended, its harvester free.
         let store = SqliteStore::open(dir.path().join("s.db"))
