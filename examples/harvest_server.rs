@@ -17,6 +17,8 @@
 //! | `GET /sessions/{id}/events` | Server-Sent Events: the stored log, then live ones, until `SessionFinished` |
 //! | `GET /sessions?status=&before=&limit=` | every harvester's sessions, newest first |
 //! | `GET /` | a page that lists sessions, starts and aborts them, and draws a session's timeline |
+//! | `GET /metrics` | the library's metrics, Prometheus text (`harvest_supervisor::meters` lists them) |
+//! | `GET /healthz` | `200` when the supervisor answers and the store is reachable, else `503` |
 //!
 //! Mutating requests need `Authorization: Bearer <token>` (any case of `Bearer`; `--token`,
 //! or `HARVEST_SERVER_TOKEN`, at least 16 characters, or a random one printed at start).
@@ -96,6 +98,64 @@ struct App {
     /// Cancelled when the server stops: open event streams end then (a stream of a
     /// session another server runs would otherwise hold the shutdown up).
     closing: tokio_util::sync::CancellationToken,
+    /// Renders what the library's metrics recorded (Prometheus text).
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+/// The process's metrics recorder (the Prometheus exporter's, without its own HTTP
+/// listener: `GET /metrics` serves it), installed once.
+fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder already installed (an embedding application's) keeps its
+            // place; this one then renders nothing.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// `GET /metrics`: the library's metrics, in Prometheus' text format (see
+/// `harvest_supervisor::meters` for what each one is). Upkeep (draining histograms into
+/// their summaries) runs here, on each scrape.
+async fn metrics_text(State(app): State<App>) -> impl IntoResponse {
+    app.metrics.run_upkeep();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+}
+
+/// `GET /healthz`: `200` when the supervisor answers and the store is reachable (each
+/// within 2 s), else `503`, saying which.
+async fn healthz(State(app): State<App>) -> Response {
+    const WITHIN: Duration = Duration::from_secs(2);
+    let supervisor = tokio::time::timeout(WITHIN, app.supervisor.sessions()).await;
+    let supervisor_ok = matches!(supervisor, Ok(Ok(_)));
+    let store = tokio::time::timeout(WITHIN, app.supervisor.store().nodes()).await;
+    let store_ok = matches!(store, Ok(Ok(_)));
+    let status = if supervisor_ok && store_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let word = |ok: bool| if ok { "ok" } else { "failing" };
+    (
+        status,
+        Json(json!({
+            "status": word(supervisor_ok && store_ok),
+            "supervisor": word(supervisor_ok),
+            "store": word(store_ok),
+        })),
+    )
+        .into_response()
 }
 
 /// The shortest bearer token the server accepts at start.
@@ -554,6 +614,8 @@ fn router(app: App) -> Router {
         .route("/sessions/{id}/abort", post(abort_session))
         .route("/sessions/{id}/events", get(events))
         .route("/nodes", get(nodes))
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(64 * 1024))
@@ -654,6 +716,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             t
         }
     };
+    // Installed before the supervisor starts, so that every handle it makes records here.
+    let metrics = metrics_handle();
     let store: Arc<dyn SessionStore> = match &args.postgres {
         Some(url) => {
             let store = harvest_supervisor::store::PostgresStore::connect(url).await?;
@@ -683,6 +747,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_resources: args.max_resources,
         defaults: Arc::new(server_session_config()),
         closing: tokio_util::sync::CancellationToken::new(),
+        metrics,
     };
     serve(listener, app, async {
         let _ = tokio::signal::ctrl_c().await;
@@ -726,6 +791,7 @@ mod tests {
             dir: tempfile::TempDir,
             work: Duration,
         ) -> Self {
+            let metrics = metrics_handle();
             let supervisor = supervisor(store, work, None).await.expect("supervisor");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
@@ -737,6 +803,7 @@ mod tests {
                 max_resources: 1000,
                 defaults: Arc::new(server_session_config()),
                 closing: tokio_util::sync::CancellationToken::new(),
+                metrics,
             };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let done = tokio::spawn(async move {
@@ -1202,6 +1269,50 @@ mod tests {
         assert_eq!(r.status().as_u16(), 405);
         let body: serde_json::Value = r.json().await.expect("json");
         assert_eq!(code(&body), "method_not_allowed");
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_and_health_are_served() {
+        let server = Server::start().await;
+        let r = server.start_session("metered", json!({ "count": 3 })).await;
+        let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let (_, view) = server.json(&format!("/sessions/{id}")).await;
+                if view["record"]["status"] == "finished-all-ok" {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("finished");
+        let text = server
+            .http
+            .get(format!("{}/metrics", server.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        for want in [
+            "harvest_sessions_finished_total{",
+            "harvester=\"metered\"",
+            "harvest_resources_total{",
+            "harvest_attempts_total{",
+            "harvest_resource_duration_seconds",
+        ] {
+            assert!(text.contains(want), "{want} in\n{text}");
+        }
+        assert!(!text.contains(&id), "no session id in a label");
+        let (status, health) = server.json("/healthz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(health["status"], "ok", "{health}");
         server.stop().await;
     }
 
