@@ -14,7 +14,7 @@
 //! | `POST /sessions/{id}/abort` | abort: `202`, `404`, `409` when already finished |
 //! | `GET /sessions/{id}?offset=&limit=` | the record and a page of outcomes |
 //! | `GET /harvesters/{id}/sessions?status=&before=&limit=` | history, newest first |
-//! | `GET /sessions/{id}/events` | Server-Sent Events: the stored log, then live ones, until `SessionFinished` |
+//! | `GET /sessions/{id}/events` | Server-Sent Events: the stored log, then live ones, until `SessionFinished` (at most `--max-streams` open: `429` past it) |
 //! | `GET /sessions?status=&before=&limit=` | every harvester's sessions, newest first |
 //! | `GET /` | a page that lists sessions, starts and aborts them, and draws a session's timeline |
 //! | `GET /metrics` | the library's metrics, Prometheus text (`harvest_supervisor::meters` lists them) |
@@ -30,6 +30,9 @@
 //! `busy`, `already_finished`, `finalizing`, `unavailable`; a page's `limit` outside its
 //! range is a `400` naming it. Ctrl-C stops accepting, finalizes running sessions
 //! (`Shutdown`), and closes the database.
+//!
+//! Logs go to stderr (`--log-format text|json`; colours only on a terminal), with one
+//! access line per request; a generated token is printed there too, never on stdout.
 //!
 //! Simulated harvest: a resource id containing `fail` fails, `hang` never returns (the
 //! per-resource timeout cuts it), anything else succeeds after `--work-ms`.
@@ -85,6 +88,20 @@ struct Args {
     /// the sessions it starts, and takes over those of a server that died).
     #[arg(long)]
     node_name: Option<String>,
+    /// How logs are written (on stderr): `text` (colours only on a terminal) or `json`
+    /// (one object per line).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Most event streams open at once; past it, `429`.
+    #[arg(long, default_value_t = 256)]
+    max_streams: usize,
+}
+
+/// See `--log-format`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// What the handlers share.
@@ -100,6 +117,8 @@ struct App {
     closing: tokio_util::sync::CancellationToken,
     /// Renders what the library's metrics recorded (Prometheus text).
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// A permit per open event stream (`--max-streams`).
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// The process's metrics recorder (the Prometheus exporter's, without its own HTTP
@@ -533,6 +552,16 @@ async fn events(
     State(app): State<App>,
     SessionPath(id): SessionPath,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    // A permit per open stream, held until it ends: past the cap, 429 (a thousand idle
+    // streams would otherwise each hold a task and wake on every event).
+    let permit = Arc::clone(&app.streams)
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({ "error": "too many open event streams; try again later", "code": "too_many_streams" }),
+            )
+        })?;
     let mut follower = app.supervisor.follow(id, 0);
     // An unknown session is a 404, not an empty stream.
     let first = match follower.next().await {
@@ -542,6 +571,7 @@ async fn events(
     };
     let closing = app.closing.clone();
     let stream = async_stream(move |tx| async move {
+        let _permit = permit;
         let send = |e: &SessionEvent| {
             let data = serde_json::to_string(e).unwrap_or_default();
             Event::default()
@@ -564,6 +594,8 @@ async fn events(
             let next = match drain_until {
                 None => tokio::select! {
                     next = follower.next() => next,
+                    // The client left: its place is free at once, not at the next event.
+                    () = tx.closed() => return,
                     () = closing.cancelled() => {
                         drain_until = Some(tokio::time::Instant::now() + STREAM_DRAIN);
                         continue;
@@ -619,6 +651,16 @@ fn router(app: App) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(64 * 1024))
+        // An access line per request: method, path, status, latency.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(
+                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
+                )
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
+                ),
+        )
         .with_state(app)
 }
 
@@ -696,12 +738,20 @@ fn random_token() -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
+    // Logs on stderr: colours only on a terminal, JSON lines on request. One access line
+    // per request (tower-http), at info.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,tower_http=info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let token = match &args.token {
         Some(t) => {
             if let Err(why) = check_token(t) {
@@ -712,7 +762,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         None => {
             let t = random_token();
-            println!("bearer token for mutating requests: {t}");
+            // On stderr, never with the rest of the output (which may go to a shared log).
+            eprintln!("bearer token for mutating requests: {t}");
             t
         }
     };
@@ -748,6 +799,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         defaults: Arc::new(server_session_config()),
         closing: tokio_util::sync::CancellationToken::new(),
         metrics,
+        streams: Arc::new(tokio::sync::Semaphore::new(args.max_streams)),
     };
     serve(listener, app, async {
         let _ = tokio::signal::ctrl_c().await;
@@ -768,6 +820,8 @@ mod tests {
     use super::*;
 
     const TOKEN: &str = "test-token-of-some-length";
+    /// The test servers' cap on open event streams.
+    const TEST_MAX_STREAMS: usize = 3;
 
     struct Server {
         base: String,
@@ -804,6 +858,7 @@ mod tests {
                 defaults: Arc::new(server_session_config()),
                 closing: tokio_util::sync::CancellationToken::new(),
                 metrics,
+                streams: Arc::new(tokio::sync::Semaphore::new(TEST_MAX_STREAMS)),
             };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let done = tokio::spawn(async move {
@@ -1313,6 +1368,45 @@ mod tests {
         let (status, health) = server.json("/healthz").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(health["status"], "ok", "{health}");
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn event_streams_past_the_cap_get_429_and_a_closed_one_frees_its_place() {
+        let server = Server::start().await;
+        let r = server
+            .start_session("csw", json!({ "resources": ["a-hang", "b-hang"] }))
+            .await;
+        let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        let url = format!("{}/sessions/{id}/events", server.base);
+        let mut open = Vec::new();
+        for _ in 0..TEST_MAX_STREAMS {
+            let r = server.http.get(&url).send().await.expect("stream");
+            assert_eq!(r.status().as_u16(), 200);
+            open.push(r);
+        }
+        let r = server.http.get(&url).send().await.expect("stream");
+        assert_eq!(r.status().as_u16(), 429);
+        let body: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(body["code"], "too_many_streams");
+        // A client that leaves frees its place (once the server notices).
+        drop(open.pop());
+        let reopened = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let r = server.http.get(&url).send().await.expect("stream");
+                if r.status().as_u16() == 200 {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("a place again");
+        drop(reopened);
+        drop(open);
         server.stop().await;
     }
 
