@@ -34,8 +34,9 @@
 //! Logs go to stderr (`--log-format text|json`; colours only on a terminal), with one
 //! access line per request; a generated token is printed there too, never on stdout.
 //!
-//! Simulated harvest: a resource id containing `fail` fails, `hang` never returns (the
-//! per-resource timeout cuts it), anything else succeeds after `--work-ms`.
+//! Simulated harvest: a resource id containing `fail` fails, `panic` panics, `hang` never
+//! returns (the per-resource timeout cuts it), anything else succeeds after `--work-ms`.
+//! Every route, body and error code, with curl examples: `docs/harvest_server_api.md`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -61,6 +62,9 @@ use serde_json::json;
 
 /// Serve harvest sessions over HTTP.
 #[derive(Parser, Debug, Clone)]
+#[command(
+    after_help = "Routes, bodies, statuses, error codes and curl examples: docs/harvest_server_api.md"
+)]
 struct Args {
     /// Address to bind (loopback by default: put a proxy in front to expose it).
     #[arg(long, default_value = "127.0.0.1")]
@@ -680,6 +684,9 @@ async fn supervisor(
         }
         if ctx.resource_id.contains("fail") {
             return Err(format!("remote answered 500 for {}", ctx.resource_id).into());
+        }
+        if ctx.resource_id.contains("panic") {
+            panic!("the parser of {} gave up", ctx.resource_id);
         }
         Ok(())
     });
@@ -1407,6 +1414,33 @@ mod tests {
         .expect("a place again");
         drop(reopened);
         drop(open);
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_simulator_fails_panics_and_succeeds_as_the_ids_say() {
+        let server = Server::start().await;
+        let r = server
+            .start_session("sim", json!({ "resources": ["ok-1", "fail-2", "panic-3"] }))
+            .await;
+        let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        let record = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let (_, view) = server.json(&format!("/sessions/{id}")).await;
+                if view["record"]["status"] == "finished-some-failed" {
+                    return view["record"].clone();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("finished");
+        assert_eq!(record["counts"]["succeeded"], 1, "{record}");
+        assert_eq!(record["counts"]["failed"], 1, "{record}");
+        assert_eq!(record["counts"]["panicked"], 1, "{record}");
         server.stop().await;
     }
 
