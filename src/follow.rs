@@ -59,6 +59,14 @@ pub(crate) async fn store_wake(signals: &mut Option<StoreSignals>, id: Option<Se
     }
 }
 
+/// Sleeps until `at`, or for ever without it.
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Whether the store's announcements arrive now.
 pub(crate) fn listening(signals: &Option<StoreSignals>) -> bool {
     signals.as_ref().is_some_and(|s| *s.live.borrow())
@@ -77,8 +85,8 @@ pub struct EventFollower {
     buffered: VecDeque<SessionEvent>,
     /// The last `seq` handed out.
     last: u64,
-    /// The session was seen terminal with nothing new to read: one more wait, then over.
-    terminal_seen: bool,
+    /// When the session was first seen terminal with nothing new to read (see `next`).
+    terminal_since: Option<tokio::time::Instant>,
     done: bool,
 }
 
@@ -114,7 +122,7 @@ impl EventFollower {
             poll,
             buffered: VecDeque::new(),
             last: after,
-            terminal_seen: false,
+            terminal_since: None,
             done: false,
         }
     }
@@ -154,23 +162,30 @@ impl EventFollower {
             };
             if !page.is_empty() {
                 self.buffered.extend(page);
+                self.terminal_since = None;
                 continue;
             }
             let here = self.live.is_live(self.id);
-            let mut ending = false;
+            // Set: the session is terminal and its log has said nothing new since then;
+            // it ends when this passes.
+            let mut ending: Option<tokio::time::Instant> = None;
             if !here {
                 // Nothing new and nobody here logs it. Finished: its owner appends
-                // `SessionFinished` just after the terminal status, so wait once more
-                // (for an announcement, or a poll's time); still nothing then, the log
-                // ends without it (stored by an older version, or lost with a crash).
+                // `SessionFinished` just after the terminal status (a commit delay later),
+                // so the log may still grow for a moment: it is over once a whole poll
+                // interval has passed with nothing new (a log stored by an older version,
+                // or cut by a crash, ends without `SessionFinished`). A wake-up alone does
+                // not end it: it may announce events already read.
                 match self.store.session(self.id).await {
                     Ok(record) if record.status.is_terminal() => {
-                        if self.terminal_seen {
+                        let now = tokio::time::Instant::now();
+                        let since = *self.terminal_since.get_or_insert(now);
+                        let until = since.checked_add(Supervisor::WAIT_POLL).unwrap_or(since);
+                        if now >= until {
                             self.done = true;
                             return None;
                         }
-                        self.terminal_seen = true;
-                        ending = true;
+                        ending = Some(until);
                     }
                     Ok(_) => {}
                     Err(e) => return Some(Err(e.into())),
@@ -210,7 +225,8 @@ impl EventFollower {
                             break;
                         }
                     }
-                    _ = self.poll.tick(), if !here && (!listening || ending) => break,
+                    _ = self.poll.tick(), if !here && !listening => break,
+                    () = sleep_until_or_never(ending) => break,
                     () = &mut left, if here => break,
                 }
             }
