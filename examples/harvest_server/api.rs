@@ -1,0 +1,319 @@
+//! The routes: what the handlers share, authorization, starting, aborting and reading
+//! sessions, metrics and health.
+
+use super::*;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub(crate) struct App {
+    pub(crate) supervisor: Arc<Supervisor>,
+    pub(crate) token: Arc<str>,
+    pub(crate) max_resources: usize,
+    /// The server's session config: a request's partial `config` is merged over it.
+    pub(crate) defaults: Arc<SessionConfig>,
+    /// Cancelled when the server stops: open event streams end then (a stream of a
+    /// session another server runs would otherwise hold the shutdown up).
+    pub(crate) closing: tokio_util::sync::CancellationToken,
+    /// Renders what the library's metrics recorded (Prometheus text).
+    pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// A permit per open event stream (`--max-streams`).
+    pub(crate) streams: Arc<tokio::sync::Semaphore>,
+}
+
+/// `GET /metrics`: the library's metrics, in Prometheus' text format (see
+/// `harvest_supervisor::meters` for what each one is). Upkeep (draining histograms into
+/// their summaries) runs here, on each scrape.
+pub(crate) async fn metrics_text(State(app): State<App>) -> impl IntoResponse {
+    app.metrics.run_upkeep();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+}
+
+/// `GET /healthz`: `200` when the supervisor answers and the store is reachable (each
+/// within 2 s), else `503`, saying which.
+pub(crate) async fn healthz(State(app): State<App>) -> Response {
+    const WITHIN: Duration = Duration::from_secs(2);
+    let supervisor = tokio::time::timeout(WITHIN, app.supervisor.sessions()).await;
+    let supervisor_ok = matches!(supervisor, Ok(Ok(_)));
+    let store = tokio::time::timeout(WITHIN, app.supervisor.store().nodes()).await;
+    let store_ok = matches!(store, Ok(Ok(_)));
+    let status = if supervisor_ok && store_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let word = |ok: bool| if ok { "ok" } else { "failing" };
+    (
+        status,
+        Json(json!({
+            "status": word(supervisor_ok && store_ok),
+            "supervisor": word(supervisor_ok),
+            "store": word(store_ok),
+        })),
+    )
+        .into_response()
+}
+
+/// `given` merged over `base`: objects key by key (recursively), anything else replaced.
+pub(crate) fn merge(base: &mut serde_json::Value, given: serde_json::Value) {
+    match (base, given) {
+        (serde_json::Value::Object(base), serde_json::Value::Object(given)) => {
+            for (key, value) in given {
+                match base.get_mut(&key) {
+                    Some(slot) => merge(slot, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (slot, value) => *slot = value,
+    }
+}
+
+pub(crate) fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    // The scheme is case-insensitive (RFC 9110): `Bearer`, `bearer`, `BEARER`.
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    // Compared in constant time, so the answer's timing does not leak the token.
+    let matches = given.is_some_and(|g| {
+        g.len() == app.token.len()
+            && g.bytes()
+                .zip(app.token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            json!({ "error": "a valid bearer token is required", "code": "unauthorized" }),
+        ))
+    }
+}
+
+/// `POST /harvesters/{id}/sessions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StartBody {
+    /// The resources to harvest.
+    resources: Option<Vec<String>>,
+    /// Or this many simulated ones (checked against `--max-resources` before any is made).
+    count: Option<u64>,
+    /// Budget overrides: any `SessionConfig` fields, merged over the server's own config
+    /// (nested ones, like `retry`, field by field).
+    config: Option<serde_json::Value>,
+}
+
+pub(crate) async fn start_session(
+    State(app): State<App>,
+    Path(harvester): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<StartBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    // Keep the rejection's own status: 413 for a body over the limit, 400/415/422 else.
+    let Json(body) = body.map_err(|e| {
+        ApiError(
+            e.status(),
+            json!({ "error": e.body_text(), "code": "bad_body", "field": "body" }),
+        )
+    })?;
+    // Every limit before the allocation it guards: a count is checked, then made.
+    let too_many = || {
+        bad_request(
+            "resources",
+            format!("at most {} resources per session", app.max_resources),
+        )
+    };
+    let resources = match (body.resources, body.count) {
+        (Some(list), None) => list,
+        (None, Some(n)) => {
+            let n = usize::try_from(n)
+                .ok()
+                .filter(|&n| n <= app.max_resources)
+                .ok_or_else(too_many)?;
+            (0..n).map(|i| format!("r-{i:06}")).collect()
+        }
+        _ => {
+            return Err(bad_request(
+                "resources",
+                "give either `resources` or `count`",
+            ));
+        }
+    };
+    if resources.len() > app.max_resources {
+        return Err(too_many());
+    }
+    let mut request = SessionRequest::new(harvester, resources);
+    if let Some(given) = body.config {
+        let mut config =
+            serde_json::to_value(&*app.defaults).map_err(|e| bad_request("config", e))?;
+        merge(&mut config, given);
+        request.config =
+            Some(serde_json::from_value(config).map_err(|e| bad_request("config", e))?);
+    }
+    match app.supervisor.start(request).await {
+        Ok(id) => Ok((StatusCode::CREATED, Json(json!({ "session_id": id }))).into_response()),
+        Err(StartError::HarvesterBusy { session, .. }) => Err(ApiError(
+            StatusCode::CONFLICT,
+            json!({ "error": "the harvester is busy", "code": "busy", "session_id": session }),
+        )),
+        Err(StartError::InvalidConfig(e)) => Err(bad_request(&format!("config.{}", e.field()), e)),
+        Err(e @ StartError::DuplicateResource { .. }) => Err(bad_request("resources", e)),
+        Err(StartError::InvalidId(e)) => {
+            let field = if e.kind() == "harvester_id" {
+                "harvester"
+            } else {
+                "resources"
+            };
+            Err(bad_request(field, e))
+        }
+        Err(e) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "error": e.to_string(), "code": "unavailable" }),
+        )),
+    }
+}
+
+pub(crate) async fn abort_session(
+    State(app): State<App>,
+    SessionPath(id): SessionPath,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    app.supervisor.abort(id).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "session_id": id }))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct Page {
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct SessionView {
+    record: harvest_supervisor::SessionRecord,
+    outcomes: Vec<harvest_supervisor::OutcomeRecord>,
+    outcomes_total: usize,
+    next_offset: Option<usize>,
+}
+
+pub(crate) async fn get_session(
+    State(app): State<App>,
+    SessionPath(id): SessionPath,
+    JsonQuery(page): JsonQuery<Page>,
+) -> Result<Json<SessionView>, ApiError> {
+    let limit = page_limit(page.limit, 100, 1000)?;
+    let record = app.supervisor.session(id).await?;
+    let (outcomes, total) = app.supervisor.outcomes_page(id, page.offset, limit).await?;
+    let end = page.offset.saturating_add(outcomes.len());
+    Ok(Json(SessionView {
+        record,
+        next_offset: (end < total).then_some(end),
+        outcomes_total: total,
+        outcomes,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct HistoryQuery {
+    status: Option<SessionStatus>,
+    before: Option<SessionId>,
+    limit: Option<usize>,
+}
+
+pub(crate) async fn history(
+    State(app): State<App>,
+    Path(harvester): Path<String>,
+    JsonQuery(q): JsonQuery<HistoryQuery>,
+) -> Result<Json<harvest_supervisor::SessionPage>, ApiError> {
+    page_of(&app, Some(HarvesterId::from(harvester)), q).await
+}
+
+/// `GET /sessions`: every harvester's sessions, newest first.
+pub(crate) async fn all_sessions(
+    State(app): State<App>,
+    JsonQuery(q): JsonQuery<HistoryQuery>,
+) -> Result<Json<harvest_supervisor::SessionPage>, ApiError> {
+    page_of(&app, None, q).await
+}
+
+pub(crate) async fn page_of(
+    app: &App,
+    harvester_id: Option<HarvesterId>,
+    q: HistoryQuery,
+) -> Result<Json<harvest_supervisor::SessionPage>, ApiError> {
+    let query = SessionQuery {
+        harvester_id,
+        status: q.status,
+        before: q.before,
+        limit: page_limit(q.limit, 50, SessionQuery::MAX_LIMIT)?,
+    };
+    Ok(Json(app.supervisor.history(&query).await?))
+}
+
+/// `GET /nodes`: the nodes (supervisor starts) on this database, newest first, with their
+/// leases: which process owns which session (`owner` in a session is a node's id).
+pub(crate) async fn nodes(
+    State(app): State<App>,
+) -> Result<Json<Vec<harvest_supervisor::store::NodeRecord>>, ApiError> {
+    let mut nodes = app
+        .supervisor
+        .store()
+        .nodes()
+        .await
+        .map_err(SessionError::from)?;
+    nodes.truncate(200);
+    Ok(Json(nodes))
+}
+
+/// `GET /`: the page (no build step: one static file).
+pub(crate) async fn page() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("assets/harvest_server.html"),
+    )
+}
+
+pub(crate) fn router(app: App) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/sessions", get(all_sessions))
+        .route(
+            "/harvesters/{id}/sessions",
+            post(start_session).get(history),
+        )
+        .route("/sessions/{id}", get(get_session))
+        .route("/sessions/{id}/abort", post(abort_session))
+        .route("/sessions/{id}/events", get(events))
+        .route("/nodes", get(nodes))
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        // An access line per request: method, path, status, latency.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(
+                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
+                )
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
+                ),
+        )
+        .with_state(app)
+}

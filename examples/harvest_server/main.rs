@@ -1,0 +1,336 @@
+//! A harvesting server: the supervision tree embedded in an HTTP service (axum), on the
+//! durable store, with simulated harvesters.
+//!
+//! ```text
+//! cargo run --example harvest_server -- --db harvest_server.db --port 8080
+//! TOKEN=... ; curl -X POST -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+//!      -d '{"count": 50}' http://127.0.0.1:8080/harvesters/csw/sessions
+//! curl -N http://127.0.0.1:8080/sessions/<id>/events     # live Server-Sent Events
+//! ```
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `POST /harvesters/{id}/sessions` | start: `{"resources": [...]}` or `{"count": N}`, optional `"config"` (a `SessionConfig`); `201`, `409` busy (with the running session), `400` naming the field |
+//! | `POST /sessions/{id}/abort` | abort: `202`, `404`, `409` when already finished |
+//! | `GET /sessions/{id}?offset=&limit=` | the record and a page of outcomes |
+//! | `GET /harvesters/{id}/sessions?status=&before=&limit=` | history, newest first |
+//! | `GET /sessions/{id}/events` | Server-Sent Events: the stored log, then live ones, until `SessionFinished` (at most `--max-streams` open: `429` past it) |
+//! | `GET /sessions?status=&before=&limit=` | every harvester's sessions, newest first |
+//! | `GET /` | a page that lists sessions, starts and aborts them, and draws a session's timeline |
+//! | `GET /metrics` | the library's metrics, Prometheus text (`harvest_supervisor::meters` lists them) |
+//! | `GET /healthz` | `200` when the supervisor answers and the store is reachable, else `503` |
+//!
+//! Mutating requests need `Authorization: Bearer <token>` (any case of `Bearer`; `--token`,
+//! or `HARVEST_SERVER_TOKEN`, at least 16 characters, or a random one printed at start).
+//! Bodies over 64 KiB get `413`, sessions over `--max-resources` a `400` (a `count` is
+//! checked before any resource is made). A partial `config` is merged over the server's
+//! own session config, nested fields one by one. Every error is JSON:
+//! `{"error": text, "code": stable code, "field"?: what was wrong, "session_id"?: ...}`,
+//! with codes `bad_request`, `bad_body`, `unauthorized`, `not_found`, `method_not_allowed`,
+//! `busy`, `already_finished`, `finalizing`, `unavailable`; a page's `limit` outside its
+//! range is a `400` naming it. Ctrl-C stops accepting, finalizes running sessions
+//! (`Shutdown`), and closes the database.
+//!
+//! Logs go to stderr (`--log-format text|json`; colours only on a terminal), with one
+//! access line per request; a generated token is printed there too, never on stdout.
+//!
+//! Simulated harvest: a resource id containing `fail` fails, `panic` panics, `hang` never
+//! returns (the per-resource timeout cuts it), anything else succeeds after `--work-ms`.
+//! Every route, body and error code, with curl examples: `docs/harvest_server_api.md`.
+
+// The server's parts: `main.rs` flags, start and stop; `api.rs` the routes; `errors.rs`
+// errors as JSON and the extractors that answer with them; `streams.rs` the event streams;
+// `tests.rs` the HTTP and browser tests; `assets/` the page.
+mod api;
+mod errors;
+mod streams;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Parser;
+use futures::Stream;
+use harvest_supervisor::{
+    HarvestContext, HarvesterId, SessionConfig, SessionError, SessionEvent, SessionId,
+    SessionQuery, SessionRequest, SessionStatus, SessionStore, SqliteStore, StartError, Supervisor,
+    SupervisorConfig, finalizer_fn, harvest_fn,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::*;
+use errors::*;
+use streams::*;
+
+/// Serve harvest sessions over HTTP.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    after_help = "Routes, bodies, statuses, error codes and curl examples: docs/harvest_server_api.md"
+)]
+struct Args {
+    /// Address to bind (loopback by default: put a proxy in front to expose it).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0 picks a free one).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// The database file.
+    #[arg(long, default_value = "harvest_server.db")]
+    db: PathBuf,
+    /// A PostgreSQL database instead of the file (`postgres://user:pass@host/db`, or
+    /// DATABASE_URL): servers on several machines share its sessions.
+    #[arg(long, env = "DATABASE_URL", value_name = "URL")]
+    postgres: Option<String>,
+    /// Bearer token for mutating requests (else HARVEST_SERVER_TOKEN, else a random one).
+    #[arg(long, env = "HARVEST_SERVER_TOKEN")]
+    token: Option<String>,
+    /// Most resources in one session.
+    #[arg(long, default_value_t = 100_000)]
+    max_resources: usize,
+    /// Simulated work per resource, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    work_ms: u64,
+    /// This server's node name, in logs (several servers may share one --db: each owns
+    /// the sessions it starts, and takes over those of a server that died).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// How logs are written (on stderr): `text` (colours only on a terminal) or `json`
+    /// (one object per line).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Most event streams open at once; past it, `429`.
+    #[arg(long, default_value_t = 256)]
+    max_streams: usize,
+}
+
+/// See `--log-format`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The process's metrics recorder (the Prometheus exporter's, without its own HTTP
+/// listener: `GET /metrics` serves it), installed once.
+fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder already installed (an embedding application's) keeps its
+            // place; this one then renders nothing.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// The shortest bearer token the server accepts at start.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// Refuses an empty or short token: a server with one would reject everything, or accept
+/// a guess.
+fn check_token(token: &str) -> Result<(), String> {
+    if token.trim().len() < MIN_TOKEN_LEN || token.trim() != token {
+        return Err(format!(
+            "the bearer token must be at least {MIN_TOKEN_LEN} characters, without surrounding \
+             spaces (leave --token and HARVEST_SERVER_TOKEN unset for a random one)"
+        ));
+    }
+    Ok(())
+}
+
+/// The session config this server starts sessions with.
+fn server_session_config() -> SessionConfig {
+    SessionConfig {
+        per_resource_estimate: Duration::from_millis(200),
+        buffer: Duration::from_secs(30),
+        resource_timeout: Some(Duration::from_secs(5)),
+        monitor_interval: Duration::from_secs(1),
+        escalation_grace: Duration::from_secs(5),
+        abort_grace: Duration::from_secs(2),
+        ..SessionConfig::default()
+    }
+}
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
+    for JsonQuery<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(Self(q)),
+            Err(e) => Err(rejected("query", e.status(), e.body_text())),
+        }
+    }
+}
+
+/// Starts the tree on `store` with simulated harvesters.
+async fn supervisor(
+    store: Arc<dyn SessionStore>,
+    work: Duration,
+    node_name: Option<String>,
+) -> Result<Supervisor, Box<dyn std::error::Error>> {
+    let harvest = harvest_fn(move |ctx: HarvestContext| async move {
+        if ctx.resource_id.contains("hang") {
+            std::future::pending::<()>().await;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(work) => {}
+            () = ctx.cancel.cancelled() => return Err("cancelled".into()),
+        }
+        if ctx.resource_id.contains("fail") {
+            return Err(format!("remote answered 500 for {}", ctx.resource_id).into());
+        }
+        if ctx.resource_id.contains("panic") {
+            panic!("the parser of {} gave up", ctx.resource_id);
+        }
+        Ok(())
+    });
+    let finalizer = finalizer_fn(|report| async move {
+        tracing::info!(session_id = %report.session_id, status = %report.status, "session finalized");
+        Ok(())
+    });
+    let config = SupervisorConfig {
+        session: server_session_config(),
+        recovery: harvest_supervisor::RecoveryPolicy::Finalize,
+        node_name,
+        ..SupervisorConfig::default()
+    };
+    Ok(Supervisor::builder(harvest, finalizer)
+        .store(store)
+        .config(config)
+        .start()
+        .await?)
+}
+
+/// Serves until `shutdown` resolves, then finalizes running sessions and closes the store.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: App,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let supervisor = Arc::clone(&app.supervisor);
+    let closing = app.closing.clone();
+    let stopping = Arc::clone(&supervisor);
+    // On the signal: finalize what runs (`Shutdown`, bounded by the supervisor's
+    // shutdown_timeout), which ends the streams of this server's sessions with their
+    // `SessionFinished`; then end every other open stream, and only then let the HTTP
+    // server drain (it waits for open connections).
+    let signal = async move {
+        shutdown.await;
+        if let Err(error) = stopping.shutdown().await {
+            tracing::warn!(%error, "the supervisor did not stop cleanly");
+        }
+        closing.cancel();
+    };
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(signal)
+        .await?;
+    supervisor.shutdown().await?;
+    supervisor.store().flush().await?;
+    Ok(())
+}
+
+fn random_token() -> String {
+    use rand::RngExt;
+    let mut rng = rand::rng();
+    (0..32)
+        .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
+        .collect()
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    // Logs on stderr: colours only on a terminal, JSON lines on request. One access line
+    // per request (tower-http), at info.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,tower_http=info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+    let token = match &args.token {
+        Some(t) => {
+            if let Err(why) = check_token(t) {
+                eprintln!("harvest_server: {why}");
+                std::process::exit(2);
+            }
+            t.clone()
+        }
+        None => {
+            let t = random_token();
+            // On stderr, never with the rest of the output (which may go to a shared log).
+            eprintln!("bearer token for mutating requests: {t}");
+            t
+        }
+    };
+    // Installed before the supervisor starts, so that every handle it makes records here.
+    let metrics = metrics_handle();
+    let store: Arc<dyn SessionStore> = match &args.postgres {
+        Some(url) => {
+            let store = harvest_supervisor::store::PostgresStore::connect(url).await?;
+            println!(
+                "store: PostgreSQL {} (schema {})",
+                store.target(),
+                store.schema()
+            );
+            Arc::new(store)
+        }
+        None => {
+            println!("store: {}", args.db.display());
+            Arc::new(SqliteStore::open(&args.db).await?)
+        }
+    };
+    let supervisor = supervisor(
+        store,
+        Duration::from_millis(args.work_ms),
+        args.node_name.clone(),
+    )
+    .await?;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.port)).await?;
+    println!("serving on http://{}", listener.local_addr()?);
+    let app = App {
+        supervisor: Arc::new(supervisor),
+        token: token.into(),
+        max_resources: args.max_resources,
+        defaults: Arc::new(server_session_config()),
+        closing: tokio_util::sync::CancellationToken::new(),
+        metrics,
+        streams: Arc::new(tokio::sync::Semaphore::new(args.max_streams)),
+    };
+    serve(listener, app, async {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("shutting down: finalizing running sessions");
+    })
+    .await
+}
+
+/// The tests' PostgreSQL server (shared with the integration tests).
+#[cfg(test)]
+#[path = "../../tests/common/pg.rs"]
+#[allow(dead_code)]
+mod test_pg;
+
+#[cfg(test)]
+mod tests;

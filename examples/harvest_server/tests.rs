@@ -1,0 +1,832 @@
+//! HTTP-level tests against a server on an ephemeral loopback port.
+use super::*;
+
+const TOKEN: &str = "test-token-of-some-length";
+/// The test servers' cap on open event streams.
+const TEST_MAX_STREAMS: usize = 3;
+
+struct Server {
+    base: String,
+    http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path().join("s.db"))
+            .await
+            .expect("store");
+        Self::start_on(Arc::new(store), dir, Duration::from_millis(20)).await
+    }
+
+    async fn start_on(
+        store: Arc<dyn SessionStore>,
+        dir: tempfile::TempDir,
+        work: Duration,
+    ) -> Self {
+        let metrics = metrics_handle();
+        let supervisor = supervisor(store, work, None).await.expect("supervisor");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let app = App {
+            supervisor: Arc::new(supervisor),
+            token: TOKEN.into(),
+            max_resources: 1000,
+            defaults: Arc::new(server_session_config()),
+            closing: tokio_util::sync::CancellationToken::new(),
+            metrics,
+            streams: Arc::new(tokio::sync::Semaphore::new(TEST_MAX_STREAMS)),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(async move {
+            serve(listener, app, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve");
+        });
+        Self {
+            base,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            done,
+            dir,
+        }
+    }
+
+    async fn start_session(&self, harvester: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/harvesters/{harvester}/sessions", self.base))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    async fn json(&self, path: &str) -> (StatusCode, serde_json::Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request");
+        let status = StatusCode::from_u16(r.status().as_u16()).expect("status");
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Stops as Ctrl-C would, and returns the database's folder for a look inside.
+    async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.done).await;
+        self.dir
+    }
+}
+
+fn status(r: &reqwest::Response) -> u16 {
+    r.status().as_u16()
+}
+
+async fn wait_terminal(server: &Server, id: &str) -> serde_json::Value {
+    for _ in 0..400 {
+        let (_, v) = server.json(&format!("/sessions/{id}")).await;
+        let st = v["record"]["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if st.starts_with("finished") || st == "aborted" {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("session {id} never ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_starts_runs_and_reads_back_with_paged_outcomes() {
+    let server = Server::start().await;
+    let r = server
+        .start_session("csw", json!({ "resources": ["a", "b-fail", "c"] }))
+        .await;
+    assert_eq!(status(&r), 201);
+    let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let view = wait_terminal(&server, &id).await;
+    assert_eq!(view["record"]["status"], "finished-some-failed");
+    assert_eq!(view["outcomes_total"], 3);
+
+    let (code, page) = server
+        .json(&format!("/sessions/{id}?offset=1&limit=1"))
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(page["outcomes"].as_array().map(Vec::len), Some(1));
+    assert_eq!(page["next_offset"], 2);
+
+    let (code, history) = server.json("/harvesters/csw/sessions?limit=10").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(history["sessions"][0]["id"], id.as_str());
+
+    // The owning node, by id in the session and with its lease at /nodes.
+    let owner = view["record"]["owner"]
+        .as_str()
+        .expect("an owner")
+        .to_owned();
+    assert_eq!(view["record"]["epoch"], 1);
+    let (code, nodes) = server.json("/nodes").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(nodes[0]["info"]["id"], owner.as_str());
+    assert_eq!(nodes[0]["live"], true);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finalizes_running_sessions_and_leaves_the_database_consistent() {
+    let server = Server::start().await;
+    let r = server
+        .start_session("csw", json!({ "resources": ["a", "b-hang"] }))
+        .await;
+    let id: SessionId = serde_json::from_value(
+        r.json::<serde_json::Value>().await.expect("json")["session_id"].clone(),
+    )
+    .expect("id");
+    let (code, all) = server.json("/sessions").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(all["sessions"][0]["id"], json!(id));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A client follows the running session: stopping must not wait for it (the hang
+    // would last until the session's deadline).
+    let stream = server
+        .http
+        .get(format!("{}/sessions/{id}/events", server.base))
+        .send()
+        .await
+        .expect("stream");
+    let reading = tokio::spawn(stream.text());
+    // (The session's deadline is 30 s away: a stop that waited for it fails here.)
+    let dir = tokio::time::timeout(Duration::from_secs(15), server.stop())
+        .await
+        .expect("the server stops with a stream open");
+    let body = tokio::time::timeout(Duration::from_secs(5), reading)
+        .await
+        .expect("the stream ended")
+        .expect("task")
+        .unwrap_or_default();
+    assert!(body.contains("event: SessionFinished"), "{body}");
+
+    // What a restarted server would find: the session ended, its harvester free.
+    let store = SqliteStore::open(dir.path().join("s.db"))
+        .await
+        .expect("reopen");
+    use harvest_supervisor::SessionStore;
+    let record = store.session(id).await.expect("record");
+    assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
+    assert_eq!(
+        record.reason(),
+        Some(harvest_supervisor::FinalizeReason::Shutdown)
+    );
+    assert_eq!(
+        store.active_session(&"csw".into()).await.expect("lock"),
+        None
+    );
+    let events = store.events(id).await.expect("events");
+    assert_eq!(
+        events.last().map(|e| e.kind.name()),
+        Some("SessionFinished"),
+        "flushed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_harvester_answers_409_with_the_running_session() {
+    let server = Server::start().await;
+    let first = server
+        .start_session("csw", json!({ "resources": ["hang-1"] }))
+        .await;
+    assert_eq!(status(&first), 201);
+    let running = first.json::<serde_json::Value>().await.expect("json")["session_id"].clone();
+    let second = server.start_session("csw", json!({ "count": 3 })).await;
+    assert_eq!(status(&second), 409);
+    let body: serde_json::Value = second.json().await.expect("json");
+    assert_eq!(body["session_id"], running);
+
+    // Abort it: 202, then 409 once it is over.
+    let id = running.as_str().expect("id");
+    let abort = |server: &Server| {
+        server
+            .http
+            .post(format!("{}/sessions/{id}/abort", server.base))
+            .bearer_auth(TOKEN)
+            .send()
+    };
+    assert_eq!(status(&abort(&server).await.expect("abort")), 202);
+    let view = wait_terminal(&server, id).await;
+    assert_eq!(view["record"]["status"], "aborted");
+    assert_eq!(status(&abort(&server).await.expect("abort again")), 409);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_4xx_naming_the_problem() {
+    let server = Server::start().await;
+    // No token, wrong token.
+    let r = server
+        .http
+        .post(format!("{}/harvesters/csw/sessions", server.base))
+        .json(&json!({ "count": 1 }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(status(&r), 401);
+    let r = server
+        .http
+        .post(format!("{}/harvesters/csw/sessions", server.base))
+        .bearer_auth("wrong")
+        .json(&json!({ "count": 1 }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(status(&r), 401);
+    // Invalid budget: 400 naming the field.
+    let r = server
+        .start_session(
+            "csw",
+            json!({ "count": 1, "config": { "max_concurrency": 0 } }),
+        )
+        .await;
+    assert_eq!(status(&r), 400);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["field"], "config.max_concurrency");
+    // Duplicates, neither list nor count, too many resources.
+    let r = server
+        .start_session("csw", json!({ "resources": ["a", "a"] }))
+        .await;
+    assert_eq!(status(&r), 400);
+    let r = server.start_session("csw", json!({})).await;
+    assert_eq!(status(&r), 400);
+    let r = server.start_session("csw", json!({ "count": 1001 })).await;
+    assert_eq!(status(&r), 400);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.expect("json")["field"],
+        "resources"
+    );
+    // A body over the limit: 413.
+    let big: Vec<String> = (0..5000).map(|i| format!("resource-number-{i}")).collect();
+    let r = server
+        .start_session("csw", json!({ "resources": big }))
+        .await;
+    assert_eq!(status(&r), 413);
+    // Abort needs the token too.
+    let r = server
+        .http
+        .post(format!(
+            "{}/sessions/{}/abort",
+            server.base,
+            SessionId::new()
+        ))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(status(&r), 401);
+    // Unknown session: 404 for reads and aborts.
+    let ghost = SessionId::new();
+    let (code, _) = server.json(&format!("/sessions/{ghost}")).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    let r = server
+        .http
+        .post(format!("{}/sessions/{ghost}/abort", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(status(&r), 404);
+    // Nothing of this started a session.
+    let (_, history) = server.json("/harvesters/csw/sessions").await;
+    assert_eq!(history["sessions"].as_array().map(Vec::len), Some(0));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_replays_then_follows_and_ends_after_session_finished() {
+    let server = Server::start().await;
+    let r = server.start_session("csw", json!({ "count": 5 })).await;
+    let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // Read the whole stream: it must end by itself after SessionFinished.
+    let body = tokio::time::timeout(
+        Duration::from_secs(30),
+        server
+            .http
+            .get(format!("{}/sessions/{id}/events", server.base))
+            .send()
+            .await
+            .expect("stream")
+            .text(),
+    )
+    .await
+    .expect("the stream ended")
+    .expect("body");
+    let kinds: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"SessionStarted"));
+    assert_eq!(kinds.last(), Some(&"SessionFinished"));
+    let seqs: Vec<u64> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // A finished session replays from the store and ends at once.
+    let again = server
+        .http
+        .get(format!("{}/sessions/{id}/events", server.base))
+        .send()
+        .await
+        .expect("stream")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(again.matches("event: SessionFinished").count(), 1);
+    server.stop().await;
+}
+
+/// The README's walk-through: two servers on one PostgreSQL database. A session
+/// started on one is streamed and aborted from the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_postgres_database_share_their_sessions() {
+    let Some(pg) =
+        super::test_pg::server("two_servers_on_one_postgres_database_share_their_sessions")
+    else {
+        return;
+    };
+    let options = pg.options();
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let store = harvest_supervisor::store::PostgresStore::connect_with(options.clone())
+            .await
+            .expect("connect");
+        let dir = tempfile::tempdir().expect("dir");
+        servers.push(Server::start_on(Arc::new(store), dir, Duration::from_millis(200)).await);
+    }
+    let (one, two) = (&servers[0], &servers[1]);
+    let r = one.start_session("csw", json!({ "count": 200 })).await;
+    assert_eq!(r.status().as_u16(), 201);
+    let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // The other server sees it, and the harvester is busy there too.
+    let (status, body) = two.json(&format!("/sessions/{id}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let busy = two.start_session("csw", json!({ "count": 1 })).await;
+    assert_eq!(busy.status().as_u16(), 409);
+    // Stream it from the other server while it runs, and abort it from there.
+    let stream = two
+        .http
+        .get(format!("{}/sessions/{id}/events", two.base))
+        .send()
+        .await
+        .expect("stream");
+    let aborted = two
+        .http
+        .post(format!("{}/sessions/{id}/abort", two.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("abort");
+    assert!(aborted.status().is_success(), "{}", aborted.status());
+    let body = tokio::time::timeout(Duration::from_secs(30), stream.text())
+        .await
+        .expect("the stream ended with the session")
+        .expect("body");
+    let kinds: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"SessionStarted"));
+    assert_eq!(kinds.last(), Some(&"SessionFinished"));
+    assert!(body.contains("\"aborted\""), "{body}");
+    let (_, record) = one.json(&format!("/sessions/{id}")).await;
+    assert_eq!(record["record"]["status"], "aborted", "{record}");
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_and_sloppy_requests_get_json_errors_and_break_nothing() {
+    let server = Server::start().await;
+    let code = |r: &serde_json::Value| r["code"].as_str().unwrap_or_default().to_owned();
+    // Counts are checked before any resource is made.
+    for count in [
+        json!(1_000_000_000_000u64),
+        json!(u64::MAX),
+        json!(-1),
+        json!(1e300),
+    ] {
+        let r = server.start_session("csw", json!({ "count": count })).await;
+        let status = r.status().as_u16();
+        let body: serde_json::Value = r.json().await.expect("json");
+        assert!(status == 400 || status == 422, "{count}: {status} {body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    // Still serving; a partial config merges over the server's (200 ms per resource
+    // + 30 s), not the library's defaults.
+    let r = server
+        .start_session(
+            "csw",
+            json!({ "count": 2, "config": { "max_concurrency": 1 } }),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 201);
+    let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (status, view) = server.json(&format!("/sessions/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(view["record"]["workflow_time"], "30s 400ms", "{view}");
+    let r = server
+        .start_session(
+            "other",
+            json!({ "count": 1, "config": { "retry": { "bogus": 1 } } }),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.expect("json")["field"],
+        "config"
+    );
+    // The scheme is case-insensitive.
+    let r = server
+        .http
+        .post(format!("{}/sessions/{id}/abort", server.base))
+        .header("authorization", format!("bearer {TOKEN}"))
+        .send()
+        .await
+        .expect("abort");
+    assert_ne!(r.status().as_u16(), 401);
+    // Every error is JSON with a stable code.
+    for (path, want, field) in [
+        (format!("/sessions/{id}?limit=0"), 400, Some("limit")),
+        (format!("/sessions/{id}?limit=abc"), 400, Some("query")),
+        ("/sessions?limit=100000".to_owned(), 400, Some("limit")),
+        ("/sessions/not-a-uuid".to_owned(), 400, Some("session_id")),
+        ("/no/such/route".to_owned(), 404, None),
+    ] {
+        let (status, body) = server.json(&path).await;
+        assert_eq!(status.as_u16(), want, "{path}: {body}");
+        assert!(!code(&body).is_empty(), "{path}: {body}");
+        if let Some(field) = field {
+            assert_eq!(body["field"], field, "{path}: {body}");
+        }
+    }
+    let r = server
+        .http
+        .delete(format!("{}/sessions", server.base))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status().as_u16(), 405);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(code(&body), "method_not_allowed");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_are_served() {
+    let server = Server::start().await;
+    let r = server.start_session("metered", json!({ "count": 3 })).await;
+    let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (_, view) = server.json(&format!("/sessions/{id}")).await;
+            if view["record"]["status"] == "finished-all-ok" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("finished");
+    let text = server
+        .http
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for want in [
+        "harvest_sessions_finished_total{",
+        "harvester=\"metered\"",
+        "harvest_resources_total{",
+        "harvest_attempts_total{",
+        "harvest_resource_duration_seconds",
+    ] {
+        assert!(text.contains(want), "{want} in\n{text}");
+    }
+    assert!(!text.contains(&id), "no session id in a label");
+    let (status, health) = server.json("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["status"], "ok", "{health}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_past_the_cap_get_429_and_a_closed_one_frees_its_place() {
+    let server = Server::start().await;
+    let r = server
+        .start_session("csw", json!({ "resources": ["a-hang", "b-hang"] }))
+        .await;
+    let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let url = format!("{}/sessions/{id}/events", server.base);
+    let mut open = Vec::new();
+    for _ in 0..TEST_MAX_STREAMS {
+        let r = server.http.get(&url).send().await.expect("stream");
+        assert_eq!(r.status().as_u16(), 200);
+        open.push(r);
+    }
+    let r = server.http.get(&url).send().await.expect("stream");
+    assert_eq!(r.status().as_u16(), 429);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["code"], "too_many_streams");
+    // A client that leaves frees its place (once the server notices).
+    drop(open.pop());
+    let reopened = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let r = server.http.get(&url).send().await.expect("stream");
+            if r.status().as_u16() == 200 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("a place again");
+    drop(reopened);
+    drop(open);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_fails_panics_and_succeeds_as_the_ids_say() {
+    let server = Server::start().await;
+    let r = server
+        .start_session("sim", json!({ "resources": ["ok-1", "fail-2", "panic-3"] }))
+        .await;
+    let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let record = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (_, view) = server.json(&format!("/sessions/{id}")).await;
+            if view["record"]["status"] == "finished-some-failed" {
+                return view["record"].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("finished");
+    assert_eq!(record["counts"]["succeeded"], 1, "{record}");
+    assert_eq!(record["counts"]["failed"], 1, "{record}");
+    assert_eq!(record["counts"]["panicked"], 1, "{record}");
+    server.stop().await;
+}
+
+#[test]
+fn an_empty_short_or_padded_token_is_refused_at_start() {
+    for bad in [
+        "",
+        "short",
+        "                    ",
+        " padded-but-long-enough ",
+    ] {
+        assert!(check_token(bad).is_err(), "{bad:?}");
+    }
+    assert!(check_token("a-long-enough-token").is_ok());
+}
+
+/// A minimal WebDriver client (the W3C protocol is JSON over HTTP) for the browser test.
+struct Browser {
+    http: reqwest::Client,
+    base: String,
+    session: String,
+    driver: std::process::Child,
+    _profile: tempfile::TempDir,
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    /// Chromium under chromedriver, or `None` (with a notice) if they are not installed
+    /// and `HARVEST_REQUIRE_BROWSER` is unset. CI sets it and installs them.
+    async fn start() -> Option<Self> {
+        let required = std::env::var_os("HARVEST_REQUIRE_BROWSER").is_some();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let driver = match std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(d) => d,
+            Err(e) if !required => {
+                eprintln!("skipping the browser test: chromedriver not found ({e})");
+                return None;
+            }
+            Err(e) => panic!("chromedriver is required (HARVEST_REQUIRE_BROWSER): {e}"),
+        };
+        let profile = tempfile::tempdir().expect("profile dir");
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        let caps = json!({ "capabilities": { "alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                         "--no-first-run", "--disable-background-networking",
+                         "--disable-component-update", "--disable-sync",
+                         format!("--user-data-dir={}", profile.path().display())]
+            }
+        }}});
+        // chromedriver takes a moment to listen.
+        let mut session = None;
+        for _ in 0..100 {
+            if let Ok(r) = http
+                .post(format!("{base}/session"))
+                .json(&caps)
+                .send()
+                .await
+            {
+                let v: serde_json::Value = r.json().await.expect("session json");
+                session = v["value"]["sessionId"].as_str().map(str::to_owned);
+                assert!(session.is_some(), "no browser session: {v}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Some(Self {
+            http,
+            base,
+            session: session.expect("chromedriver answered"),
+            driver,
+            _profile: profile,
+        })
+    }
+
+    async fn cmd(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let r = self
+            .http
+            .request(method, url)
+            .json(&body)
+            .send()
+            .await
+            .expect("webdriver");
+        let v: serde_json::Value = r.json().await.expect("webdriver json");
+        assert!(v["value"]["error"].is_null(), "webdriver {path}: {v}");
+        v["value"].clone()
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let v = self
+            .cmd(
+                reqwest::Method::POST,
+                "/element",
+                json!({ "using": "css selector", "value": css }),
+            )
+            .await;
+        v[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("element id for {css}: {v}"))
+            .to_owned()
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let e = self.find(css).await;
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{e}/clear"),
+            json!({}),
+        )
+        .await;
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{e}/value"),
+            json!({ "text": text }),
+        )
+        .await;
+    }
+
+    async fn click(&self, css: &str) {
+        let e = self.find(css).await;
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{e}/click"),
+            json!({}),
+        )
+        .await;
+    }
+
+    async fn script(&self, js: &str) -> serde_json::Value {
+        self.cmd(
+            reqwest::Method::POST,
+            "/execute/sync",
+            json!({ "script": js, "args": [] }),
+        )
+        .await
+    }
+
+    async fn quit(mut self) {
+        let url = format!("{}/session/{}", self.base, self.session);
+        let _ = self.http.delete(url).send().await;
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_starts_a_session_and_its_timeline_reaches_a_terminal_status() {
+    let server = Server::start().await;
+    let Some(browser) = Browser::start().await else {
+        server.stop().await;
+        return;
+    };
+    browser
+        .cmd(
+            reqwest::Method::POST,
+            "/url",
+            json!({ "url": format!("{}/", server.base) }),
+        )
+        .await;
+    browser.type_into("#token", TOKEN).await;
+    browser.type_into("#ids", "a, b-fail, c, d").await;
+    browser.click("#start-button").await;
+
+    let mut status = String::new();
+    for _ in 0..200 {
+        status = browser
+            .script("return document.getElementById('timeline-status').textContent")
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if status.starts_with("finished") || status == "aborted" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status, "finished-some-failed",
+        "the timeline shows the terminal status"
+    );
+    // One lane per resource, coloured by outcome; the finalizer is marked.
+    let lanes = browser
+        .script("return [...document.querySelectorAll('#timeline rect')].map(r => r.dataset.resource + '=' + r.getAttribute('fill'))")
+        .await;
+    let lanes: Vec<String> = serde_json::from_value(lanes).expect("lanes");
+    assert_eq!(lanes.len(), 4, "{lanes:?}");
+    assert!(lanes.contains(&"b-fail=#c62828".to_owned()), "{lanes:?}");
+    assert!(lanes.contains(&"a=#2e7d32".to_owned()), "{lanes:?}");
+    let finalizer_marks = browser
+        .script("return document.querySelectorAll('#timeline line[stroke=\"#000\"]').length")
+        .await;
+    assert!(finalizer_marks.as_u64().unwrap_or(0) >= 1);
+    // The list shows it too, without an abort button once it is over.
+    let listed = browser
+        .script("return document.querySelector('#sessions tbody tr .status').textContent")
+        .await;
+    assert_eq!(listed, "finished-some-failed");
+    browser.quit().await;
+    server.stop().await;
+}
