@@ -283,9 +283,47 @@ pub(crate) async fn nodes(
 /// `GET /`: the page (no build step: one static file).
 pub(crate) async fn page() -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        include_str!("assets/harvest_server.html"),
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, page_policy()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+        ],
+        PAGE,
     )
+}
+
+/// The page: one static file, no build step.
+const PAGE: &str = include_str!("assets/harvest_server.html");
+
+/// The page's Content-Security-Policy: only its own inline script and style run (by their
+/// SHA-256, computed once from the file), it talks only to this server, and no other site
+/// may frame it. (Style attributes stay allowed: the page sets them on what it draws.)
+fn page_policy() -> &'static str {
+    static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    POLICY.get_or_init(|| {
+        let hash = |open: &str, close: &str| -> String {
+            let text = PAGE
+                .split_once(open)
+                .and_then(|(_, rest)| rest.split_once(close))
+                .map_or("", |(inside, _)| inside);
+            use base64::Engine;
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(text.as_bytes());
+            format!(
+                "'sha256-{}'",
+                base64::engine::general_purpose::STANDARD.encode(digest)
+            )
+        };
+        format!(
+            "default-src 'none'; script-src {}; style-src {}; style-src-attr 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+             frame-ancestors 'none'",
+            hash("<script>", "</script>"),
+            hash("<style>", "</style>"),
+        )
+    })
 }
 
 pub(crate) fn router(app: App) -> Router {

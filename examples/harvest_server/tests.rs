@@ -615,6 +615,31 @@ async fn the_simulator_fails_panics_and_succeeds_as_the_ids_say() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_carries_a_content_security_policy_and_cannot_be_framed() {
+    let server = Server::start().await;
+    let r = server
+        .http
+        .get(format!("{}/", server.base))
+        .send()
+        .await
+        .expect("page");
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let csp = header("content-security-policy");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(csp.contains("script-src 'sha256-"), "{csp}");
+    assert!(!csp.contains("script-src 'unsafe-inline'"), "{csp}");
+    assert_eq!(header("x-content-type-options"), "nosniff");
+    assert_eq!(header("x-frame-options"), "DENY");
+    server.stop().await;
+}
+
 #[test]
 fn an_empty_short_or_padded_token_is_refused_at_start() {
     for bad in [
