@@ -10,6 +10,7 @@
 //! - the **record** the monitor reads, so a stuck SessionActor cannot hide a deadline.
 
 mod chunks;
+mod columns;
 mod line;
 pub mod memory;
 #[cfg(feature = "postgres")]

@@ -94,6 +94,32 @@ fn status(r: &reqwest::Response) -> u16 {
     r.status().as_u16()
 }
 
+/// The id of the session a `201` started (panics on anything else).
+async fn started(r: reqwest::Response) -> String {
+    assert_eq!(status(&r), 201, "not started");
+    r.json::<serde_json::Value>().await.expect("json")["session_id"]
+        .as_str()
+        .expect("id")
+        .to_owned()
+}
+
+impl Server {
+    /// Waits (30 s at most) until session `id` has status `want`; its record then.
+    async fn record_when(&self, id: &str, want: &str) -> serde_json::Value {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let (_, view) = self.json(&format!("/sessions/{id}")).await;
+                if view["record"]["status"] == want {
+                    return view["record"].clone();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the session reached the status")
+    }
+}
+
 async fn wait_terminal(server: &Server, id: &str) -> serde_json::Value {
     for _ in 0..400 {
         let (_, v) = server.json(&format!("/sessions/{id}")).await;
@@ -318,10 +344,7 @@ async fn bad_requests_get_clear_4xx_naming_the_problem() {
 async fn the_event_stream_replays_then_follows_and_ends_after_session_finished() {
     let server = Server::start().await;
     let r = server.start_session("csw", json!({ "count": 5 })).await;
-    let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = started(r).await;
     // Read the whole stream: it must end by itself after SessionFinished.
     let body = tokio::time::timeout(
         Duration::from_secs(30),
@@ -509,21 +532,8 @@ async fn hostile_and_sloppy_requests_get_json_errors_and_break_nothing() {
 async fn metrics_and_health_are_served() {
     let server = Server::start().await;
     let r = server.start_session("metered", json!({ "count": 3 })).await;
-    let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let (_, view) = server.json(&format!("/sessions/{id}")).await;
-            if view["record"]["status"] == "finished-all-ok" {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("finished");
+    let id = started(r).await;
+    server.record_when(&id, "finished-all-ok").await;
     let text = server
         .http
         .get(format!("{}/metrics", server.base))
@@ -555,10 +565,7 @@ async fn event_streams_past_the_cap_get_429_and_a_closed_one_frees_its_place() {
     let r = server
         .start_session("csw", json!({ "resources": ["a-hang", "b-hang"] }))
         .await;
-    let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = started(r).await;
     let url = format!("{}/sessions/{id}/events", server.base);
     let mut open = Vec::new();
     for _ in 0..TEST_MAX_STREAMS {
@@ -594,21 +601,8 @@ async fn the_simulator_fails_panics_and_succeeds_as_the_ids_say() {
     let r = server
         .start_session("sim", json!({ "resources": ["ok-1", "fail-2", "panic-3"] }))
         .await;
-    let id = r.json::<serde_json::Value>().await.expect("json")["session_id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
-    let record = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let (_, view) = server.json(&format!("/sessions/{id}")).await;
-            if view["record"]["status"] == "finished-some-failed" {
-                return view["record"].clone();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("finished");
+    let id = started(r).await;
+    let record = server.record_when(&id, "finished-some-failed").await;
     assert_eq!(record["counts"]["succeeded"], 1, "{record}");
     assert_eq!(record["counts"]["failed"], 1, "{record}");
     assert_eq!(record["counts"]["panicked"], 1, "{record}");

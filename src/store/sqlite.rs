@@ -33,6 +33,7 @@ use crate::model::{
     Fence, FinalizeReason, HarvesterId, NodeId, OutcomeRecord, ResourceId, SessionId,
     SessionRecord, SessionStatus,
 };
+use crate::store::columns::millis;
 use crate::store::line::event_of_line;
 use crate::store::{
     Claim, Completed, Completion, MAX_EVENT_PAGE, NewSession, NodeInfo, NodeRecord, OutcomeReceipt,
@@ -988,11 +989,6 @@ fn load_node(conn: &rusqlite::Connection, node: NodeId) -> Result<NodeRecord, St
     conn.prepare_cached(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?1"))
         .and_then(|mut s| s.query_row([node.to_string()], node_row))
         .map_err(backend)
-}
-
-/// A lease's length in whole milliseconds, as stored.
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
 }
 
 /// Writes outcomes a session observed and could not record, with its completion, in a

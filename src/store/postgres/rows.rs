@@ -1,14 +1,16 @@
 //! Rows to values and back, and the driver's errors to [`StoreError`]s.
 
 use std::borrow::Cow;
-use std::time::Duration;
 
 use tokio_postgres::Row;
 
 use crate::error::StoreError;
 use crate::model::{
-    Fence, HarvesterId, NodeId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome,
-    SessionId, SessionRecord,
+    HarvesterId, NodeId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome, SessionId,
+    SessionRecord,
+};
+pub(crate) use crate::store::columns::{
+    check_fence, count, duration, epoch_value, millis, nanos, text, usize_of,
 };
 use crate::store::{NodeInfo, NodeRecord, ProcessId};
 
@@ -26,44 +28,9 @@ pub(crate) fn pool(e: deadpool_postgres::PoolError) -> StoreError {
     }
 }
 
-/// An enum as its serde name (`"on-going"`, `"deadline-expired"`).
-pub(crate) fn text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(s)) => Ok(s),
-        Ok(other) => Err(StoreError::Backend(format!("not a name: {other}").into())),
-        Err(e) => Err(StoreError::Backend(Box::new(e))),
-    }
-}
-
 fn parse<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
     serde_json::from_value(serde_json::Value::String(s.to_owned()))
         .map_err(|e| StoreError::Backend(Box::new(e)))
-}
-
-pub(crate) fn nanos(d: Duration) -> i64 {
-    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
-}
-
-pub(crate) fn duration(n: i64) -> Duration {
-    Duration::from_nanos(u64::try_from(n).unwrap_or(0))
-}
-
-pub(crate) fn count(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-pub(crate) fn usize_of(n: i64) -> usize {
-    usize::try_from(n).unwrap_or(0)
-}
-
-/// A duration in whole milliseconds, as a lease length.
-pub(crate) fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
-}
-
-/// An epoch as stored.
-pub(crate) fn epoch_value(epoch: u64) -> i64 {
-    i64::try_from(epoch).unwrap_or(i64::MAX)
 }
 
 /// Reads column `i`, a typed error (never a panic) if it does not convert.
@@ -105,19 +72,6 @@ pub(crate) fn record(row: &Row) -> Result<SessionRecord, StoreError> {
         epoch: u64::try_from(get::<i64>(row, 17)?).unwrap_or(0),
         abort_requested: get(row, 18)?,
     })
-}
-
-/// `Ok` if `fence` is the session's current one, else `Fenced`.
-pub(crate) fn check_fence(record: &SessionRecord, fence: Fence) -> Result<(), StoreError> {
-    if record.fence() == Some(fence) {
-        Ok(())
-    } else {
-        Err(StoreError::Fenced {
-            session_id: record.id,
-            fence,
-            holder: record.fence(),
-        })
-    }
 }
 
 /// An outcome as (name, detail) columns.

@@ -1,7 +1,5 @@
 //! Rows to values and back: the SQL text of records, outcomes, enums and durations.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, Statement, params};
 
@@ -10,40 +8,18 @@ use crate::model::{
     Fence, HarvesterId, NodeId, OutcomeCounts, OutcomeRecord, ResourceId, ResourceOutcome,
     SessionId, SessionRecord,
 };
+pub(crate) use crate::store::columns::{
+    check_fence, count, duration, epoch_value, nanos, text, usize_of,
+};
 
 pub(crate) fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(Box::new(e))
-}
-
-/// An enum as its serde name (`"on-going"`, `"deadline-expired"`).
-pub(super) fn text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(s)) => Ok(s),
-        Ok(other) => Err(StoreError::Backend(format!("not a name: {other}").into())),
-        Err(e) => Err(StoreError::Backend(Box::new(e))),
-    }
 }
 
 pub(super) fn parse<T: serde::de::DeserializeOwned>(s: String) -> rusqlite::Result<T> {
     serde_json::from_value(serde_json::Value::String(s)).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
     })
-}
-
-pub(super) fn nanos(d: Duration) -> i64 {
-    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
-}
-
-pub(super) fn duration(n: i64) -> Duration {
-    Duration::from_nanos(u64::try_from(n).unwrap_or(0))
-}
-
-pub(super) fn count(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-pub(super) fn usize_of(n: i64) -> usize {
-    usize::try_from(n).unwrap_or(0)
 }
 
 pub(super) const RECORD_COLUMNS: &str = "id, harvester_id, status, total, started, ended, workflow_time_ns, \
@@ -63,24 +39,6 @@ pub(super) fn node_of(text: Option<String>) -> rusqlite::Result<Option<NodeId>> 
         })
     })
     .transpose()
-}
-
-/// `Ok` if `fence` is the session's current one, else `Fenced`.
-pub(super) fn check_fence(record: &SessionRecord, fence: Fence) -> Result<(), StoreError> {
-    if record.fence() == Some(fence) {
-        Ok(())
-    } else {
-        Err(StoreError::Fenced {
-            session_id: record.id,
-            fence,
-            holder: record.fence(),
-        })
-    }
-}
-
-/// An epoch as stored.
-pub(super) fn epoch_value(epoch: u64) -> i64 {
-    i64::try_from(epoch).unwrap_or(i64::MAX)
 }
 
 pub(super) fn record(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
