@@ -1,0 +1,183 @@
+//! A bounded load on a running harvest server (loopback only): `streams` open event
+//! streams and `starts` session starts at once, while `/healthz` is asked every 10 ms and a
+//! timed session runs; then the same timed session on the quiet server. Prints `/healthz`
+//! latencies (p50, p99, max) under load and the timed session's cost per resource under
+//! load and quiet.
+//!
+//! ```text
+//! cargo run --release --example harvest_server -- --port 8099 --token $TOKEN --max-streams 1000 \
+//!     --max-resources 100000 --work-ms 0 --db /tmp/load.db 2>/dev/null &
+//! cargo run --release --example server_load -- --base http://127.0.0.1:8099 --token $TOKEN
+//! ```
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    /// The server (loopback only: this is a load generator).
+    #[arg(long, default_value = "http://127.0.0.1:8099")]
+    base: String,
+    /// The server's bearer token.
+    #[arg(long, env = "HARVEST_SERVER_TOKEN")]
+    token: String,
+    /// Event streams held open during the load.
+    #[arg(long, default_value_t = 200)]
+    streams: usize,
+    /// Session starts fired at once (each on a harvester of its own, 10 resources).
+    #[arg(long, default_value_t = 500)]
+    starts: usize,
+    /// Resources of the timed session.
+    #[arg(long, default_value_t = 2000)]
+    timed: usize,
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Starts a session; its id.
+async fn start(
+    http: &reqwest::Client,
+    args: &Args,
+    harvester: &str,
+    count: usize,
+) -> Option<String> {
+    start_with(http, args, harvester, json!({ "count": count })).await
+}
+
+/// Starts a session with this body; its id.
+async fn start_with(
+    http: &reqwest::Client,
+    args: &Args,
+    harvester: &str,
+    body: serde_json::Value,
+) -> Option<String> {
+    let r = http
+        .post(format!("{}/harvesters/{harvester}/sessions", args.base))
+        .bearer_auth(&args.token)
+        .json(&body)
+        .send()
+        .await
+        .ok()?;
+    let body: serde_json::Value = r.json().await.ok()?;
+    body["session_id"].as_str().map(str::to_owned)
+}
+
+/// Waits until session `id` is terminal; how long from `since`.
+async fn finished(http: &reqwest::Client, args: &Args, id: &str, since: Instant) -> Duration {
+    loop {
+        if let Ok(r) = http
+            .get(format!("{}/sessions/{id}?limit=1", args.base))
+            .send()
+            .await
+            && let Ok(view) = r.json::<serde_json::Value>().await
+            && view["record"]["ended"].is_string()
+        {
+            return since.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The timed session: µs per resource from its start to its end.
+async fn timed(http: &reqwest::Client, args: &Args, harvester: &str) -> f64 {
+    let since = Instant::now();
+    let id = start(http, args, harvester, args.timed)
+        .await
+        .expect("the timed session starts");
+    let took = finished(http, args, &id, since).await;
+    took.as_secs_f64() * 1e6 / args.timed as f64
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    assert!(
+        args.base.starts_with("http://127.0.0.1") || args.base.starts_with("http://localhost"),
+        "loopback only"
+    );
+    let http = reqwest::Client::new();
+    let run = std::process::id();
+
+    // Something for the streams to follow: a session that runs through the load (its one
+    // resource hangs until the server's per-resource timeout).
+    let followed = start_with(
+        &http,
+        &args,
+        &format!("load-{run}-followed"),
+        json!({ "resources": ["hang-followed"] }),
+    )
+    .await
+    .expect("a session to follow");
+    let mut open = Vec::new();
+    for _ in 0..args.streams {
+        let r = http
+            .get(format!("{}/sessions/{followed}/events", args.base))
+            .send()
+            .await
+            .expect("a stream");
+        open.push(r.bytes_stream());
+    }
+    println!("{} streams open", open.len());
+
+    // /healthz every 10 ms while the load runs.
+    let probing = http.clone();
+    let base = args.base.clone();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let probe = tokio::spawn(async move {
+        let mut took = Vec::new();
+        let mut failed = 0usize;
+        while !*stopped.borrow() {
+            let t = Instant::now();
+            match probing.get(format!("{base}/healthz")).send().await {
+                Ok(r) if r.status().is_success() => took.push(t.elapsed()),
+                _ => failed += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (took, failed)
+    });
+
+    let load_started = Instant::now();
+    let starts = futures::future::join_all((0..args.starts).map(|i| {
+        let http = http.clone();
+        let args = &args;
+        async move { start(&http, args, &format!("load-{run}-{i}"), 10).await }
+    }));
+    let timed_harvester = format!("load-{run}-timed");
+    let (started, under_load) = tokio::join!(starts, timed(&http, &args, &timed_harvester));
+    let started = started.iter().filter(|s| s.is_some()).count();
+    let load_took = load_started.elapsed();
+    let _ = stop.send(true);
+    let (mut took, failed) = probe.await.expect("probe");
+    took.sort_unstable();
+    // The streams close.
+    drop(open);
+
+    // The same session on a quiet server (the load's sessions ended).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let quiet = timed(&http, &args, &format!("load-{run}-quiet")).await;
+
+    println!(
+        "| streams | starts (accepted) | load took | /healthz probes | p50 | p99 | max | failed | µs/resource under load | quiet | ratio |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+    println!(
+        "| {} | {} ({started}) | {:.2} s | {} | {} | {} | {} | {failed} | {under_load:.1} | {quiet:.1} | {:.2} |",
+        args.streams,
+        args.starts,
+        load_took.as_secs_f64(),
+        took.len(),
+        ms(percentile(&took, 0.5)),
+        ms(percentile(&took, 0.99)),
+        ms(took.last().copied().unwrap_or_default()),
+        under_load / quiet,
+    );
+}
