@@ -283,17 +283,24 @@ async fn a_session_stuck_between_its_claim_and_its_finalizer_still_gets_its_fina
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn escalation_never_completes_a_session_while_its_finalizer_still_runs() {
-    // A finalizer that blocks its thread (no `.await` to be dropped at) for longer than
-    // the escalation grace: the monitor escalates, the root kills the session actor, but
-    // the kill cannot take effect until the finalizer returns. The root must wait for the
-    // actor to be gone: the session stays unfinished, and its harvester busy, until then.
+    // A finalizer that blocks its thread (no `.await` to be dropped at) until the test
+    // releases it, long after the escalation grace: the monitor escalates, the root kills
+    // the session actor, but the kill cannot take effect until the finalizer returns. The
+    // root must wait for the actor to be gone: the session stays unfinished, and its
+    // harvester busy, until then. (A blocked thread stops a paused clock too: this test
+    // runs on the real one, and waits for events, not for fixed times, where it can.)
     use std::sync::atomic::AtomicBool;
     let running = Arc::new(AtomicBool::new(false));
     let finished_running = Arc::new(AtomicBool::new(false));
     let (r, f) = (Arc::clone(&running), Arc::clone(&finished_running));
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = std::sync::Mutex::new(released);
     let finalizer = finalizer_fn(move |_report| {
         r.store(true, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(1_500));
+        if let Ok(released) = released.lock() {
+            // Bounded, so that a failing test cannot hang for ever.
+            let _ = released.recv_timeout(Duration::from_secs(60));
+        }
         f.store(true, Ordering::SeqCst);
         async { Ok(()) }
     });
@@ -314,8 +321,20 @@ async fn escalation_never_completes_a_session_while_its_finalizer_still_runs() {
     while !running.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // Well past the escalation (200 ms), still inside the finalizer (1.5 s).
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Escalated (after 200 ms of grace), and the root's kill attempted (its 50 ms wait
+    // for the actor's exit run out several times over), the finalizer still blocked.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !has_event(&sup, id, |k| {
+            matches!(k, EventKind::MonitorEscalated { .. })
+        })
+        .await
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("escalated");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!finished_running.load(Ordering::SeqCst));
     let record = sup.session(id).await.expect("record");
     assert!(
@@ -329,6 +348,7 @@ async fn escalation_never_completes_a_session_while_its_finalizer_still_runs() {
         ),
         "the harvester was freed while the finalizer still runs"
     );
+    release.send(()).expect("the finalizer waits");
     let record = tokio::time::timeout(Duration::from_secs(10), sup.wait_finished(id))
         .await
         .expect("finished once the finalizer returned")

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use harvest_supervisor::store::{PostgresOptions, PostgresStore};
 
@@ -297,21 +296,19 @@ fn reap_at_exit(bin: &Path, root: &Path, as_root: bool) {
         .spawn();
 }
 
+/// Checks that the cluster answers (`pg_ctl start -w` has waited until it accepts
+/// connections: no polling here).
 fn wait_ready(url: &str) -> Result<(), String> {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ok = Command::new("psql")
-            .args(["-q", "-d", url, "-c", "SELECT 1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Ok(());
-        }
-        if Instant::now() > until {
-            return Err("the cluster did not accept connections within 30 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let out = Command::new("psql")
+        .args(["-q", "-d", url, "-c", "SELECT 1"])
+        .output()
+        .map_err(|e| format!("psql: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the cluster does not accept connections: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
