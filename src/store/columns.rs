@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::error::StoreError;
-use crate::model::{Fence, SessionRecord};
+use crate::model::{Fence, ResourceOutcome, SessionRecord};
 
 /// An enum as its serde name (`"on-going"`, `"deadline-expired"`).
 pub(crate) fn text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
@@ -57,4 +57,19 @@ pub(crate) fn check_fence(record: &SessionRecord, fence: Fence) -> Result<(), St
             holder: record.fence(),
         })
     }
+}
+
+/// The outcome stored as `name` (its [`ResourceOutcome::name`]) with `detail` (a failure's
+/// error, a panic's message); `None` for a name this build does not know.
+pub(crate) fn outcome_named(name: &str, detail: Option<&str>) -> Option<ResourceOutcome> {
+    let detail = || detail.unwrap_or_default().to_owned();
+    Some(match name {
+        "succeeded" => ResourceOutcome::Succeeded,
+        "failed" => ResourceOutcome::Failed { error: detail() },
+        "panicked" => ResourceOutcome::Panicked { message: detail() },
+        "timed-out" => ResourceOutcome::TimedOut,
+        "cancelled" => ResourceOutcome::Cancelled,
+        "lost" => ResourceOutcome::Lost,
+        _ => return None,
+    })
 }

@@ -95,20 +95,8 @@ pub(crate) fn storable(text: &str) -> Cow<'_, str> {
 }
 
 fn outcome_of(name: &str, detail: Option<&str>) -> Result<ResourceOutcome, StoreError> {
-    let detail = || detail.unwrap_or_default().to_owned();
-    Ok(match name {
-        "succeeded" => ResourceOutcome::Succeeded,
-        "failed" => ResourceOutcome::Failed { error: detail() },
-        "panicked" => ResourceOutcome::Panicked { message: detail() },
-        "timed-out" => ResourceOutcome::TimedOut,
-        "cancelled" => ResourceOutcome::Cancelled,
-        "lost" => ResourceOutcome::Lost,
-        other => {
-            return Err(StoreError::Backend(
-                format!("unknown outcome {other:?}").into(),
-            ));
-        }
-    })
+    crate::store::columns::outcome_named(name, detail)
+        .ok_or_else(|| StoreError::Backend(format!("unknown outcome {name:?}").into()))
 }
 
 /// The columns [`outcome_row`] reads.

@@ -511,16 +511,10 @@ async fn write(
                 for row in &inserted {
                     let key: i64 = row.try_get(0).map_err(backend)?;
                     let name: &str = row.try_get(1).map_err(backend)?;
-                    if let Some(l) = by_key.get(&key).and_then(|id| sessions.get_mut(id)) {
-                        let slot = match name {
-                            "succeeded" => &mut l.counts.succeeded,
-                            "failed" => &mut l.counts.failed,
-                            "panicked" => &mut l.counts.panicked,
-                            "timed-out" => &mut l.counts.timed_out,
-                            "cancelled" => &mut l.counts.cancelled,
-                            _ => &mut l.counts.lost,
-                        };
-                        *slot += 1;
+                    if let Some(l) = by_key.get(&key).and_then(|id| sessions.get_mut(id))
+                        && let Some(outcome) = crate::store::columns::outcome_named(name, None)
+                    {
+                        l.counts.add(&outcome);
                     }
                 }
             } else {

@@ -91,21 +91,12 @@ pub(super) fn outcome_columns(o: &ResourceOutcome) -> (&'static str, Option<&str
 }
 
 pub(super) fn outcome_of(name: &str, detail: Option<&str>) -> rusqlite::Result<ResourceOutcome> {
-    let detail = || detail.unwrap_or_default().to_owned();
-    Ok(match name {
-        "succeeded" => ResourceOutcome::Succeeded,
-        "failed" => ResourceOutcome::Failed { error: detail() },
-        "panicked" => ResourceOutcome::Panicked { message: detail() },
-        "timed-out" => ResourceOutcome::TimedOut,
-        "cancelled" => ResourceOutcome::Cancelled,
-        "lost" => ResourceOutcome::Lost,
-        other => {
-            return Err(rusqlite::Error::FromSqlConversionFailure(
-                0,
-                rusqlite::types::Type::Text,
-                format!("unknown outcome {other}").into(),
-            ));
-        }
+    crate::store::columns::outcome_named(name, detail).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("unknown outcome {name}").into(),
+        )
     })
 }
 
