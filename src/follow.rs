@@ -29,18 +29,26 @@ pub(crate) enum Wake {
     Gone,
 }
 
-/// Waits for a store announcement about session `id` (any session when `None`): new
-/// events, a gap (lagged), or a change of `live`. Pending for ever without signals.
-pub(crate) async fn store_wake(signals: &mut Option<StoreSignals>, id: Option<SessionId>) -> Wake {
+/// Waits for new events of session `id` to be announced: see [`wake_on`].
+pub(crate) async fn store_wake(signals: &mut Option<StoreSignals>, id: SessionId) -> Wake {
+    wake_on(signals, |s| *s == StoreSignal::Events(id)).await
+}
+
+/// Waits for a store announcement that `wanted` accepts, a gap (a lagging receiver: some
+/// may have been missed), or a change of `live` (when announcements resume, some may have
+/// been missed; when they stop, the caller polls): each time, look at the store. Pending
+/// for ever without signals; `Gone` once the store makes no more.
+pub(crate) async fn wake_on(
+    signals: &mut Option<StoreSignals>,
+    wanted: impl Fn(&StoreSignal) -> bool,
+) -> Wake {
     let Some(s) = signals.as_mut() else {
         return std::future::pending().await;
     };
     loop {
         tokio::select! {
             received = s.receiver.recv() => match received {
-                Ok(StoreSignal::Events(session)) if id.is_none_or(|id| id == session) => {
-                    return Wake::Look;
-                }
+                Ok(signal) if wanted(&signal) => return Wake::Look,
                 Ok(_) => {}
                 Err(SignalRecvError::Lagged(_)) => return Wake::Look,
                 Err(SignalRecvError::Closed) => {
@@ -220,7 +228,7 @@ impl EventFollower {
                             break;
                         }
                     },
-                    wake = store_wake(&mut self.signals, Some(self.id)), if !here => {
+                    wake = store_wake(&mut self.signals, self.id), if !here => {
                         if matches!(wake, Wake::Look) {
                             break;
                         }

@@ -438,7 +438,7 @@ impl Supervisor {
                             };
                         }
                     },
-                    wake = crate::follow::store_wake(&mut signals, Some(id)), if !live => {
+                    wake = crate::follow::store_wake(&mut signals, id), if !live => {
                         if matches!(wake, crate::follow::Wake::Look) {
                             break;
                         }

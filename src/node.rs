@@ -152,8 +152,12 @@ impl Node {
                     tokio::select! {
                         () = tokio::time::sleep_until(renew_at) => break,
                         _ = root.wait(None) => return node.release(store.as_ref()).await,
-                        heard = abort_requested(&mut signals, node.info.id) => {
-                            if heard && !node.is_fenced() {
+                        // Another node asked to abort one of this node's sessions (or
+                        // some announcement may have been missed): look.
+                        heard = crate::follow::wake_on(&mut signals, |s| {
+                            *s == crate::store::StoreSignal::AbortRequested(node.info.id)
+                        }) => {
+                            if matches!(heard, crate::follow::Wake::Look) && !node.is_fenced() {
                                 node.forward_requested_aborts(store.as_ref(), &root).await;
                             }
                         }
@@ -209,39 +213,6 @@ impl Node {
     async fn release(&self, store: &dyn SessionStore) {
         if let Err(error) = store.release_node(self.info.id).await {
             tracing::debug!(node = %self.info.id, %error, "could not end the lease");
-        }
-    }
-}
-
-/// Waits for an announcement that another node asked to abort one of `me`'s sessions
-/// (`true`), or that some may have been missed (`true`: a lagging receiver, or
-/// announcements resuming after the store's connection came back: look anyway). Never
-/// returns without announcements.
-async fn abort_requested(signals: &mut Option<crate::store::StoreSignals>, me: NodeId) -> bool {
-    use tokio::sync::broadcast::error::RecvError;
-    let Some(s) = signals.as_mut() else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::select! {
-            received = s.receiver.recv() => match received {
-                Ok(crate::store::StoreSignal::AbortRequested(node)) if node == me => return true,
-                Ok(_) => {}
-                Err(RecvError::Lagged(_)) => return true,
-                Err(RecvError::Closed) => {
-                    *signals = None;
-                    return false;
-                }
-            },
-            changed = s.live.changed() => {
-                if changed.is_err() {
-                    *signals = None;
-                    return false;
-                }
-                if *s.live.borrow_and_update() {
-                    return true;
-                }
-            }
         }
     }
 }
