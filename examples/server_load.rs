@@ -1,6 +1,6 @@
 //! A bounded load on a running harvest server (loopback only): `streams` open event
-//! streams and `starts` session starts at once, while `/healthz` is asked every 10 ms and a
-//! timed session runs; then the same timed session on the quiet server. Prints `/healthz`
+//! streams and, `rounds` times, `starts` session starts at once beside a timed session,
+//! while `/healthz` is asked every 10 ms; then the same timed session on the quiet server. Prints `/healthz`
 //! latencies (p50, p99, max) under load and the timed session's cost per resource under
 //! load and quiet.
 //!
@@ -32,6 +32,10 @@ struct Args {
     /// Resources of the timed session.
     #[arg(long, default_value_t = 2000)]
     timed: usize,
+    /// Bursts of starts, one after the other (each with its timed session): more
+    /// `/healthz` probes for the percentiles; the per-resource cost is their median.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
@@ -128,50 +132,72 @@ async fn main() {
     println!("{} streams open", open.len());
 
     // /healthz every 10 ms while the load runs.
-    let probing = http.clone();
+    // The probe is an outside health checker: a thread and a runtime of its own, so that it
+    // never waits behind this generator's own requests (they share the machine's cores with
+    // the server, and would otherwise count in its latencies).
     let base = args.base.clone();
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let probe = tokio::spawn(async move {
-        let mut took = Vec::new();
-        let mut failed = 0usize;
-        while !*stopped.borrow() {
-            let t = Instant::now();
-            match probing.get(format!("{base}/healthz")).send().await {
-                Ok(r) if r.status().is_success() => took.push(t.elapsed()),
-                _ => failed += 1,
+    let probe = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("the probe's runtime");
+        runtime.block_on(async move {
+            let probing = reqwest::Client::new();
+            let mut took = Vec::new();
+            let mut failed = 0usize;
+            while !*stopped.borrow() {
+                let t = Instant::now();
+                match probing.get(format!("{base}/healthz")).send().await {
+                    Ok(r) if r.status().is_success() => took.push(t.elapsed()),
+                    _ => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        (took, failed)
+            (took, failed)
+        })
     });
 
     let load_started = Instant::now();
-    let starts = futures::future::join_all((0..args.starts).map(|i| {
-        let http = http.clone();
-        let args = &args;
-        async move { start(&http, args, &format!("load-{run}-{i}"), 10).await }
-    }));
-    let timed_harvester = format!("load-{run}-timed");
-    let (started, under_load) = tokio::join!(starts, timed(&http, &args, &timed_harvester));
-    let started = started.iter().filter(|s| s.is_some()).count();
+    let mut started = 0usize;
+    let mut under_load = Vec::new();
+    for round in 0..args.rounds {
+        let starts = futures::future::join_all((0..args.starts).map(|i| {
+            let http = http.clone();
+            let args = &args;
+            async move { start(&http, args, &format!("load-{run}-{round}-{i}"), 10).await }
+        }));
+        let timed_harvester = format!("load-{run}-{round}-timed");
+        let (accepted, cost) = tokio::join!(starts, timed(&http, &args, &timed_harvester));
+        started += accepted.iter().filter(|s| s.is_some()).count();
+        under_load.push(cost);
+    }
     let load_took = load_started.elapsed();
+    under_load.sort_by(f64::total_cmp);
+    let under_load = under_load.get(under_load.len() / 2).copied().unwrap_or(0.0);
     let _ = stop.send(true);
-    let (mut took, failed) = probe.await.expect("probe");
+    let (mut took, failed) = probe.join().expect("probe");
     took.sort_unstable();
     // The streams close.
     drop(open);
 
     // The same session on a quiet server (the load's sessions ended).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let quiet = timed(&http, &args, &format!("load-{run}-quiet")).await;
+    let mut quiet = Vec::new();
+    for round in 0..args.rounds {
+        quiet.push(timed(&http, &args, &format!("load-{run}-{round}-quiet")).await);
+    }
+    quiet.sort_by(f64::total_cmp);
+    let quiet = quiet.get(quiet.len() / 2).copied().unwrap_or(f64::NAN);
 
     println!(
-        "| streams | starts (accepted) | load took | /healthz probes | p50 | p99 | max | failed | µs/resource under load | quiet | ratio |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| streams | rounds x starts (accepted) | load took | /healthz probes | p50 | p99 | max | failed | µs/resource under load (median) | quiet | ratio |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
     println!(
-        "| {} | {} ({started}) | {:.2} s | {} | {} | {} | {} | {failed} | {under_load:.1} | {quiet:.1} | {:.2} |",
+        "| {} | {} x {} ({started}) | {:.2} s | {} | {} | {} | {} | {failed} | {under_load:.1} | {quiet:.1} | {:.2} |",
         args.streams,
+        args.rounds,
         args.starts,
         load_took.as_secs_f64(),
         took.len(),

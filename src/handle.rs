@@ -106,6 +106,7 @@ impl SupervisorBuilder {
         }
         Ok(Supervisor {
             node: node.id(),
+            lease: Arc::clone(&node),
             root,
             live: Arc::clone(bus.live()),
             bus: bus.downgrade(),
@@ -113,6 +114,29 @@ impl SupervisorBuilder {
             join: std::sync::Mutex::new(Some(join)),
             shutdown_timeout,
         })
+    }
+}
+
+/// What [`Supervisor::health`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Health {
+    /// The root actor answered: the tree runs and is not wedged.
+    pub alive: bool,
+    /// How long ago the last lease renewal that succeeded was sent (the store took a write
+    /// of this node's then).
+    pub lease_renewed_ago: std::time::Duration,
+    /// Lease renewals that failed in a row since (0 when the last one succeeded).
+    pub lease_failures: u32,
+    /// The node self-fenced: renewals failed for so long that its lease may have expired;
+    /// it starts nothing and finalizes nothing until a renewal succeeds.
+    pub fenced: bool,
+}
+
+impl Health {
+    /// Alive, with the store taking this node's lease renewals (the last one succeeded).
+    pub fn is_healthy(&self) -> bool {
+        self.alive && self.lease_failures == 0 && !self.fenced
     }
 }
 
@@ -150,6 +174,8 @@ pub struct Supervisor {
     root: ActorRef<SupervisorMessage>,
     /// This supervisor's node.
     node: crate::model::NodeId,
+    /// Its lease, as the lease keeper last saw it.
+    lease: Arc<crate::node::Node>,
     /// Weak, so that subscribers hear `Closed` once the tree is gone, even while a handle
     /// lives on.
     bus: WeakEventBus,
@@ -269,6 +295,49 @@ impl Supervisor {
         self.call(SupervisorMessage::ListSessions)
             .await
             .unwrap_or(Err(SessionError::SupervisorDown))
+    }
+
+    /// Whether the supervision tree answers: `Ok` once its root has read every message sent
+    /// before this one, `SupervisorDown` if it has stopped. The root does no store I/O in
+    /// its handler (starts, aborts and reads run in tasks of their own), so neither a slow
+    /// store nor a burst of starts delays the answer; wrap it in a timeout to detect a
+    /// wedged tree.
+    pub async fn ping(&self) -> Result<(), SessionError> {
+        self.call(SupervisorMessage::Ready)
+            .await
+            .ok_or(SessionError::SupervisorDown)
+    }
+
+    /// The health of this supervisor for a health check: whether its root answers (see
+    /// [`Supervisor::ping`]) and how its lease in the store fares. The lease is renewed by
+    /// a write every [`SupervisorConfig::lease_renew_interval`], so a store that cannot be
+    /// written (unreachable, full disk, locked) shows here within one interval, without a
+    /// health check adding store I/O of its own or queueing behind the sessions' reads.
+    ///
+    /// ```
+    /// # use harvest_supervisor::{finalizer_fn, harvest_fn, HarvestContext, Supervisor};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let supervisor = Supervisor::builder(
+    /// #     harvest_fn(|_: HarvestContext| async { Ok(()) }),
+    /// #     finalizer_fn(|_| async { Ok(()) }),
+    /// # ).start().await?;
+    /// let health = supervisor.health().await;
+    /// assert!(health.is_healthy());
+    /// assert_eq!(health.lease_failures, 0);
+    /// # supervisor.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn health(&self) -> Health {
+        let alive = self.ping().await.is_ok();
+        let (renewed_ago, failures, fenced) = self.lease.lease();
+        Health {
+            alive,
+            lease_renewed_ago: renewed_ago,
+            lease_failures: failures,
+            fenced,
+        }
     }
 
     /// A page of history for an admin page: newest first, by harvester and/or status.

@@ -60,7 +60,7 @@ pub use config::{
 pub use error::{ConfigError, Error, IdError, SessionError, StartError, StoreError};
 pub use events::{EventKind, EventSubscription, RecvError, SessionEvent};
 pub use follow::EventFollower;
-pub use handle::{SessionDetail, Supervisor, SupervisorBuilder};
+pub use handle::{Health, SessionDetail, Supervisor, SupervisorBuilder};
 pub use harvest::{
     BoxError, HarvestContext, Heartbeat, InCompletion, ResourceHarvester, SessionFinalizer,
     finalizer_fn, harvest_fn,

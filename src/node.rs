@@ -10,7 +10,7 @@
 //! running, and runs no finalizer until a renewal succeeds again; then it owns exactly what
 //! nobody took (every write of a taken session is refused by its fence).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,8 @@ pub(crate) struct Node {
     renewed: Mutex<Instant>,
     /// Self-fenced: the lease may have expired; do nothing that only an owner may do.
     fenced: AtomicBool,
+    /// Renewals that failed in a row (0 after one that succeeded).
+    failures: AtomicU32,
     /// Tells the sessions to stop their attempts when the node self-fences.
     fencing: tokio::sync::watch::Sender<bool>,
 }
@@ -51,6 +53,7 @@ impl Node {
             renew_every: config.lease_renew_interval,
             renewed: Mutex::new(Instant::now()),
             fenced: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
             fencing,
         }
     }
@@ -74,6 +77,17 @@ impl Node {
     /// Whether the node may act as an owner: its lease certainly still runs.
     pub(crate) fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::Acquire)
+    }
+
+    /// The lease as this node last saw it: how long ago its last successful renewal was
+    /// sent, how many renewals have failed since, and whether the node self-fenced.
+    pub(crate) fn lease(&self) -> (Duration, u32, bool) {
+        let renewed = *self.renewed.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            renewed.elapsed(),
+            self.failures.load(Ordering::Acquire),
+            self.is_fenced(),
+        )
     }
 
     /// Returns once the node is not self-fenced (at once, normally).
@@ -139,6 +153,7 @@ impl Node {
         tokio::spawn(async move {
             let mut failures = 0u32;
             loop {
+                node.failures.store(failures, Ordering::Release);
                 // Sooner than the interval while renewals fail and time runs out.
                 let wait = if failures == 0 {
                     node.renew_every
@@ -183,6 +198,7 @@ impl Node {
                 match tokio::time::timeout(limit, renew).await {
                     Ok(Ok(_)) => {
                         failures = 0;
+                        node.failures.store(0, Ordering::Release);
                         node.renewed_at(sent);
                         node.forward_requested_aborts(store.as_ref(), &root).await;
                     }

@@ -28,7 +28,7 @@ use crate::session::{
     STOP_FINALIZED, STOP_TAKEN_OVER, SessionActor, SessionMessage, SessionShared, abort_answer,
 };
 use crate::store::NewSession;
-pub use messages::{SessionRequest, SupervisorMessage};
+pub use messages::{CreatedSession, SessionRequest, SupervisorMessage};
 
 /// The root actor.
 pub(crate) struct HarvestSupervisor;
@@ -59,6 +59,8 @@ pub(crate) struct RootState {
     shutdown: Vec<RpcReplyPort<()>>,
     /// Shutting down: no new session starts.
     stopping: bool,
+    /// Starts whose store write is in flight (in tasks); a shutdown waits for them.
+    starting: usize,
     /// The root itself, for the tasks it spawns to report back.
     root: ActorRef<SupervisorMessage>,
 }
@@ -81,6 +83,7 @@ impl Actor for HarvestSupervisor {
             forced: Vec::new(),
             shutdown: Vec::new(),
             stopping: false,
+            starting: 0,
             root: myself,
         })
     }
@@ -104,24 +107,65 @@ impl Actor for HarvestSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SupervisorMessage::StartSession(request, reply) => {
-                let answer = if state.stopping {
-                    Err(StartError::SupervisorDown)
+                if state.stopping {
+                    let _ = reply.send(Err(StartError::SupervisorDown));
                 } else if state.deps.node.is_fenced() {
                     // Its lease may be gone: it must not take a harvester's busy lock.
-                    Err(StartError::Store(crate::error::StoreError::LeaseExpired {
-                        node: state.deps.node.id(),
-                    }))
+                    let node = state.deps.node.id();
+                    let _ = reply.send(Err(StartError::Store(
+                        crate::error::StoreError::LeaseExpired { node },
+                    )));
                 } else {
-                    start_session(&myself, state, *request).await
-                };
-                let _ = reply.send(answer);
+                    spawn_start(&myself, state, *request, reply);
+                }
             }
-            SupervisorMessage::AbortSession(id, reply) => abort_session(state, id, reply).await,
+            SupervisorMessage::SessionCreated(created) => {
+                state.starting = state.starting.saturating_sub(1);
+                let CreatedSession { session, reply } = *created;
+                let id = session.id;
+                let shared = session_shared(
+                    &myself,
+                    state,
+                    id,
+                    session.harvester_id,
+                    session.resources,
+                    session.config,
+                    session.emitter,
+                    false,
+                );
+                let answer = spawn_session(&myself, state, shared)
+                    .await
+                    .map(|()| id)
+                    .map_err(|message| StartError::Spawn {
+                        session_id: id,
+                        message,
+                    });
+                if state.stopping
+                    && let Some(running) = state.sessions.get(&id)
+                {
+                    // Created while the supervisor began to stop: it ends `shutdown` too.
+                    let _ = running.actor.send_message(SessionMessage::Shutdown);
+                }
+                let _ = reply.send(answer);
+                finish_shutdown_if_idle(&myself, state);
+            }
+            SupervisorMessage::StartFailed => {
+                state.starting = state.starting.saturating_sub(1);
+                finish_shutdown_if_idle(&myself, state);
+            }
+            SupervisorMessage::AbortSession(id, reply) => abort_session(state, id, reply),
+            // Store reads, answered in tasks: never queued behind the root's work.
             SupervisorMessage::GetSession(id, reply) => {
-                let _ = reply.send(state.deps.store.session(id).await.map_err(Into::into));
+                let store = Arc::clone(&state.deps.store);
+                tokio::spawn(async move {
+                    let _ = reply.send(store.session(id).await.map_err(Into::into));
+                });
             }
             SupervisorMessage::ListSessions(reply) => {
-                let _ = reply.send(state.deps.store.list_sessions().await.map_err(Into::into));
+                let store = Arc::clone(&state.deps.store);
+                tokio::spawn(async move {
+                    let _ = reply.send(store.list_sessions().await.map_err(Into::into));
+                });
             }
             SupervisorMessage::Escalate { session_id } => {
                 // A session that completed since its monitor decided needs no rescue.
@@ -210,14 +254,48 @@ impl Actor for HarvestSupervisor {
     }
 }
 
-async fn start_session(
+/// Starts a session in a task: validated and written there, so that the root's queue
+/// (aborts, queries, health checks, other starts) never waits for a store write. The root
+/// is told when it is created (to spawn its actor) or failed.
+fn spawn_start(
     myself: &ActorRef<SupervisorMessage>,
     state: &mut RootState,
     request: SessionRequest,
-) -> Result<SessionId, StartError> {
-    let config = request
-        .config
-        .unwrap_or_else(|| state.config.session.clone());
+    reply: RpcReplyPort<Result<SessionId, StartError>>,
+) {
+    state.starting = state.starting.saturating_add(1);
+    let deps = Arc::clone(&state.deps);
+    let default = state.config.session.clone();
+    let root = myself.clone();
+    tokio::spawn(async move {
+        match create_session(&deps, default, request).await {
+            Ok(session) => {
+                let created = Box::new(CreatedSession { session, reply });
+                if let Err(ractor::MessagingErr::SendErr(SupervisorMessage::SessionCreated(c))) =
+                    root.send_message(SupervisorMessage::SessionCreated(created))
+                {
+                    // The root is gone: the session stays for the rescue (the next
+                    // start's, or a live node's).
+                    let _ = c.reply.send(Err(StartError::SupervisorDown));
+                }
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error));
+                let _ = root.send_message(SupervisorMessage::StartFailed);
+            }
+        }
+    });
+}
+
+/// Validates a request and creates its session in the store (the busy lock there decides
+/// between concurrent starts for one harvester). Runs in a task of its own; the root
+/// spawns the session's actor when it is told.
+async fn create_session(
+    deps: &Arc<Deps>,
+    default: crate::config::SessionConfig,
+    request: SessionRequest,
+) -> Result<Created, StartError> {
+    let config = request.config.unwrap_or(default);
     config.validate_for(request.resources.len())?;
     let config = Arc::new(config);
     request.harvester_id.check()?;
@@ -235,7 +313,6 @@ async fn start_session(
     let id = SessionId::new();
     let total = request.resources.len();
     let workflow_time = config.workflow_time(total);
-    let deps = &state.deps;
     let resources: Arc<[_]> = request.resources.into();
     deps.store
         .create_session(NewSession {
@@ -260,23 +337,22 @@ async fn start_session(
         total,
         workflow_time,
     });
-    let shared = session_shared(
-        myself,
-        state,
+    Ok(Created {
         id,
-        request.harvester_id,
+        harvester_id: request.harvester_id,
         resources,
         config,
         emitter,
-        false,
-    );
-    spawn_session(myself, state, shared)
-        .await
-        .map(|()| id)
-        .map_err(|message| StartError::Spawn {
-            session_id: id,
-            message,
-        })
+    })
+}
+
+/// A session created in the store, its actor not spawned yet.
+pub(crate) struct Created {
+    id: SessionId,
+    harvester_id: crate::model::HarvesterId,
+    resources: Arc<[crate::model::ResourceId]>,
+    config: Arc<crate::config::SessionConfig>,
+    emitter: SessionEmitter,
 }
 
 /// What a new session actor is spawned with; its deadline counts from now.
@@ -357,85 +433,86 @@ async fn spawn_session(
     }
 }
 
-/// Aborts a session, or says truthfully why not. Never blocks the root on a session: the
-/// session's own answer is awaited in a task, and if the session stops without giving one
-/// (it was finalizing, and ractor drops a stopped actor's queued messages), the answer
-/// comes from the store.
-async fn abort_session(
+/// Aborts a session, or says truthfully why not. Never blocks the root: the store calls
+/// and the session's own answer are awaited in a task, and if the session stops without
+/// giving one (it was finalizing, and ractor drops a stopped actor's queued messages), the
+/// answer comes from the store.
+fn abort_session(
     state: &mut RootState,
     id: SessionId,
     reply: RpcReplyPort<Result<(), SessionError>>,
 ) {
-    let store = &state.deps.store;
+    let store = Arc::clone(&state.deps.store);
+    let me = state.deps.node.id();
     let running = state
         .sessions
         .get(&id)
-        .filter(|r| !r.forcing && !r.shared.lifecycle.is_claimed());
-    let Some(running) = running else {
-        // Not running here, or being finalized: the store has the answer. A session
-        // another node owns and runs takes the request through the store; its owner
-        // honours it at its next lease renewal (a rescuer finalizes it `aborted`).
-        let me = state.deps.node.id();
-        let answer = match store.session(id).await {
-            Ok(record) if is_remote_and_abortable(&record, me) => {
-                match store.request_abort(id).await {
-                    Ok(after) if after.abort_requested => {
-                        tracing::info!(
-                            session_id = %id,
-                            owner = ?after.owner.map(|o| o.to_string()),
-                            "abort requested from another node; its owner honours it"
-                        );
-                        Ok(())
-                    }
-                    Ok(after) => abort_answer(&after),
-                    Err(e) => Err(e.into()),
-                }
-            }
-            Ok(record) => abort_answer(&record),
-            Err(e) => Err(e.into()),
+        .filter(|r| !r.forcing && !r.shared.lifecycle.is_claimed())
+        .map(|r| (r.actor.clone(), Arc::clone(&r.shared)));
+    tokio::spawn(async move {
+        let answer = match running {
+            Some((actor, shared)) => abort_running(&store, id, actor, &shared).await,
+            None => abort_elsewhere(&store, id, me).await,
         };
         let _ = reply.send(answer);
-        return;
-    };
+    });
+}
+
+/// The abort of a session this node runs.
+async fn abort_running(
+    store: &Arc<dyn crate::store::SessionStore>,
+    id: SessionId,
+    actor: ActorRef<SessionMessage>,
+    shared: &SessionShared,
+) -> Result<(), SessionError> {
     // Abort before start: the store's compare-and-set decides against the session's own
     // `pending -> on-going`; the session then finalizes `aborted` as soon as it begins.
-    match store
+    let before_start = store
         .transition(
             id,
-            running.shared.emitter.fence(),
+            shared.emitter.fence(),
             SessionStatus::Pending,
             SessionStatus::Aborting,
         )
-        .await
-    {
-        Ok(true) => {
-            running.shared.emitter.emit(EventKind::AbortRequested);
-            running.shared.emitter.emit(EventKind::StatusChanged {
-                from: SessionStatus::Pending,
-                to: SessionStatus::Aborting,
-            });
-            let _ = reply.send(Ok(()));
-        }
-        Ok(false) => {
-            let actor = running.actor.clone();
-            let store = Arc::clone(store);
-            tokio::spawn(async move {
-                let asked = actor.call(SessionMessage::AbortSession, None).await;
-                let answer = match asked {
-                    Ok(ractor::rpc::CallResult::Success(answer)) => answer,
-                    // The session stopped before it read the request: it finalized.
-                    _ => match store.session(id).await {
-                        Ok(record) => abort_answer(&record),
-                        Err(e) => Err(e.into()),
-                    },
-                };
-                let _ = reply.send(answer);
-            });
-        }
-        Err(e) => {
-            let _ = reply.send(Err(e.into()));
-        }
+        .await?;
+    if before_start {
+        shared.emitter.emit(EventKind::AbortRequested);
+        shared.emitter.emit(EventKind::StatusChanged {
+            from: SessionStatus::Pending,
+            to: SessionStatus::Aborting,
+        });
+        return Ok(());
     }
+    match actor.call(SessionMessage::AbortSession, None).await {
+        Ok(ractor::rpc::CallResult::Success(answer)) => answer,
+        // The session stopped before it read the request: it finalized.
+        _ => abort_answer(&store.session(id).await?),
+    }
+}
+
+/// The abort of a session not running here, or being finalized: the store has the answer.
+/// A session another node owns and runs takes the request through the store; its owner
+/// honours it at once (announcements) or at its next lease renewal (a rescuer finalizes it
+/// `aborted`).
+async fn abort_elsewhere(
+    store: &Arc<dyn crate::store::SessionStore>,
+    id: SessionId,
+    me: crate::model::NodeId,
+) -> Result<(), SessionError> {
+    let record = store.session(id).await?;
+    if !is_remote_and_abortable(&record, me) {
+        return abort_answer(&record);
+    }
+    let after = store.request_abort(id).await?;
+    if !after.abort_requested {
+        return abort_answer(&after);
+    }
+    tracing::info!(
+        session_id = %id,
+        owner = ?after.owner.map(|o| o.to_string()),
+        "abort requested from another node; its owner honours it"
+    );
+    Ok(())
 }
 
 /// Whether `record` is a session another node than `me` holds, that an abort can still
@@ -603,7 +680,7 @@ fn schedule_rescue(myself: &ActorRef<SupervisorMessage>, config: &SupervisorConf
 
 /// Ends the shutdown once every session is gone and every rescue has ended.
 fn finish_shutdown_if_idle(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
-    if !state.stopping || !state.sessions.is_empty() {
+    if !state.stopping || !state.sessions.is_empty() || state.starting > 0 {
         return;
     }
     state.forced.retain(|t| !t.is_finished());

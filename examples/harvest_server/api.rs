@@ -34,14 +34,23 @@ pub(crate) async fn metrics_text(State(app): State<App>) -> impl IntoResponse {
     )
 }
 
-/// `GET /healthz`: `200` when the supervisor answers and the store is reachable (each
-/// within 2 s), else `503`, saying which.
+/// `GET /healthz`: `200` when the supervisor answers (within 2 s) and the store takes this
+/// node's lease renewals (the last one succeeded, and the node is not self-fenced), else
+/// `503`, saying which. No store I/O of its own: it never queues behind the sessions' reads
+/// and writes, and a store that cannot be written (a full disk) shows as failing.
 pub(crate) async fn healthz(State(app): State<App>) -> Response {
     const WITHIN: Duration = Duration::from_secs(2);
-    let supervisor = tokio::time::timeout(WITHIN, app.supervisor.sessions()).await;
-    let supervisor_ok = matches!(supervisor, Ok(Ok(_)));
-    let store = tokio::time::timeout(WITHIN, app.supervisor.store().nodes()).await;
-    let store_ok = matches!(store, Ok(Ok(_)));
+    let health = tokio::time::timeout(WITHIN, app.supervisor.health()).await;
+    let (supervisor_ok, store_ok, renewed, failures, fenced) = match health {
+        Ok(h) => (
+            h.alive,
+            h.lease_failures == 0 && !h.fenced,
+            Some(h.lease_renewed_ago),
+            h.lease_failures,
+            h.fenced,
+        ),
+        Err(_) => (false, false, None, 0, false),
+    };
     let status = if supervisor_ok && store_ok {
         StatusCode::OK
     } else {
@@ -54,6 +63,9 @@ pub(crate) async fn healthz(State(app): State<App>) -> Response {
             "status": word(supervisor_ok && store_ok),
             "supervisor": word(supervisor_ok),
             "store": word(store_ok),
+            "lease_renewed_ms_ago": renewed.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            "lease_failures": failures,
+            "fenced": fenced,
         })),
     )
         .into_response()

@@ -7,6 +7,23 @@ use crate::config::SessionConfig;
 use crate::error::{SessionError, StartError};
 use crate::model::{HarvesterId, ResourceId, SessionId, SessionRecord};
 
+/// A session its start task has created in the store, on its way to the root (see
+/// [`SupervisorMessage::SessionCreated`]). Opaque: only the supervisor makes one.
+pub struct CreatedSession {
+    pub(crate) session: super::Created,
+    pub(crate) reply: RpcReplyPort<Result<SessionId, StartError>>,
+}
+
+impl std::fmt::Debug for CreatedSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedSession")
+            .field("id", &self.session.id)
+            .field("harvester_id", &self.session.harvester_id)
+            .field("resources", &self.session.resources.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A session to start.
 #[derive(Debug, Clone)]
 pub struct SessionRequest {
@@ -75,6 +92,13 @@ pub enum SupervisorMessage {
         /// The session it finalized (or tried to).
         session_id: SessionId,
     },
+    /// From the task that created a session in the store (off the root's handler, so that
+    /// a slow store never queues the root's other work behind a start): spawn its actor and
+    /// answer the caller. Embedders never send it.
+    SessionCreated(Box<CreatedSession>),
+    /// From a start's task: the start failed (its caller has the error). Embedders never
+    /// send it.
+    StartFailed,
     /// From a monitor: this session did not finalize within `escalation_grace`; stop its
     /// actor and finalize it from the store.
     Escalate {

@@ -24,6 +24,9 @@ pub struct FaultyStore {
     pub on_outcome_ack: Option<AckHook>,
     /// The next this-many `session()` reads fail.
     pub failing_reads: AtomicUsize,
+    /// While set, `create_session` waits for a permit of `create_gate` (a slow disk).
+    pub hold_creates: AtomicBool,
+    pub create_gate: Arc<Semaphore>,
     /// While set, `pending -> on-going` waits for a permit of `begin_gate`.
     pub hold_begin: AtomicBool,
     pub begin_gate: Arc<Semaphore>,
@@ -71,6 +74,8 @@ impl FaultyStore {
             inner,
             on_outcome_ack: None,
             failing_reads: AtomicUsize::new(0),
+            hold_creates: AtomicBool::new(false),
+            create_gate: Arc::new(Semaphore::new(0)),
             hold_begin: AtomicBool::new(false),
             begin_gate: Arc::new(Semaphore::new(0)),
             hang_outcome_writes: AtomicBool::new(false),
@@ -112,6 +117,9 @@ impl FaultyStore {
 #[async_trait]
 impl SessionStore for FaultyStore {
     async fn create_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
+        if self.hold_creates.load(Ordering::SeqCst) {
+            let _permit = self.create_gate.acquire().await;
+        }
         self.inner.create_session(new).await
     }
     async fn sessions_by_id(&self, ids: &[SessionId]) -> Result<Vec<SessionRecord>, StoreError> {

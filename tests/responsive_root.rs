@@ -1,0 +1,149 @@
+//! No store write holds up the root: while a session's creation waits on a slow store, the
+//! supervisor still answers health checks, aborts, queries and other starts, and a shutdown
+//! that begins meanwhile still ends that session (with `shutdown`) before it returns.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::faulty::FaultyStore;
+use common::{FinalizerMode, Recorder, config, finished, supervisor_on};
+use harvest_supervisor::{FinalizeReason, SessionStatus, SessionStore, StartError};
+
+/// Longer than any answer that does not wait for the held store write.
+const PROMPTLY: Duration = Duration::from_secs(60);
+
+#[tokio::test(start_paused = true)]
+async fn a_start_waiting_on_the_store_holds_up_nothing_else() {
+    let store = FaultyStore::new();
+    let recorder = Recorder::new(FinalizerMode::Ok);
+    let sup = Arc::new(supervisor_on(store.clone(), config(), &recorder).await);
+    let running = sup.start_session("b", ["hang-1"]).await.expect("start b");
+
+    store.hold_creates.store(true, Ordering::SeqCst);
+    let held = tokio::spawn({
+        let sup = Arc::clone(&sup);
+        async move { sup.start_session("a", ["ok-1", "ok-2"]).await }
+    });
+    tokio::task::yield_now().await;
+    // Each of these went through the root's queue behind the held start before.
+    tokio::time::timeout(PROMPTLY, sup.ping())
+        .await
+        .expect("the root answers while a creation waits")
+        .expect("alive");
+    tokio::time::timeout(PROMPTLY, sup.session(running))
+        .await
+        .expect("a query answers while a creation waits")
+        .expect("record");
+    tokio::time::timeout(PROMPTLY, sup.abort(running))
+        .await
+        .expect("an abort answers while a creation waits")
+        .expect("aborted");
+    assert_eq!(finished(&sup, running).await.status, SessionStatus::Aborted);
+    assert!(!held.is_finished(), "the held start is still waiting");
+
+    // The held start completes when the store does, and its session runs as any other.
+    store.create_gate.add_permits(1);
+    let id = held.await.expect("task").expect("start a");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.status, SessionStatus::FinishedAllOk);
+    assert_eq!(recorder.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_starts_waiting_on_the_store_still_admit_one_per_harvester() {
+    let store = FaultyStore::new();
+    let recorder = Recorder::new(FinalizerMode::Ok);
+    let sup = Arc::new(supervisor_on(store.clone(), config(), &recorder).await);
+    store.hold_creates.store(true, Ordering::SeqCst);
+    let starts: Vec<_> = (0..8)
+        .map(|_| {
+            let sup = Arc::clone(&sup);
+            tokio::spawn(async move { sup.start_session("same", ["ok-1"]).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    store.create_gate.add_permits(8);
+    let mut won = Vec::new();
+    for start in starts {
+        match start.await.expect("task") {
+            Ok(id) => won.push(id),
+            Err(StartError::HarvesterBusy { .. }) => {}
+            Err(other) => panic!("unexpected start error: {other}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "one start per harvester wins");
+    finished(&sup, won[0]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_during_a_creation_waits_for_it_and_ends_it_with_shutdown() {
+    let store = FaultyStore::new();
+    let recorder = Recorder::new(FinalizerMode::Ok);
+    let sup = Arc::new(supervisor_on(store.clone(), config(), &recorder).await);
+    store.hold_creates.store(true, Ordering::SeqCst);
+    let held = tokio::spawn({
+        let sup = Arc::clone(&sup);
+        async move { sup.start_session("a", ["hang-1"]).await }
+    });
+    tokio::task::yield_now().await;
+    let shutdown = tokio::spawn({
+        let sup = Arc::clone(&sup);
+        async move { sup.shutdown().await }
+    });
+    tokio::task::yield_now().await;
+    // The shutdown does not return while a session it has not seen is being created.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!shutdown.is_finished(), "shutdown waits for the creation");
+    store.create_gate.add_permits(1);
+    let id = held.await.expect("task").expect("the start completes");
+    shutdown.await.expect("task").expect("shutdown");
+    let record = store.session(id).await.expect("record");
+    assert_eq!(record.reason(), Some(FinalizeReason::Shutdown));
+    assert_eq!(recorder.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_shows_a_store_that_takes_no_lease_renewal_and_its_recovery() {
+    let store = FaultyStore::new();
+    let recorder = Recorder::new(FinalizerMode::Ok);
+    let sup = harvest_supervisor::Supervisor::builder(
+        harvest_supervisor::harvest_fn(common::scripted),
+        recorder.clone(),
+    )
+    .store(store.clone())
+    .config(harvest_supervisor::SupervisorConfig {
+        session: config(),
+        lease_renew_interval: Duration::from_secs(1),
+        lease_ttl: Duration::from_secs(10),
+        ..harvest_supervisor::SupervisorConfig::default()
+    })
+    .start()
+    .await
+    .expect("supervisor starts");
+    let health = sup.health().await;
+    assert!(health.is_healthy(), "{health:?}");
+
+    store.failing_renewals.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let health = sup.health().await;
+    assert!(health.alive);
+    assert!(health.lease_failures >= 1, "{health:?}");
+    assert!(!health.is_healthy());
+    assert!(!health.fenced, "not yet: the lease still runs");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let health = sup.health().await;
+    assert!(health.fenced, "{health:?}");
+    assert!(health.lease_renewed_ago >= Duration::from_secs(10));
+
+    store.failing_renewals.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let health = sup.health().await;
+    assert!(health.is_healthy(), "{health:?}");
+    assert!(health.lease_renewed_ago <= Duration::from_secs(1));
+
+    sup.shutdown().await.expect("shutdown");
+    assert!(!sup.health().await.alive, "a stopped tree is not alive");
+}
