@@ -43,7 +43,11 @@ pub enum EventKind {
         /// Resources in the session.
         total: usize,
         /// The deadline's budget.
-        #[serde(with = "humantime_serde")]
+        #[serde(
+            rename = "workflow_time_ms",
+            alias = "workflow_time",
+            with = "crate::millis"
+        )]
         workflow_time: Duration,
     },
     /// The session moved between statuses.
@@ -67,7 +71,7 @@ pub enum EventKind {
         /// Attempt number.
         attempt: u32,
         /// Duration of the attempt.
-        #[serde(with = "humantime_serde")]
+        #[serde(rename = "elapsed_ms", alias = "elapsed", with = "crate::millis")]
         elapsed: Duration,
     },
     /// An attempt returned an error.
@@ -102,7 +106,7 @@ pub enum EventKind {
         /// The attempt that will run next.
         next_attempt: u32,
         /// Backoff before it.
-        #[serde(with = "humantime_serde")]
+        #[serde(rename = "delay_ms", alias = "delay", with = "crate::millis")]
         delay: Duration,
     },
     /// An attempt ended because the session cancelled it.
@@ -115,16 +119,20 @@ pub enum EventKind {
     /// The monitor started ticking.
     MonitorScheduled {
         /// Tick period.
-        #[serde(with = "humantime_serde")]
+        #[serde(rename = "interval_ms", alias = "interval", with = "crate::millis")]
         interval: Duration,
         /// Time left until the deadline.
-        #[serde(with = "humantime_serde")]
+        #[serde(
+            rename = "deadline_in_ms",
+            alias = "deadline_in",
+            with = "crate::millis"
+        )]
         deadline_in: Duration,
     },
     /// The monitor checked the session.
     MonitorTick {
         /// Time left until the deadline (zero once past).
-        #[serde(with = "humantime_serde")]
+        #[serde(rename = "remaining_ms", alias = "remaining", with = "crate::millis")]
         remaining: Duration,
     },
     /// The monitor found the deadline passed and told the session.

@@ -46,6 +46,7 @@ mod follow;
 mod handle;
 pub mod harvest;
 pub mod meters;
+mod millis;
 pub mod model;
 mod monitor;
 mod node;

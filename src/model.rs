@@ -320,7 +320,7 @@ pub struct OutcomeRecord {
     /// Attempts made (0 when the resource never started).
     pub attempts: u32,
     /// From the first attempt's start to the final outcome, backoff included.
-    #[serde(with = "humantime_serde")]
+    #[serde(rename = "elapsed_ms", alias = "elapsed", with = "crate::millis")]
     pub elapsed: Duration,
 }
 
@@ -429,9 +429,15 @@ pub struct SessionRecord {
     /// When finalization completed.
     pub ended: Option<DateTime<Utc>>,
     /// `resources x per_resource_estimate + buffer`.
-    #[serde(with = "humantime_serde")]
+    #[serde(
+        rename = "workflow_time_ms",
+        alias = "workflow_time",
+        with = "crate::millis"
+    )]
     pub workflow_time: Duration,
     /// Set once finalization was claimed (the exactly-once guard), with its reason.
+    /// Serialized as `reason` (what it is to a reader: why the session ends or ended).
+    #[serde(rename = "reason", alias = "finalizing")]
     pub finalizing: Option<FinalizeReason>,
     /// Outcomes recorded so far; reconciled against `total` at finalization.
     pub counts: OutcomeCounts,

@@ -8,12 +8,11 @@
 //!
 //! Every resource writes two or more events, so their lines are written by hand: through
 //! serde, an internally tagged enum goes through its map machinery, a time is formatted
-//! through `core::fmt`, and a `humantime_serde` duration through `core::fmt` into a
-//! temporary string. Together that was an eighth of a durable session's instructions, on
+//! through `core::fmt`, and (when durations were humantime strings) a duration through
+//! `core::fmt` into a temporary string. Together that was an eighth of a durable session's instructions, on
 //! the runtime threads. The per-session kinds, rare, still go through serde.
 
 use std::fmt::Write as _;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
@@ -151,49 +150,6 @@ impl Line<'_> {
         self.raw("Z");
     }
 
-    /// `d` as `humantime` formats it (`1h 2m 3s 4ms 5us 6ns`), which is what
-    /// `humantime_serde` writes.
-    fn duration(&mut self, d: Duration) {
-        let secs = d.as_secs();
-        let nanos = d.subsec_nanos();
-        if secs == 0 && nanos == 0 {
-            self.raw("0s");
-            return;
-        }
-        // humantime's calendar: a year is 365.25 days, a month 30.44.
-        let years = secs / 31_557_600;
-        let year_rest = secs % 31_557_600;
-        let months = year_rest / 2_630_016;
-        let month_rest = year_rest % 2_630_016;
-        let mut started = false;
-        self.unit(&mut started, years, "year", true);
-        self.unit(&mut started, months, "month", true);
-        self.unit(&mut started, month_rest / 86_400, "day", true);
-        let day_rest = month_rest % 86_400;
-        self.unit(&mut started, day_rest / 3600, "h", false);
-        self.unit(&mut started, day_rest % 3600 / 60, "m", false);
-        self.unit(&mut started, day_rest % 60, "s", false);
-        self.unit(&mut started, u64::from(nanos / 1_000_000), "ms", false);
-        self.unit(&mut started, u64::from(nanos / 1000 % 1000), micro(), false);
-        self.unit(&mut started, u64::from(nanos % 1000), "ns", false);
-    }
-
-    #[inline]
-    fn unit(&mut self, started: &mut bool, value: u64, name: &str, plural: bool) {
-        if value == 0 {
-            return;
-        }
-        if *started {
-            self.raw(" ");
-        }
-        self.uint(value);
-        self.raw(name);
-        if plural && value > 1 {
-            self.raw("s");
-        }
-        *started = true;
-    }
-
     /// `,"kind":"<name>","resource_id":<id>`
     fn worker(&mut self, name: &str, resource_id: &ResourceId) -> serde_json::Result<()> {
         self.raw(",\"kind\":\"");
@@ -210,13 +166,13 @@ impl Line<'_> {
         self.uint(u64::from(n));
     }
 
-    /// `,"<key>":"<d>"`
-    fn humantime(&mut self, key: &str, d: Duration) {
+    /// `,"<key>":<milliseconds>` as [`crate::millis`] writes them (serde_json's shortest
+    /// form of the `f64`).
+    fn millis(&mut self, key: &str, d: Duration) -> serde_json::Result<()> {
         self.raw(",\"");
         self.raw(key);
-        self.raw("\":\"");
-        self.duration(d);
-        self.raw("\"");
+        self.raw("\":");
+        serde_json::to_writer(&mut *self.0, &crate::millis::of(d))
     }
 
     /// `,"<key>":<s>`
@@ -245,7 +201,7 @@ impl Line<'_> {
             } => {
                 self.worker("WorkerSucceeded", resource_id)?;
                 self.number("attempt", *attempt);
-                self.humantime("elapsed", *elapsed);
+                self.millis("elapsed_ms", *elapsed)?;
             }
             EventKind::WorkerFailed {
                 resource_id,
@@ -279,7 +235,7 @@ impl Line<'_> {
             } => {
                 self.worker("WorkerRetrying", resource_id)?;
                 self.number("next_attempt", *next_attempt);
-                self.humantime("delay", *delay);
+                self.millis("delay_ms", *delay)?;
             }
             EventKind::WorkerCancelled {
                 resource_id,
@@ -293,16 +249,6 @@ impl Line<'_> {
         self.raw("}");
         Ok(true)
     }
-}
-
-/// humantime's name for microseconds: `us`, or `µs` where a crate in the build turns on
-/// its `mu` feature. Asked of humantime once.
-fn micro() -> &'static str {
-    static MICRO: OnceLock<String> = OnceLock::new();
-    MICRO.get_or_init(|| {
-        let one = humantime::format_duration(Duration::from_micros(1)).to_string();
-        one.trim_start_matches('1').to_owned()
-    })
 }
 
 /// `fmt::Write` into the line's bytes.
@@ -419,7 +365,9 @@ mod tests {
             Duration::from_secs(60),
             Duration::from_secs(3600 * 25 + 61),
             Duration::from_secs(31_557_600 * 2 + 2_630_016 + 86_400 * 2 + 1),
-            Duration::new(31_557_600, 1),
+            // Exact to the nanosecond below 2^50 ns; past that, whole milliseconds are.
+            Duration::new(31_557_600, 1_000_000),
+            Duration::from_nanos((1 << 50) - 1),
             Duration::MAX,
         ];
         let texts = ["r1", "r\"1\n\t\\", "\u{e9}\u{1}\u{7f}/\u{2028}", ""];
@@ -431,6 +379,31 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn lines_of_earlier_versions_with_durations_as_text_read_the_same() {
+        let id = SessionId::new();
+        let h: HarvesterId = "h".into();
+        let old = [
+            (
+                r#"{"seq":3,"at":"2026-11-25T20:01:02Z","kind":"WorkerSucceeded","resource_id":"r","attempt":1,"elapsed":"51ms 75us 132ns"}"#,
+                r#"{"seq":3,"at":"2026-11-25T20:01:02Z","kind":"WorkerSucceeded","resource_id":"r","attempt":1,"elapsed_ms":51.075132}"#,
+            ),
+            (
+                r#"{"seq":1,"at":"2026-11-25T20:01:02Z","kind":"SessionStarted","total":2,"workflow_time":"1year 2days 1h"}"#,
+                r#"{"seq":1,"at":"2026-11-25T20:01:02Z","kind":"SessionStarted","total":2,"workflow_time_ms":31734000000.0}"#,
+            ),
+            (
+                r#"{"seq":4,"at":"2026-11-25T20:01:02Z","kind":"MonitorScheduled","interval":"1s","deadline_in":"20m"}"#,
+                r#"{"seq":4,"at":"2026-11-25T20:01:02Z","kind":"MonitorScheduled","interval_ms":1000.0,"deadline_in_ms":1200000.0}"#,
+            ),
+        ];
+        for (before, now) in old {
+            let read = event_of_line(before, id, &h).expect("an old line reads");
+            assert_eq!(read, event_of_line(now, id, &h).expect("a new line reads"));
+            assert_eq!(flattened(&read), now, "written in the new form");
         }
     }
 
