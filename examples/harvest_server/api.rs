@@ -8,6 +8,8 @@ use super::*;
 pub(crate) struct App {
     pub(crate) supervisor: Arc<Supervisor>,
     pub(crate) token: Arc<str>,
+    /// Needed (or `token`) by the read routes when set.
+    pub(crate) read_token: Option<Arc<str>>,
     pub(crate) max_resources: usize,
     /// The server's session config: a request's partial `config` is merged over it.
     pub(crate) defaults: Arc<SessionConfig>,
@@ -88,30 +90,57 @@ pub(crate) fn merge(base: &mut serde_json::Value, given: serde_json::Value) {
     }
 }
 
-pub(crate) fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    // The scheme is case-insensitive (RFC 9110): `Bearer`, `bearer`, `BEARER`.
-    let given = headers
+/// The bearer token of a request, if any. The scheme is case-insensitive (RFC 9110):
+/// `Bearer`, `bearer`, `BEARER`.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    // Compared in constant time, so the answer's timing does not leak the token.
-    let matches = given.is_some_and(|g| {
-        g.len() == app.token.len()
-            && g.bytes()
-                .zip(app.token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
-    if matches {
-        Ok(())
-    } else {
-        Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            json!({ "error": "a valid bearer token is required", "code": "unauthorized" }),
-        ))
+        .map(|(_, token)| token.trim())
+}
+
+/// `given == token`, compared in constant time (the answer's timing does not leak it).
+fn same(given: &str, token: &str) -> bool {
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn unauthorized(what: &str) -> ApiError {
+    ApiError(
+        StatusCode::UNAUTHORIZED,
+        json!({ "error": format!("a valid bearer token is required ({what})"), "code": "unauthorized" }),
+    )
+}
+
+/// A mutating request must carry the write token.
+pub(crate) fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    match bearer(headers) {
+        Some(given) if same(given, &app.token) => Ok(()),
+        _ => Err(unauthorized("the write token")),
     }
+}
+
+/// The read routes' guard: with `--read-token` set, a request must carry it or the write
+/// token; without it, reads are open.
+pub(crate) async fn require_read(
+    State(app): State<App>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    if let Some(read) = &app.read_token {
+        let ok = bearer(request.headers())
+            .is_some_and(|given| same(given, read) || same(given, &app.token));
+        if !ok {
+            return Err(unauthorized("the read or the write token"));
+        }
+    }
+    Ok(next.run(request).await)
 }
 
 /// `POST /harvesters/{id}/sessions`.
@@ -339,19 +368,25 @@ fn page_policy() -> &'static str {
 }
 
 pub(crate) fn router(app: App) -> Router {
-    Router::new()
-        .route("/", get(page))
+    // Reads: open, or behind `--read-token` (the write token reads too).
+    let reads = Router::new()
         .route("/sessions", get(all_sessions))
-        .route(
-            "/harvesters/{id}/sessions",
-            post(start_session).get(history),
-        )
+        .route("/harvesters/{id}/sessions", get(history))
         .route("/sessions/{id}", get(get_session))
-        .route("/sessions/{id}/abort", post(abort_session))
         .route("/sessions/{id}/events", get(events))
         .route("/nodes", get(nodes))
         .route("/metrics", get(metrics_text))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_read,
+        ));
+    // Writes check the write token themselves; the page and the health check are open.
+    Router::new()
+        .route("/", get(page))
+        .route("/harvesters/{id}/sessions", post(start_session))
+        .route("/sessions/{id}/abort", post(abort_session))
         .route("/healthz", get(healthz))
+        .merge(reads)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(64 * 1024))

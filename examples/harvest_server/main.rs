@@ -18,10 +18,11 @@
 //! | `GET /sessions?status=&before=&limit=` | every harvester's sessions, newest first |
 //! | `GET /` | a page that lists sessions, starts and aborts them, and draws a session's timeline |
 //! | `GET /metrics` | the library's metrics, Prometheus text (`harvest_supervisor::meters` lists them) |
-//! | `GET /healthz` | `200` when the supervisor answers and the store is reachable, else `503` |
+//! | `GET /healthz` | `200` when the supervisor answers and its last lease renewal (a store write) succeeded, else `503` |
 //!
 //! Mutating requests need `Authorization: Bearer <token>` (any case of `Bearer`; `--token`,
-//! or `HARVEST_SERVER_TOKEN`, at least 16 characters, or a random one printed at start).
+//! or `HARVEST_SERVER_TOKEN`, at least 16 characters, or a random one printed at start);
+//! with `--read-token`, the read routes need it (or the write token) too.
 //! Bodies over 64 KiB get `413`, sessions over `--max-resources` a `400` (a `count` is
 //! checked before any resource is made). A partial `config` is merged over the server's
 //! own session config, nested fields one by one. Every error is JSON:
@@ -92,6 +93,11 @@ struct Args {
     /// Bearer token for mutating requests (else HARVEST_SERVER_TOKEN, else a random one).
     #[arg(long, env = "HARVEST_SERVER_TOKEN")]
     token: Option<String>,
+    /// Bearer token for the read routes (sessions, events, nodes, metrics; the write token
+    /// reads too). Unset (and no HARVEST_SERVER_READ_TOKEN): reads are open, as for a
+    /// server on loopback. `/healthz` and the page itself are always open.
+    #[arg(long, env = "HARVEST_SERVER_READ_TOKEN")]
+    read_token: Option<String>,
     /// Most resources in one session.
     #[arg(long, default_value_t = 100_000)]
     max_resources: usize,
@@ -285,6 +291,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             t
         }
     };
+    if let Some(read) = &args.read_token {
+        let refused = check_token(read).err().or_else(|| {
+            (read == &token).then(|| "the read token must differ from the write token".to_owned())
+        });
+        if let Some(why) = refused {
+            eprintln!("harvest_server: --read-token: {why}");
+            std::process::exit(2);
+        }
+    }
     // Installed before the supervisor starts, so that every handle it makes records here.
     let metrics = metrics_handle();
     let store: Arc<dyn SessionStore> = match &args.postgres {
@@ -313,6 +328,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = App {
         supervisor: Arc::new(supervisor),
         token: token.into(),
+        read_token: args.read_token.clone().map(Into::into),
         max_resources: args.max_resources,
         defaults: Arc::new(server_session_config()),
         closing: tokio_util::sync::CancellationToken::new(),

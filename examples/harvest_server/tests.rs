@@ -27,6 +27,15 @@ impl Server {
         dir: tempfile::TempDir,
         work: Duration,
     ) -> Self {
+        Self::start_with(store, dir, work, None).await
+    }
+
+    async fn start_with(
+        store: Arc<dyn SessionStore>,
+        dir: tempfile::TempDir,
+        work: Duration,
+        read_token: Option<&str>,
+    ) -> Self {
         let metrics = metrics_handle();
         let supervisor = supervisor(store, work, None).await.expect("supervisor");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -36,6 +45,7 @@ impl Server {
         let app = App {
             supervisor: Arc::new(supervisor),
             token: TOKEN.into(),
+            read_token: read_token.map(Into::into),
             max_resources: 1000,
             defaults: Arc::new(server_session_config()),
             closing: tokio_util::sync::CancellationToken::new(),
@@ -847,5 +857,73 @@ async fn the_page_starts_a_session_and_its_timeline_reaches_a_terminal_status() 
         .await;
     assert_eq!(listed, "finished-some-failed");
     browser.quit().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_read_token_reads_need_it_or_the_write_token_and_it_cannot_write() {
+    const READ: &str = "read-token-of-some-length";
+    let dir = tempfile::tempdir().expect("dir");
+    let store = SqliteStore::open(dir.path().join("s.db"))
+        .await
+        .expect("store");
+    let server =
+        Server::start_with(Arc::new(store), dir, Duration::from_millis(20), Some(READ)).await;
+    let id = started(
+        server
+            .start_session("csw", json!({ "resources": ["a"] }))
+            .await,
+    )
+    .await;
+    let get = |path: String, token: Option<&'static str>| {
+        let mut r = server.http.get(format!("{}{path}", server.base));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move { r.send().await.expect("request") }
+    };
+    let reads = [
+        "/sessions".to_owned(),
+        "/harvesters/csw/sessions".to_owned(),
+        format!("/sessions/{id}"),
+        format!("/sessions/{id}/events"),
+        "/nodes".to_owned(),
+        "/metrics".to_owned(),
+    ];
+    for path in &reads {
+        for token in [None, Some("read-token-of-some-lengtX"), Some("bogus")] {
+            let r = get(path.clone(), token).await;
+            assert_eq!(status(&r), 401, "{path} with {token:?}");
+            let body: serde_json::Value = r.json().await.expect("json");
+            assert_eq!(body["code"], "unauthorized", "{path}");
+        }
+        for token in [READ, TOKEN] {
+            let r = get(path.clone(), Some(token)).await;
+            assert_eq!(status(&r), 200, "{path} with a good token");
+        }
+    }
+    // Always open: the health check and the page (which holds no data).
+    assert_eq!(status(&get("/healthz".into(), None).await), 200);
+    assert_eq!(status(&get("/".into(), None).await), 200);
+    // An unknown route is a 404 with or without a token.
+    assert_eq!(status(&get("/nope".into(), None).await), 404);
+    // The read token does not write.
+    let r = server
+        .http
+        .post(format!("{}/sessions/{id}/abort", server.base))
+        .bearer_auth(READ)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(status(&r), 401);
+    let r = server
+        .http
+        .post(format!("{}/harvesters/other/sessions", server.base))
+        .bearer_auth(READ)
+        .json(&json!({ "count": 1 }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(status(&r), 401);
     server.stop().await;
 }
