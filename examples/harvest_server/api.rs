@@ -374,6 +374,8 @@ pub(crate) fn router(app: App) -> Router {
         .route("/harvesters/{id}/sessions", get(history))
         .route("/sessions/{id}", get(get_session))
         .route("/sessions/{id}/events", get(events))
+        .route("/sessions/{id}/timeline", get(super::timeline::timeline))
+        .route("/now", get(super::timeline::now))
         .route("/nodes", get(nodes))
         .route("/metrics", get(metrics_text))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -14,9 +14,11 @@
 //! | `POST /sessions/{id}/abort` | abort: `202`, `404`, `409` when already finished |
 //! | `GET /sessions/{id}?offset=&limit=` | the record and a page of outcomes |
 //! | `GET /harvesters/{id}/sessions?status=&before=&limit=` | history, newest first |
-//! | `GET /sessions/{id}/events` | Server-Sent Events: the stored log, then live ones, until `SessionFinished` (at most `--max-streams` open: `429` past it) |
+//! | `GET /sessions/{id}/events?after=` | Server-Sent Events: the stored log (after `after`, or `Last-Event-ID`), then live ones, until `SessionFinished` (at most `--max-streams` open: `429` past it) |
+//! | `GET /sessions/{id}/timeline?buckets=` | the log summarized: outcome counts per time bucket, marks, first failures, lanes when few |
+//! | `GET /now` | running sessions with progress, deadline and warnings |
 //! | `GET /sessions?status=&before=&limit=` | every harvester's sessions, newest first |
-//! | `GET /` | a page that lists sessions, starts and aborts them, and draws a session's timeline |
+//! | `GET /` | the page: now, the sessions (filtered, paged), a session's timeline and failures |
 //! | `GET /metrics` | the library's metrics, Prometheus text (`harvest_supervisor::meters` lists them) |
 //! | `GET /healthz` | `200` when the supervisor answers and its last lease renewal (a store write) succeeded, else `503` |
 //!
@@ -45,6 +47,7 @@
 mod api;
 mod errors;
 mod streams;
+mod timeline;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};

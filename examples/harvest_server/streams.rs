@@ -8,10 +8,32 @@ pub(crate) const STREAM_DRAIN: Duration = Duration::from_secs(2);
 /// The stored log first, then each new event, until `SessionFinished`: whichever server
 /// runs the session (several may share one database), through the library's follower,
 /// which reads the store page by page and only when something new may be there.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EventsQuery {
+    /// Only events after this `seq` (the page's summary ends there).
+    after: Option<u64>,
+}
+
 pub(crate) async fn events(
     State(app): State<App>,
     SessionPath(id): SessionPath,
+    JsonQuery(q): JsonQuery<EventsQuery>,
+    headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    // Where to go on from: `?after=`, else a reconnecting client's `Last-Event-ID` (the
+    // `seq` of the last event it got), else the start.
+    let after = match q.after {
+        Some(after) => after,
+        None => match headers.get("last-event-id") {
+            None => 0,
+            Some(v) => v
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| bad_request("Last-Event-ID", "not an event's seq"))?,
+        },
+    };
     // A permit per open stream, held until it ends: past the cap, 429 (a thousand idle
     // streams would otherwise each hold a task and wake on every event).
     let permit = Arc::clone(&app.streams)
@@ -22,13 +44,9 @@ pub(crate) async fn events(
                 json!({ "error": "too many open event streams; try again later", "code": "too_many_streams" }),
             )
         })?;
-    let mut follower = app.supervisor.follow(id, 0);
     // An unknown session is a 404, not an empty stream.
-    let first = match follower.next().await {
-        Some(Ok(event)) => Some(event),
-        Some(Err(e)) => return Err(e.into()),
-        None => None,
-    };
+    app.supervisor.session(id).await?;
+    let mut follower = app.supervisor.follow(id, after);
     let closing = app.closing.clone();
     let stream = async_stream(move |tx| async move {
         let _permit = permit;
@@ -39,12 +57,6 @@ pub(crate) async fn events(
                 .id(e.seq.to_string())
                 .data(data)
         };
-        let Some(first) = first else {
-            return;
-        };
-        if tx.send(send(&first)).await.is_err() {
-            return;
-        }
         // Set when the server stops: what is already logged is still sent (the
         // `SessionFinished` of this server's sessions, finalized just before) for up to
         // this long, then the stream ends; the client reconnects elsewhere (its

@@ -796,6 +796,43 @@ impl Browser {
         .await
     }
 
+    /// Saves a screenshot of the window as `target/page-screenshots/<name>.png`, for a
+    /// person to look at.
+    async fn screenshot(&self, name: &str) {
+        use base64::Engine as _;
+        let png = self
+            .cmd(reqwest::Method::GET, "/screenshot", json!({}))
+            .await;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().expect("base64 png"))
+            .expect("png");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/page-screenshots");
+        std::fs::create_dir_all(&dir).expect("screenshot dir");
+        std::fs::write(dir.join(format!("{name}.png")), bytes).expect("screenshot");
+    }
+
+    async fn open(&self, url: &str) {
+        self.cmd(
+            reqwest::Method::POST,
+            "/window/rect",
+            json!({ "width": 1600, "height": 1000 }),
+        )
+        .await;
+        self.cmd(reqwest::Method::POST, "/url", json!({ "url": url }))
+            .await;
+    }
+
+    /// Polls `js` (an expression) until it is true, 30 s at most.
+    async fn until(&self, js: &str) {
+        for _ in 0..300 {
+            if self.script(&format!("return !!({js})")).await == json!(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("never true: {js}");
+    }
+
     async fn quit(mut self) {
         let url = format!("{}/session/{}", self.base, self.session);
         let _ = self.http.delete(url).send().await;
@@ -852,10 +889,166 @@ async fn the_page_starts_a_session_and_its_timeline_reaches_a_terminal_status() 
         .await;
     assert!(finalizer_marks.as_u64().unwrap_or(0) >= 1);
     // The list shows it too, without an abort button once it is over.
-    let listed = browser
-        .script("return document.querySelector('#sessions tbody tr .status').textContent")
+    browser
+        .until("document.querySelector('#sessions tbody tr .status').textContent === 'finished-some-failed'")
         .await;
-    assert_eq!(listed, "finished-some-failed");
+    browser
+        .until("!document.querySelector('#sessions tbody tr .abort')")
+        .await;
+    browser.screenshot("small-session").await;
+    browser.quit().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_every_user_string_as_text_isolated_and_unaltered() {
+    let server = Server::start().await;
+    let Some(browser) = Browser::start().await else {
+        server.stop().await;
+        return;
+    };
+    // Markup, quotes and a right-to-left override in ids; the failing ones' error texts
+    // name them too (the simulator's errors do).
+    let harvester = "h\u{202e}evil";
+    let ids = [
+        "<b>bold</b>-fail",
+        "a&amp;\"q'",
+        "\u{202e}dir-fail",
+        "plain",
+    ];
+    let r = server
+        .start_session(&utf8_percent(harvester), json!({ "resources": ids }))
+        .await;
+    let id = started(r).await;
+    server.record_when(&id, "finished-some-failed").await;
+    browser.open(&format!("{}/", server.base)).await;
+    browser.type_into("#token", TOKEN).await;
+    let row = format!("#sessions tr[data-id=\"{id}\"]");
+    browser
+        .until(&format!("document.querySelector('{row}')"))
+        .await;
+    browser.click(&row).await;
+    browser
+        .until("document.getElementById('timeline-status').textContent.startsWith('finished')")
+        .await;
+    browser
+        .until("document.querySelectorAll('#timeline text.label').length === 4")
+        .await;
+    // No markup was made from a string: not one <b> in the page.
+    assert_eq!(
+        browser
+            .script("return document.querySelectorAll('b').length")
+            .await,
+        json!(0)
+    );
+    // Each lane label is the id exactly, and each id in a table is in a <bdi>.
+    let labels: Vec<String> = serde_json::from_value(
+        browser
+            .script("return [...document.querySelectorAll('#timeline text.label')].map(t => t.textContent)")
+            .await,
+    )
+    .expect("labels");
+    for want in ids {
+        assert!(labels.iter().any(|l| l == want), "{want:?} in {labels:?}");
+    }
+    let in_bdi: Vec<String> = serde_json::from_value(
+        browser
+            .script("return [...document.querySelectorAll('#sessions bdi, #failures bdi')].map(b => b.textContent)")
+            .await,
+    )
+    .expect("bdi");
+    assert!(in_bdi.iter().any(|t| t == harvester), "{in_bdi:?}");
+    assert!(in_bdi.iter().any(|t| t == "<b>bold</b>-fail"), "{in_bdi:?}");
+    assert!(in_bdi.iter().any(|t| t == "\u{202e}dir-fail"), "{in_bdi:?}");
+    // A string holding a direction control is marked, naming it.
+    let marked = browser
+        .script(&format!(
+            "return document.querySelector('{row} abbr.bidi').title"
+        ))
+        .await;
+    assert!(
+        marked.as_str().unwrap_or_default().contains("U+202E"),
+        "{marked}"
+    );
+    // The override stays inside its <bdi>: the status cell beside it reads as it is.
+    let status = browser
+        .script(&format!(
+            "return document.querySelector('{row} .status').textContent"
+        ))
+        .await;
+    assert_eq!(status, "finished-some-failed");
+    browser.screenshot("hostile-strings").await;
+    browser.quit().await;
+    server.stop().await;
+}
+
+/// `s` percent-encoded for a URL path segment.
+fn utf8_percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_session_is_drawn_as_counts_per_time_bucket_updated_in_place() {
+    let server = Server::start().await;
+    let Some(browser) = Browser::start().await else {
+        server.stop().await;
+        return;
+    };
+    browser.open(&format!("{}/", server.base)).await;
+    browser.type_into("#token", TOKEN).await;
+    browser.type_into("#harvester", "big").await;
+    browser.type_into("#ids", "").await;
+    browser.type_into("#count", "1000").await;
+    browser.click("#start-button").await;
+    // While it runs: the now panel lists it with its progress.
+    browser
+        .until("[...document.querySelectorAll('#now tbody tr')].some(r => r.textContent.includes('/ 1000'))")
+        .await;
+    browser.screenshot("large-session-running").await;
+    browser
+        .until("document.getElementById('timeline-status').textContent.startsWith('finished')")
+        .await;
+    // No lane per resource: bars, six kinds per bucket, and every resource counted once.
+    assert_eq!(
+        browser
+            .script("return document.querySelectorAll('#timeline rect[data-resource]').length")
+            .await,
+        json!(0)
+    );
+    let bars = browser
+        .script("return document.querySelectorAll('#timeline rect[data-kind]').length")
+        .await;
+    assert!(bars.as_u64().unwrap_or(0) >= 6, "{bars}");
+    assert_eq!(
+        browser
+            .script("return view.buckets.flat().reduce((a, n) => a + n, 0)")
+            .await,
+        json!(1000),
+        "updated in place from the stream, the buckets hold each resource once"
+    );
+    // The server's summary of the finished session says the same.
+    let id = browser.script("return view.id").await;
+    let (_, t) = server
+        .json(&format!("/sessions/{}/timeline", id.as_str().expect("id")))
+        .await;
+    let total: u64 = t["buckets"]
+        .as_array()
+        .expect("buckets")
+        .iter()
+        .flat_map(|b| b.as_array().expect("bucket").clone())
+        .map(|n| n.as_u64().expect("n"))
+        .sum();
+    assert_eq!(total, 1000, "{t}");
+    assert!(t["lanes"].is_null());
+    browser.screenshot("large-session-finished").await;
     browser.quit().await;
     server.stop().await;
 }
@@ -925,5 +1118,134 @@ async fn with_a_read_token_reads_need_it_or_the_write_token_and_it_cannot_write(
         .await
         .expect("request");
     assert_eq!(status(&r), 401);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeline_summary_counts_each_resource_once_retries_aside() {
+    let server = Server::start().await;
+    let resources: Vec<String> = (0..300)
+        .map(|i| {
+            if i % 10 == 0 {
+                format!("r{i}-fail")
+            } else {
+                format!("r{i}")
+            }
+        })
+        .collect();
+    let r = server
+        .start_session(
+            "retried",
+            json!({
+                "resources": resources,
+                "config": { "retry": { "max_attempts": 3, "initial_backoff": "1ms", "max_backoff": "2ms" } }
+            }),
+        )
+        .await;
+    let id = started(r).await;
+    server.record_when(&id, "finished-some-failed").await;
+    let (status, t) = server
+        .json(&format!("/sessions/{id}/timeline?buckets=7"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    let buckets = t["buckets"].as_array().expect("buckets");
+    assert_eq!(buckets.len(), 7);
+    let by_kind = |k: usize| -> u64 { buckets.iter().map(|b| b[k].as_u64().expect("n")).sum() };
+    assert_eq!((by_kind(0), by_kind(1)), (270, 30), "{t}");
+    assert_eq!(t["failures_total"], 30);
+    assert_eq!(t["failures"].as_array().expect("failures").len(), 30);
+    assert!(
+        t["failures"][0]["text"]
+            .as_str()
+            .expect("text")
+            .contains("-fail")
+    );
+    assert_eq!(
+        t["failures"][0]["attempt"], 3,
+        "the final attempt's failure"
+    );
+    assert_eq!(t["retries"], 60);
+    assert_eq!(t["attempts_started"], 360);
+    assert!(t["lanes"].is_null(), "300 resources: no lanes");
+    assert!(t["marks"]["finalizer_finished_ms"].is_number());
+    assert!(t["last_seq"].as_u64().expect("seq") > 600);
+    // Bad input is a 400 naming it; an unknown session a 404.
+    let (status, body) = server
+        .json(&format!("/sessions/{id}/timeline?buckets=0"))
+        .await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("buckets"))
+    );
+    let (status, _) = server
+        .json(&format!(
+            "/sessions/{}/timeline",
+            harvest_supervisor::SessionId::new()
+        ))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The stream goes on from `after`: only what follows it.
+    let r = server
+        .http
+        .get(format!(
+            "{}/sessions/{id}/events?after={}",
+            server.base,
+            t["last_seq"].as_u64().expect("seq") - 1
+        ))
+        .send()
+        .await
+        .expect("stream");
+    let text = r.text().await.expect("text");
+    assert_eq!(text.matches("event: ").count(), 1, "{text}");
+    assert!(text.contains("event: SessionFinished"), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn now_lists_running_sessions_with_their_progress_and_deadline() {
+    let server = Server::start().await;
+    let id = started(
+        server
+            .start_session("stuck", json!({ "resources": ["a", "b", "c-hang"] }))
+            .await,
+    )
+    .await;
+    let active = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (_, now) = server.json("/now").await;
+            let active = now["active"].as_array().cloned().unwrap_or_default();
+            if let Some(a) = active
+                .into_iter()
+                .find(|a| a["record"]["id"] == id.as_str())
+                && a["done"] == 2
+            {
+                return a;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the running session shows its progress");
+    assert_eq!(active["record"]["total"], 3);
+    assert_eq!(active["record"]["harvester_id"], "stuck");
+    assert!(
+        active["deadline_in_ms"].as_f64().expect("ms") > 0.0,
+        "{active}"
+    );
+    assert_eq!(active["warnings"], json!([]), "{active}");
+    let r = server
+        .http
+        .post(format!("{}/sessions/{id}/abort", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("abort");
+    assert_eq!(status(&r), 202);
+    server.record_when(&id, "aborted").await;
+    let (_, now) = server.json("/now").await;
+    assert!(
+        !now["active"].to_string().contains(&id),
+        "a finished session is not running: {now}"
+    );
     server.stop().await;
 }
