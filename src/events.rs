@@ -98,6 +98,10 @@ pub enum EventKind {
         resource_id: ResourceId,
         /// Attempt number.
         attempt: u32,
+        /// Cut because its heartbeat fell silent for `heartbeat_timeout`, before its time
+        /// limit (`resource_timeout`). Written only when true.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        heartbeat_silent: bool,
     },
     /// An attempt will be retried after `delay`.
     WorkerRetrying {
@@ -642,6 +646,12 @@ pub(crate) mod samples {
             EventKind::WorkerTimedOut {
                 resource_id: r.clone(),
                 attempt: n,
+                heartbeat_silent: false,
+            },
+            EventKind::WorkerTimedOut {
+                resource_id: r.clone(),
+                attempt: n,
+                heartbeat_silent: true,
             },
             EventKind::WorkerRetrying {
                 resource_id: r.clone(),

@@ -111,7 +111,8 @@ async fn run_attempt(args: WorkerArgs) -> AttemptResult {
         let silence = heartbeat_timeout.map(|t| (&heartbeat, t));
         limited(harvest, hard, silence).await
     };
-    if ended.is_none() && hard.is_none_or(|h| Instant::now() < h) {
+    let heartbeat_silent = ended.is_none() && hard.is_none_or(|h| Instant::now() < h);
+    if heartbeat_silent {
         // Cut before its time limit: the heartbeat fell silent.
         crate::meters::watchdog("heartbeat_silence");
     }
@@ -119,7 +120,7 @@ async fn run_attempt(args: WorkerArgs) -> AttemptResult {
         Some(Ok(())) => AttemptResult::Succeeded,
         Some(Err(_)) if args.cancel.is_cancelled() => AttemptResult::Cancelled,
         Some(Err(e)) => AttemptResult::Failed(error_chain(e.as_ref())),
-        None => AttemptResult::TimedOut,
+        None => AttemptResult::TimedOut { heartbeat_silent },
     }
 }
 

@@ -252,8 +252,10 @@ async fn never_more_than_max_concurrency_workers_are_alive() {
 }
 
 /// Runs "beating" (beats every 5 s) and "silent" (never beats), each 50 s of work, under
-/// `cfg`; the finalizer's report.
-async fn beating_and_silent(cfg: harvest_supervisor::SessionConfig) -> SessionReport {
+/// `cfg`; the finalizer's report, and each timeout's resource and `heartbeat_silent`.
+async fn beating_and_silent(
+    cfg: harvest_supervisor::SessionConfig,
+) -> (SessionReport, Vec<(String, bool)>) {
     let harvest = harvest_fn(|ctx: HarvestContext| async move {
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -270,17 +272,32 @@ async fn beating_and_silent(cfg: harvest_supervisor::SessionConfig) -> SessionRe
         .await
         .expect("start");
     finished(&sup, id).await;
+    let timeouts = sup
+        .events(id)
+        .await
+        .expect("events")
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::WorkerTimedOut {
+                resource_id,
+                heartbeat_silent,
+                ..
+            } => Some((resource_id.to_string(), heartbeat_silent)),
+            _ => None,
+        })
+        .collect();
     sup.shutdown().await.expect("shutdown");
-    rec.reports_for(id).remove(0)
+    (rec.reports_for(id).remove(0), timeouts)
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_attempt_silent_past_heartbeat_timeout_times_out_while_a_beating_one_goes_on() {
-    let report = beating_and_silent(harvest_supervisor::SessionConfig {
+    let (report, timeouts) = beating_and_silent(harvest_supervisor::SessionConfig {
         heartbeat_timeout: Some(Duration::from_secs(12)),
         ..config()
     })
     .await;
+    assert_eq!(timeouts, [("silent".to_owned(), true)]);
     assert_eq!(report.outcomes[0].outcome, ResourceOutcome::Succeeded);
     assert_eq!(report.outcomes[0].elapsed, Duration::from_secs(50));
     assert_eq!(report.outcomes[1].outcome, ResourceOutcome::TimedOut);
@@ -289,12 +306,18 @@ async fn an_attempt_silent_past_heartbeat_timeout_times_out_while_a_beating_one_
 
 #[tokio::test(start_paused = true)]
 async fn with_both_limits_the_earlier_one_ends_an_attempt_even_while_it_beats() {
-    let report = beating_and_silent(harvest_supervisor::SessionConfig {
+    let (report, mut timeouts) = beating_and_silent(harvest_supervisor::SessionConfig {
         resource_timeout: Some(Duration::from_secs(30)),
         heartbeat_timeout: Some(Duration::from_secs(12)),
         ..config()
     })
     .await;
+    // The log tells the two cuts apart: the time limit, and a silent heartbeat.
+    timeouts.sort();
+    assert_eq!(
+        timeouts,
+        [("beating".to_owned(), false), ("silent".to_owned(), true)]
+    );
     let outcome = |r: &str| {
         report
             .outcomes

@@ -111,7 +111,9 @@ fn ending(kind: &EventKind) -> Option<(usize, Option<&str>)> {
         EventKind::WorkerSucceeded { .. } => Some((0, None)),
         EventKind::WorkerFailed { error, .. } => Some((1, Some(error))),
         EventKind::WorkerPanicked { message, .. } => Some((2, Some(message))),
-        EventKind::WorkerTimedOut { .. } => Some((3, None)),
+        EventKind::WorkerTimedOut {
+            heartbeat_silent, ..
+        } => Some((3, heartbeat_silent.then_some("heartbeat silent"))),
         EventKind::WorkerCancelled { .. } => Some((4, None)),
         _ => None,
     }
@@ -393,7 +395,8 @@ pub(crate) struct Active {
     /// When the deadline passes, and how long until then (negative once past).
     deadline: DateTime<Utc>,
     deadline_in_ms: f64,
-    /// What needs an operator's eye: `deadline passed`, `escalated`, `timeouts`,
+    /// What needs an operator's eye: `deadline passed`, `escalated`, `heartbeat silent`,
+    /// `timeouts`,
     /// `taken over`, `lease lost`, `abort requested`, `finalizing` (with how long).
     warnings: Vec<String>,
 }
@@ -458,11 +461,15 @@ pub(crate) async fn now(State(app): State<App>) -> Result<Json<Now>, ApiError> {
             .supervisor
             .events_after(record.id, last.saturating_sub(TAIL), TAIL as usize)
             .await?;
-        let mut timeouts = 0usize;
+        let (mut timeouts, mut silent) = (0usize, 0usize);
         let (mut escalated, mut lease_lost) = (false, false);
         for e in &tail {
             match e.kind {
                 EventKind::MonitorEscalated { .. } => escalated = true,
+                EventKind::WorkerTimedOut {
+                    heartbeat_silent: true,
+                    ..
+                } => silent += 1,
                 EventKind::WorkerTimedOut { .. } => timeouts += 1,
                 EventKind::LeaseLost { .. } => lease_lost = true,
                 EventKind::LeaseRenewed { .. } => lease_lost = false,
@@ -471,6 +478,11 @@ pub(crate) async fn now(State(app): State<App>) -> Result<Json<Now>, ApiError> {
         }
         if escalated {
             warnings.push("escalated".to_owned());
+        }
+        if silent > 0 {
+            warnings.push(format!(
+                "heartbeat silent ({silent} in the last {TAIL} events)"
+            ));
         }
         if timeouts > 0 {
             warnings.push(format!("timeouts ({timeouts} in the last {TAIL} events)"));

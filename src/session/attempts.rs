@@ -185,12 +185,18 @@ fn on_attempt(
     }
     let resource_id = s.shared.resources.get(index).cloned()?;
     let now = Instant::now();
+    let heartbeat_silent = matches!(
+        ended,
+        Ended::Report(AttemptResult::TimedOut {
+            heartbeat_silent: true
+        })
+    );
     let outcome = match ended {
         Ended::Report(AttemptResult::Succeeded) => ResourceOutcome::Succeeded,
         Ended::Report(AttemptResult::Failed(error)) | Ended::SpawnFailed(error) => {
             ResourceOutcome::Failed { error }
         }
-        Ended::Report(AttemptResult::TimedOut) => ResourceOutcome::TimedOut,
+        Ended::Report(AttemptResult::TimedOut { .. }) => ResourceOutcome::TimedOut,
         Ended::Report(AttemptResult::Cancelled) => ResourceOutcome::Cancelled,
         Ended::Panicked(message) => ResourceOutcome::Panicked { message },
     };
@@ -207,6 +213,7 @@ fn on_attempt(
         attempt,
         &outcome,
         now.saturating_duration_since(started),
+        heartbeat_silent,
     );
 
     // Cut by the node's self-fencing (cancelled while the session runs, or ended any way
@@ -275,6 +282,7 @@ fn emit_attempt(
     attempt: u32,
     outcome: &ResourceOutcome,
     elapsed: std::time::Duration,
+    heartbeat_silent: bool,
 ) {
     let resource_id = resource_id.clone();
     emitter.emit(match outcome {
@@ -296,6 +304,7 @@ fn emit_attempt(
         ResourceOutcome::TimedOut => EventKind::WorkerTimedOut {
             resource_id,
             attempt,
+            heartbeat_silent,
         },
         ResourceOutcome::Cancelled | ResourceOutcome::Lost => EventKind::WorkerCancelled {
             resource_id,

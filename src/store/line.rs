@@ -224,9 +224,13 @@ impl Line<'_> {
             EventKind::WorkerTimedOut {
                 resource_id,
                 attempt,
+                heartbeat_silent,
             } => {
                 self.worker("WorkerTimedOut", resource_id)?;
                 self.number("attempt", *attempt);
+                if *heartbeat_silent {
+                    self.raw(",\"heartbeat_silent\":true");
+                }
             }
             EventKind::WorkerRetrying {
                 resource_id,

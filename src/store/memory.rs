@@ -163,6 +163,7 @@ impl KeptKind {
             EventKind::WorkerTimedOut {
                 resource_id,
                 attempt,
+                heartbeat_silent: false,
             } => Self::TimedOut {
                 resource_id,
                 attempt,
@@ -215,6 +216,7 @@ impl KeptKind {
             } => EventKind::WorkerTimedOut {
                 resource_id: resource_id.clone(),
                 attempt: *attempt,
+                heartbeat_silent: false,
             },
             Self::Cancelled {
                 resource_id,

@@ -16,8 +16,12 @@ pub(crate) enum AttemptResult {
     Succeeded,
     /// The harvest returned an error.
     Failed(String),
-    /// `resource_timeout` or `heartbeat_timeout` cut it.
-    TimedOut,
+    /// `resource_timeout` or `heartbeat_timeout` cut it (`heartbeat_silent`: the latter,
+    /// before its time limit).
+    TimedOut {
+        /// Cut for a silent heartbeat.
+        heartbeat_silent: bool,
+    },
     /// The harvest returned an error after its cancellation token fired.
     Cancelled,
 }
