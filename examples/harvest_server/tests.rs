@@ -90,6 +90,16 @@ impl Server {
         (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// `POST /sessions/{id}/abort` with `token`.
+    async fn abort(&self, id: &str, token: &str) -> reqwest::Response {
+        self.http
+            .post(format!("{}/sessions/{id}/abort", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("abort")
+    }
+
     /// Stops as Ctrl-C would, and returns the database's folder for a look inside.
     async fn stop(mut self) -> tempfile::TempDir {
         if let Some(stop) = self.stop.take() {
@@ -256,17 +266,10 @@ async fn a_busy_harvester_answers_409_with_the_running_session() {
 
     // Abort it: 202, then 409 once it is over.
     let id = running.as_str().expect("id");
-    let abort = |server: &Server| {
-        server
-            .http
-            .post(format!("{}/sessions/{id}/abort", server.base))
-            .bearer_auth(TOKEN)
-            .send()
-    };
-    assert_eq!(status(&abort(&server).await.expect("abort")), 202);
+    assert_eq!(status(&server.abort(id, TOKEN).await), 202);
     let view = wait_terminal(&server, id).await;
     assert_eq!(view["record"]["status"], "aborted");
-    assert_eq!(status(&abort(&server).await.expect("abort again")), 409);
+    assert_eq!(status(&server.abort(id, TOKEN).await), 409);
     server.stop().await;
 }
 
@@ -336,13 +339,7 @@ async fn bad_requests_get_clear_4xx_naming_the_problem() {
     let ghost = SessionId::new();
     let (code, _) = server.json(&format!("/sessions/{ghost}")).await;
     assert_eq!(code, StatusCode::NOT_FOUND);
-    let r = server
-        .http
-        .post(format!("{}/sessions/{ghost}/abort", server.base))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("request");
+    let r = server.abort(&ghost.to_string(), TOKEN).await;
     assert_eq!(status(&r), 404);
     // Nothing of this started a session.
     let (_, history) = server.json("/harvesters/csw/sessions").await;
@@ -1101,13 +1098,7 @@ async fn with_a_read_token_reads_need_it_or_the_write_token_and_it_cannot_write(
     // An unknown route is a 404 with or without a token.
     assert_eq!(status(&get("/nope".into(), None).await), 404);
     // The read token does not write.
-    let r = server
-        .http
-        .post(format!("{}/sessions/{id}/abort", server.base))
-        .bearer_auth(READ)
-        .send()
-        .await
-        .expect("request");
+    let r = server.abort(&id, READ).await;
     assert_eq!(status(&r), 401);
     let r = server
         .http
@@ -1233,13 +1224,7 @@ async fn now_lists_running_sessions_with_their_progress_and_deadline() {
         "{active}"
     );
     assert_eq!(active["warnings"], json!([]), "{active}");
-    let r = server
-        .http
-        .post(format!("{}/sessions/{id}/abort", server.base))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("abort");
+    let r = server.abort(&id, TOKEN).await;
     assert_eq!(status(&r), 202);
     server.record_when(&id, "aborted").await;
     let (_, now) = server.json("/now").await;
