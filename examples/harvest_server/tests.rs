@@ -665,6 +665,14 @@ struct Browser {
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
+/// A test that fails before `quit` still ends its chromedriver (and so its Chromium).
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
 impl Browser {
     /// Chromium under chromedriver, or `None` (with a notice) if they are not installed
     /// and `HARVEST_REQUIRE_BROWSER` is unset. CI sets it and installs them.
@@ -830,11 +838,10 @@ impl Browser {
         panic!("never true: {js}");
     }
 
-    async fn quit(mut self) {
+    /// Ends the browser session; the driver goes when `self` is dropped.
+    async fn quit(self) {
         let url = format!("{}/session/{}", self.base, self.session);
         let _ = self.http.delete(url).send().await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
     }
 }
 
