@@ -131,12 +131,23 @@ pub struct Health {
     /// The node self-fenced: renewals failed for so long that its lease may have expired;
     /// it starts nothing and finalizes nothing until a renewal succeeds.
     pub fenced: bool,
+    /// How often the lease is renewed ([`SupervisorConfig::lease_renew_interval`]).
+    pub lease_renew_interval: std::time::Duration,
 }
 
 impl Health {
-    /// Alive, with the store taking this node's lease renewals (the last one succeeded).
+    /// The store takes this node's lease renewals: the last one succeeded, not more than
+    /// two renewal intervals ago (a renewal that hangs counts as failing from then), and
+    /// the node is not self-fenced.
+    pub fn store_ok(&self) -> bool {
+        self.lease_failures == 0
+            && !self.fenced
+            && self.lease_renewed_ago <= self.lease_renew_interval.saturating_mul(2)
+    }
+
+    /// Alive, and the store takes this node's lease renewals ([`Health::store_ok`]).
     pub fn is_healthy(&self) -> bool {
-        self.alive && self.lease_failures == 0 && !self.fenced
+        self.alive && self.store_ok()
     }
 }
 
@@ -308,11 +319,12 @@ impl Supervisor {
             .ok_or(SessionError::SupervisorDown)
     }
 
-    /// The health of this supervisor for a health check: whether its root answers (see
-    /// [`Supervisor::ping`]) and how its lease in the store fares. The lease is renewed by
-    /// a write every [`SupervisorConfig::lease_renew_interval`], so a store that cannot be
-    /// written (unreachable, full disk, locked) shows here within one interval, without a
-    /// health check adding store I/O of its own or queueing behind the sessions' reads.
+    /// The health of this supervisor for a health check: whether its root answers within
+    /// `within` (see [`Supervisor::ping`]) and how its lease in the store fares. The lease
+    /// is renewed by a write every [`SupervisorConfig::lease_renew_interval`]; a store that
+    /// refuses it (unreachable, full disk) shows at the next renewal, one that hangs once
+    /// the last success is more than two intervals old: without a health check adding
+    /// store I/O of its own or queueing behind the sessions' reads.
     ///
     /// ```
     /// # use harvest_supervisor::{finalizer_fn, harvest_fn, HarvestContext, Supervisor};
@@ -322,21 +334,22 @@ impl Supervisor {
     /// #     harvest_fn(|_: HarvestContext| async { Ok(()) }),
     /// #     finalizer_fn(|_| async { Ok(()) }),
     /// # ).start().await?;
-    /// let health = supervisor.health().await;
+    /// let health = supervisor.health(std::time::Duration::from_secs(2)).await;
     /// assert!(health.is_healthy());
     /// assert_eq!(health.lease_failures, 0);
     /// # supervisor.shutdown().await?;
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn health(&self) -> Health {
-        let alive = self.ping().await.is_ok();
-        let (renewed_ago, failures, fenced) = self.lease.lease();
+    pub async fn health(&self, within: std::time::Duration) -> Health {
+        let alive = matches!(tokio::time::timeout(within, self.ping()).await, Ok(Ok(())));
+        let (renewed_ago, failures, fenced, interval) = self.lease.lease();
         Health {
             alive,
             lease_renewed_ago: renewed_ago,
             lease_failures: failures,
             fenced,
+            lease_renew_interval: interval,
         }
     }
 

@@ -80,13 +80,15 @@ impl Node {
     }
 
     /// The lease as this node last saw it: how long ago its last successful renewal was
-    /// sent, how many renewals have failed since, and whether the node self-fenced.
-    pub(crate) fn lease(&self) -> (Duration, u32, bool) {
+    /// sent, how many renewals have failed since, whether the node self-fenced, and the
+    /// renewal interval.
+    pub(crate) fn lease(&self) -> (Duration, u32, bool, Duration) {
         let renewed = *self.renewed.lock().unwrap_or_else(|p| p.into_inner());
         (
             renewed.elapsed(),
             self.failures.load(Ordering::Acquire),
             self.is_fenced(),
+            self.renew_every,
         )
     }
 

@@ -169,6 +169,14 @@ async fn begin(
     myself: &ActorRef<SessionMessage>,
     s: &mut Session,
 ) -> Result<(), ActorProcessingErr> {
+    if s.shared.deps.node.is_fenced() {
+        // Spawned while its node is self-fenced (created or resumed just as it fenced):
+        // nothing starts until the root passes on the renewal (`LeaseRenewed`).
+        s.st.rare().fenced = true;
+        s.shared.emitter.emit(EventKind::LeaseLost {
+            node: s.shared.deps.node.id(),
+        });
+    }
     spawn_monitor(myself, s).await;
     let store = &s.shared.deps.store;
     if s.shared.resumed {

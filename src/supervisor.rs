@@ -59,8 +59,12 @@ pub(crate) struct RootState {
     shutdown: Vec<RpcReplyPort<()>>,
     /// Shutting down: no new session starts.
     stopping: bool,
-    /// Starts whose store write is in flight (in tasks); a shutdown waits for them.
-    starting: usize,
+    /// Sessions whose creation is in flight (in tasks), with the aborts asked for them
+    /// meanwhile (answered once the session runs, or its creation failed). A shutdown
+    /// waits for them, up to its deadline.
+    creating: HashMap<SessionId, Vec<RpcReplyPort<Result<(), SessionError>>>>,
+    /// The shutdown deadline passed: what is still being created is left to the rescue.
+    abandoned: bool,
     /// The root itself, for the tasks it spawns to report back.
     root: ActorRef<SupervisorMessage>,
 }
@@ -83,7 +87,8 @@ impl Actor for HarvestSupervisor {
             forced: Vec::new(),
             shutdown: Vec::new(),
             stopping: false,
-            starting: 0,
+            creating: HashMap::new(),
+            abandoned: false,
             root: myself,
         })
     }
@@ -120,9 +125,9 @@ impl Actor for HarvestSupervisor {
                 }
             }
             SupervisorMessage::SessionCreated(created) => {
-                state.starting = state.starting.saturating_sub(1);
                 let CreatedSession { session, reply } = *created;
                 let id = session.id;
+                let aborts = state.creating.remove(&id).unwrap_or_default();
                 let shared = session_shared(
                     &myself,
                     state,
@@ -143,14 +148,23 @@ impl Actor for HarvestSupervisor {
                 if state.stopping
                     && let Some(running) = state.sessions.get(&id)
                 {
-                    // Created while the supervisor began to stop: it ends `shutdown` too.
+                    // Created while the supervisor began to stop: it ends `shutdown` too
+                    // (bounded by the shutdown's deadline, as every session).
                     let _ = running.actor.send_message(SessionMessage::Shutdown);
                 }
                 let _ = reply.send(answer);
+                // Aborts asked while it was created take the usual way now.
+                for abort in aborts {
+                    abort_session(state, id, abort);
+                }
                 finish_shutdown_if_idle(&myself, state);
             }
-            SupervisorMessage::StartFailed => {
-                state.starting = state.starting.saturating_sub(1);
+            SupervisorMessage::StartFailed { session_id } => {
+                if let Some(aborts) = state.creating.remove(&session_id) {
+                    for abort in aborts {
+                        abort_session(state, session_id, abort);
+                    }
+                }
                 finish_shutdown_if_idle(&myself, state);
             }
             SupervisorMessage::AbortSession(id, reply) => abort_session(state, id, reply),
@@ -263,13 +277,20 @@ fn spawn_start(
     request: SessionRequest,
     reply: RpcReplyPort<Result<SessionId, StartError>>,
 ) {
-    state.starting = state.starting.saturating_add(1);
+    // The id is the root's from now: an abort for it (its `SessionStarted` may be seen
+    // before the root spawns it) waits for the session instead of finding it nowhere.
+    let id = SessionId::new();
+    state.creating.insert(id, Vec::new());
     let deps = Arc::clone(&state.deps);
     let default = state.config.session.clone();
     let root = myself.clone();
     tokio::spawn(async move {
-        match create_session(&deps, default, request).await {
+        // Tells the root the creation failed however the task ends without a session
+        // (an error, or a store that panicked): it never waits for it for ever.
+        let mut failed = StartFailedGuard(Some((root.clone(), id)));
+        match create_session(&deps, default, request, id).await {
             Ok(session) => {
+                failed.0 = None;
                 let created = Box::new(CreatedSession { session, reply });
                 if let Err(ractor::MessagingErr::SendErr(SupervisorMessage::SessionCreated(c))) =
                     root.send_message(SupervisorMessage::SessionCreated(created))
@@ -281,10 +302,20 @@ fn spawn_start(
             }
             Err(error) => {
                 let _ = reply.send(Err(error));
-                let _ = root.send_message(SupervisorMessage::StartFailed);
             }
         }
     });
+}
+
+/// Sends `StartFailed` when dropped armed.
+struct StartFailedGuard(Option<(ActorRef<SupervisorMessage>, SessionId)>);
+
+impl Drop for StartFailedGuard {
+    fn drop(&mut self) {
+        if let Some((root, session_id)) = self.0.take() {
+            let _ = root.send_message(SupervisorMessage::StartFailed { session_id });
+        }
+    }
 }
 
 /// Validates a request and creates its session in the store (the busy lock there decides
@@ -294,6 +325,7 @@ async fn create_session(
     deps: &Arc<Deps>,
     default: crate::config::SessionConfig,
     request: SessionRequest,
+    id: SessionId,
 ) -> Result<Created, StartError> {
     let config = request.config.unwrap_or(default);
     config.validate_for(request.resources.len())?;
@@ -309,8 +341,13 @@ async fn create_session(
         }
     }
     drop(seen);
+    if deps.node.is_fenced() {
+        // It self-fenced since the root looked: its lease may be gone.
+        return Err(StartError::Store(crate::error::StoreError::LeaseExpired {
+            node: deps.node.id(),
+        }));
+    }
 
-    let id = SessionId::new();
     let total = request.resources.len();
     let workflow_time = config.workflow_time(total);
     let resources: Arc<[_]> = request.resources.into();
@@ -442,6 +479,11 @@ fn abort_session(
     id: SessionId,
     reply: RpcReplyPort<Result<(), SessionError>>,
 ) {
+    if let Some(waiting) = state.creating.get_mut(&id) {
+        // Being created: answered once it runs (or its creation failed).
+        waiting.push(reply);
+        return;
+    }
     let store = Arc::clone(&state.deps.store);
     let me = state.deps.node.id();
     let running = state
@@ -680,7 +722,8 @@ fn schedule_rescue(myself: &ActorRef<SupervisorMessage>, config: &SupervisorConf
 
 /// Ends the shutdown once every session is gone and every rescue has ended.
 fn finish_shutdown_if_idle(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
-    if !state.stopping || !state.sessions.is_empty() || state.starting > 0 {
+    let creating = !state.creating.is_empty() && !state.abandoned;
+    if !state.stopping || !state.sessions.is_empty() || creating {
         return;
     }
     state.forced.retain(|t| !t.is_finished());
@@ -700,6 +743,9 @@ fn abandon(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
     if !state.stopping {
         return;
     }
+    // Creations still in flight are not waited for: their sessions, if the store took
+    // them, are left to the rescue (the root is gone when they report).
+    state.abandoned = true;
     for (id, running) in state.sessions.drain() {
         tracing::warn!(
             session_id = %id,

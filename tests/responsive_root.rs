@@ -123,27 +123,121 @@ async fn health_shows_a_store_that_takes_no_lease_renewal_and_its_recovery() {
     .start()
     .await
     .expect("supervisor starts");
-    let health = sup.health().await;
+    let health = sup.health(PROMPTLY).await;
     assert!(health.is_healthy(), "{health:?}");
 
     store.failing_renewals.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let health = sup.health().await;
+    let health = sup.health(PROMPTLY).await;
     assert!(health.alive);
     assert!(health.lease_failures >= 1, "{health:?}");
     assert!(!health.is_healthy());
     assert!(!health.fenced, "not yet: the lease still runs");
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let health = sup.health().await;
+    let health = sup.health(PROMPTLY).await;
     assert!(health.fenced, "{health:?}");
     assert!(health.lease_renewed_ago >= Duration::from_secs(10));
 
     store.failing_renewals.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let health = sup.health().await;
+    let health = sup.health(PROMPTLY).await;
     assert!(health.is_healthy(), "{health:?}");
     assert!(health.lease_renewed_ago <= Duration::from_secs(1));
 
+    // A store that hangs fails no renewal for a while: the age of the last one tells.
+    store.hanging_renewals.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let health = sup.health(PROMPTLY).await;
+    assert_eq!(health.lease_failures, 0, "{health:?}");
+    assert!(!health.store_ok(), "{health:?}");
+    assert!(!health.is_healthy());
+
     sup.shutdown().await.expect("shutdown");
-    assert!(!sup.health().await.alive, "a stopped tree is not alive");
+    assert!(
+        !sup.health(PROMPTLY).await.alive,
+        "a stopped tree is not alive"
+    );
+}
+
+/// The id of the one session whose creation the store holds, once it is held.
+async fn held_id(store: &FaultyStore) -> harvest_supervisor::SessionId {
+    for _ in 0..1000 {
+        if let Some(id) = store.held_creates.lock().expect("lock").first() {
+            return *id;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("no creation was held");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abort_for_a_session_being_created_waits_for_it_and_aborts_it() {
+    let store = FaultyStore::new();
+    let recorder = Recorder::new(FinalizerMode::Ok);
+    let sup = Arc::new(supervisor_on(store.clone(), config(), &recorder).await);
+    store.hold_creates.store(true, Ordering::SeqCst);
+    let start = tokio::spawn({
+        let sup = Arc::clone(&sup);
+        async move { sup.start_session("a", ["hang-1", "hang-2"]).await }
+    });
+    let id = held_id(&store).await;
+    let abort = tokio::spawn({
+        let sup = Arc::clone(&sup);
+        async move { sup.abort(id).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !abort.is_finished(),
+        "the abort waits for the session to exist"
+    );
+    store.create_gate.add_permits(1);
+    assert_eq!(start.await.expect("task").expect("start"), id);
+    abort.await.expect("task").expect("the abort is honoured");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.status, SessionStatus::Aborted);
+    assert_eq!(record.counts.cancelled, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_created_while_its_node_self_fenced_starts_nothing_until_it_renews() {
+    let store = FaultyStore::new();
+    let recorder = Recorder::new(FinalizerMode::Ok);
+    let sup = Arc::new(
+        harvest_supervisor::Supervisor::builder(
+            harvest_supervisor::harvest_fn(common::scripted),
+            recorder.clone(),
+        )
+        .store(store.clone())
+        .config(harvest_supervisor::SupervisorConfig {
+            session: config(),
+            lease_renew_interval: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(6),
+            ..harvest_supervisor::SupervisorConfig::default()
+        })
+        .start()
+        .await
+        .expect("supervisor starts"),
+    );
+    store.hold_creates.store(true, Ordering::SeqCst);
+    let start = tokio::spawn({
+        let sup = Arc::clone(&sup);
+        async move { sup.start_session("a", ["ok-1", "ok-2"]).await }
+    });
+    let id = held_id(&store).await;
+    // The node cannot renew: it self-fences while the creation is held.
+    store.failing_renewals.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(sup.health(PROMPTLY).await.fenced);
+    store.create_gate.add_permits(1);
+    assert_eq!(start.await.expect("task").expect("start"), id);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = common::has_event(&sup, id, |k| {
+        matches!(k, harvest_supervisor::EventKind::WorkerStarted { .. })
+    })
+    .await;
+    assert!(!started, "no attempt starts while the node is fenced");
+    // Renewed: it runs.
+    store.failing_renewals.store(false, Ordering::SeqCst);
+    let record = finished(&sup, id).await;
+    assert_eq!(record.status, SessionStatus::FinishedAllOk);
 }

@@ -37,23 +37,13 @@ pub(crate) async fn metrics_text(State(app): State<App>) -> impl IntoResponse {
 }
 
 /// `GET /healthz`: `200` when the supervisor answers (within 2 s) and the store takes this
-/// node's lease renewals (the last one succeeded, and the node is not self-fenced), else
-/// `503`, saying which. No store I/O of its own: it never queues behind the sessions' reads
+/// node's lease renewals (the last one succeeded, within two renewal intervals, and the
+/// node is not self-fenced), else `503`, saying which. No store I/O of its own: it never queues behind the sessions' reads
 /// and writes, and a store that cannot be written (a full disk) shows as failing.
 pub(crate) async fn healthz(State(app): State<App>) -> Response {
     const WITHIN: Duration = Duration::from_secs(2);
-    let health = tokio::time::timeout(WITHIN, app.supervisor.health()).await;
-    let (supervisor_ok, store_ok, renewed, failures, fenced) = match health {
-        Ok(h) => (
-            h.alive,
-            h.lease_failures == 0 && !h.fenced,
-            Some(h.lease_renewed_ago),
-            h.lease_failures,
-            h.fenced,
-        ),
-        Err(_) => (false, false, None, 0, false),
-    };
-    let status = if supervisor_ok && store_ok {
+    let health = app.supervisor.health(WITHIN).await;
+    let status = if health.is_healthy() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -62,12 +52,12 @@ pub(crate) async fn healthz(State(app): State<App>) -> Response {
     (
         status,
         Json(json!({
-            "status": word(supervisor_ok && store_ok),
-            "supervisor": word(supervisor_ok),
-            "store": word(store_ok),
-            "lease_renewed_ms_ago": renewed.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            "lease_failures": failures,
-            "fenced": fenced,
+            "status": word(health.is_healthy()),
+            "supervisor": word(health.alive),
+            "store": word(health.store_ok()),
+            "lease_renewed_ms_ago": u64::try_from(health.lease_renewed_ago.as_millis()).unwrap_or(u64::MAX),
+            "lease_failures": health.lease_failures,
+            "fenced": health.fenced,
         })),
     )
         .into_response()

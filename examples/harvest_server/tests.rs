@@ -1012,6 +1012,11 @@ async fn a_large_session_is_drawn_as_counts_per_time_bucket_updated_in_place() {
     browser.type_into("#ids", "").await;
     browser.type_into("#count", "1000").await;
     browser.click("#start-button").await;
+    // Shown again twice while it runs (a double click): one stream applies, not three.
+    browser.until("view && view.id && !view.terminal").await;
+    browser
+        .script("show(view.id); show(view.id); return 1")
+        .await;
     // While it runs: the now panel lists it with its progress.
     browser
         .until("[...document.querySelectorAll('#now tbody tr')].some(r => r.textContent.includes('/ 1000'))")

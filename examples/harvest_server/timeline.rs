@@ -7,7 +7,7 @@
 //! `last_seq` and updates the summary in place.
 
 use chrono::{DateTime, Utc};
-use harvest_supervisor::{EventKind, FinalizeReason, SessionEvent, SessionRecord};
+use harvest_supervisor::{EventKind, FinalizeReason, OutcomeCounts, SessionEvent, SessionRecord};
 
 use super::*;
 
@@ -77,6 +77,9 @@ pub(crate) struct Marks {
 #[derive(Serialize)]
 pub(crate) struct Timeline {
     record: SessionRecord,
+    /// Resources ended so far by outcome: the record's once it is finished, else those of
+    /// the events folded (the stream from `last_seq` adds the rest).
+    counts: OutcomeCounts,
     /// When the session started (the axis' zero).
     t0: DateTime<Utc>,
     /// The axis' end, in ms from `t0`: the session's end, or now while it runs (at least
@@ -145,9 +148,20 @@ struct Fold {
     failures: Vec<Failure>,
     failures_total: u64,
     lanes: Option<(Vec<Lane>, HashMap<String, usize>)>,
-    /// The ending counted last: resource, offset, kind, whether its failure was kept.
-    last_end: Option<(String, f64, usize, bool)>,
+    /// Each resource's ending counted so far, by a hash of its id (one small entry per
+    /// resource that ended): taken back when the resource starts again (a retry, an
+    /// attempt cut by the node's fencing and run again, a resumed session), so that only
+    /// its final ending counts.
+    ends: HashMap<u64, End>,
+    hasher: std::collections::hash_map::RandomState,
     last_seq: u64,
+}
+
+/// A resource's ending as counted: when, which kind, whether its failure is in the list.
+struct End {
+    at: f64,
+    kind: usize,
+    kept: bool,
 }
 
 impl Fold {
@@ -196,6 +210,9 @@ impl Fold {
             // A resource's ending event is never a retried one's: see `unend`.
             self.bucket(at)[k] += 1;
             self.ended[k] += 1;
+            // Ended again without a start between (not seen in practice): the first ending
+            // is replaced.
+            self.unend(resource);
             let mut kept = false;
             if k != 0 {
                 self.failures_total += 1;
@@ -217,9 +234,12 @@ impl Fold {
                     });
                 }
             }
-            self.last_end = Some((resource.to_owned(), at, k, kept));
+            let key = self.key(resource);
+            self.ends.insert(key, End { at, kind: k, kept });
         }
-        if let EventKind::WorkerRetrying { resource_id, .. } = kind {
+        if let EventKind::WorkerRetrying { resource_id, .. }
+        | EventKind::WorkerStarted { resource_id, .. } = kind
+        {
             self.unend(resource_id.as_str());
         }
         if let (Some((lanes, index)), Some(resource)) = (&mut self.lanes, resource_of(kind)) {
@@ -254,21 +274,29 @@ impl Fold {
         }
     }
 
-    /// Takes back the ending counted last, if it was `resource`'s: the session logs a
-    /// `WorkerRetrying` right after the failure it retries, so that failure was not final.
+    fn key(&self, resource: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, resource)
+    }
+
+    /// Takes back `resource`'s counted ending, if any: it was not its last.
     fn unend(&mut self, resource: &str) {
-        let Some((last, at, k, kept)) = self.last_end.take() else {
+        let key = self.key(resource);
+        let Some(end) = self.ends.remove(&key) else {
             return;
         };
-        if last != resource {
-            return;
+        let bucket = self.bucket(end.at);
+        bucket[end.kind] = bucket[end.kind].saturating_sub(1);
+        self.ended[end.kind] = self.ended[end.kind].saturating_sub(1);
+        if end.kind != 0 {
+            self.failures_total = self.failures_total.saturating_sub(1);
         }
-        let bucket = self.bucket(at);
-        bucket[k] = bucket[k].saturating_sub(1);
-        self.ended[k] = self.ended[k].saturating_sub(1);
-        self.failures_total = self.failures_total.saturating_sub(1);
-        if kept {
-            self.failures.pop();
+        if end.kept
+            && let Some(i) = self
+                .failures
+                .iter()
+                .rposition(|f| f.resource_id == resource && f.at_ms == end.at)
+        {
+            self.failures.remove(i);
         }
     }
 }
@@ -312,7 +340,8 @@ pub(crate) async fn timeline(
         failures: Vec::new(),
         failures_total: 0,
         lanes: (record.total <= MAX_LANES).then(|| (Vec::new(), HashMap::new())),
-        last_end: None,
+        ends: HashMap::new(),
+        hasher: std::collections::hash_map::RandomState::new(),
         last_seq: 0,
     };
     loop {
@@ -327,6 +356,24 @@ pub(crate) async fn timeline(
             break;
         }
     }
+    // Read again: what the fold saw may be newer than the first read (the session may
+    // even have finished meanwhile: the stream then starts after its end).
+    let record = app.supervisor.session(id).await?;
+    let counts = if record.ended.is_some() {
+        record.counts
+    } else {
+        // While it runs, the counts of what was folded: the stream adds the rest.
+        let e = fold.ended;
+        let n = |k: usize| usize::try_from(e[k]).unwrap_or(usize::MAX);
+        OutcomeCounts {
+            succeeded: n(0),
+            failed: n(1),
+            panicked: n(2),
+            timed_out: n(3),
+            cancelled: n(4),
+            lost: n(5),
+        }
+    };
     // A finished session's resources with no ending event (killed with their session:
     // an abort, a deadline, a crash) end with it, as the record counts them.
     if let Some(ended) = record.ended {
@@ -362,6 +409,7 @@ pub(crate) async fn timeline(
         }
     }
     Ok(Json(Timeline {
+        counts,
         t0,
         span_ms,
         deadline_ms,
@@ -396,8 +444,7 @@ pub(crate) struct Active {
     deadline: DateTime<Utc>,
     deadline_in_ms: f64,
     /// What needs an operator's eye: `deadline passed`, `escalated`, `heartbeat silent`,
-    /// `timeouts`,
-    /// `taken over`, `lease lost`, `abort requested`, `finalizing` (with how long).
+    /// `timeouts`, `taken over`, `lease lost`, `abort requested`, `finalizing`.
     warnings: Vec<String>,
 }
 

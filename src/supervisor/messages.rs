@@ -96,9 +96,12 @@ pub enum SupervisorMessage {
     /// a slow store never queues the root's other work behind a start): spawn its actor and
     /// answer the caller. Embedders never send it.
     SessionCreated(Box<CreatedSession>),
-    /// From a start's task: the start failed (its caller has the error). Embedders never
-    /// send it.
-    StartFailed,
+    /// From a start's task: the creation of this session failed (its caller has the
+    /// error). Embedders never send it.
+    StartFailed {
+        /// The id the session would have had.
+        session_id: SessionId,
+    },
     /// From a monitor: this session did not finalize within `escalation_grace`; stop its
     /// actor and finalize it from the store.
     Escalate {

@@ -27,6 +27,8 @@ pub struct FaultyStore {
     /// While set, `create_session` waits for a permit of `create_gate` (a slow disk).
     pub hold_creates: AtomicBool,
     pub create_gate: Arc<Semaphore>,
+    /// The ids of the sessions whose creation was held.
+    pub held_creates: std::sync::Mutex<Vec<SessionId>>,
     /// While set, `pending -> on-going` waits for a permit of `begin_gate`.
     pub hold_begin: AtomicBool,
     pub begin_gate: Arc<Semaphore>,
@@ -56,6 +58,8 @@ pub struct FaultyStore {
     pub hang_after_claim: AtomicBool,
     /// While set, lease renewals fail (a node cut off from its store).
     pub failing_renewals: AtomicBool,
+    /// While set, lease renewals never return (a store that hangs).
+    pub hanging_renewals: AtomicBool,
     /// Answers held back while `hang_outcome_writes` is set.
     unanswered: std::sync::Mutex<Vec<OutcomeAnswer>>,
     /// Queued outcome writes not yet answered (held ones aside), and the most there ever
@@ -76,6 +80,7 @@ impl FaultyStore {
             failing_reads: AtomicUsize::new(0),
             hold_creates: AtomicBool::new(false),
             create_gate: Arc::new(Semaphore::new(0)),
+            held_creates: std::sync::Mutex::new(Vec::new()),
             hold_begin: AtomicBool::new(false),
             begin_gate: Arc::new(Semaphore::new(0)),
             hang_outcome_writes: AtomicBool::new(false),
@@ -89,6 +94,7 @@ impl FaultyStore {
             on_claim: None,
             hang_after_claim: AtomicBool::new(false),
             failing_renewals: AtomicBool::new(false),
+            hanging_renewals: AtomicBool::new(false),
             unanswered: std::sync::Mutex::new(Vec::new()),
             queued_now: Arc::new(AtomicUsize::new(0)),
             queued_most: AtomicUsize::new(0),
@@ -118,6 +124,10 @@ impl FaultyStore {
 impl SessionStore for FaultyStore {
     async fn create_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
         if self.hold_creates.load(Ordering::SeqCst) {
+            self.held_creates
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(new.id);
             let _permit = self.create_gate.acquire().await;
         }
         self.inner.create_session(new).await
@@ -346,6 +356,9 @@ impl SessionStore for FaultyStore {
     ) -> Result<NodeRecord, StoreError> {
         if self.failing_renewals.load(Ordering::SeqCst) {
             return Err(StoreError::Backend("injected renewal failure".into()));
+        }
+        if self.hanging_renewals.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
         }
         self.inner.renew_lease(node, ttl).await
     }
