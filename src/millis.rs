@@ -7,8 +7,9 @@
 //! every duration below 2^50 ns (13 days) and for every whole number of milliseconds below
 //! 2^53 ms; beyond that, within the `f64`'s 16 significant digits. Reading also takes the
 //! humantime strings of earlier versions (`"51ms 75us"`), so that event logs stored before
-//! this format read as they were written. A number below zero, not finite, or past
-//! [`Duration::MAX`] is an error, not a panic (past `MAX`: saturated).
+//! this format read as they were written. A number below zero (or not a number) is an
+//! error, not a panic; one past [`Duration::MAX`] (infinity included, which JSON cannot
+//! hold anyway) reads as `MAX`.
 
 use std::time::Duration;
 
