@@ -28,7 +28,7 @@ use crate::session::{
     STOP_FINALIZED, STOP_TAKEN_OVER, SessionActor, SessionMessage, SessionShared, abort_answer,
 };
 use crate::store::NewSession;
-pub use messages::{CreatedSession, SessionRequest, SupervisorMessage};
+pub use messages::{CreatedSession, RescuedSessions, SessionRequest, SupervisorMessage};
 
 /// The root actor.
 pub(crate) struct HarvestSupervisor;
@@ -65,6 +65,8 @@ pub(crate) struct RootState {
     creating: HashMap<SessionId, Vec<RpcReplyPort<Result<(), SessionError>>>>,
     /// The shutdown deadline passed: what is still being created is left to the rescue.
     abandoned: bool,
+    /// A rescue pass runs (in a task): no second one starts, a shutdown waits for it.
+    rescuing: bool,
     /// The root itself, for the tasks it spawns to report back.
     root: ActorRef<SupervisorMessage>,
 }
@@ -89,6 +91,7 @@ impl Actor for HarvestSupervisor {
             stopping: false,
             creating: HashMap::new(),
             abandoned: false,
+            rescuing: false,
             root: myself,
         })
     }
@@ -98,8 +101,13 @@ impl Actor for HarvestSupervisor {
         myself: ActorRef<Self::Msg>,
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
-        // Start-up recovery is the first rescue pass; the next come on a timer.
-        recovery::rescue(&myself, state).await;
+        // Start-up recovery is the first rescue pass, awaited (the supervisor is ready once
+        // it is over); the next come on a timer, in tasks.
+        let mut found = Vec::new();
+        recovery::pass(recovery::PassInput::of(state), |batch| found.extend(batch)).await;
+        for recovered in found {
+            recovery::apply(&myself, state, recovered).await;
+        }
         schedule_rescue(&myself, &state.config);
         Ok(())
     }
@@ -208,25 +216,49 @@ impl Actor for HarvestSupervisor {
             SupervisorMessage::Ready(reply) => {
                 let _ = reply.send(());
             }
-            SupervisorMessage::Fenced(fenced) => {
-                if !fenced {
-                    // It owns only what it still holds: those taken over meanwhile stop
-                    // first, and never start an attempt again.
-                    recovery::stop_sessions_taken_over(state).await;
-                }
+            SupervisorMessage::Fenced(true) => {
                 for running in state.sessions.values().filter(|r| !r.forcing) {
-                    let _ = running.actor.send_message(if fenced {
-                        SessionMessage::LeaseLost
-                    } else {
-                        SessionMessage::LeaseRenewed
+                    let _ = running.actor.send_message(SessionMessage::LeaseLost);
+                }
+            }
+            SupervisorMessage::Fenced(false) => {
+                // It owns only what it still holds: those taken over meanwhile stop, and
+                // never start an attempt again; the others go on. The store is asked in a
+                // task (never in the root's handler).
+                let deps = Arc::clone(&state.deps);
+                let running = recovery::running_of(state);
+                tokio::spawn(async move {
+                    recovery::stop_sessions_taken_over(&deps, running, true).await;
+                });
+            }
+            SupervisorMessage::Rescue => {
+                if !state.stopping && !state.rescuing {
+                    state.rescuing = true;
+                    let input = recovery::PassInput::of(state);
+                    let root = myself.clone();
+                    tokio::spawn(async move {
+                        // Told when the pass ends however it ends.
+                        let _done = RescueDone(root.clone());
+                        recovery::pass(input, |batch| {
+                            let _ = root.send_message(SupervisorMessage::Rescued(Box::new(
+                                RescuedSessions(batch),
+                            )));
+                        })
+                        .await;
                     });
                 }
             }
-            SupervisorMessage::Rescue => {
+            SupervisorMessage::Rescued(rescued) => {
+                for recovered in rescued.0 {
+                    recovery::apply(&myself, state, recovered).await;
+                }
+            }
+            SupervisorMessage::RescuePassEnded => {
+                state.rescuing = false;
                 if !state.stopping {
-                    recovery::rescue(&myself, state).await;
                     schedule_rescue(&myself, &state.config);
                 }
+                finish_shutdown_if_idle(&myself, state);
             }
             SupervisorMessage::RescueFinished { .. } => finish_shutdown_if_idle(&myself, state),
         }
@@ -597,6 +629,15 @@ fn force(state: &mut RootState, id: SessionId, reason: FinalizeReason) {
     spawn_force(state, &emitter, lifecycle, id, reason, mode, Some(killed));
 }
 
+/// Tells the root that a rescue pass ended, when dropped.
+struct RescueDone(ActorRef<SupervisorMessage>);
+
+impl Drop for RescueDone {
+    fn drop(&mut self) {
+        let _ = self.0.send_message(SupervisorMessage::RescuePassEnded);
+    }
+}
+
 /// Tells the root that its rescue of a session ended, when dropped.
 struct ReportBack(ActorRef<SupervisorMessage>, SessionId);
 
@@ -722,7 +763,7 @@ fn schedule_rescue(myself: &ActorRef<SupervisorMessage>, config: &SupervisorConf
 
 /// Ends the shutdown once every session is gone and every rescue has ended.
 fn finish_shutdown_if_idle(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
-    let creating = !state.creating.is_empty() && !state.abandoned;
+    let creating = (!state.creating.is_empty() || state.rescuing) && !state.abandoned;
     if !state.stopping || !state.sessions.is_empty() || creating {
         return;
     }

@@ -241,3 +241,43 @@ async fn a_session_created_while_its_node_self_fenced_starts_nothing_until_it_re
     let record = finished(&sup, id).await;
     assert_eq!(record.status, SessionStatus::FinishedAllOk);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_rescue_pass_stuck_in_the_store_holds_up_nothing_else() {
+    let store = FaultyStore::new();
+    let recorder = Recorder::new(FinalizerMode::Ok);
+    let sup = harvest_supervisor::Supervisor::builder(
+        harvest_supervisor::harvest_fn(common::scripted),
+        recorder.clone(),
+    )
+    .store(store.clone())
+    .config(harvest_supervisor::SupervisorConfig {
+        session: config(),
+        rescue_interval: Duration::from_secs(1),
+        shutdown_timeout: Duration::from_secs(5),
+        ..harvest_supervisor::SupervisorConfig::default()
+    })
+    .start()
+    .await
+    .expect("supervisor starts");
+    // The next pass (within 1.2 s) hangs in the store for good.
+    store.hanging_takeovers.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::timeout(PROMPTLY, sup.ping())
+        .await
+        .expect("the root answers while a rescue pass hangs")
+        .expect("alive");
+    let id = tokio::time::timeout(PROMPTLY, sup.start_session("a", ["ok-1"]))
+        .await
+        .expect("a start answers while a rescue pass hangs")
+        .expect("started");
+    assert_eq!(
+        finished(&sup, id).await.status,
+        SessionStatus::FinishedAllOk
+    );
+    // Shutdown is still bounded: the stuck pass is given up at the deadline.
+    tokio::time::timeout(PROMPTLY, sup.shutdown())
+        .await
+        .expect("shutdown returns")
+        .expect("shutdown");
+}

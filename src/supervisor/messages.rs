@@ -14,6 +14,18 @@ pub struct CreatedSession {
     pub(crate) reply: RpcReplyPort<Result<SessionId, StartError>>,
 }
 
+/// Sessions a rescue pass took over, on their way to the root (see
+/// [`SupervisorMessage::Rescued`]). Opaque: only the supervisor makes one.
+pub struct RescuedSessions(pub(crate) Vec<super::recovery::Recovery>);
+
+impl std::fmt::Debug for RescuedSessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RescuedSessions")
+            .field(&self.0.len())
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for CreatedSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CreatedSession")
@@ -83,6 +95,12 @@ pub enum SupervisorMessage {
     /// Self-sent every `rescue_interval` (with jitter): take over the sessions of nodes
     /// whose lease expired. Embedders never send it.
     Rescue,
+    /// From a rescue pass's task: sessions it took over, to run again or finalize.
+    /// Embedders never send it.
+    Rescued(Box<RescuedSessions>),
+    /// From a rescue pass's task: the pass ended; the next is scheduled. Embedders never
+    /// send it.
+    RescuePassEnded,
     /// Self-sent `shutdown_timeout` after `Shutdown`: stop waiting for sessions that have
     /// not finished. Embedders never send it.
     ShutdownDeadline,

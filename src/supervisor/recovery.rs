@@ -7,6 +7,10 @@
 //! have been paused, can write nothing more for them. Each is then finalized with
 //! `Interrupted`, or, under `RecoveryPolicy::Resume`, harvested again where it had not
 //! succeeded, with a fresh deadline.
+//!
+//! The store work of a pass ([`pass`]) runs in a task of its own after the first, so that
+//! a slow store never holds up the root (starts, aborts, health checks); the root spawns
+//! or finalizes what it took over when told ([`apply`], `SupervisorMessage::Rescued`).
 
 use std::sync::Arc;
 
@@ -15,25 +19,75 @@ use ractor::ActorRef;
 use crate::config::RecoveryPolicy;
 use crate::error::StoreError;
 use crate::events::{EventKind, SessionEmitter};
+use crate::finalizer::Deps;
 use crate::finalizer::Mode;
 use crate::model::FinalizeReason;
+use crate::model::SessionId;
 use crate::node::process_gone;
+use crate::session::SessionMessage;
 use crate::store::TakenOver;
 use crate::supervisor::{RootState, SupervisorMessage, session_shared, spawn_force, spawn_session};
 
 /// Sessions taken over per store call: a pass repeats until a call takes fewer.
 const RESCUE_BATCH: usize = 256;
 
-/// One rescue pass. Store failures are reported, not fatal: the next pass tries again.
-pub(super) async fn rescue(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
-    let store = Arc::clone(&state.deps.store);
-    let node = Arc::clone(&state.deps.node);
+/// What a pass needs, taken from the root's state (it runs in a task of its own).
+pub(super) struct PassInput {
+    pub(super) deps: Arc<Deps>,
+    pub(super) recovery: RecoveryPolicy,
+    pub(super) default: crate::config::SessionConfig,
+    /// The sessions this node runs (and does not force), to stop those taken over.
+    pub(super) running: Vec<(SessionId, ActorRef<SessionMessage>)>,
+}
+
+impl PassInput {
+    pub(super) fn of(state: &RootState) -> Self {
+        Self {
+            deps: Arc::clone(&state.deps),
+            recovery: state.config.recovery,
+            default: state.config.session.clone(),
+            running: running_of(state),
+        }
+    }
+}
+
+/// The sessions this node runs and does not force.
+pub(super) fn running_of(state: &RootState) -> Vec<(SessionId, ActorRef<SessionMessage>)> {
+    state
+        .sessions
+        .iter()
+        .filter(|(_, r)| !r.forcing)
+        .map(|(id, r)| (*id, r.actor.clone()))
+        .collect()
+}
+
+/// A session a pass took over, ready for the root to run again or finalize.
+pub(crate) struct Recovery {
+    record: crate::model::SessionRecord,
+    emitter: SessionEmitter,
+    /// `Some`: resumed, these resources to harvest again under `config`.
+    remaining: Option<(Vec<crate::model::ResourceId>, crate::config::SessionConfig)>,
+}
+
+/// One rescue pass, all of its store work: ends the leases of dead neighbours, stops the
+/// sessions taken over from this node, takes over those of expired nodes and prepares
+/// each one. `report` gets each batch of takeovers as it is ready (the root spawns them).
+/// Store failures are reported, not fatal: the next pass tries again.
+pub(super) async fn pass(input: PassInput, mut report: impl FnMut(Vec<Recovery>)) {
+    let PassInput {
+        deps,
+        recovery,
+        default,
+        running,
+    } = input;
+    let store = Arc::clone(&deps.store);
+    let node = Arc::clone(&deps.node);
     if node.is_fenced() {
         tracing::warn!(node = %node.id(), "rescue skipped: this node is self-fenced");
         return;
     }
-    expire_dead_neighbours(state).await;
-    stop_sessions_taken_over(state).await;
+    expire_dead_neighbours(&deps).await;
+    stop_sessions_taken_over(&deps, running, false).await;
     loop {
         let taken = match store.take_over(node.id(), RESCUE_BATCH).await {
             Ok(taken) => taken,
@@ -47,6 +101,7 @@ pub(super) async fn rescue(myself: &ActorRef<SupervisorMessage>, state: &mut Roo
             }
         };
         let more = taken.len() >= RESCUE_BATCH;
+        let mut batch = Vec::with_capacity(taken.len());
         for t in taken {
             let id = t.record.id;
             tracing::warn!(
@@ -55,10 +110,14 @@ pub(super) async fn rescue(myself: &ActorRef<SupervisorMessage>, state: &mut Roo
                 epoch = t.record.epoch,
                 "took over a session whose node is gone"
             );
-            if let Err(error) = recover_one(myself, state, t).await {
-                tracing::error!(session_id = %id, %error, "could not recover the session");
+            match prepare(&deps, recovery, &default, t).await {
+                Ok(r) => batch.push(r),
+                Err(error) => {
+                    tracing::error!(session_id = %id, %error, "could not recover the session");
+                }
             }
         }
+        report(batch);
         if !more {
             return;
         }
@@ -67,42 +126,40 @@ pub(super) async fn rescue(myself: &ActorRef<SupervisorMessage>, state: &mut Roo
 
 /// Stops the sessions this node runs that the store says another node owns now: taken
 /// over while this node could not renew (paused, cut off), and silent since (a hung
-/// harvest writes nothing, so no fenced write told it).
-pub(super) async fn stop_sessions_taken_over(state: &RootState) {
-    let running: Vec<_> = state
-        .sessions
-        .iter()
-        .filter(|(_, r)| !r.forcing)
-        .map(|(id, r)| (*id, r.actor.clone()))
-        .collect();
+/// harvest writes nothing, so no fenced write told it). With `renewed`, the others are
+/// told the lease is renewed, after (so that a session taken over never starts an attempt
+/// again); they are told so too when the store cannot say.
+pub(super) async fn stop_sessions_taken_over(
+    deps: &Deps,
+    running: Vec<(SessionId, ActorRef<SessionMessage>)>,
+    renewed: bool,
+) {
     if running.is_empty() {
         return;
     }
-    let owned: std::collections::HashSet<_> = match state
-        .deps
-        .store
-        .open_sessions_of(state.deps.node.id())
-        .await
-    {
-        Ok(ids) => ids.into_iter().collect(),
-        Err(error) => {
-            tracing::debug!(%error, "could not list this node's sessions");
-            return;
-        }
-    };
+    let owned: Option<std::collections::HashSet<_>> =
+        match deps.store.open_sessions_of(deps.node.id()).await {
+            Ok(ids) => Some(ids.into_iter().collect()),
+            Err(error) => {
+                tracing::debug!(%error, "could not list this node's sessions");
+                None
+            }
+        };
     for (id, actor) in running {
-        if !owned.contains(&id) {
+        if owned.as_ref().is_some_and(|owned| !owned.contains(&id)) {
             // Finished meanwhile (then it is stopping anyway), or taken over.
-            let _ = actor.send_message(crate::session::SessionMessage::TakenOver);
+            let _ = actor.send_message(SessionMessage::TakenOver);
+        } else if renewed {
+            let _ = actor.send_message(SessionMessage::LeaseRenewed);
         }
     }
 }
 
 /// Ends the leases of nodes on this host whose process is gone (a crash, a SIGKILL): their
 /// sessions need not wait for the lease to run out.
-async fn expire_dead_neighbours(state: &RootState) {
-    let store = &state.deps.store;
-    let me = state.deps.node.id();
+async fn expire_dead_neighbours(deps: &Deps) {
+    let store = &deps.store;
+    let me = deps.node.id();
     let nodes = match store.nodes().await {
         Ok(nodes) => nodes,
         Err(error) => {
@@ -129,16 +186,19 @@ async fn expire_dead_neighbours(state: &RootState) {
     }
 }
 
-async fn recover_one(
-    myself: &ActorRef<SupervisorMessage>,
-    state: &mut RootState,
+/// The store work of one takeover: its log goes on, its takeover is logged, and it is
+/// resumed (under `RecoveryPolicy::Resume`, unless an abort was asked) or left to finalize.
+async fn prepare(
+    deps: &Deps,
+    recovery: RecoveryPolicy,
+    default: &crate::config::SessionConfig,
     taken: TakenOver,
-) -> Result<(), StoreError> {
+) -> Result<Recovery, StoreError> {
     let TakenOver { record, from_node } = taken;
-    let store = Arc::clone(&state.deps.store);
+    let store = Arc::clone(&deps.store);
     let fence = record.fence().ok_or(StoreError::Fenced {
         session_id: record.id,
-        fence: crate::model::Fence::new(state.deps.node.id()),
+        fence: crate::model::Fence::new(deps.node.id()),
         holder: None,
     })?;
     let last_seq = store.last_event_seq(record.id).await?;
@@ -147,7 +207,7 @@ async fn recover_one(
         fence,
         record.harvester_id.clone(),
         last_seq,
-        state.deps.bus.clone(),
+        deps.bus.clone(),
         Arc::clone(&store),
     );
     emitter.emit(EventKind::SessionTakenOver {
@@ -156,10 +216,9 @@ async fn recover_one(
         epoch: fence.epoch,
     });
     // An abort another node asked for before the owner died is honoured: no resume.
-    let aborted = record.abort_requested;
-    let remaining = match state.config.recovery {
-        _ if aborted => None,
-        // If it cannot be reopened, it is at least finalized below.
+    let remaining = match recovery {
+        _ if record.abort_requested => None,
+        // If it cannot be reopened, it is at least finalized.
         RecoveryPolicy::Resume => store
             .resume_session(record.id, fence)
             .await
@@ -173,32 +232,62 @@ async fn recover_one(
         previous_status: record.status,
         resuming: remaining.as_ref().map(Vec::len),
     });
-    match remaining {
+    let remaining = match remaining {
         Some(remaining) => {
             // Its own budget; the supervisor's default for sessions stored before it was kept.
             let config = match store.session_config(record.id).await {
                 Ok(Some(config)) => config,
-                _ => state.config.session.clone(),
+                _ => default.clone(),
             };
+            Some((remaining, config))
+        }
+        None => None,
+    };
+    Ok(Recovery {
+        record,
+        emitter,
+        remaining,
+    })
+}
+
+/// The root's part of a takeover: runs the session again, or finalizes it.
+pub(super) async fn apply(
+    myself: &ActorRef<SupervisorMessage>,
+    state: &mut RootState,
+    recovered: Recovery,
+) {
+    let Recovery {
+        record,
+        emitter,
+        remaining,
+    } = recovered;
+    match remaining {
+        Some((remaining, config)) => {
             let shared = session_shared(
                 myself,
                 state,
                 record.id,
                 record.harvester_id,
                 remaining.into(),
-                std::sync::Arc::new(config),
+                Arc::new(config),
                 emitter,
                 true,
             );
+            let id = record.id;
             if let Err(error) = spawn_session(myself, state, shared).await {
-                tracing::error!(session_id = %record.id, %error, "could not resume the session");
+                tracing::error!(session_id = %id, %error, "could not resume the session");
+            } else if state.stopping
+                && let Some(running) = state.sessions.get(&id)
+            {
+                // Taken over as the supervisor began to stop: it ends `shutdown` too.
+                let _ = running.actor.send_message(SessionMessage::Shutdown);
             }
         }
         None => {
             let mode = Mode::Recover {
                 finalizer_timeout: state.config.session.escalation_grace,
             };
-            let reason = if aborted {
+            let reason = if record.abort_requested {
                 FinalizeReason::Aborted
             } else {
                 FinalizeReason::Interrupted
@@ -214,5 +303,4 @@ async fn recover_one(
             );
         }
     }
-    Ok(())
 }

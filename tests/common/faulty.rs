@@ -60,6 +60,8 @@ pub struct FaultyStore {
     pub failing_renewals: AtomicBool,
     /// While set, lease renewals never return (a store that hangs).
     pub hanging_renewals: AtomicBool,
+    /// While set, takeovers (the rescue pass's) never return.
+    pub hanging_takeovers: AtomicBool,
     /// Answers held back while `hang_outcome_writes` is set.
     unanswered: std::sync::Mutex<Vec<OutcomeAnswer>>,
     /// Queued outcome writes not yet answered (held ones aside), and the most there ever
@@ -95,6 +97,7 @@ impl FaultyStore {
             hang_after_claim: AtomicBool::new(false),
             failing_renewals: AtomicBool::new(false),
             hanging_renewals: AtomicBool::new(false),
+            hanging_takeovers: AtomicBool::new(false),
             unanswered: std::sync::Mutex::new(Vec::new()),
             queued_now: Arc::new(AtomicUsize::new(0)),
             queued_most: AtomicUsize::new(0),
@@ -372,6 +375,9 @@ impl SessionStore for FaultyStore {
         self.inner.nodes().await
     }
     async fn take_over(&self, rescuer: NodeId, limit: usize) -> Result<Vec<TakenOver>, StoreError> {
+        if self.hanging_takeovers.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         self.inner.take_over(rescuer, limit).await
     }
     fn signals(&self) -> Option<harvest_supervisor::store::StoreSignals> {
