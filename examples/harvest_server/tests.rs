@@ -11,6 +11,8 @@ struct Server {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<()>,
     dir: tempfile::TempDir,
+    /// The app's: cancelled, every open event stream ends (after its drain).
+    closing: tokio_util::sync::CancellationToken,
 }
 
 impl Server {
@@ -52,6 +54,7 @@ impl Server {
             metrics,
             streams: Arc::new(tokio::sync::Semaphore::new(TEST_MAX_STREAMS)),
         };
+        let closing = app.closing.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let done = tokio::spawn(async move {
             serve(listener, app, async {
@@ -66,6 +69,7 @@ impl Server {
             stop: Some(stop),
             done,
             dir,
+            closing,
         }
     }
 
@@ -1244,5 +1248,46 @@ async fn now_lists_running_sessions_with_their_progress_and_deadline() {
         !now["active"].to_string().contains(&id),
         "a finished session is not running: {now}"
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_follows_a_session_through_dropped_streams() {
+    let server = Server::start().await;
+    let Some(browser) = Browser::start().await else {
+        server.stop().await;
+        return;
+    };
+    browser.open(&format!("{}/", server.base)).await;
+    browser.type_into("#token", TOKEN).await;
+    // Runs until the 5 s resource timeout cuts its hanging resource.
+    browser.type_into("#ids", "a, b-fail, c-hang").await;
+    browser.click("#start-button").await;
+    browser
+        .until("view && view.id && !view.terminal && view.lastSeq > 0")
+        .await;
+    // Every open stream ends (after its 2 s drain), and so does each one opened after.
+    server.closing.cancel();
+    browser
+        .until("document.getElementById('timeline-status').textContent.startsWith('finished')")
+        .await;
+    // Each event applied once: one lane per resource, counts as the record's.
+    assert_eq!(
+        browser
+            .script("return document.querySelectorAll('#timeline rect[data-resource]').length")
+            .await,
+        json!(3)
+    );
+    let counts = browser.script("return view.counts").await;
+    assert_eq!(
+        (
+            &counts["succeeded"],
+            &counts["failed"],
+            &counts["timed_out"]
+        ),
+        (&json!(1), &json!(1), &json!(1)),
+        "{counts}"
+    );
+    browser.quit().await;
     server.stop().await;
 }
