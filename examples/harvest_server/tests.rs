@@ -1,5 +1,6 @@
 //! HTTP-level tests against a server on an ephemeral loopback port.
 use super::*;
+use std::os::unix::process::CommandExt as _;
 
 const TOKEN: &str = "test-token-of-some-length";
 /// The test servers' cap on open event streams.
@@ -669,9 +670,14 @@ struct Browser {
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-/// A test that fails before `quit` still ends its chromedriver (and so its Chromium).
+/// A test that fails before `quit` still ends its chromedriver and the Chromium it
+/// started: they share a process group of their own, killed whole (killing the driver
+/// alone left Chromium running).
 impl Drop for Browser {
     fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", "--", &format!("-{}", self.driver.id())])
+            .status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -688,6 +694,7 @@ impl Browser {
             .port();
         let driver = match std::process::Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
