@@ -15,6 +15,24 @@ use harvest_supervisor::{FinalizeReason, SessionStatus, SessionStore, StartError
 /// Longer than any answer that does not wait for the held store write.
 const PROMPTLY: Duration = Duration::from_secs(60);
 
+/// A supervisor over the scripted harvest on `store`, with `config`'s settings around the
+/// test budget.
+async fn supervisor_with(
+    store: &Arc<FaultyStore>,
+    recorder: &Recorder,
+    config: harvest_supervisor::SupervisorConfig,
+) -> harvest_supervisor::Supervisor {
+    harvest_supervisor::Supervisor::builder(
+        harvest_supervisor::harvest_fn(common::scripted),
+        recorder.clone(),
+    )
+    .store(store.clone())
+    .config(config)
+    .start()
+    .await
+    .expect("supervisor starts")
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_start_waiting_on_the_store_holds_up_nothing_else() {
     let store = FaultyStore::new();
@@ -109,20 +127,17 @@ async fn a_shutdown_during_a_creation_waits_for_it_and_ends_it_with_shutdown() {
 async fn health_shows_a_store_that_takes_no_lease_renewal_and_its_recovery() {
     let store = FaultyStore::new();
     let recorder = Recorder::new(FinalizerMode::Ok);
-    let sup = harvest_supervisor::Supervisor::builder(
-        harvest_supervisor::harvest_fn(common::scripted),
-        recorder.clone(),
+    let sup = supervisor_with(
+        &store,
+        &recorder,
+        harvest_supervisor::SupervisorConfig {
+            session: config(),
+            lease_renew_interval: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(10),
+            ..harvest_supervisor::SupervisorConfig::default()
+        },
     )
-    .store(store.clone())
-    .config(harvest_supervisor::SupervisorConfig {
-        session: config(),
-        lease_renew_interval: Duration::from_secs(1),
-        lease_ttl: Duration::from_secs(10),
-        ..harvest_supervisor::SupervisorConfig::default()
-    })
-    .start()
-    .await
-    .expect("supervisor starts");
+    .await;
     let health = sup.health(PROMPTLY).await;
     assert!(health.is_healthy(), "{health:?}");
 
@@ -203,20 +218,17 @@ async fn a_session_created_while_its_node_self_fenced_starts_nothing_until_it_re
     let store = FaultyStore::new();
     let recorder = Recorder::new(FinalizerMode::Ok);
     let sup = Arc::new(
-        harvest_supervisor::Supervisor::builder(
-            harvest_supervisor::harvest_fn(common::scripted),
-            recorder.clone(),
+        supervisor_with(
+            &store,
+            &recorder,
+            harvest_supervisor::SupervisorConfig {
+                session: config(),
+                lease_renew_interval: Duration::from_secs(1),
+                lease_ttl: Duration::from_secs(6),
+                ..harvest_supervisor::SupervisorConfig::default()
+            },
         )
-        .store(store.clone())
-        .config(harvest_supervisor::SupervisorConfig {
-            session: config(),
-            lease_renew_interval: Duration::from_secs(1),
-            lease_ttl: Duration::from_secs(6),
-            ..harvest_supervisor::SupervisorConfig::default()
-        })
-        .start()
-        .await
-        .expect("supervisor starts"),
+        .await,
     );
     store.hold_creates.store(true, Ordering::SeqCst);
     let start = tokio::spawn({
@@ -246,20 +258,17 @@ async fn a_session_created_while_its_node_self_fenced_starts_nothing_until_it_re
 async fn a_rescue_pass_stuck_in_the_store_holds_up_nothing_else() {
     let store = FaultyStore::new();
     let recorder = Recorder::new(FinalizerMode::Ok);
-    let sup = harvest_supervisor::Supervisor::builder(
-        harvest_supervisor::harvest_fn(common::scripted),
-        recorder.clone(),
+    let sup = supervisor_with(
+        &store,
+        &recorder,
+        harvest_supervisor::SupervisorConfig {
+            session: config(),
+            rescue_interval: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(5),
+            ..harvest_supervisor::SupervisorConfig::default()
+        },
     )
-    .store(store.clone())
-    .config(harvest_supervisor::SupervisorConfig {
-        session: config(),
-        rescue_interval: Duration::from_secs(1),
-        shutdown_timeout: Duration::from_secs(5),
-        ..harvest_supervisor::SupervisorConfig::default()
-    })
-    .start()
-    .await
-    .expect("supervisor starts");
+    .await;
     // The next pass (within 1.2 s) hangs in the store for good.
     store.hanging_takeovers.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(3)).await;
