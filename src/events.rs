@@ -267,8 +267,104 @@ fn first_attempt() -> u32 {
 #[derive(Debug, Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Arc<SessionEvent>>,
+    /// One channel per session someone follows (see [`SessionChannels`]).
+    sessions: Arc<SessionChannels>,
     /// Sessions whose log this process still writes (see [`LiveLogs`]).
     live: Arc<LiveLogs>,
+}
+
+/// The subscribers of one session's events each: a follower (an open event stream) or a
+/// waiter hears only its session, never woken, nor made to fall behind, by the events of
+/// every other session (on a busy server, thousands a second for each of hundreds of
+/// streams). A session's channel exists while someone subscribes to it.
+#[derive(Debug)]
+struct SessionChannels {
+    capacity: usize,
+    /// How many sessions have a channel: an event is published without taking the lock
+    /// when none has.
+    open: std::sync::atomic::AtomicUsize,
+    map: Mutex<std::collections::HashMap<SessionId, broadcast::Sender<Arc<SessionEvent>>>>,
+}
+
+impl SessionChannels {
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<SessionId, broadcast::Sender<Arc<SessionEvent>>>,
+    > {
+        // A poisoned lock only means a panic elsewhere; the map itself is intact.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The channel of session `id`, if someone follows it.
+    fn sender(&self, id: SessionId) -> Option<broadcast::Sender<Arc<SessionEvent>>> {
+        if self.open.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.map().get(&id).cloned()
+    }
+
+    fn subscribe(self: &Arc<Self>, id: SessionId) -> SessionSubscription {
+        let mut map = self.map();
+        let rx = match map.get(&id) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = broadcast::channel(self.capacity);
+                map.insert(id, tx);
+                self.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                rx
+            }
+        };
+        SessionSubscription {
+            rx: Some(rx),
+            id,
+            channels: Arc::downgrade(self),
+        }
+    }
+
+    /// Drops session `id`'s channel if nobody subscribes to it any more.
+    fn release(&self, id: SessionId) {
+        let mut map = self.map();
+        if map.get(&id).is_some_and(|tx| tx.receiver_count() == 0) {
+            map.remove(&id);
+            self.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+}
+
+/// One session's events as they are published in this process (see
+/// [`SessionChannels`]). Bounded like [`EventSubscription`]: one that falls behind is told
+/// how many it missed.
+#[derive(Debug)]
+pub(crate) struct SessionSubscription {
+    /// Always set; taken out on drop, to release the channel once it is gone.
+    rx: Option<broadcast::Receiver<Arc<SessionEvent>>>,
+    id: SessionId,
+    channels: std::sync::Weak<SessionChannels>,
+}
+
+impl SessionSubscription {
+    /// The next event of the session, or how many were lost; `Closed` once the tree is
+    /// gone.
+    pub(crate) async fn recv(&mut self) -> Result<Arc<SessionEvent>, RecvError> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(RecvError::Closed);
+        };
+        rx.recv().await.map_err(|e| match e {
+            broadcast::error::RecvError::Lagged(missed) => RecvError::Lagged { missed },
+            broadcast::error::RecvError::Closed => RecvError::Closed,
+        })
+    }
+}
+
+impl Drop for SessionSubscription {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        if let Some(channels) = self.channels.upgrade() {
+            channels.release(self.id);
+        }
+    }
 }
 
 /// The sessions whose event log is still being written in this process: from the moment
@@ -278,37 +374,52 @@ pub struct EventBus {
 /// its `SessionFinished` (its monitor is being stopped).
 #[derive(Debug, Default)]
 pub(crate) struct LiveLogs {
-    set: std::sync::Mutex<std::collections::HashSet<SessionId>>,
-    /// Told whenever a log leaves the set, so a waiter never misses an end that comes
-    /// without a `SessionFinished` on the bus (an emitter dropped at shutdown).
-    left: tokio::sync::Notify,
+    /// Each live session, with what tells its waiters when its log leaves the set (so a
+    /// waiter never misses an end that comes without a `SessionFinished`: an emitter
+    /// dropped at shutdown). One per session: a session's end wakes its own waiters, not
+    /// those of every other session.
+    map: std::sync::Mutex<std::collections::HashMap<SessionId, Arc<tokio::sync::Notify>>>,
 }
 
 impl LiveLogs {
-    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SessionId>> {
-        // A poisoned lock only means a panic elsewhere mid-insert; the set is intact.
-        self.set.lock().unwrap_or_else(|p| p.into_inner())
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<SessionId, Arc<tokio::sync::Notify>>>
+    {
+        // A poisoned lock only means a panic elsewhere mid-insert; the map is intact.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn insert(&self, id: SessionId) {
-        self.set().insert(id);
+        self.map().entry(id).or_default();
     }
 
     fn remove(&self, id: SessionId) {
-        let removed = self.set().remove(&id);
-        if removed {
-            self.left.notify_waiters();
+        let removed = self.map().remove(&id);
+        if let Some(left) = removed {
+            left.notify_waiters();
         }
     }
 
     /// Whether this process still writes the log of `id`.
     pub(crate) fn is_live(&self, id: SessionId) -> bool {
-        self.set().contains(&id)
+        self.map().contains_key(&id)
     }
 
-    /// Resolves when a log leaves the set after this call (create it before looking).
-    pub(crate) fn left(&self) -> tokio::sync::futures::Notified<'_> {
-        self.left.notified()
+    /// If the log of `id` is live now: what resolves once it leaves the set after this
+    /// call (armed from here on, even before it is first polled). `None` if it is not live.
+    pub(crate) fn left(&self, id: SessionId) -> Option<tokio::sync::futures::OwnedNotified> {
+        self.map()
+            .get(&id)
+            .map(|left| Arc::clone(left).notified_owned())
+    }
+}
+
+/// Resolves when `left` does; never without it.
+pub(crate) async fn left_or_never(left: Option<tokio::sync::futures::OwnedNotified>) {
+    match left {
+        Some(left) => left.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -320,6 +431,11 @@ impl EventBus {
         let (tx, _) = broadcast::channel(capacity);
         Self {
             tx,
+            sessions: Arc::new(SessionChannels {
+                capacity,
+                open: std::sync::atomic::AtomicUsize::new(0),
+                map: Mutex::default(),
+            }),
             live: Arc::default(),
         }
     }
@@ -342,18 +458,29 @@ impl EventBus {
     pub(crate) fn downgrade(&self) -> WeakEventBus {
         WeakEventBus {
             tx: self.tx.downgrade(),
+            sessions: Arc::downgrade(&self.sessions),
         }
     }
 
-    /// Whether anyone subscribes now. (One subscribing right after this reads `false` is
-    /// one that subscribed after the event: it would not have seen it either way.)
+    /// Whether anyone subscribes to every session's events now. (One subscribing right
+    /// after this reads `false` is one that subscribed after the event: it would not have
+    /// seen it either way.)
     fn listened(&self) -> bool {
         self.tx.receiver_count() > 0
     }
 
-    fn publish(&self, event: Arc<SessionEvent>) {
+    fn publish(
+        &self,
+        event: Arc<SessionEvent>,
+        session: Option<broadcast::Sender<Arc<SessionEvent>>>,
+    ) {
         // An error only means nobody listens; events are in the store and in tracing anyway.
-        let _ = self.tx.send(event);
+        if let Some(session) = session {
+            let _ = session.send(Arc::clone(&event));
+        }
+        if self.listened() {
+            let _ = self.tx.send(event);
+        }
     }
 }
 
@@ -361,6 +488,7 @@ impl EventBus {
 #[derive(Debug, Clone)]
 pub(crate) struct WeakEventBus {
     tx: broadcast::WeakSender<Arc<SessionEvent>>,
+    sessions: std::sync::Weak<SessionChannels>,
 }
 
 impl WeakEventBus {
@@ -373,6 +501,19 @@ impl WeakEventBus {
                 drop(tx);
                 EventSubscription { rx }
             }
+        }
+    }
+
+    /// A subscriber of session `id`'s events only, or one that is closed already if the
+    /// bus is gone.
+    pub(crate) fn subscribe_session(&self, id: SessionId) -> SessionSubscription {
+        match self.sessions.upgrade() {
+            Some(sessions) => sessions.subscribe(id),
+            None => SessionSubscription {
+                rx: None,
+                id,
+                channels: std::sync::Weak::new(),
+            },
         }
     }
 }
@@ -536,7 +677,8 @@ impl SessionEmitter {
         });
         // The store owns the event; a shared copy is made only for subscribers (two
         // events per resource: an allocation each saved when nobody listens).
-        let shared = inner.bus.listened().then(|| Arc::new(event.clone()));
+        let session = inner.bus.sessions.sender(inner.session_id);
+        let shared = (session.is_some() || inner.bus.listened()).then(|| Arc::new(event.clone()));
         let seq = event.seq;
         if let Err(error) = inner.store.append_event(inner.fence, event) {
             in_scope(&inner.span, || {
@@ -548,7 +690,7 @@ impl SessionEmitter {
             inner.bus.live.remove(inner.session_id);
         }
         if let Some(event) = shared {
-            inner.bus.publish(event);
+            inner.bus.publish(event, session);
         }
     }
 }
@@ -819,5 +961,71 @@ mod tests {
         assert!(bus.live().is_live(id));
         drop(emitter);
         assert!(!bus.live().is_live(id));
+    }
+
+    #[tokio::test]
+    async fn a_session_channel_carries_its_session_only_and_lives_while_subscribed() {
+        let bus = EventBus::new(4);
+        let weak = bus.downgrade();
+        let store: Arc<dyn SessionStore> = Arc::new(crate::store::MemoryStore::new());
+        let fence = crate::model::Fence::new(crate::model::NodeId::new());
+        let (a, b) = (SessionId::new(), SessionId::new());
+        let emit_a = SessionEmitter::new(a, fence, "a".into(), 0, bus.clone(), store.clone());
+        let emit_b = SessionEmitter::new(b, fence, "b".into(), 0, bus.clone(), store);
+        let (mut first, mut second) = (weak.subscribe_session(a), weak.subscribe_session(a));
+        assert_eq!(bus.sessions.map().len(), 1, "one channel per session");
+        // Far more of b's events than the channel holds: a's subscribers never lag.
+        for _ in 0..100 {
+            emit_b.emit(EventKind::MonitorCancelled);
+        }
+        emit_a.emit(EventKind::DeadlineExpired);
+        for sub in [&mut first, &mut second] {
+            let heard = sub.recv().await.expect("a's event");
+            assert_eq!((heard.session_id, heard.seq), (a, 1));
+        }
+        // Gone with its last subscriber: the map never grows with finished streams.
+        drop(first);
+        assert_eq!(bus.sessions.map().len(), 1);
+        drop(second);
+        assert!(bus.sessions.map().is_empty());
+        assert_eq!(
+            bus.sessions.open.load(std::sync::atomic::Ordering::Acquire),
+            0
+        );
+        // Once the bus is gone (the tree stopped), a subscriber is told so.
+        let mut late = weak.subscribe_session(a);
+        drop((emit_a, emit_b, bus));
+        assert_eq!(late.recv().await.map(|_| ()), Err(RecvError::Closed));
+        assert_eq!(
+            weak.subscribe_session(b).recv().await.map(|_| ()),
+            Err(RecvError::Closed)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_live_log_wakes_its_own_waiters_when_it_leaves() {
+        let bus = EventBus::new(4);
+        let (a, b) = (SessionId::new(), SessionId::new());
+        let make = |id| {
+            SessionEmitter::new(
+                id,
+                crate::model::Fence::new(crate::model::NodeId::new()),
+                "h".into(),
+                0,
+                bus.clone(),
+                Arc::new(crate::store::MemoryStore::new()),
+            )
+        };
+        let (emit_a, emit_b) = (make(a), make(b));
+        let left_a = bus.live().left(a).expect("a is live");
+        assert!(bus.live().left(SessionId::new()).is_none());
+        let mut left_a = std::pin::pin!(left_a);
+        drop(emit_b);
+        assert!(
+            futures::poll!(left_a.as_mut()).is_pending(),
+            "b's end does not wake a's waiter"
+        );
+        drop(emit_a);
+        assert!(futures::poll!(left_a.as_mut()).is_ready());
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError as SignalRecvError;
 
 use crate::error::SessionError;
-use crate::events::{EventKind, EventSubscription, LiveLogs, RecvError, SessionEvent};
+use crate::events::{EventKind, LiveLogs, RecvError, SessionEvent, SessionSubscription};
 use crate::handle::Supervisor;
 use crate::model::SessionId;
 use crate::store::{SessionStore, StoreSignal, StoreSignals};
@@ -87,7 +87,8 @@ pub struct EventFollower {
     id: SessionId,
     store: Arc<dyn SessionStore>,
     live: Arc<LiveLogs>,
-    bus: EventSubscription,
+    /// This session's events as this process publishes them.
+    bus: SessionSubscription,
     signals: Option<StoreSignals>,
     poll: tokio::time::Interval,
     buffered: VecDeque<SessionEvent>,
@@ -114,7 +115,7 @@ impl EventFollower {
         after: u64,
         store: Arc<dyn SessionStore>,
         live: Arc<LiveLogs>,
-        bus: EventSubscription,
+        bus: SessionSubscription,
     ) -> Self {
         let signals = store.signals();
         let now = tokio::time::Instant::now();
@@ -160,10 +161,7 @@ impl EventFollower {
                 return None;
             }
             // Armed before looking (see `wait_finished`).
-            let live = Arc::clone(&self.live);
-            let left = live.left();
-            tokio::pin!(left);
-            left.as_mut().enable();
+            let armed = self.live.left(self.id);
             let page = match self.store.events_after(self.id, self.last, PAGE).await {
                 Ok(page) => page,
                 Err(e) => return Some(Err(e.into())),
@@ -174,6 +172,12 @@ impl EventFollower {
                 continue;
             }
             let here = self.live.is_live(self.id);
+            if here && armed.is_none() {
+                // Logged here since it was armed (resumed in this process): arm again.
+                continue;
+            }
+            let left = crate::events::left_or_never(armed);
+            tokio::pin!(left);
             // Set: the session is terminal and its log has said nothing new since then;
             // it ends when this passes.
             let mut ending: Option<tokio::time::Instant> = None;

@@ -432,7 +432,7 @@ impl Supervisor {
             after,
             Arc::clone(&self.store),
             Arc::clone(&self.live),
-            self.subscribe(),
+            self.bus.subscribe_session(id),
         )
     }
 
@@ -480,7 +480,7 @@ impl Supervisor {
     /// `SupervisorDown` if this supervisor stops first with the session still unfinished.
     pub async fn wait_finished(&self, id: SessionId) -> Result<SessionRecord, SessionError> {
         // Subscribed before the first read, so no end between the two is missed.
-        let mut events = self.subscribe();
+        let mut events = self.bus.subscribe_session(id);
         let mut signals = self.store.signals();
         let now = tokio::time::Instant::now();
         let first = now.checked_add(Self::WAIT_POLL).unwrap_or(now);
@@ -489,9 +489,7 @@ impl Supervisor {
         loop {
             // Armed before looking, so that a log leaving the live set after the look
             // (its `SessionFinished`, or its emitter dropped) wakes this wait.
-            let left = self.live.left();
-            tokio::pin!(left);
-            left.as_mut().enable();
+            let armed = self.live.left(id);
             let record = self.store.session(id).await?;
             // Terminal and no longer logged here: its `SessionFinished` is written (or
             // another process wrote the end).
@@ -499,6 +497,12 @@ impl Supervisor {
             if record.status.is_terminal() && !live {
                 return Ok(record);
             }
+            if live && armed.is_none() {
+                // Logged here since it was armed (resumed in this process): arm again.
+                continue;
+            }
+            let left = crate::events::left_or_never(armed);
+            tokio::pin!(left);
             // Wait for something that can change the answer: this session's end, lost
             // events, or (for a session another process runs: this one's bus never
             // carries its end) the store's announcement of new events for it, or, when

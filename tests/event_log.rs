@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{FinalizerMode, Recorder, config, finished, ids, scripted};
@@ -241,5 +243,86 @@ async fn session_finished_is_the_last_event_when_the_deadline_meets_the_last_out
             &events[events.len().saturating_sub(4)..]
         );
     }
+    sup.shutdown().await.expect("shutdown");
+}
+
+/// Followers and waiters of one session are woken by that session's events only: the
+/// events of every other session (thousands a second on a busy server) neither wake them
+/// nor make them fall behind and read the store again. (Each used to hear every event of
+/// every session on the one bus: 200 open event streams on a server cost 200 wake-ups per
+/// event of any session, and a store read each time they lagged.)
+#[tokio::test(start_paused = true)]
+async fn a_follower_is_not_woken_by_other_sessions_events() {
+    let store = Arc::new(common::faulty::FaultyStore::wrapping(Arc::new(
+        harvest_supervisor::MemoryStore::new(),
+    )));
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = Supervisor::builder(harvest_fn(scripted), rec.clone())
+        .store(store.clone())
+        .config(SupervisorConfig {
+            session: harvest_supervisor::SessionConfig {
+                max_concurrency: 8,
+                ..config()
+            },
+            // Small: a follower hearing every session's events lags at once.
+            event_capacity: 16,
+            ..SupervisorConfig::default()
+        })
+        .start()
+        .await
+        .expect("supervisor starts");
+    let sup = Arc::new(sup);
+    // Followed: a session whose one resource hangs until its per-resource timeout.
+    let quiet = sup.start_session("quiet", ["hang-1"]).await.expect("start");
+    let mut follower = sup.follow(quiet, 0);
+    let followed = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(event) = follower.next().await {
+            seen.push(event.expect("an event"));
+        }
+        seen
+    });
+    let waiting = {
+        let sup = Arc::clone(&sup);
+        tokio::spawn(async move { sup.wait_finished(quiet).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let (after_reads, session_reads) = (
+        store.events_after_reads.load(Ordering::SeqCst),
+        store.session_reads_of(quiet),
+    );
+    // Meanwhile a busy one: 400 resources, about 1,600 events.
+    let busy = sup
+        .start_session("busy", ids("ok", 400))
+        .await
+        .expect("start");
+    finished(&sup, busy).await;
+    assert_eq!(
+        store.events_after_reads.load(Ordering::SeqCst) - after_reads,
+        0,
+        "the follower read the store again for another session's events"
+    );
+    assert_eq!(
+        store.session_reads_of(quiet) - session_reads,
+        0,
+        "the waiter read the store again for another session's events"
+    );
+    assert!(!followed.is_finished() && !waiting.is_finished());
+    // The followed session still ends, followed to its end.
+    sup.abort(quiet).await.expect("abort");
+    let seen = followed.await.expect("follower");
+    assert!(seen.iter().all(|e| e.session_id == quiet));
+    assert!(matches!(
+        seen.last().map(|e| &e.kind),
+        Some(EventKind::SessionFinished { .. })
+    ));
+    assert!(
+        waiting
+            .await
+            .expect("waiter")
+            .expect("finished")
+            .status
+            .is_terminal()
+    );
     sup.shutdown().await.expect("shutdown");
 }

@@ -68,6 +68,9 @@ pub struct FaultyStore {
     /// were at once.
     pub queued_now: Arc<AtomicUsize>,
     pub queued_most: AtomicUsize,
+    /// Reads counted: `session()` by session, `events_after()` in all.
+    pub session_reads: std::sync::Mutex<std::collections::HashMap<SessionId, usize>>,
+    pub events_after_reads: AtomicUsize,
 }
 
 impl FaultyStore {
@@ -101,6 +104,8 @@ impl FaultyStore {
             unanswered: std::sync::Mutex::new(Vec::new()),
             queued_now: Arc::new(AtomicUsize::new(0)),
             queued_most: AtomicUsize::new(0),
+            session_reads: std::sync::Mutex::default(),
+            events_after_reads: AtomicUsize::new(0),
         }
     }
 }
@@ -110,6 +115,16 @@ fn injected() -> StoreError {
 }
 
 impl FaultyStore {
+    /// How many times session `id`'s record was read.
+    pub fn session_reads_of(&self, id: SessionId) -> usize {
+        self.session_reads
+            .lock()
+            .expect("counts")
+            .get(&id)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// The injected failure of a finalization step, if they fail now.
     fn finalization_fault(&self) -> Result<(), StoreError> {
         if self.failing_finalization_writes.load(Ordering::SeqCst) {
@@ -139,6 +154,12 @@ impl SessionStore for FaultyStore {
         self.inner.sessions_by_id(ids).await
     }
     async fn session(&self, id: SessionId) -> Result<SessionRecord, StoreError> {
+        *self
+            .session_reads
+            .lock()
+            .expect("counts")
+            .entry(id)
+            .or_default() += 1;
         let fail = self
             .failing_reads
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -287,6 +308,7 @@ impl SessionStore for FaultyStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<SessionEvent>, StoreError> {
+        self.events_after_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.events_after(id, after, limit).await
     }
     async fn last_event_seq(&self, id: SessionId) -> Result<u64, StoreError> {
