@@ -5,9 +5,10 @@
 //! load and quiet.
 //!
 //! ```text
-//! cargo run --release --example harvest_server -- --port 8099 --token $TOKEN --max-streams 1000 \
-//!     --max-resources 100000 --work-ms 0 --db /tmp/load.db 2>/dev/null &
-//! cargo run --release --example server_load -- --base http://127.0.0.1:8099 --token $TOKEN
+//! cargo run --release --example harvest_server -- --port 8099 --admin-port 8100 --token $TOKEN \
+//!     --max-streams 1000 --max-resources 100000 --work-ms 0 --db /tmp/load.db 2>/dev/null &
+//! cargo run --release --example server_load -- --base http://127.0.0.1:8099 --token $TOKEN \
+//!     --health http://127.0.0.1:8100
 //! ```
 
 use std::time::{Duration, Instant};
@@ -32,6 +33,10 @@ struct Args {
     /// Resources of the timed session.
     #[arg(long, default_value_t = 2000)]
     timed: usize,
+    /// Where `/healthz` is probed (default: `--base`); the server's `--admin-port`
+    /// answers it from a thread of its own.
+    #[arg(long)]
+    health: Option<String>,
     /// Bursts of starts, one after the other (each with its timed session): more
     /// `/healthz` probes for the percentiles; the per-resource cost is their median.
     #[arg(long, default_value_t = 5)]
@@ -135,7 +140,11 @@ async fn main() {
     // The probe is an outside health checker: a thread and a runtime of its own, so that it
     // never waits behind this generator's own requests (they share the machine's cores with
     // the server, and would otherwise count in its latencies).
-    let base = args.base.clone();
+    let base = args.health.clone().unwrap_or_else(|| args.base.clone());
+    assert!(
+        base.starts_with("http://127.0.0.1") || base.starts_with("http://localhost"),
+        "loopback only"
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let probe = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -88,9 +88,11 @@ impl SupervisorBuilder {
             node: Arc::clone(&node),
         });
         let shutdown_timeout = self.config.shutdown_timeout;
+        let pulse = Arc::new(crate::supervisor::pulse::Pulse::new());
         let args = SupervisorArgs {
             config: self.config,
             deps,
+            pulse: Arc::clone(&pulse),
         };
         let (root, join) = Actor::spawn(None, HarvestSupervisor, args)
             .await
@@ -113,6 +115,7 @@ impl SupervisorBuilder {
             store,
             join: std::sync::Mutex::new(Some(join)),
             shutdown_timeout,
+            pulse,
         })
     }
 }
@@ -121,8 +124,12 @@ impl SupervisorBuilder {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Health {
-    /// The root actor answered: the tree runs and is not wedged.
+    /// The root actor runs and takes its messages: it has not left a health check's pulse
+    /// unanswered for longer than the check's bound (see [`Supervisor::health`]).
     pub alive: bool,
+    /// How long the root has left the outstanding pulse unanswered (zero when none was
+    /// outstanding): its queue's latency, as a health check sees it.
+    pub root_unanswered_for: std::time::Duration,
     /// How long ago the last lease renewal that succeeded was sent (the store took a write
     /// of this node's then).
     pub lease_renewed_ago: std::time::Duration,
@@ -197,6 +204,8 @@ pub struct Supervisor {
     join: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// See [`SupervisorConfig::shutdown_timeout`].
     shutdown_timeout: std::time::Duration,
+    /// Health checks' pulses (see [`Supervisor::health`]).
+    pulse: Arc<crate::supervisor::pulse::Pulse>,
 }
 
 impl Supervisor {
@@ -319,12 +328,22 @@ impl Supervisor {
             .ok_or(SessionError::SupervisorDown)
     }
 
-    /// The health of this supervisor for a health check: whether its root answers within
-    /// `within` (see [`Supervisor::ping`]) and how its lease in the store fares. The lease
-    /// is renewed by a write every [`SupervisorConfig::lease_renew_interval`]; a store that
-    /// refuses it (unreachable, full disk) shows at the next renewal, one that hangs once
-    /// the last success is more than two intervals old: without a health check adding
-    /// store I/O of its own or queueing behind the sessions' reads.
+    /// The health of this supervisor for a health check, at once (no store I/O, and no
+    /// waiting in the root's queue): whether the root runs and takes its messages, and how
+    /// its lease in the store fares.
+    ///
+    /// The root is asked with a pulse, sent when none is outstanding; the answer is how
+    /// long the outstanding one has waited ([`Health::root_unanswered_for`]): not alive
+    /// once that is longer than `within`, or once the root is gone. So a busy root (a
+    /// burst of starts queued ahead) is alive, and a wedged one is reported by the checks
+    /// that come more than `within` after the first unanswered pulse (a health check
+    /// polled every few seconds sees it one period later). [`Supervisor::ping`] waits for
+    /// the root's answer instead.
+    ///
+    /// The lease is renewed by a write every [`SupervisorConfig::lease_renew_interval`]; a
+    /// store that refuses it (unreachable, full disk) shows at the next renewal, one that
+    /// hangs once the last success is more than two intervals old: without a health check
+    /// adding store I/O of its own or queueing behind the sessions' reads.
     ///
     /// ```
     /// # use harvest_supervisor::{finalizer_fn, harvest_fn, HarvestContext, Supervisor};
@@ -334,18 +353,22 @@ impl Supervisor {
     /// #     harvest_fn(|_: HarvestContext| async { Ok(()) }),
     /// #     finalizer_fn(|_| async { Ok(()) }),
     /// # ).start().await?;
-    /// let health = supervisor.health(std::time::Duration::from_secs(2)).await;
+    /// let health = supervisor.health(std::time::Duration::from_secs(2));
     /// assert!(health.is_healthy());
     /// assert_eq!(health.lease_failures, 0);
     /// # supervisor.shutdown().await?;
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn health(&self, within: std::time::Duration) -> Health {
-        let alive = matches!(tokio::time::timeout(within, self.ping()).await, Ok(Ok(())));
+    pub fn health(&self, within: std::time::Duration) -> Health {
+        let running = matches!(self.root.get_status(), ractor::ActorStatus::Running);
+        let waited = self
+            .pulse
+            .check(|| self.root.send_message(SupervisorMessage::Pulse).is_ok());
         let (renewed_ago, failures, fenced, interval) = self.lease.lease();
         Health {
-            alive,
+            alive: running && waited.is_some_and(|waited| waited <= within),
+            root_unanswered_for: waited.unwrap_or_default(),
             lease_renewed_ago: renewed_ago,
             lease_failures: failures,
             fenced,

@@ -9,6 +9,7 @@
 //! whose lease expired (see `supervisor/recovery.rs`).
 
 pub(crate) mod messages;
+pub(crate) mod pulse;
 mod recovery;
 
 use std::collections::{HashMap, HashSet};
@@ -37,6 +38,8 @@ pub(crate) struct HarvestSupervisor;
 pub(crate) struct SupervisorArgs {
     pub(crate) config: SupervisorConfig,
     pub(crate) deps: Arc<Deps>,
+    /// Health checks' pulses, answered by the root.
+    pub(crate) pulse: Arc<pulse::Pulse>,
 }
 
 /// A session whose actor is alive.
@@ -69,6 +72,8 @@ pub(crate) struct RootState {
     rescuing: bool,
     /// The root itself, for the tasks it spawns to report back.
     root: ActorRef<SupervisorMessage>,
+    /// Health checks' pulses (see [`pulse::Pulse`]).
+    pulse: Arc<pulse::Pulse>,
 }
 
 impl Actor for HarvestSupervisor {
@@ -93,6 +98,7 @@ impl Actor for HarvestSupervisor {
             abandoned: false,
             rescuing: false,
             root: myself,
+            pulse: args.pulse,
         })
     }
 
@@ -216,6 +222,7 @@ impl Actor for HarvestSupervisor {
             SupervisorMessage::Ready(reply) => {
                 let _ = reply.send(());
             }
+            SupervisorMessage::Pulse => state.pulse.answered(),
             SupervisorMessage::Fenced(true) => {
                 for running in state.sessions.values().filter(|r| !r.forcing) {
                     let _ = running.actor.send_message(SessionMessage::LeaseLost);

@@ -138,40 +138,37 @@ async fn health_shows_a_store_that_takes_no_lease_renewal_and_its_recovery() {
         },
     )
     .await;
-    let health = sup.health(PROMPTLY).await;
+    let health = sup.health(PROMPTLY);
     assert!(health.is_healthy(), "{health:?}");
 
     store.failing_renewals.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let health = sup.health(PROMPTLY).await;
+    let health = sup.health(PROMPTLY);
     assert!(health.alive);
     assert!(health.lease_failures >= 1, "{health:?}");
     assert!(!health.is_healthy());
     assert!(!health.fenced, "not yet: the lease still runs");
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let health = sup.health(PROMPTLY).await;
+    let health = sup.health(PROMPTLY);
     assert!(health.fenced, "{health:?}");
     assert!(health.lease_renewed_ago >= Duration::from_secs(10));
 
     store.failing_renewals.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let health = sup.health(PROMPTLY).await;
+    let health = sup.health(PROMPTLY);
     assert!(health.is_healthy(), "{health:?}");
     assert!(health.lease_renewed_ago <= Duration::from_secs(1));
 
     // A store that hangs fails no renewal for a while: the age of the last one tells.
     store.hanging_renewals.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let health = sup.health(PROMPTLY).await;
+    let health = sup.health(PROMPTLY);
     assert_eq!(health.lease_failures, 0, "{health:?}");
     assert!(!health.store_ok(), "{health:?}");
     assert!(!health.is_healthy());
 
     sup.shutdown().await.expect("shutdown");
-    assert!(
-        !sup.health(PROMPTLY).await.alive,
-        "a stopped tree is not alive"
-    );
+    assert!(!sup.health(PROMPTLY).alive, "a stopped tree is not alive");
 }
 
 /// The id of the one session whose creation the store holds, once it is held.
@@ -239,7 +236,7 @@ async fn a_session_created_while_its_node_self_fenced_starts_nothing_until_it_re
     // The node cannot renew: it self-fences while the creation is held.
     store.failing_renewals.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(8)).await;
-    assert!(sup.health(PROMPTLY).await.fenced);
+    assert!(sup.health(PROMPTLY).fenced);
     store.create_gate.add_permits(1);
     assert_eq!(start.await.expect("task").expect("start"), id);
     tokio::time::sleep(Duration::from_secs(3)).await;

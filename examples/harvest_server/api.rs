@@ -36,13 +36,15 @@ pub(crate) async fn metrics_text(State(app): State<App>) -> impl IntoResponse {
     )
 }
 
-/// `GET /healthz`: `200` when the supervisor answers (within 2 s) and the store takes this
-/// node's lease renewals (the last one succeeded, within two renewal intervals, and the
-/// node is not self-fenced), else `503`, saying which. No store I/O of its own: it never queues behind the sessions' reads
-/// and writes, and a store that cannot be written (a full disk) shows as failing.
+/// `GET /healthz`: `200` when the supervisor is alive (its root has not left a pulse
+/// unanswered for more than 2 s) and the store takes this node's lease renewals (the last
+/// one succeeded, within two renewal intervals, and the node is not self-fenced), else
+/// `503`, saying which. Answered at once: no store I/O of its own and no wait in the
+/// root's queue, so it never queues behind the sessions' reads and writes nor a burst of
+/// starts, and a store that cannot be written (a full disk) shows as failing.
 pub(crate) async fn healthz(State(app): State<App>) -> Response {
     const WITHIN: Duration = Duration::from_secs(2);
-    let health = app.supervisor.health(WITHIN).await;
+    let health = app.supervisor.health(WITHIN);
     let status = if health.is_healthy() {
         StatusCode::OK
     } else {
@@ -57,6 +59,7 @@ pub(crate) async fn healthz(State(app): State<App>) -> Response {
             "store": word(health.store_ok()),
             "lease_renewed_ms_ago": u64::try_from(health.lease_renewed_ago.as_millis()).unwrap_or(u64::MAX),
             "lease_failures": health.lease_failures,
+            "root_unanswered_ms": u64::try_from(health.root_unanswered_for.as_millis()).unwrap_or(u64::MAX),
             "fenced": health.fenced,
         })),
     )
@@ -373,12 +376,31 @@ pub(crate) fn router(app: App) -> Router {
             require_read,
         ));
     // Writes check the write token themselves; the page and the health check are open.
-    Router::new()
+    let routes = Router::new()
         .route("/", get(page))
         .route("/harvesters/{id}/sessions", post(start_session))
         .route("/sessions/{id}/abort", post(abort_session))
         .route("/healthz", get(healthz))
-        .merge(reads)
+        .merge(reads);
+    served(routes, app)
+}
+
+/// The `--admin-port` routes: `/healthz` (open) and `/metrics` (as on the main port).
+pub(crate) fn admin_router(app: App) -> Router {
+    let routes = Router::new().route("/healthz", get(healthz)).route(
+        "/metrics",
+        get(metrics_text).route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_read,
+        )),
+    );
+    served(routes, app)
+}
+
+/// `routes` with what every listener of the server has: JSON errors for unknown routes
+/// and methods, the body limit, an access line per request.
+fn served(routes: Router<App>, app: App) -> Router {
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(64 * 1024))

@@ -20,7 +20,10 @@
 //! | `GET /sessions?status=&before=&limit=` | every harvester's sessions, newest first |
 //! | `GET /` | the page: now, the sessions (filtered, paged), a session's timeline and failures |
 //! | `GET /metrics` | the library's metrics, Prometheus text (`harvest_supervisor::meters` lists them) |
-//! | `GET /healthz` | `200` when the supervisor answers and its last lease renewal (a store write) succeeded, else `503` |
+//! | `GET /healthz` | `200` when the supervisor is alive (its root takes its messages) and its last lease renewal (a store write) succeeded, else `503`; answered at once |
+//!
+//! With `--admin-port`, `/healthz` and `/metrics` are served on that port too, from a
+//! thread of their own (answered however busy the main port is).
 //!
 //! Mutating requests need `Authorization: Bearer <token>` (any case of `Bearer`; `--token`,
 //! or `HARVEST_SERVER_TOKEN`, at least 16 characters, or a random one printed at start);
@@ -118,6 +121,11 @@ struct Args {
     /// Most event streams open at once; past it, `429`.
     #[arg(long, default_value_t = 256)]
     max_streams: usize,
+    /// Also serve `/healthz` and `/metrics` on this port (same host), from a thread of
+    /// their own: health checks and scrapes are then answered promptly however busy the
+    /// main port and the runtime are.
+    #[arg(long, value_name = "PORT")]
+    admin_port: Option<u16>,
 }
 
 /// See `--log-format`.
@@ -225,6 +233,36 @@ async fn supervisor(
         .config(config)
         .start()
         .await?)
+}
+
+/// Serves the admin routes (`/healthz`, `/metrics`) on `listener` from a thread and a
+/// runtime of their own (see `--admin-port`), until `stop` is cancelled.
+fn serve_admin(
+    listener: std::net::TcpListener,
+    app: App,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name("admin-http".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let served = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        axum::serve(listener, admin_router(app))
+                            .with_graceful_shutdown(stop.cancelled_owned())
+                            .await
+                    }
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = served {
+                    tracing::error!(%error, "the admin listener failed");
+                }
+            });
+        })
 }
 
 /// Serves until `shutdown` resolves, then finalizes running sessions and closes the store.
@@ -338,11 +376,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         metrics,
         streams: Arc::new(tokio::sync::Semaphore::new(args.max_streams)),
     };
-    serve(listener, app, async {
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    let admin = match args.admin_port {
+        Some(port) => {
+            let listener = std::net::TcpListener::bind(SocketAddr::new(args.host, port))?;
+            println!(
+                "admin (/healthz, /metrics) on http://{}",
+                listener.local_addr()?
+            );
+            Some(serve_admin(listener, app.clone(), admin_stop.clone())?)
+        }
+        None => None,
+    };
+    let served = serve(listener, app, async {
         let _ = tokio::signal::ctrl_c().await;
         println!("shutting down: finalizing running sessions");
     })
-    .await
+    .await;
+    // The admin port answers until the sessions are finalized and the store closed.
+    admin_stop.cancel();
+    if let Some(admin) = admin {
+        let _ = tokio::task::spawn_blocking(move || admin.join()).await;
+    }
+    served
 }
 
 /// The tests' PostgreSQL server (shared with the integration tests).

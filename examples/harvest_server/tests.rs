@@ -14,6 +14,8 @@ struct Server {
     dir: tempfile::TempDir,
     /// The app's: cancelled, every open event stream ends (after its drain).
     closing: tokio_util::sync::CancellationToken,
+    /// The app itself (for a test that serves more of it, as `--admin-port` does).
+    app: App,
 }
 
 impl Server {
@@ -57,8 +59,9 @@ impl Server {
         };
         let closing = app.closing.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = app.clone();
         let done = tokio::spawn(async move {
-            serve(listener, app, async {
+            serve(listener, served, async {
                 let _ = stopped.await;
             })
             .await
@@ -71,6 +74,7 @@ impl Server {
             done,
             dir,
             closing,
+            app,
         }
     }
 
@@ -1296,5 +1300,114 @@ async fn the_page_follows_a_session_through_dropped_streams() {
         "{counts}"
     );
     browser.quit().await;
+    server.stop().await;
+}
+
+/// `--admin-port`: `/healthz` and `/metrics` from a thread and runtime of their own. The
+/// health check answers at once while every thread of the tree's runtime is blocked (a
+/// check that waited for the root's answer timed out), then reports the root failing once
+/// it has left the pulse unanswered for over 2 s, and ok again once the root runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_answers_while_the_runtime_is_blocked_and_tells_a_stuck_root() {
+    let server = Server::start().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let admin_base = format!("http://{}", listener.local_addr().expect("addr"));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let admin = serve_admin(listener, server.app.clone(), stop.clone()).expect("admin");
+    let base = admin_base.clone();
+    // Every worker of the tree's runtime is blocked for 4 s: both wait here for the probe,
+    // then sleep.
+    let all_blocked = Arc::new(std::sync::Barrier::new(3));
+    let ready = Arc::clone(&all_blocked);
+    // The client runs on a thread of its own.
+    let probe = std::thread::spawn(move || {
+        ready.wait();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let http = reqwest::Client::new();
+            let health = || async {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    http.get(format!("{base}/healthz")).send(),
+                )
+                .await
+                .expect("answered within 1 s")
+                .expect("request");
+                let status = r.status().as_u16();
+                (status, r.json::<serde_json::Value>().await.expect("json"))
+            };
+            let first = health().await;
+            tokio::time::sleep(Duration::from_millis(2600)).await;
+            (first, health().await)
+        })
+    });
+    let blockers: Vec<_> = (0..2)
+        .map(|_| {
+            let barrier = Arc::clone(&all_blocked);
+            tokio::spawn(async move {
+                barrier.wait();
+                std::thread::sleep(Duration::from_secs(4));
+            })
+        })
+        .collect();
+    let (first, later) = tokio::task::spawn_blocking(move || probe.join())
+        .await
+        .expect("join")
+        .expect("probe");
+    assert_eq!(first.0, 200, "{}", first.1);
+    assert_eq!(first.1["supervisor"], "ok");
+    assert_eq!(later.0, 503, "{}", later.1);
+    assert_eq!(later.1["supervisor"], "failing");
+    assert!(
+        later.1["root_unanswered_ms"].as_u64().expect("ms") > 2000,
+        "{}",
+        later.1
+    );
+    for blocker in blockers {
+        blocker.await.expect("blocker");
+    }
+    // The root runs again: it takes the pulse, and the next check is ok.
+    let http = reqwest::Client::new();
+    let healthy = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let r = http
+                .get(format!("{admin_base}/healthz"))
+                .send()
+                .await
+                .expect("request");
+            if r.status().as_u16() == 200 {
+                return r.json::<serde_json::Value>().await.expect("json");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("healthy again");
+    assert_eq!(healthy["supervisor"], "ok");
+    // The admin port serves the metrics, and nothing else (a JSON 404).
+    let r = http
+        .get(format!("{admin_base}/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(status(&r), 200);
+    let r = http
+        .get(format!("{admin_base}/sessions"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(status(&r), 404);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.expect("json")["code"],
+        "not_found"
+    );
+    stop.cancel();
+    tokio::task::spawn_blocking(move || admin.join())
+        .await
+        .expect("join")
+        .expect("the admin thread ends");
     server.stop().await;
 }

@@ -92,6 +92,9 @@ pub enum SupervisorMessage {
     /// Answered once the root has started (its first rescue pass is over).
     /// [`crate::Supervisor`]'s builder waits for it; embedders need not send it.
     Ready(RpcReplyPort<()>),
+    /// From [`crate::Supervisor::health`]: the root still takes its messages (see
+    /// [`crate::Health::root_unanswered_for`]). Embedders need not send it.
+    Pulse,
     /// Self-sent every `rescue_interval` (with jitter): take over the sessions of nodes
     /// whose lease expired. Embedders never send it.
     Rescue,
