@@ -374,30 +374,93 @@ impl Drop for SessionSubscription {
 /// its `SessionFinished` (its monitor is being stopped).
 #[derive(Debug, Default)]
 pub(crate) struct LiveLogs {
-    /// Each live session, with what tells its waiters when its log leaves the set (so a
-    /// waiter never misses an end that comes without a `SessionFinished`: an emitter
-    /// dropped at shutdown). One per session: a session's end wakes its own waiters, not
-    /// those of every other session.
-    map: std::sync::Mutex<std::collections::HashMap<SessionId, Arc<tokio::sync::Notify>>>,
+    /// Each live session's log (see [`LiveLog`]).
+    map: std::sync::Mutex<std::collections::HashMap<SessionId, Arc<LiveLog>>>,
+}
+
+/// One live log: what tells its waiters when it leaves the set (so a waiter never misses
+/// an end that comes without a `SessionFinished`: an emitter dropped at shutdown; one per
+/// session: a session's end wakes its own waiters, not those of every other session),
+/// and what it has said so far that the session's record does not (see
+/// [`LiveSignals`]).
+#[derive(Debug, Default)]
+pub(crate) struct LiveLog {
+    left: Arc<tokio::sync::Notify>,
+    escalated: std::sync::atomic::AtomicBool,
+    timeouts: std::sync::atomic::AtomicU32,
+    heartbeat_silences: std::sync::atomic::AtomicU32,
+    lease_lost: std::sync::atomic::AtomicBool,
+}
+
+impl LiveLog {
+    /// Counts what `kind` says (called by the emitter, under its lock).
+    fn note(&self, kind: &EventKind) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match kind {
+            EventKind::MonitorEscalated { .. } => self.escalated.store(true, Relaxed),
+            EventKind::WorkerTimedOut {
+                heartbeat_silent: true,
+                ..
+            } => {
+                let _ = self
+                    .heartbeat_silences
+                    .fetch_update(Relaxed, Relaxed, |n| n.checked_add(1));
+            }
+            EventKind::WorkerTimedOut { .. } => {
+                let _ = self
+                    .timeouts
+                    .fetch_update(Relaxed, Relaxed, |n| n.checked_add(1));
+            }
+            EventKind::LeaseLost { .. } => self.lease_lost.store(true, Relaxed),
+            EventKind::LeaseRenewed { .. } => self.lease_lost.store(false, Relaxed),
+            _ => {}
+        }
+    }
+
+    fn signals(&self) -> LiveSignals {
+        use std::sync::atomic::Ordering::Relaxed;
+        LiveSignals {
+            escalated: self.escalated.load(Relaxed),
+            timeouts: self.timeouts.load(Relaxed),
+            heartbeat_silences: self.heartbeat_silences.load(Relaxed),
+            lease_lost: self.lease_lost.load(Relaxed),
+        }
+    }
+}
+
+/// What the log of a session running in this process has said so far that its record
+/// does not: the warnings an operator's "what runs now" view shows, read from memory
+/// (no store I/O). Counted since this process began to write the log (its start, or its
+/// takeover or resumption here). See [`crate::Supervisor::live_signals`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LiveSignals {
+    /// Its monitor escalated: the session did not finalize within `escalation_grace` of
+    /// its deadline, and the root finalizes it.
+    pub escalated: bool,
+    /// Attempts cut by `resource_timeout` (`WorkerTimedOut` without `heartbeat_silent`).
+    pub timeouts: u32,
+    /// Attempts cut for a silent heartbeat (`WorkerTimedOut` with `heartbeat_silent`).
+    pub heartbeat_silences: u32,
+    /// This node lost its lease and the session waits (`LeaseLost` not yet followed by
+    /// `LeaseRenewed`).
+    pub lease_lost: bool,
 }
 
 impl LiveLogs {
-    fn map(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<SessionId, Arc<tokio::sync::Notify>>>
-    {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<SessionId, Arc<LiveLog>>> {
         // A poisoned lock only means a panic elsewhere mid-insert; the map is intact.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn insert(&self, id: SessionId) {
-        self.map().entry(id).or_default();
+    fn insert(&self, id: SessionId) -> Arc<LiveLog> {
+        Arc::clone(self.map().entry(id).or_default())
     }
 
     fn remove(&self, id: SessionId) {
         let removed = self.map().remove(&id);
-        if let Some(left) = removed {
-            left.notify_waiters();
+        if let Some(log) = removed {
+            log.left.notify_waiters();
         }
     }
 
@@ -406,12 +469,17 @@ impl LiveLogs {
         self.map().contains_key(&id)
     }
 
+    /// What the live log of `id` has said so far; `None` if this process does not write it.
+    pub(crate) fn signals(&self, id: SessionId) -> Option<LiveSignals> {
+        self.map().get(&id).map(|log| log.signals())
+    }
+
     /// If the log of `id` is live now: what resolves once it leaves the set after this
     /// call (armed from here on, even before it is first polled). `None` if it is not live.
     pub(crate) fn left(&self, id: SessionId) -> Option<tokio::sync::futures::OwnedNotified> {
         self.map()
             .get(&id)
-            .map(|left| Arc::clone(left).notified_owned())
+            .map(|log| Arc::clone(&log.left).notified_owned())
     }
 }
 
@@ -588,6 +656,8 @@ struct EmitterInner {
     /// (see module docs).
     state: Mutex<EmitState>,
     bus: EventBus,
+    /// This session's entry in the bus's live logs.
+    live: Arc<LiveLog>,
     store: Arc<dyn SessionStore>,
     span: tracing::Span,
 }
@@ -610,7 +680,7 @@ impl SessionEmitter {
         store: Arc<dyn SessionStore>,
     ) -> Self {
         let span = tracing::info_span!("session", %session_id, %harvester_id);
-        bus.live.insert(session_id);
+        let live = bus.live.insert(session_id);
         Self {
             inner: Arc::new(EmitterInner {
                 session_id,
@@ -622,6 +692,7 @@ impl SessionEmitter {
                     finished: false,
                 }),
                 bus,
+                live,
                 store,
                 span,
             }),
@@ -664,6 +735,7 @@ impl SessionEmitter {
             EventKind::StoreFailed { .. } => crate::meters::store_failed(),
             _ => {}
         }
+        inner.live.note(&kind);
         state.seq += 1;
         let event = SessionEvent {
             seq: state.seq,

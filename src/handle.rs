@@ -376,6 +376,36 @@ impl Supervisor {
         }
     }
 
+    /// What the log of session `id` has said so far that its record does not (escalation,
+    /// attempts cut by a time limit or a silent heartbeat, a lost lease), if this process
+    /// runs it: from memory, for an operator's "what runs now" view without reading each
+    /// running session's log. `None` if this process does not write its log (not started
+    /// or taken over here, or already finished): read its events instead.
+    ///
+    /// ```
+    /// # use harvest_supervisor::{finalizer_fn, harvest_fn, HarvestContext, Supervisor};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let supervisor = Supervisor::builder(
+    ///     harvest_fn(|_: HarvestContext| std::future::pending()),
+    ///     finalizer_fn(|_| async { Ok(()) }),
+    /// )
+    /// .start()
+    /// .await?;
+    /// let id = supervisor.start_session("csw", ["slow"]).await?;
+    /// let signals = supervisor.live_signals(id).expect("runs here");
+    /// assert_eq!((signals.timeouts, signals.escalated), (0, false));
+    /// supervisor.abort(id).await?;
+    /// supervisor.wait_finished(id).await?;
+    /// assert!(supervisor.live_signals(id).is_none(), "over");
+    /// # supervisor.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn live_signals(&self, id: SessionId) -> Option<crate::events::LiveSignals> {
+        self.live.signals(id)
+    }
+
     /// A page of history for an admin page: newest first, by harvester and/or status.
     pub async fn history(&self, query: &SessionQuery) -> Result<SessionPage, SessionError> {
         Ok(self.store.query_sessions(query).await?)

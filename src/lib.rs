@@ -59,7 +59,7 @@ pub use config::{
     FailurePolicy, FinalizerRecovery, RecoveryPolicy, RetryPolicy, SessionConfig, SupervisorConfig,
 };
 pub use error::{ConfigError, Error, IdError, SessionError, StartError, StoreError};
-pub use events::{EventKind, EventSubscription, RecvError, SessionEvent};
+pub use events::{EventKind, EventSubscription, LiveSignals, RecvError, SessionEvent};
 pub use follow::EventFollower;
 pub use handle::{Health, SessionDetail, Supervisor, SupervisorBuilder};
 pub use harvest::{

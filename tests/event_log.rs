@@ -326,3 +326,101 @@ async fn a_follower_is_not_woken_by_other_sessions_events() {
     );
     sup.shutdown().await.expect("shutdown");
 }
+
+/// `Supervisor::live_signals` says from memory what a running session's log has said
+/// that its record does not: the same counts as its stored log, while it runs; and a
+/// lost lease until it is renewed. `None` once the session is over.
+#[tokio::test(start_paused = true)]
+async fn live_signals_count_what_the_running_log_says() {
+    let store = Arc::new(common::faulty::FaultyStore::wrapping(Arc::new(
+        harvest_supervisor::MemoryStore::new(),
+    )));
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = Supervisor::builder(harvest_fn(scripted), rec.clone())
+        .store(store.clone())
+        .config(SupervisorConfig {
+            session: config(),
+            lease_renew_interval: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(10),
+            ..SupervisorConfig::default()
+        })
+        .start()
+        .await
+        .expect("supervisor starts");
+    let retried = harvest_supervisor::RetryPolicy {
+        max_attempts: 1000,
+        initial_backoff: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let silent = sup
+        .start(
+            harvest_supervisor::SessionRequest::new("silent", ["hang-1"]).with_config(
+                harvest_supervisor::SessionConfig {
+                    heartbeat_timeout: Some(Duration::from_secs(2)),
+                    resource_timeout: Some(Duration::from_secs(3600)),
+                    retry: retried.clone(),
+                    ..config()
+                },
+            ),
+        )
+        .await
+        .expect("start");
+    let slow = sup
+        .start(
+            harvest_supervisor::SessionRequest::new("slow", ["hang-2"]).with_config(
+                harvest_supervisor::SessionConfig {
+                    resource_timeout: Some(Duration::from_secs(5)),
+                    retry: retried,
+                    ..config()
+                },
+            ),
+        )
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let counted = |events: &[harvest_supervisor::SessionEvent], silent: bool| {
+        events
+            .iter()
+            .filter(|e| {
+                matches!(e.kind, EventKind::WorkerTimedOut { heartbeat_silent, .. } if heartbeat_silent == silent)
+            })
+            .count() as u32
+    };
+    for id in [silent, slow] {
+        let live = sup.live_signals(id).expect("runs here");
+        let events = sup.events(id).await.expect("events");
+        assert_eq!(live.heartbeat_silences, counted(&events, true), "{id}");
+        assert_eq!(live.timeouts, counted(&events, false), "{id}");
+        assert!(!live.escalated && !live.lease_lost);
+    }
+    let (silent_now, slow_now) = (
+        sup.live_signals(silent).expect("runs"),
+        sup.live_signals(slow).expect("runs"),
+    );
+    assert!(
+        silent_now.heartbeat_silences >= 3 && silent_now.timeouts == 0,
+        "{silent_now:?}"
+    );
+    assert!(
+        slow_now.timeouts >= 2 && slow_now.heartbeat_silences == 0,
+        "{slow_now:?}"
+    );
+
+    // The store takes no renewal for longer than the lease: the node fences, each session
+    // logs `LeaseLost`; renewed, `LeaseRenewed`.
+    store.failing_renewals.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(sup.live_signals(silent).expect("runs").lease_lost);
+    store.failing_renewals.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!sup.live_signals(silent).expect("runs").lease_lost);
+
+    for id in [silent, slow] {
+        sup.abort(id).await.expect("abort");
+        finished(&sup, id).await;
+        assert_eq!(sup.live_signals(id), None, "over");
+    }
+    assert_eq!(sup.live_signals(harvest_supervisor::SessionId::new()), None);
+    sup.shutdown().await.expect("shutdown");
+}

@@ -1411,3 +1411,50 @@ async fn the_admin_port_answers_while_the_runtime_is_blocked_and_tells_a_stuck_r
         .expect("the admin thread ends");
     server.stop().await;
 }
+
+/// `/now` tells an attempt cut for a silent heartbeat while its session still runs (the
+/// simulated harvest never beats: with a `heartbeat_timeout`, a hanging resource is cut
+/// by the silence, then retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn now_warns_of_attempts_cut_for_a_silent_heartbeat() {
+    let server = Server::start().await;
+    let config = json!({
+        "heartbeat_timeout": "100ms",
+        "resource_timeout": "1h",
+        "retry": { "max_attempts": 1000, "initial_backoff": "50ms", "max_backoff": "50ms" },
+    });
+    let id = started(
+        server
+            .start_session(
+                "silent",
+                json!({ "resources": ["a", "b-hang"], "config": config }),
+            )
+            .await,
+    )
+    .await;
+    let active = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (_, now) = server.json("/now").await;
+            let active = now["active"].as_array().cloned().unwrap_or_default();
+            if let Some(a) = active
+                .into_iter()
+                .find(|a| a["record"]["id"] == id.as_str())
+                && a["warnings"].to_string().contains("heartbeat silent")
+            {
+                return a;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the running session warns of its silent heartbeats");
+    let warnings = active["warnings"].to_string();
+    assert!(
+        !warnings.contains("timeouts"),
+        "a silence is not a time limit: {warnings}"
+    );
+    let r = server.abort(&id, TOKEN).await;
+    assert_eq!(status(&r), 202);
+    server.record_when(&id, "aborted").await;
+    server.stop().await;
+}

@@ -456,6 +456,47 @@ pub(crate) struct Now {
 }
 
 /// `GET /now`: what runs right now, with its progress, its deadline and its warnings.
+/// What `/now` warns of beyond the record.
+struct Signals {
+    escalated: bool,
+    timeouts: usize,
+    silent: usize,
+    lease_lost: bool,
+    /// What the counts cover, when not the whole session (" in the last 500 events").
+    within: String,
+}
+
+/// The signals of a session another server runs, from the end of its log (two reads).
+async fn tail_signals(app: &App, id: SessionId) -> Result<Signals, ApiError> {
+    let store = app.supervisor.store();
+    let last = store.last_event_seq(id).await.map_err(SessionError::from)?;
+    let tail = app
+        .supervisor
+        .events_after(id, last.saturating_sub(TAIL), TAIL as usize)
+        .await?;
+    let mut signals = Signals {
+        escalated: false,
+        timeouts: 0,
+        silent: 0,
+        lease_lost: false,
+        within: format!(" in the last {TAIL} events"),
+    };
+    for e in &tail {
+        match e.kind {
+            EventKind::MonitorEscalated { .. } => signals.escalated = true,
+            EventKind::WorkerTimedOut {
+                heartbeat_silent: true,
+                ..
+            } => signals.silent += 1,
+            EventKind::WorkerTimedOut { .. } => signals.timeouts += 1,
+            EventKind::LeaseLost { .. } => signals.lease_lost = true,
+            EventKind::LeaseRenewed { .. } => signals.lease_lost = false,
+            _ => {}
+        }
+    }
+    Ok(signals)
+}
+
 pub(crate) async fn now(State(app): State<App>) -> Result<Json<Now>, ApiError> {
     let now = Utc::now();
     let mut records = Vec::new();
@@ -497,44 +538,32 @@ pub(crate) async fn now(State(app): State<App>) -> Result<Json<Now>, ApiError> {
         if record.finalizing.is_some() {
             warnings.push("finalizing".to_owned());
         }
-        // The end of its log says what the record does not: escalation, timeouts (a
-        // resource past its time or silent past its heartbeat), a lost lease.
-        let store = app.supervisor.store();
-        let last = store
-            .last_event_seq(record.id)
-            .await
-            .map_err(SessionError::from)?;
-        let tail = app
-            .supervisor
-            .events_after(record.id, last.saturating_sub(TAIL), TAIL as usize)
-            .await?;
-        let (mut timeouts, mut silent) = (0usize, 0usize);
-        let (mut escalated, mut lease_lost) = (false, false);
-        for e in &tail {
-            match e.kind {
-                EventKind::MonitorEscalated { .. } => escalated = true,
-                EventKind::WorkerTimedOut {
-                    heartbeat_silent: true,
-                    ..
-                } => silent += 1,
-                EventKind::WorkerTimedOut { .. } => timeouts += 1,
-                EventKind::LeaseLost { .. } => lease_lost = true,
-                EventKind::LeaseRenewed { .. } => lease_lost = false,
-                _ => {}
-            }
-        }
-        if escalated {
+        // What the record does not say: escalation, timeouts (a resource past its time or
+        // silent past its heartbeat), a lost lease. From memory for a session this server
+        // runs; from the end of its log for one another server runs.
+        let signals = match app.supervisor.live_signals(record.id) {
+            Some(live) => Signals {
+                escalated: live.escalated,
+                timeouts: live.timeouts as usize,
+                silent: live.heartbeat_silences as usize,
+                lease_lost: live.lease_lost,
+                within: String::new(),
+            },
+            None => tail_signals(&app, record.id).await?,
+        };
+        if signals.escalated {
             warnings.push("escalated".to_owned());
         }
-        if silent > 0 {
+        if signals.silent > 0 {
             warnings.push(format!(
-                "heartbeat silent ({silent} in the last {TAIL} events)"
+                "heartbeat silent ({}{})",
+                signals.silent, signals.within
             ));
         }
-        if timeouts > 0 {
-            warnings.push(format!("timeouts ({timeouts} in the last {TAIL} events)"));
+        if signals.timeouts > 0 {
+            warnings.push(format!("timeouts ({}{})", signals.timeouts, signals.within));
         }
-        if lease_lost {
+        if signals.lease_lost {
             warnings.push("lease lost".to_owned());
         }
         active.push(Active {
