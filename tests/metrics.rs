@@ -240,3 +240,66 @@ async fn the_gauges_show_what_runs_within_a_monitor_tick_and_zero_when_idle() {
     assert_eq!(idle.gauges.get(names::ACTIVE_SESSIONS), Some(&0.0));
     assert_eq!(idle.gauges.get(names::ACTIVE_WORKERS), Some(&0.0));
 }
+
+/// A session finished after its process died is counted as a recovery (and as a
+/// takeover when taken from another node's expired lease), and each failed store write
+/// that is retried as a store failure: as many as the log tells.
+#[tokio::test(start_paused = true)]
+async fn recoveries_and_store_failures_are_counted_as_the_log_tells() {
+    use harvest_supervisor::EventKind;
+    use std::sync::atomic::Ordering;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let store = common::faulty::FaultyStore::new();
+    let rec = Recorder::new(FinalizerMode::Ok);
+
+    // A process dies with its session running: every actor gone at once.
+    let dead = common::supervisor_on(store.clone(), config(), &rec).await;
+    let left = dead
+        .start_session("csw", ["ok-1", "hang-2"])
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    dead.actor().kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut seen = Seen::default();
+    seen.look(&snapshotter);
+    assert_eq!(seen.counter(names::RECOVERIES, &[]), 0);
+
+    // The next process finalizes it; its finalization's writes fail for a while first.
+    store
+        .failing_finalization_writes
+        .store(true, Ordering::SeqCst);
+    let next = common::supervisor_on(store.clone(), config(), &rec).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    store
+        .failing_finalization_writes
+        .store(false, Ordering::SeqCst);
+    finished(&next, left).await;
+    let events = next.events(left).await.expect("events");
+    let told =
+        |pick: fn(&EventKind) -> bool| events.iter().filter(|e| pick(&e.kind)).count() as u64;
+    let recovered = told(|k| matches!(k, EventKind::Recovered { .. }));
+    let taken = told(|k| matches!(k, EventKind::SessionTakenOver { .. }));
+    let store_failed = told(|k| matches!(k, EventKind::StoreFailed { .. }));
+    assert_eq!(recovered, 1, "{events:#?}");
+    assert!(store_failed >= 2, "{store_failed} store failures told");
+    seen.look(&snapshotter);
+    assert_eq!(
+        seen.counter(names::RECOVERIES, &[("kind", "recovered")]),
+        recovered
+    );
+    assert_eq!(
+        seen.counter(names::RECOVERIES, &[("kind", "taken_over")]),
+        taken
+    );
+    assert_eq!(seen.counter(names::STORE_FAILURES, &[]), store_failed);
+    assert_eq!(
+        store.failed_finalization_writes.load(Ordering::SeqCst) as u64,
+        store_failed,
+        "each failed write counted once"
+    );
+    next.shutdown().await.expect("shutdown");
+}
