@@ -112,7 +112,13 @@ impl PostgresOptions {
     /// `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGAPPNAME`, `PGCONNECT_TIMEOUT`.
     /// Unset ones take libpq's defaults (`localhost`, 5432, the user `postgres`).
     pub fn from_env() -> Result<Self, StoreError> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`PostgresOptions::from_env`] with the variables looked up by `lookup` (an empty
+    /// value counts as unset, as libpq does).
+    fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, StoreError> {
+        let var = |name: &str| lookup(name).filter(|v| !v.is_empty());
         let mut config = Config::new();
         config.host(var("PGHOST").as_deref().unwrap_or("localhost"));
         if let Some(port) = var("PGPORT") {
@@ -1585,3 +1591,78 @@ impl std::fmt::Display for Retry {
 }
 
 impl std::error::Error for Retry {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Options from these variables only (the process's own environment untouched).
+    fn from(vars: &[(&str, &str)]) -> Result<PostgresOptions, StoreError> {
+        let vars: std::collections::HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        PostgresOptions::from_vars(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn the_pg_variables_name_the_database_and_unset_ones_take_libpq_defaults() {
+        let options = from(&[]).expect("defaults");
+        assert_eq!(options.target(), "localhost:5432/postgres");
+        assert_eq!(options.config.get_user(), Some("postgres"));
+        assert_eq!(
+            options.config.get_application_name(),
+            Some("harvest-supervisor")
+        );
+        assert_eq!(options.connect_timeout, Duration::from_secs(10));
+
+        let options = from(&[
+            ("PGHOST", "/run/postgresql"),
+            ("PGPORT", "5433"),
+            ("PGUSER", "harvester"),
+            ("PGPASSWORD", "s3cret-pass"),
+            ("PGDATABASE", "geonode"),
+            ("PGAPPNAME", "geonode-harvest"),
+            ("PGCONNECT_TIMEOUT", "3"),
+        ])
+        .expect("options");
+        // A host starting with `/` is a socket folder.
+        assert!(matches!(
+            options.config.get_hosts(),
+            [Host::Unix(dir)] if dir == std::path::Path::new("/run/postgresql")
+        ));
+        assert_eq!(options.target(), "/run/postgresql:5433/geonode");
+        assert_eq!(options.config.get_user(), Some("harvester"));
+        assert_eq!(options.config.get_password(), Some(&b"s3cret-pass"[..]));
+        assert_eq!(
+            options.config.get_application_name(),
+            Some("geonode-harvest")
+        );
+        assert_eq!(options.connect_timeout, Duration::from_secs(3));
+        assert!(
+            !format!("{options:?}").contains("s3cret"),
+            "never the password in Debug"
+        );
+        // Empty counts as unset.
+        let options = from(&[("PGHOST", ""), ("PGPORT", ""), ("PGUSER", "")]).expect("options");
+        assert_eq!(options.target(), "localhost:5432/postgres");
+    }
+
+    #[test]
+    fn a_pg_variable_that_does_not_parse_is_an_error_naming_it() {
+        for (name, value) in [
+            ("PGPORT", "54321x"),
+            ("PGPORT", "70000"),
+            ("PGCONNECT_TIMEOUT", "soon"),
+            ("PGCONNECT_TIMEOUT", "-1"),
+        ] {
+            match from(&[(name, value)]) {
+                Err(StoreError::InvalidOptions(e)) => {
+                    assert_eq!(e.field(), name);
+                    assert!(e.to_string().contains(value), "{e}");
+                }
+                other => panic!("{name}={value}: {other:?}"),
+            }
+        }
+    }
+}
