@@ -54,6 +54,16 @@ impl Tmpfs {
     fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Gives the disk more room (`size`, larger than its size now).
+    fn grow(&self, size: &str) {
+        let grown = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .expect("remount");
+        assert!(grown.success(), "remount the tmpfs to {size}");
+    }
 }
 
 impl Drop for Tmpfs {
@@ -75,6 +85,15 @@ fn filler(dir: &Path, bytes: usize) -> PathBuf {
 }
 
 async fn supervisor(db: &Path, rec: &Recorder) -> (Supervisor, SqliteStore) {
+    supervisor_with(db, rec, SupervisorConfig::default()).await
+}
+
+/// The same, with `config`'s lease settings.
+async fn supervisor_with(
+    db: &Path,
+    rec: &Recorder,
+    config: SupervisorConfig,
+) -> (Supervisor, SqliteStore) {
     let store = SqliteStore::open(db).await.expect("open on the tmpfs");
     let sup = Supervisor::builder(harvest_fn(|_| async { Ok(()) }), rec.clone())
         .store(Arc::new(store.clone()))
@@ -85,7 +104,7 @@ async fn supervisor(db: &Path, rec: &Recorder) -> (Supervisor, SqliteStore) {
             },
             store_retry_max: Duration::from_millis(200),
             shutdown_timeout: Duration::from_secs(2),
-            ..SupervisorConfig::default()
+            ..config
         })
         .start()
         .await
@@ -248,5 +267,94 @@ async fn a_disk_that_stays_full_does_not_hold_up_shutdown_and_the_next_start_rec
         .await
         .expect("the harvester is free");
     next.shutdown().await.expect("shutdown");
+    let _ = store.close().await;
+}
+
+/// A disk that stays full for longer than the lease fences the node (its renewals are
+/// writes too): health says so, starts are refused, and the session (if still running)
+/// waits. Once space returns, the next renewal lifts the fence and the session completes
+/// with the truth. (The other tests meet this only on a slow machine; here a 2 s lease
+/// forces it.)
+///
+/// KNOWN DEFECT, found by this test (2026-12-01): the node fences as it should, but stays
+/// fenced after the disk grows from 2 to 8 MiB: every renewal fails. What was seen: the
+/// main database file stays at 8 KiB while the write-ahead log grows into all the new
+/// room (8 MiB, then `database or disk is full` again): nothing was ever checkpointed
+/// (the auto-checkpoint threshold, 1,000 pages, is larger than this disk), and the writer
+/// keeps retrying batches of thousands of queued writes that fill what is free, while the
+/// renewal shares their batch (and fails with it). Next: renew the lease in a transaction
+/// and connection of its own, checkpoint (TRUNCATE) when a commit fails for space, and
+/// bound the writer's retries; also `Writer::send` blocks a runtime thread when its queue
+/// is full (one run of this test froze the runtime for minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known defect: a node fenced by a full disk stays fenced once space returns (see the doc comment)"]
+async fn a_disk_full_for_longer_than_the_lease_fences_the_node_until_space_returns() {
+    let Some(disk) = Tmpfs::mount("2m") else {
+        return;
+    };
+    let filler = filler(disk.path(), 256 * 1024);
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let (sup, store) = supervisor_with(
+        &disk.path().join("harvests.db"),
+        &rec,
+        SupervisorConfig {
+            lease_renew_interval: Duration::from_millis(250),
+            lease_ttl: Duration::from_secs(2),
+            ..SupervisorConfig::default()
+        },
+    )
+    .await;
+    let (id, _met) = fill_the_disk(&sup).await;
+    let fenced = tokio::time::timeout(GUARD, async {
+        loop {
+            let health = sup.health(Duration::from_secs(2));
+            if health.fenced {
+                return health;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the node fences while its renewals fail on the full disk");
+    assert!(!fenced.store_ok() && !fenced.is_healthy(), "{fenced:?}");
+    assert!(fenced.lease_failures > 0, "{fenced:?}");
+    assert!(matches!(
+        sup.start_session("other", ["x"]).await,
+        Err(StartError::Store(
+            harvest_supervisor::StoreError::LeaseExpired { .. }
+        ))
+    ));
+
+    // Space returns, plenty of it (the disk grows to 8 MiB): a quarter of a megabyte, as
+    // above, is not always enough here: by the time the node fenced, SQLite's
+    // write-ahead log had grown into every free page, and its checkpoint needs room in
+    // the main file before any commit (the renewal's too) can reuse it.
+    drop(filler);
+    disk.grow("8m");
+    let record = tokio::time::timeout(GUARD, sup.wait_finished(id))
+        .await
+        .expect("completed once space returned")
+        .expect("record");
+    assert_eq!(record.status, SessionStatus::FinishedAllOk);
+    assert_eq!(record.counts.succeeded, RESOURCES);
+    assert_eq!(rec.calls(), 1);
+    let healthy = tokio::time::timeout(GUARD, async {
+        loop {
+            let health = sup.health(Duration::from_secs(2));
+            if health.is_healthy() {
+                return health;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("healthy once renewals pass again");
+    assert!(!healthy.fenced);
+    let again = sup
+        .start_session("other", ["x"])
+        .await
+        .expect("starts once unfenced");
+    sup.wait_finished(again).await.expect("finished");
+    sup.shutdown().await.expect("shutdown");
     let _ = store.close().await;
 }
