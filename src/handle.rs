@@ -303,18 +303,60 @@ impl Supervisor {
             .unwrap_or(Err(SessionError::SupervisorDown))
     }
 
-    /// One session's record.
+    /// One session's record, from the store: `UnknownSession` if there is none. Like every
+    /// read of the handle (`sessions`, `active_session`, `history`, `report`, `events`,
+    /// `outcomes`, `wait_finished` for a finished session), it answers after
+    /// [`Supervisor::shutdown`] too; what needs the tree (`start`, `abort`) answers
+    /// `SupervisorDown` then.
     pub async fn session(&self, id: SessionId) -> Result<SessionRecord, SessionError> {
-        self.call(|r| SupervisorMessage::GetSession(id, r))
-            .await
-            .unwrap_or(Err(SessionError::SupervisorDown))
+        Ok(self.store.session(id).await?)
     }
 
-    /// Every session, newest first.
+    /// Every session, newest first, from the store (also after shutdown).
     pub async fn sessions(&self) -> Result<Vec<SessionRecord>, SessionError> {
-        self.call(SupervisorMessage::ListSessions)
-            .await
-            .unwrap_or(Err(SessionError::SupervisorDown))
+        Ok(self.store.list_sessions().await?)
+    }
+
+    /// The session that holds `harvester` busy now (started and not yet finalized, by
+    /// this process or another on the same store), if any: a start for it would answer
+    /// `HarvesterBusy`. From the store (also after shutdown).
+    ///
+    /// ```
+    /// # use harvest_supervisor::{finalizer_fn, harvest_fn, HarvestContext, Supervisor};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let supervisor = Supervisor::builder(
+    ///     harvest_fn(|_: HarvestContext| std::future::pending()),
+    ///     finalizer_fn(|_| async { Ok(()) }),
+    /// )
+    /// .start()
+    /// .await?;
+    /// assert!(supervisor.active_session("csw").await?.is_none());
+    /// let id = supervisor.start_session("csw", ["slow"]).await?;
+    /// let busy = supervisor.active_session("csw").await?.expect("busy");
+    /// assert_eq!(busy.id, id);
+    /// supervisor.abort(id).await?;
+    /// supervisor.wait_finished(id).await?;
+    /// assert!(supervisor.active_session("csw").await?.is_none(), "free again");
+    /// # supervisor.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn active_session(
+        &self,
+        harvester: impl Into<crate::model::HarvesterId>,
+    ) -> Result<Option<SessionRecord>, SessionError> {
+        let harvester = harvester.into();
+        let Some(id) = self.store.active_session(&harvester).await? else {
+            return Ok(None);
+        };
+        match self.store.session(id).await {
+            Ok(record) => Ok(Some(record)),
+            // Gone between the two reads cannot happen (sessions are never deleted), but a
+            // store that says so is not a busy harvester.
+            Err(crate::StoreError::UnknownSession { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Whether the supervision tree answers: `Ok` once its root has read every message sent

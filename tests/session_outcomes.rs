@@ -332,3 +332,66 @@ async fn with_both_limits_the_earlier_one_ends_an_attempt_even_while_it_beats() 
     assert_eq!(outcome("silent").outcome, ResourceOutcome::TimedOut);
     assert_eq!(outcome("silent").elapsed, Duration::from_secs(12));
 }
+
+/// One rule after `shutdown`: every read answers from the store (the session's record,
+/// the list, the busy harvester, the report and the log); what needs the tree (a start,
+/// an abort) answers `SupervisorDown`. And `active_session` tells which session holds a
+/// harvester, as a start would find it busy.
+#[tokio::test(start_paused = true)]
+async fn after_shutdown_reads_answer_from_the_store_and_starts_say_the_tree_is_down() {
+    use harvest_supervisor::{FinalizeReason, SessionError, SessionId, SessionStatus, StartError};
+
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor(config(), &rec).await;
+    let done = sup.start_session("a", ["ok-1"]).await.expect("start a");
+    finished(&sup, done).await;
+    let running = sup.start_session("b", ["hang-1"]).await.expect("start b");
+    let busy = sup
+        .active_session("b")
+        .await
+        .expect("read")
+        .expect("b is busy");
+    assert_eq!((busy.id, busy.status.is_terminal()), (running, false));
+    assert!(matches!(
+        sup.start_session("b", ["x"]).await,
+        Err(StartError::HarvesterBusy { session, .. }) if session == running
+    ));
+    assert!(sup.active_session("a").await.expect("read").is_none());
+    assert!(
+        sup.active_session("never-seen")
+            .await
+            .expect("read")
+            .is_none()
+    );
+
+    sup.shutdown().await.expect("shutdown");
+    assert_eq!(
+        sup.session(done).await.expect("a's record").status,
+        SessionStatus::FinishedAllOk
+    );
+    assert_eq!(
+        sup.session(running).await.expect("b's record").reason(),
+        Some(FinalizeReason::Shutdown)
+    );
+    assert_eq!(sup.sessions().await.expect("the list").len(), 2);
+    assert!(
+        sup.active_session("b").await.expect("read").is_none(),
+        "b was finalized"
+    );
+    assert!(matches!(
+        sup.session(SessionId::new()).await,
+        Err(SessionError::UnknownSession { .. })
+    ));
+    assert_eq!(sup.report(done).await.expect("report").record.id, done);
+    assert!(!sup.events(running).await.expect("log").is_empty());
+    assert_eq!(sup.wait_finished(done).await.expect("over").id, done);
+    // What needs the tree.
+    assert!(matches!(
+        sup.start_session("c", ["x"]).await,
+        Err(StartError::SupervisorDown)
+    ));
+    assert!(matches!(
+        sup.abort(running).await,
+        Err(SessionError::SupervisorDown)
+    ));
+}

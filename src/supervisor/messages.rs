@@ -67,8 +67,10 @@ impl SessionRequest {
     }
 }
 
-/// What the root answers.
+/// What the root answers. Non-exhaustive: variants are added as the tree's internals need
+/// them (most are sent only by the tree itself).
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum SupervisorMessage {
     /// Start a session; `HarvesterBusy` if its harvester has one running.
     StartSession(
