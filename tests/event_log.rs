@@ -246,6 +246,22 @@ async fn session_finished_is_the_last_event_when_the_deadline_meets_the_last_out
     sup.shutdown().await.expect("shutdown");
 }
 
+/// A supervisor over the scripted harvest on a fault-injecting memory store, with `config`.
+async fn on_faulty_store(
+    config: SupervisorConfig,
+) -> (Arc<common::faulty::FaultyStore>, Supervisor) {
+    let store = Arc::new(common::faulty::FaultyStore::wrapping(Arc::new(
+        harvest_supervisor::MemoryStore::new(),
+    )));
+    let sup = Supervisor::builder(harvest_fn(scripted), Recorder::new(FinalizerMode::Ok))
+        .store(store.clone())
+        .config(config)
+        .start()
+        .await
+        .expect("supervisor starts");
+    (store, sup)
+}
+
 /// Followers and waiters of one session are woken by that session's events only: the
 /// events of every other session (thousands a second on a busy server) neither wake them
 /// nor make them fall behind and read the store again. (Each used to hear every event of
@@ -253,24 +269,16 @@ async fn session_finished_is_the_last_event_when_the_deadline_meets_the_last_out
 /// event of any session, and a store read each time they lagged.)
 #[tokio::test(start_paused = true)]
 async fn a_follower_is_not_woken_by_other_sessions_events() {
-    let store = Arc::new(common::faulty::FaultyStore::wrapping(Arc::new(
-        harvest_supervisor::MemoryStore::new(),
-    )));
-    let rec = Recorder::new(FinalizerMode::Ok);
-    let sup = Supervisor::builder(harvest_fn(scripted), rec.clone())
-        .store(store.clone())
-        .config(SupervisorConfig {
-            session: harvest_supervisor::SessionConfig {
-                max_concurrency: 8,
-                ..config()
-            },
-            // Small: a follower hearing every session's events lags at once.
-            event_capacity: 16,
-            ..SupervisorConfig::default()
-        })
-        .start()
-        .await
-        .expect("supervisor starts");
+    let (store, sup) = on_faulty_store(SupervisorConfig {
+        session: harvest_supervisor::SessionConfig {
+            max_concurrency: 8,
+            ..config()
+        },
+        // Small: a follower hearing every session's events lags at once.
+        event_capacity: 16,
+        ..SupervisorConfig::default()
+    })
+    .await;
     let sup = Arc::new(sup);
     // Followed: a session whose one resource hangs until its per-resource timeout.
     let quiet = sup.start_session("quiet", ["hang-1"]).await.expect("start");
@@ -332,21 +340,13 @@ async fn a_follower_is_not_woken_by_other_sessions_events() {
 /// lost lease until it is renewed. `None` once the session is over.
 #[tokio::test(start_paused = true)]
 async fn live_signals_count_what_the_running_log_says() {
-    let store = Arc::new(common::faulty::FaultyStore::wrapping(Arc::new(
-        harvest_supervisor::MemoryStore::new(),
-    )));
-    let rec = Recorder::new(FinalizerMode::Ok);
-    let sup = Supervisor::builder(harvest_fn(scripted), rec.clone())
-        .store(store.clone())
-        .config(SupervisorConfig {
-            session: config(),
-            lease_renew_interval: Duration::from_secs(1),
-            lease_ttl: Duration::from_secs(10),
-            ..SupervisorConfig::default()
-        })
-        .start()
-        .await
-        .expect("supervisor starts");
+    let (store, sup) = on_faulty_store(SupervisorConfig {
+        session: config(),
+        lease_renew_interval: Duration::from_secs(1),
+        lease_ttl: Duration::from_secs(10),
+        ..SupervisorConfig::default()
+    })
+    .await;
     let retried = harvest_supervisor::RetryPolicy {
         max_attempts: 1000,
         initial_backoff: Duration::from_secs(1),

@@ -133,6 +133,29 @@ async fn started(r: reqwest::Response) -> String {
 }
 
 impl Server {
+    /// Waits (30 s at most) until `/now` lists running session `id` as `wanted` accepts;
+    /// its entry then (`None` past 30 s).
+    async fn now_when(
+        &self,
+        id: &str,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let (_, now) = self.json("/now").await;
+                let active = now["active"].as_array().cloned().unwrap_or_default();
+                if let Some(a) = active.into_iter().find(|a| a["record"]["id"] == id)
+                    && wanted(&a)
+                {
+                    return a;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .ok()
+    }
+
     /// Waits (30 s at most) until session `id` has status `want`; its record then.
     async fn record_when(&self, id: &str, want: &str) -> serde_json::Value {
         tokio::time::timeout(Duration::from_secs(30), async {
@@ -1228,22 +1251,10 @@ async fn now_lists_running_sessions_with_their_progress_and_deadline() {
             .await,
     )
     .await;
-    let active = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let (_, now) = server.json("/now").await;
-            let active = now["active"].as_array().cloned().unwrap_or_default();
-            if let Some(a) = active
-                .into_iter()
-                .find(|a| a["record"]["id"] == id.as_str())
-                && a["done"] == 2
-            {
-                return a;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the running session shows its progress");
+    let active = server
+        .now_when(&id, |a| a["done"] == 2)
+        .await
+        .expect("the running session shows its progress");
     assert_eq!(active["record"]["total"], 3);
     assert_eq!(active["record"]["harvester_id"], "stuck");
     assert!(
@@ -1432,22 +1443,12 @@ async fn now_warns_of_attempts_cut_for_a_silent_heartbeat() {
             .await,
     )
     .await;
-    let active = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let (_, now) = server.json("/now").await;
-            let active = now["active"].as_array().cloned().unwrap_or_default();
-            if let Some(a) = active
-                .into_iter()
-                .find(|a| a["record"]["id"] == id.as_str())
-                && a["warnings"].to_string().contains("heartbeat silent")
-            {
-                return a;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the running session warns of its silent heartbeats");
+    let active = server
+        .now_when(&id, |a| {
+            a["warnings"].to_string().contains("heartbeat silent")
+        })
+        .await
+        .expect("the running session warns of its silent heartbeats");
     let warnings = active["warnings"].to_string();
     assert!(
         !warnings.contains("timeouts"),
