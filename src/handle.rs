@@ -478,7 +478,11 @@ impl Supervisor {
     }
 
     /// A session's stored event log, whole. A long one (two events per resource) is better
-    /// read page by page with [`Supervisor::events_after`].
+    /// read page by page with [`Supervisor::events_after`]. What is stored depends on the
+    /// store: the durable ones keep every event; [`MemoryStore`] keeps the newest
+    /// [`MemoryStore::DEFAULT_EVENT_LIMIT`] (100,000) per session by default
+    /// ([`MemoryStore::with_event_limit`]), so a longer log read from it starts later
+    /// than `seq` 1.
     pub async fn events(&self, id: SessionId) -> Result<Vec<SessionEvent>, SessionError> {
         Ok(self.store.events(id).await?)
     }

@@ -175,6 +175,21 @@ where
 pub struct FinalizerFn<F>(F);
 
 /// Wraps `f(report) -> impl Future<Output = Result<(), BoxError>>` as a [`SessionFinalizer`].
+///
+/// Written inline, the closure's `Ok(())` and its `?` on any error type need no
+/// annotation; a closure bound to a variable first is typed before it meets this bound,
+/// so it needs one (`Ok::<(), BoxError>(())`).
+///
+/// ```
+/// use harvest_supervisor::finalizer_fn;
+///
+/// let finalizer = finalizer_fn(|report| async move {
+///     let total: u64 = report.total.to_string().parse()?; // any error type
+///     tracing::info!(total, "recorded");
+///     Ok(())
+/// });
+/// # let _ = finalizer;
+/// ```
 pub fn finalizer_fn<F, Fut>(f: F) -> FinalizerFn<F>
 where
     F: Fn(SessionReport) -> Fut + Send + Sync + 'static,
