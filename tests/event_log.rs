@@ -250,15 +250,10 @@ async fn session_finished_is_the_last_event_when_the_deadline_meets_the_last_out
 async fn on_faulty_store(
     config: SupervisorConfig,
 ) -> (Arc<common::faulty::FaultyStore>, Supervisor) {
-    let store = Arc::new(common::faulty::FaultyStore::wrapping(Arc::new(
-        harvest_supervisor::MemoryStore::new(),
-    )));
-    let sup = Supervisor::builder(harvest_fn(scripted), Recorder::new(FinalizerMode::Ok))
-        .store(store.clone())
-        .config(config)
-        .start()
-        .await
-        .expect("supervisor starts");
+    let store = common::faulty::FaultyStore::new();
+    let sup =
+        common::supervisor_configured(store.clone(), config, &Recorder::new(FinalizerMode::Ok))
+            .await;
     (store, sup)
 }
 

@@ -15,22 +15,13 @@ use harvest_supervisor::{FinalizeReason, SessionStatus, SessionStore, StartError
 /// Longer than any answer that does not wait for the held store write.
 const PROMPTLY: Duration = Duration::from_secs(60);
 
-/// A supervisor over the scripted harvest on `store`, with `config`'s settings around the
-/// test budget.
+/// A supervisor over the scripted harvest on `store`, with `config`.
 async fn supervisor_with(
     store: &Arc<FaultyStore>,
     recorder: &Recorder,
     config: harvest_supervisor::SupervisorConfig,
 ) -> harvest_supervisor::Supervisor {
-    harvest_supervisor::Supervisor::builder(
-        harvest_supervisor::harvest_fn(common::scripted),
-        recorder.clone(),
-    )
-    .store(store.clone())
-    .config(config)
-    .start()
-    .await
-    .expect("supervisor starts")
+    common::supervisor_configured(store.clone(), config, recorder).await
 }
 
 #[tokio::test(start_paused = true)]

@@ -854,6 +854,12 @@ impl Browser {
         std::fs::write(dir.join(format!("{name}.png")), bytes).expect("screenshot");
     }
 
+    /// Opens `server`'s page and types the write token into it.
+    async fn sign_in(&self, server: &Server) {
+        self.open(&format!("{}/", server.base)).await;
+        self.type_into("#token", TOKEN).await;
+    }
+
     async fn open(&self, url: &str) {
         self.cmd(
             reqwest::Method::POST,
@@ -883,21 +889,23 @@ impl Browser {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_starts_a_session_and_its_timeline_reaches_a_terminal_status() {
+/// A server and a browser for a page test; `None` (the server stopped again) where there
+/// is no browser and it is not required.
+async fn server_and_browser() -> Option<(Server, Browser)> {
     let server = Server::start().await;
     let Some(browser) = Browser::start().await else {
         server.stop().await;
+        return None;
+    };
+    Some((server, browser))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_starts_a_session_and_its_timeline_reaches_a_terminal_status() {
+    let Some((server, browser)) = server_and_browser().await else {
         return;
     };
-    browser
-        .cmd(
-            reqwest::Method::POST,
-            "/url",
-            json!({ "url": format!("{}/", server.base) }),
-        )
-        .await;
-    browser.type_into("#token", TOKEN).await;
+    browser.sign_in(&server).await;
     browser.type_into("#ids", "a, b-fail, c, d").await;
     browser.click("#start-button").await;
 
@@ -944,9 +952,7 @@ async fn the_page_starts_a_session_and_its_timeline_reaches_a_terminal_status() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_every_user_string_as_text_isolated_and_unaltered() {
-    let server = Server::start().await;
-    let Some(browser) = Browser::start().await else {
-        server.stop().await;
+    let Some((server, browser)) = server_and_browser().await else {
         return;
     };
     // Markup, quotes and a right-to-left override in ids; the failing ones' error texts
@@ -963,8 +969,7 @@ async fn the_page_shows_every_user_string_as_text_isolated_and_unaltered() {
         .await;
     let id = started(r).await;
     server.record_when(&id, "finished-some-failed").await;
-    browser.open(&format!("{}/", server.base)).await;
-    browser.type_into("#token", TOKEN).await;
+    browser.sign_in(&server).await;
     let row = format!("#sessions tr[data-id=\"{id}\"]");
     browser
         .until(&format!("document.querySelector('{row}')"))
@@ -1039,13 +1044,10 @@ fn utf8_percent(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_session_is_drawn_as_counts_per_time_bucket_updated_in_place() {
-    let server = Server::start().await;
-    let Some(browser) = Browser::start().await else {
-        server.stop().await;
+    let Some((server, browser)) = server_and_browser().await else {
         return;
     };
-    browser.open(&format!("{}/", server.base)).await;
-    browser.type_into("#token", TOKEN).await;
+    browser.sign_in(&server).await;
     browser.type_into("#harvester", "big").await;
     browser.type_into("#ids", "").await;
     browser.type_into("#count", "1000").await;
@@ -1275,13 +1277,10 @@ async fn now_lists_running_sessions_with_their_progress_and_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_follows_a_session_through_dropped_streams() {
-    let server = Server::start().await;
-    let Some(browser) = Browser::start().await else {
-        server.stop().await;
+    let Some((server, browser)) = server_and_browser().await else {
         return;
     };
-    browser.open(&format!("{}/", server.base)).await;
-    browser.type_into("#token", TOKEN).await;
+    browser.sign_in(&server).await;
     // Runs until the 5 s resource timeout cuts its hanging resource.
     browser.type_into("#ids", "a, b-fail, c-hang").await;
     browser.click("#start-button").await;

@@ -157,12 +157,22 @@ pub async fn supervisor_on(
     session: SessionConfig,
     recorder: &Recorder,
 ) -> Supervisor {
+    let config = SupervisorConfig {
+        session,
+        ..SupervisorConfig::default()
+    };
+    supervisor_configured(store, config, recorder).await
+}
+
+/// The same, with a whole supervisor `config` (leases, rescue, event capacity...).
+pub async fn supervisor_configured(
+    store: Arc<dyn harvest_supervisor::SessionStore>,
+    config: SupervisorConfig,
+    recorder: &Recorder,
+) -> Supervisor {
     Supervisor::builder(harvest_fn(scripted), recorder.clone())
         .store(store)
-        .config(SupervisorConfig {
-            session,
-            ..SupervisorConfig::default()
-        })
+        .config(config)
         .start()
         .await
         .expect("supervisor starts")
