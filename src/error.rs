@@ -71,6 +71,7 @@ impl IdError {
 
 /// A [`crate::SessionStore`] could not do what was asked.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// No session with this id is stored.
     #[error("unknown session {session_id}")]
@@ -135,6 +136,21 @@ pub enum StoreError {
         found: i64,
         /// The newest version this build knows.
         supported: i64,
+    },
+    /// The disk under the database is full: the store has let its reserve of room go to
+    /// the writes that keep nodes and sessions alive (lease renewals, claims, completions)
+    /// and refuses the rest (events, outcomes, new sessions) until there is room for the
+    /// reserve again (see `SqliteOptions::disk_reserve`). Transient: sessions keep what
+    /// was refused in memory and finalize from there.
+    #[error(
+        "{}: the disk is full: events, outcomes and new sessions are not written until there is room again for the store's reserve ({reserve_bytes} bytes)",
+        .path.display()
+    )]
+    DiskFull {
+        /// The database file.
+        path: PathBuf,
+        /// The room the store waits for.
+        reserve_bytes: u64,
     },
     /// The file (or its folder) cannot be written.
     #[error("{}: the database is read-only", .path.display())]
@@ -221,6 +237,22 @@ pub enum StoreError {
     /// The backend failed (I/O, database, serialization).
     #[error("store backend failed: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// Whether trying again may pass: the backend failed, the database is locked, its
+    /// file or its disk is in trouble (full), its server cannot be reached. An answer the
+    /// store gave (unknown session, fenced, busy, ...) is not transient.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Backend(_)
+                | StoreError::Locked { .. }
+                | StoreError::File { .. }
+                | StoreError::DiskFull { .. }
+                | StoreError::Unreachable { .. }
+        )
+    }
 }
 
 /// A session could not be started.

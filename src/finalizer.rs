@@ -421,14 +421,7 @@ impl<'a> Retry<'a> {
     /// Notes a failure of `what` and waits before the next try; `Err` if trying again
     /// cannot help.
     async fn failed(&mut self, what: &str, error: StoreError) -> Result<(), StoreError> {
-        let transient = matches!(
-            error,
-            StoreError::Backend(_)
-                | StoreError::Locked { .. }
-                | StoreError::File { .. }
-                | StoreError::Unreachable { .. }
-        );
-        if !transient {
+        if !error.is_transient() {
             *self.lifecycle.retry() = None;
             return Err(error);
         }

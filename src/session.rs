@@ -178,22 +178,61 @@ async fn begin(
         });
     }
     spawn_monitor(myself, s).await;
+    enter(myself, s).await
+}
+
+/// The session's first write: pending to on-going. A failure that may pass (a full disk,
+/// a lost connection) is tried again later, with backoff, rather than crash the session
+/// (a crashed session is finalized with every resource lost).
+async fn enter(
+    myself: &ActorRef<SessionMessage>,
+    s: &mut Session,
+) -> Result<(), ActorProcessingErr> {
     let store = &s.shared.deps.store;
-    if s.shared.resumed {
+    let entered = if s.shared.resumed {
         // `resume_session` set it on-going; the remaining resources start now.
-    } else if store
-        .transition(
-            s.shared.id,
-            s.shared.emitter.fence(),
-            SessionStatus::Pending,
-            SessionStatus::OnGoing,
-        )
-        .await?
-    {
-        s.shared.emitter.emit(EventKind::StatusChanged {
-            from: SessionStatus::Pending,
-            to: SessionStatus::OnGoing,
-        });
+        Ok(true)
+    } else {
+        store
+            .transition(
+                s.shared.id,
+                s.shared.emitter.fence(),
+                SessionStatus::Pending,
+                SessionStatus::OnGoing,
+            )
+            .await
+    };
+    let entered = match entered {
+        Err(e) if e.is_transient() => {
+            let first = Duration::from_millis(50);
+            let retry_max = s.shared.deps.store_retry_max.max(first);
+            let error = crate::harvest::error_chain(&e);
+            let rare = s.st.rare();
+            let wait = rare.begin_retry.unwrap_or(first);
+            rare.begin_retry = Some(wait.saturating_mul(2).min(retry_max));
+            crate::session::state::note_store_error(&mut rare.store_errors, error.clone());
+            tracing::error!(
+                error = %error,
+                retry_in = %humantime::format_duration(wait),
+                "the store failed to mark the session on-going; retrying"
+            );
+            s.shared.emitter.emit(EventKind::StoreFailed {
+                operation: "mark the session on-going".to_owned(),
+                error,
+            });
+            myself.send_after(wait, || SessionMessage::BeginDue);
+            return Ok(());
+        }
+        other => other?,
+    };
+    s.st.began();
+    if entered {
+        if !s.shared.resumed {
+            s.shared.emitter.emit(EventKind::StatusChanged {
+                from: SessionStatus::Pending,
+                to: SessionStatus::OnGoing,
+            });
+        }
     } else {
         // Aborted while pending (the root moved it to `aborting`), or already finalized.
         let record = store.session(s.shared.id).await?;
@@ -321,6 +360,12 @@ async fn on_message(
             }
             advance(myself, s).await
         }
+        SessionMessage::BeginDue => {
+            if s.st.phase == Phase::Running && s.st.not_begun() {
+                enter(myself, s).await?;
+            }
+            Ok(())
+        }
         SessionMessage::RespawnMonitor => {
             if s.st.phase != Phase::Finalized && s.st.monitor.is_none() {
                 spawn_monitor(myself, s).await;
@@ -394,6 +439,8 @@ async fn advance(
             }
             Ok(())
         }
+        // Its first write has not passed yet: nothing starts.
+        Phase::Running if s.st.not_begun() => Ok(()),
         Phase::Running => {
             let total = s.shared.resources.len();
             // A self-fenced node starts nothing (its lease may be gone).

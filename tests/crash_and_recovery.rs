@@ -18,14 +18,15 @@ async fn a_session_actor_that_dies_is_finalized_by_the_root_as_crashed() {
     let store = FaultyStore::new();
     let rec = Recorder::new(FinalizerMode::Ok);
     let sup = supervisor_on(store.clone(), config(), &rec).await;
-    // The session's first store write (pending -> on-going) fails: its actor dies at once.
-    store.failing_transitions.store(true, Ordering::SeqCst);
+    // The session's first store write (pending -> on-going) fails with an error trying
+    // again cannot mend: its actor dies at once.
+    store.fatal_transitions.store(true, Ordering::SeqCst);
     let id = sup
         .start_session("csw", ["ok-1", "hang-2"])
         .await
         .expect("start");
     let record = finished(&sup, id).await;
-    store.failing_transitions.store(false, Ordering::SeqCst);
+    store.fatal_transitions.store(false, Ordering::SeqCst);
 
     assert_eq!(record.reason(), Some(FinalizeReason::SessionCrashed));
     assert_eq!(record.status, SessionStatus::FinishedAllFailed);
@@ -37,6 +38,48 @@ async fn a_session_actor_that_dies_is_finalized_by_the_root_as_crashed() {
     sup.start_session("csw", ["ok-1"])
         .await
         .expect("harvester is free");
+    sup.shutdown().await.expect("shutdown");
+}
+
+/// The session's first store write (pending -> on-going) fails for a while, as on a full
+/// disk or a lost connection: the session tries it again rather than crash (it crashed,
+/// and was finalized with every resource lost, before), starts nothing until it passes,
+/// then runs to completion; the failures are in its log and report.
+#[tokio::test(start_paused = true)]
+async fn a_first_write_that_fails_for_a_while_is_tried_again_not_a_crash() {
+    let store = FaultyStore::new();
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor_on(store.clone(), config(), &rec).await;
+    store.failing_transitions.store(true, Ordering::SeqCst);
+    let id = sup
+        .start_session("csw", ["ok-1", "ok-2"])
+        .await
+        .expect("start");
+    // Backoff 50, 100, 200 ms...: several tries fail.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting = sup.session(id).await.expect("record");
+    assert_eq!(waiting.status, SessionStatus::Pending, "{waiting:?}");
+    assert_eq!(waiting.counts.total(), 0, "nothing started: {waiting:?}");
+    store.failing_transitions.store(false, Ordering::SeqCst);
+    let record = finished(&sup, id).await;
+
+    assert_eq!(record.reason(), Some(FinalizeReason::Completed));
+    assert_eq!(record.status, SessionStatus::FinishedAllOk);
+    assert_eq!(record.counts.succeeded, 2);
+    assert_eq!(rec.calls(), 1);
+    assert!(
+        !rec.reports_for(id)[0].store_errors.is_empty(),
+        "the finalizer is told"
+    );
+    let events = sup.events(id).await.expect("events");
+    let failures = events
+        .iter()
+        .filter(|e| {
+            matches!(&e.kind, EventKind::StoreFailed { operation, .. }
+                if operation == "mark the session on-going")
+        })
+        .count();
+    assert!(failures >= 3, "{failures} failures logged: {events:?}");
     sup.shutdown().await.expect("shutdown");
 }
 

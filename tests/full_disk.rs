@@ -1,9 +1,11 @@
-//! A full disk, for real: the durable store on a 2 MiB tmpfs, a 30,000-resource session that
+//! A full disk, for real: the durable store on a 14 MiB tmpfs, a 30,000-resource session that
 //! fills it. The session must not be finalized from what the full disk kept (it would report
-//! most successes as lost): it keeps the truth in memory, retries visibly with its
-//! harvester busy, and completes within one retry interval once a little space returns
-//! (completion needs O(1) new space). If space never returns, shutdown still returns in
-//! bounded time and the next start recovers the session.
+//! most successes as lost): it keeps the truth in memory, and completes (in the store's
+//! reserve of room, or within one retry interval once a little space returns: completion
+//! needs O(1) new space). If space never returns, shutdown still returns in bounded time
+//! and the next start recovers the session. A disk filled by the store's own bulk never
+//! fences its node (the reserve keeps its renewals going); a disk that something else keeps
+//! full does, until space returns.
 //!
 //! Mounting a tmpfs needs root (or CAP_SYS_ADMIN). Without it these tests say SKIPPED
 //! loudly and pass, unless `HARVEST_REQUIRE_TMPFS=1` (as in `.ci/run`) makes them
@@ -17,9 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{FinalizerMode, Recorder};
+use harvest_supervisor::store::{SessionStore, SqliteOptions};
 use harvest_supervisor::{
-    EventKind, FinalizeReason, SessionConfig, SessionId, SessionStatus, SqliteStore, StartError,
-    Supervisor, SupervisorConfig, harvest_fn,
+    EventKind, FinalizeReason, ResourceHarvester, SessionConfig, SessionId, SessionStatus,
+    SqliteStore, StartError, Supervisor, SupervisorConfig, harvest_fn,
 };
 
 const RESOURCES: usize = 30_000;
@@ -54,16 +57,6 @@ impl Tmpfs {
     fn path(&self) -> &Path {
         self.dir.path()
     }
-
-    /// Gives the disk more room (`size`, larger than its size now).
-    fn grow(&self, size: &str) {
-        let grown = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(self.dir.path())
-            .status()
-            .expect("remount");
-        assert!(grown.success(), "remount the tmpfs to {size}");
-    }
 }
 
 impl Drop for Tmpfs {
@@ -94,8 +87,24 @@ async fn supervisor_with(
     rec: &Recorder,
     config: SupervisorConfig,
 ) -> (Supervisor, SqliteStore) {
-    let store = SqliteStore::open(db).await.expect("open on the tmpfs");
-    let sup = Supervisor::builder(harvest_fn(|_| async { Ok(()) }), rec.clone())
+    supervisor_of(db, harvest_fn(|_| async { Ok(()) }), rec, config).await
+}
+
+/// The disk: room for the store's reserve (8 MiB by default) and a few MiB more, which
+/// the session below more than fills.
+const DISK: &str = "14m";
+
+/// A supervisor of `harvester` on a store at `db` (with the default reserve of room).
+async fn supervisor_of(
+    db: &Path,
+    harvester: impl ResourceHarvester,
+    rec: &Recorder,
+    config: SupervisorConfig,
+) -> (Supervisor, SqliteStore) {
+    let store = SqliteStore::open_with(db, SqliteOptions::default())
+        .await
+        .expect("open on the tmpfs");
+    let sup = Supervisor::builder(harvester, rec.clone())
         .store(Arc::new(store.clone()))
         .config(SupervisorConfig {
             session: SessionConfig {
@@ -172,7 +181,7 @@ async fn fill_the_disk(sup: &Supervisor) -> (SessionId, Met) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_keeps_the_truth_and_completes_once_a_little_space_returns() {
-    let Some(disk) = Tmpfs::mount("2m") else {
+    let Some(disk) = Tmpfs::mount(DISK) else {
         return;
     };
     let filler = filler(disk.path(), 256 * 1024);
@@ -184,10 +193,14 @@ async fn a_full_disk_keeps_the_truth_and_completes_once_a_little_space_returns()
         // Unfinished, and its harvester busy, while the disk is full.
         let record = sup.session(id).await.expect("record");
         assert!(!record.status.is_terminal(), "{record:?}");
-        assert!(matches!(
-            sup.start_session("csw", ["again"]).await,
-            Err(StartError::HarvesterBusy { session, .. }) if session == id
-        ));
+        let active = sup.active_session("csw").await.expect("read");
+        assert_eq!(active.map(|r| r.id), Some(id));
+        // Refused: the harvester is busy (and on a full disk no session starts anyway).
+        match sup.start_session("csw", ["again"]).await {
+            Err(StartError::HarvesterBusy { session, .. }) => assert_eq!(session, id),
+            Err(StartError::Store(harvest_supervisor::StoreError::DiskFull { .. })) => {}
+            other => panic!("{other:?}"),
+        }
     }
 
     // A little space returns (a quarter of a megabyte: far less than 30,000 outcome rows).
@@ -216,16 +229,20 @@ async fn a_full_disk_keeps_the_truth_and_completes_once_a_little_space_returns()
     assert_eq!(report.counts.succeeded, RESOURCES);
     assert_eq!(report.outcomes.len(), RESOURCES);
     assert!(!report.store_errors.is_empty(), "the finalizer is told");
-    sup.start_session("csw", ["again"])
-        .await
-        .expect("the harvester is free");
+    assert!(sup.active_session("csw").await.expect("read").is_none());
+    // The harvester is free; a session starts once the store has room for its reserve
+    // again (a quarter of a megabyte is not that much), and is refused, saying why, until.
+    match sup.start_session("csw", ["again"]).await {
+        Ok(_) | Err(StartError::Store(harvest_supervisor::StoreError::DiskFull { .. })) => {}
+        Err(e) => panic!("{e}"),
+    }
     sup.shutdown().await.expect("shutdown");
     let _ = store.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_stays_full_does_not_hold_up_shutdown_and_the_next_start_recovers() {
-    let Some(disk) = Tmpfs::mount("2m") else {
+    let Some(disk) = Tmpfs::mount(DISK) else {
         return;
     };
     let filler = filler(disk.path(), 256 * 1024);
@@ -270,52 +287,129 @@ async fn a_disk_that_stays_full_does_not_hold_up_shutdown_and_the_next_start_rec
     let _ = store.close().await;
 }
 
-/// A disk that stays full for longer than the lease fences the node (its renewals are
-/// writes too): health says so, starts are refused, and the session (if still running)
-/// waits. Once space returns, the next renewal lifts the fence and the session completes
-/// with the truth. (The other tests meet this only on a slow machine; here a 2 s lease
-/// forces it.)
-///
-/// KNOWN DEFECT, found by this test (2026-12-01): the node fences as it should, but stays
-/// fenced after the disk grows from 2 to 8 MiB: every renewal fails. What was seen: the
-/// main database file stays at 8 KiB while the write-ahead log grows into all the new
-/// room (8 MiB, then `database or disk is full` again): nothing was ever checkpointed
-/// (the auto-checkpoint threshold, 1,000 pages, is larger than this disk), and the writer
-/// keeps retrying batches of thousands of queued writes that fill what is free, while the
-/// renewal shares their batch (and fails with it). Next: renew the lease in a transaction
-/// and connection of its own, checkpoint (TRUNCATE) when a commit fails for space, and
-/// bound the writer's retries; also `Writer::send` blocks a runtime thread when its queue
-/// is full (one run of this test froze the runtime for minutes).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect: a node fenced by a full disk stays fenced once space returns (see the doc comment)"]
-async fn a_disk_full_for_longer_than_the_lease_fences_the_node_until_space_returns() {
-    let Some(disk) = Tmpfs::mount("2m") else {
-        return;
-    };
-    let filler = filler(disk.path(), 256 * 1024);
-    let rec = Recorder::new(FinalizerMode::Ok);
-    let (sup, store) = supervisor_with(
-        &disk.path().join("harvests.db"),
-        &rec,
-        SupervisorConfig {
-            lease_renew_interval: Duration::from_millis(250),
-            lease_ttl: Duration::from_secs(2),
-            ..SupervisorConfig::default()
-        },
-    )
-    .await;
-    let (id, _met) = fill_the_disk(&sup).await;
-    let fenced = tokio::time::timeout(GUARD, async {
+/// The lease settings of the tests below: a node whose renewals fail for 2 s fences.
+fn short_lease() -> SupervisorConfig {
+    SupervisorConfig {
+        lease_renew_interval: Duration::from_millis(250),
+        lease_ttl: Duration::from_secs(2),
+        ..SupervisorConfig::default()
+    }
+}
+
+/// Polls the node's health until `wanted` says yes.
+async fn health_until(
+    sup: &Supervisor,
+    what: &str,
+    wanted: impl Fn(&harvest_supervisor::Health) -> bool,
+) -> harvest_supervisor::Health {
+    tokio::time::timeout(GUARD, async {
         loop {
             let health = sup.health(Duration::from_secs(2));
-            if health.fenced {
+            if wanted(&health) {
                 return health;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await
-    .expect("the node fences while its renewals fail on the full disk");
+    .unwrap_or_else(|_| panic!("{what}: {:?}", sup.health(Duration::from_secs(2))))
+}
+
+/// The store's own bulk fills the disk and it stays full, for longer than the lease: the
+/// node keeps renewing in the room the store kept (it found, before this test existed,
+/// its renewals failing with the bulk, fenced, and stayed fenced even after the disk grew:
+/// the bulk queued meanwhile took the new room first), and the session completes with
+/// the truth while the disk is still full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_its_own_bulk_filled_never_fences_the_node() {
+    let Some(disk) = Tmpfs::mount(DISK) else {
+        return;
+    };
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let (sup, store) = supervisor_with(&disk.path().join("harvests.db"), &rec, short_lease()).await;
+    let never_fenced = async {
+        loop {
+            let health = sup.health(Duration::from_secs(2));
+            assert!(!health.fenced, "fenced by its own bulk: {health:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let run = async {
+        let (id, _) = fill_the_disk(&sup).await;
+        let record = tokio::time::timeout(GUARD, sup.wait_finished(id))
+            .await
+            .expect("completed on the full disk")
+            .expect("record");
+        assert_eq!(record.status, SessionStatus::FinishedAllOk);
+        assert_eq!(record.counts.succeeded, RESOURCES);
+        assert_eq!(rec.calls(), 1);
+        // Longer than the lease, still full, still not fenced.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    };
+    tokio::select! {
+        () = never_fenced => unreachable!(),
+        () = run => {}
+    }
+    let again = sup
+        .start_session("other", ["x"])
+        .await
+        .expect("starts on the full disk");
+    sup.wait_finished(again).await.expect("finished");
+    sup.shutdown().await.expect("shutdown");
+    let _ = store.close().await;
+}
+
+/// Something else (a runaway log) keeps the disk full for longer than the lease, taking
+/// even the room the store gave up: the node's renewals fail and it fences (health says
+/// so, starts are refused, the running session waits). Once space returns, the next
+/// renewal lifts the fence and the session completes with the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_something_else_keeps_full_fences_the_node_until_space_returns() {
+    let Some(disk) = Tmpfs::mount(DISK) else {
+        return;
+    };
+    const COUNT: usize = 200;
+    // The session's attempts wait for the gate: it runs while the disk fills.
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let harvester = harvest_fn(move |_| {
+        let mut opened = opened.clone();
+        async move {
+            let _ = opened.wait_for(|open| *open).await;
+            Ok(())
+        }
+    });
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let (sup, store) = supervisor_of(
+        &disk.path().join("harvests.db"),
+        harvester,
+        &rec,
+        short_lease(),
+    )
+    .await;
+    let resources: Vec<String> = (0..COUNT).map(|i| format!("r{i}")).collect();
+    let id = sup.start_session("csw", resources).await.expect("start");
+
+    // The hog: appends whenever there is room, until told to stop.
+    let hog_path = disk.path().join("runaway.log");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hog = {
+        let stop = Arc::clone(&stop);
+        let path = hog_path.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&path).expect("hog file");
+            let block = vec![0x5a_u8; 16 * 1024];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if file.write_all(&block).is_err() {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        })
+    };
+    let fenced = health_until(&sup, "the node fences while the disk stays full", |h| {
+        h.fenced
+    })
+    .await;
     assert!(!fenced.store_ok() && !fenced.is_healthy(), "{fenced:?}");
     assert!(fenced.lease_failures > 0, "{fenced:?}");
     assert!(matches!(
@@ -324,37 +418,53 @@ async fn a_disk_full_for_longer_than_the_lease_fences_the_node_until_space_retur
             harvest_supervisor::StoreError::LeaseExpired { .. }
         ))
     ));
+    let record = sup.session(id).await.expect("record");
+    assert!(!record.status.is_terminal(), "{record:?}");
 
-    // Space returns, plenty of it (the disk grows to 8 MiB): a quarter of a megabyte, as
-    // above, is not always enough here: by the time the node fenced, SQLite's
-    // write-ahead log had grown into every free page, and its checkpoint needs room in
-    // the main file before any commit (the renewal's too) can reuse it.
-    drop(filler);
-    disk.grow("8m");
+    // Space returns: the hog stops and its file goes.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    hog.join().expect("hog");
+    std::fs::remove_file(&hog_path).expect("free the disk");
+    gate.send_replace(true);
     let record = tokio::time::timeout(GUARD, sup.wait_finished(id))
         .await
         .expect("completed once space returned")
         .expect("record");
-    assert_eq!(record.status, SessionStatus::FinishedAllOk);
-    assert_eq!(record.counts.succeeded, RESOURCES);
+    assert_eq!(
+        record.status,
+        SessionStatus::FinishedAllOk,
+        "{record:?} {:?}",
+        rec.reports_for(id).first().map(|r| &r.outcomes[..3])
+    );
+    assert_eq!(record.counts.succeeded, COUNT);
     assert_eq!(rec.calls(), 1);
-    let healthy = tokio::time::timeout(GUARD, async {
+    let healthy = health_until(&sup, "healthy once renewals pass again", |h| h.is_healthy()).await;
+    assert!(!healthy.fenced);
+    // Sessions start again once the store has its reserve back (it tries every second);
+    // until then a start is refused, and says why.
+    let again = tokio::time::timeout(GUARD, async {
         loop {
-            let health = sup.health(Duration::from_secs(2));
-            if health.is_healthy() {
-                return health;
+            match sup.start_session("other", ["x"]).await {
+                Ok(id) => return id,
+                Err(StartError::Store(harvest_supervisor::StoreError::DiskFull { .. })) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await
-    .expect("healthy once renewals pass again");
-    assert!(!healthy.fenced);
-    let again = sup
-        .start_session("other", ["x"])
-        .await
-        .expect("starts once unfenced");
+    .expect("starts once there is room");
     sup.wait_finished(again).await.expect("finished");
+    // Events are written again: the new session's log is whole.
+    store.flush().await.expect("flush once there is room");
+    let events = sup.events(again).await.expect("events");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::SessionFinished { .. })),
+        "{events:?}"
+    );
     sup.shutdown().await.expect("shutdown");
     let _ = store.close().await;
 }

@@ -533,3 +533,70 @@ async fn nodes_long_gone_are_forgotten_by_the_next_rescue() {
     assert_eq!(ids, want, "only the node gone for over a day is forgotten");
     store.close().await.expect("close");
 }
+
+/// A writer behind by a whole queue (another connection holds the write lock) makes the
+/// sender of one more write wait for room; on a multi-thread runtime that wait must not
+/// hold one of the runtime's workers (with one worker, every timer of the process,
+/// deadlines included, stopped until the disk caught up).
+#[test]
+fn a_full_write_queue_does_not_stop_the_runtime() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("h.db");
+    let store = runtime
+        .block_on(SqliteStore::open_with(
+            &path,
+            SqliteOptions {
+                busy_timeout: Duration::from_secs(60),
+                ..SqliteOptions::default()
+            },
+        ))
+        .expect("open");
+    let id = harvest_supervisor::SessionId::new();
+    let blocker = rusqlite::Connection::open(&path).expect("open");
+    blocker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("hold the write lock");
+    // More events than the writer's queue holds (16,384, and a batch of 4,096 taken).
+    let appender = {
+        let store = store.clone();
+        runtime.spawn(async move { append_events(&store, id, 30_000) })
+    };
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let ticker = {
+        let ticks = Arc::clone(&ticks);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                ticks.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    // Watched from this thread, by the wall clock: the runtime's timers must fire while
+    // the appender waits for room.
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while ticks.load(Ordering::Relaxed) < 50 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let fired = ticks.load(Ordering::Relaxed);
+    let waiting = !appender.is_finished();
+    // Release the lock before asserting: a failure must not leave the runtime stuck.
+    blocker.execute_batch("ROLLBACK").expect("release");
+    assert!(
+        fired >= 50,
+        "the runtime's timers stopped: {fired} ticks in 20 s"
+    );
+    assert!(waiting, "the appender waited for room");
+    runtime.block_on(async {
+        appender.await.expect("appended");
+        ticker.abort();
+        store.flush().await.expect("flush");
+        store.close().await.expect("close");
+    });
+}

@@ -213,6 +213,11 @@ pub(crate) async fn start_session(
             };
             Err(bad_request(field, e))
         }
+        // The store keeps its disk's last room for the sessions already running.
+        Err(StartError::Store(e @ StoreError::DiskFull { .. })) => Err(ApiError(
+            StatusCode::INSUFFICIENT_STORAGE,
+            json!({ "error": e.to_string(), "code": "disk_full" }),
+        )),
         Err(e) => Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "error": e.to_string(), "code": "unavailable" }),

@@ -62,8 +62,8 @@ use clap::Parser;
 use futures::Stream;
 use harvest_supervisor::{
     HarvestContext, HarvesterId, SessionConfig, SessionError, SessionEvent, SessionId,
-    SessionQuery, SessionRequest, SessionStatus, SessionStore, SqliteStore, StartError, Supervisor,
-    SupervisorConfig, finalizer_fn, harvest_fn,
+    SessionQuery, SessionRequest, SessionStatus, SessionStore, SqliteStore, StartError, StoreError,
+    Supervisor, SupervisorConfig, finalizer_fn, harvest_fn,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;

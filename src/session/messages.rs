@@ -6,6 +6,7 @@ use crate::error::SessionError;
 
 /// What a SessionActor is told. Worker reports arrive as supervision events, not here.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum SessionMessage {
     /// From the monitor: `started + workflow_time` has passed. Finalizes with
     /// `DeadlineExpired`; unfinished resources count as `TimedOut`.
@@ -30,6 +31,10 @@ pub enum SessionMessage {
     /// From the root: the store says another node owns the session now. Stop without
     /// finalizing.
     TakenOver,
+    /// Self-sent when the session's first write (pending to on-going) failed for a reason
+    /// that may pass (a full disk, a lost connection): try again. Nothing starts until it
+    /// passes; the monitor's deadline runs meanwhile.
+    BeginDue,
     /// Self-sent when the monitor could not be spawned: try again.
     RespawnMonitor,
     /// From the root: the supervisor shuts down; finalize now with `Shutdown`.

@@ -94,6 +94,9 @@ pub(crate) struct Rare {
     /// The node is self-fenced: no attempt starts, and the attempts that end are run
     /// again (same attempt number) once it renews its lease.
     pub(crate) fenced: bool,
+    /// The session's first write failed and is tried again after this wait (doubling):
+    /// nothing starts until it passes.
+    pub(crate) begin_retry: Option<std::time::Duration>,
 }
 
 impl SessionState {
@@ -173,6 +176,18 @@ impl SessionState {
     /// Whether the node is self-fenced (see [`Rare::fenced`]).
     pub(crate) fn is_fenced(&self) -> bool {
         self.rare.as_ref().is_some_and(|r| r.fenced)
+    }
+
+    /// The session's first write passed.
+    pub(crate) fn began(&mut self) {
+        if let Some(rare) = &mut self.rare {
+            rare.begin_retry = None;
+        }
+    }
+
+    /// Whether the session's first write has yet to pass (see [`Rare::begin_retry`]).
+    pub(crate) fn not_begun(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.begin_retry.is_some())
     }
 
     /// Whether a write found the session taken over by another node.

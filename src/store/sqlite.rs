@@ -8,12 +8,19 @@
 //! - every compare-and-set is one SQL statement guarded by its `WHERE`, so the busy lock and
 //!   the exactly-once guard hold across processes sharing the file, not only in this one.
 //!
+//! - a reserve of room on the disk (`<database>-reserve`, [`SqliteOptions::disk_reserve`]):
+//!   when the disk fills, the room goes to lease renewals, claims and completions, and
+//!   events, outcomes and new sessions are refused ([`StoreError::DiskFull`]) until the
+//!   reserve can be taken again; the write-ahead log is checkpointed every MiB, so that
+//!   what it holds unmoved always fits in the reserve (see `store/sqlite/reserve.rs`).
+//!
 //! What a crash can lose: nothing that was acknowledged (every `async` method answers after
 //! its commit). Events are appended without waiting; those not yet committed (at most
 //! `commit_delay` worth) can be lost. [`SqliteStore::flush`] is a barrier.
 
 mod batch;
 mod readers;
+mod reserve;
 mod rows;
 mod schema;
 mod writer;
@@ -69,6 +76,14 @@ pub struct SqliteOptions {
     /// How long to wait for another process's lock before giving up with `Locked` (at most
     /// [`SqliteOptions::MAX_BUSY_TIMEOUT`]).
     pub busy_timeout: Duration,
+    /// Room kept on the disk, in a file beside the database (`<database>-reserve`), for
+    /// the writes that keep the store alive when the disk fills: when a commit fails for
+    /// want of space the store lets the file go, gives the room to lease renewals, claims
+    /// and completions, and writes no events or outcomes (sessions keep those in memory)
+    /// until it has the room back. 0 turns the reserve off (a full disk then fails every
+    /// write alike). Default [`SqliteOptions::DEFAULT_DISK_RESERVE`]; at most
+    /// [`SqliteOptions::MAX_DISK_RESERVE`].
+    pub disk_reserve: u64,
 }
 
 impl SqliteOptions {
@@ -76,6 +91,11 @@ impl SqliteOptions {
     pub const MAX_COMMIT_DELAY: Duration = Duration::from_secs(1);
     /// The longest `busy_timeout`.
     pub const MAX_BUSY_TIMEOUT: Duration = Duration::from_secs(3600);
+    /// The default `disk_reserve`: 8 MiB, about what the write-ahead log holds between
+    /// two checkpoints.
+    pub const DEFAULT_DISK_RESERVE: u64 = 8 * 1024 * 1024;
+    /// The largest `disk_reserve` (1 GiB).
+    pub const MAX_DISK_RESERVE: u64 = 1024 * 1024 * 1024;
 
     /// Checks both durations against their bounds.
     pub fn validate(&self) -> Result<(), crate::ConfigError> {
@@ -94,6 +114,16 @@ impl SqliteOptions {
                 ));
             }
         }
+        if self.disk_reserve > Self::MAX_DISK_RESERVE {
+            return Err(crate::ConfigError::new(
+                "disk_reserve",
+                format!(
+                    "must be at most {} bytes (got {})",
+                    Self::MAX_DISK_RESERVE,
+                    self.disk_reserve
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -104,6 +134,7 @@ impl Default for SqliteOptions {
             durability: Durability::default(),
             commit_delay: Duration::from_millis(5),
             busy_timeout: Duration::from_secs(5),
+            disk_reserve: Self::DEFAULT_DISK_RESERVE,
         }
     }
 }
@@ -147,10 +178,24 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let p = path.clone();
         let opts = options.clone();
-        let conn = tokio::task::spawn_blocking(move || schema::open(&p, &opts))
-            .await
-            .map_err(|e| StoreError::Backend(Box::new(e)))??;
-        let writer = Writer::spawn(conn, options.commit_delay)
+        let (conn, reserve) = tokio::task::spawn_blocking(move || {
+            let conn = schema::open(&p, &opts)?;
+            let mut reserve = reserve::Reserve::new(&p, opts.disk_reserve);
+            if let Err(e) = reserve.take() {
+                // Open anyway: what is stored stays readable, and sessions can still end.
+                tracing::error!(
+                    path = %p.display(),
+                    error = %e,
+                    reserve_bytes = opts.disk_reserve,
+                    "store: no room on the disk for the store's reserve: events, outcomes and \
+                     new sessions are not written until there is"
+                );
+            }
+            Ok::<_, StoreError>((conn, reserve))
+        })
+        .await
+        .map_err(|e| StoreError::Backend(Box::new(e)))??;
+        let writer = Writer::spawn(conn, options.commit_delay, reserve, options.busy_timeout)
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
         let readers = Readers::new(path.clone(), options.busy_timeout);
         Ok(Self {
@@ -255,8 +300,10 @@ const EVENT_PAGE: usize = 4096;
 #[async_trait]
 impl SessionStore for SqliteStore {
     async fn create_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
+        // Bulk (its resources may be many): no session starts on a full disk, whose room
+        // goes to those already running.
         self.writer
-            .call(move |conn| {
+            .call_bulk(move |conn| {
                 let id = new.id.to_string();
                 let taken = conn
                     .prepare_cached(
@@ -709,49 +756,55 @@ impl SessionStore for SqliteStore {
     ) -> Result<Completed, StoreError> {
         let status = text(&completion.status)?;
         let reason = text(&completion.reason)?;
-        self.writer
-            .call(move |conn| {
-                check_fence(&load(conn, id)?, fence)?;
-                let sid = id.to_string();
-                let c = completion.counts;
-                let done = conn
-                    .prepare_cached(
-                        "UPDATE sessions SET status = ?2, finalizing = ?3, ended = ?4, \
+        // With outcomes the store missed, it may write much: refused on a full disk (the
+        // finalizer then completes without them; the report has them).
+        let bulk = !completion.unrecorded.is_empty();
+        let job = move |conn: &rusqlite::Connection| {
+            check_fence(&load(conn, id)?, fence)?;
+            let sid = id.to_string();
+            let c = completion.counts;
+            let done = conn
+                .prepare_cached(
+                    "UPDATE sessions SET status = ?2, finalizing = ?3, ended = ?4, \
                          finalizer_error = ?5, succeeded = ?6, failed = ?7, panicked = ?8, \
                          timed_out = ?9, cancelled = ?10, lost = ?11 \
                          WHERE id = ?1 AND status IN ('pending', 'on-going', 'aborting')",
-                    )
-                    .and_then(|mut s| {
-                        s.execute(params![
-                            sid,
-                            status,
-                            reason,
-                            completion.ended,
-                            completion.finalizer_error,
-                            count(c.succeeded),
-                            count(c.failed),
-                            count(c.panicked),
-                            count(c.timed_out),
-                            count(c.cancelled),
-                            count(c.lost),
-                        ])
-                    })
-                    .map_err(backend)?;
-                if done == 0 {
-                    return Ok(Completed::AlreadyFinalized(load(conn, id)?));
-                }
-                if !completion.unrecorded.is_empty() {
-                    // Best effort, in a savepoint of its own: if they do not fit (a full
-                    // disk), the completion goes on without them.
-                    write_unrecorded(conn, id, &completion.unrecorded);
-                }
-                // Only this session's own lock: never a newer session's.
-                conn.prepare_cached("DELETE FROM harvester_locks WHERE session_id = ?1")
-                    .and_then(|mut s| s.execute([&sid]))
-                    .map_err(backend)?;
-                Ok(Completed::Now(load(conn, id)?))
-            })
-            .await
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        sid,
+                        status,
+                        reason,
+                        completion.ended,
+                        completion.finalizer_error,
+                        count(c.succeeded),
+                        count(c.failed),
+                        count(c.panicked),
+                        count(c.timed_out),
+                        count(c.cancelled),
+                        count(c.lost),
+                    ])
+                })
+                .map_err(backend)?;
+            if done == 0 {
+                return Ok(Completed::AlreadyFinalized(load(conn, id)?));
+            }
+            if !completion.unrecorded.is_empty() {
+                // Best effort, in a savepoint of its own: if they do not fit (a full
+                // disk), the completion goes on without them.
+                write_unrecorded(conn, id, &completion.unrecorded);
+            }
+            // Only this session's own lock: never a newer session's.
+            conn.prepare_cached("DELETE FROM harvester_locks WHERE session_id = ?1")
+                .and_then(|mut s| s.execute([&sid]))
+                .map_err(backend)?;
+            Ok(Completed::Now(load(conn, id)?))
+        };
+        if bulk {
+            self.writer.call_bulk(job).await
+        } else {
+            self.writer.call(job).await
+        }
     }
 
     async fn request_abort(&self, id: SessionId) -> Result<SessionRecord, StoreError> {

@@ -36,8 +36,10 @@ pub struct FaultyStore {
     pub hang_outcome_writes: AtomicBool,
     /// While set, `record_outcome` fails (a disk error).
     pub failing_outcome_writes: AtomicBool,
-    /// While set, `transition` fails.
+    /// While set, `transition` fails (a backend error: trying again may pass).
     pub failing_transitions: AtomicBool,
+    /// While set, `transition` fails for good (the store is closed).
+    pub fatal_transitions: AtomicBool,
     /// While set, outcomes are recorded in place (`record_outcome_now`, as the memory store
     /// does), and fail there while `failing_outcome_writes` is set.
     pub in_place_outcomes: AtomicBool,
@@ -91,6 +93,7 @@ impl FaultyStore {
             hang_outcome_writes: AtomicBool::new(false),
             failing_outcome_writes: AtomicBool::new(false),
             failing_transitions: AtomicBool::new(false),
+            fatal_transitions: AtomicBool::new(false),
             in_place_outcomes: AtomicBool::new(false),
             queued_outcomes: AtomicBool::new(false),
             late_answers: AtomicBool::new(false),
@@ -190,6 +193,9 @@ impl SessionStore for FaultyStore {
     ) -> Result<bool, StoreError> {
         if self.failing_transitions.load(Ordering::SeqCst) {
             return Err(StoreError::Backend("injected transition failure".into()));
+        }
+        if self.fatal_transitions.load(Ordering::SeqCst) {
+            return Err(StoreError::Closed);
         }
         if from == SessionStatus::Pending
             && to == SessionStatus::OnGoing

@@ -18,6 +18,12 @@
 //! events whether a barrier is needed first.
 //!
 //! Blocking I/O never runs on the async runtime: callers only send and await an answer.
+//!
+//! A full disk: the writer keeps a reserve of room (see [`super::reserve`]). When a commit
+//! fails for want of space it lets the reserve go and, until it can take it back, writes
+//! no bulk: events are dropped and outcome writes refused (the sessions keep them in
+//! memory), so that every byte left goes to the jobs that keep nodes and sessions alive
+//! (lease renewals, claims, completions).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +38,7 @@ use crate::events::SessionEvent;
 use crate::model::{Fence, OutcomeRecord, SessionId};
 use crate::store::chunks::Chunks;
 use crate::store::sqlite::batch::{Tallies, write_chunks};
+use crate::store::sqlite::reserve::Reserve;
 use crate::store::{OutcomeAnswer, OutcomeReceipt};
 
 /// Most operations in one transaction: bounds the latency a batch adds to its first job.
@@ -44,13 +51,23 @@ pub(crate) const QUEUE: usize = 16 * 1024;
 /// the commit's error.
 type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
 
-/// A job run inside the batch transaction (`None`: the transaction could not begin, do
-/// nothing). `false` means it failed and its savepoint is rolled back.
-type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Answer) + Send>;
+/// A job run inside the batch transaction, or told why it cannot run (the transaction
+/// could not begin; the disk is full and it is bulk). `false` means it failed and its
+/// savepoint is rolled back.
+type Job = Box<dyn FnOnce(Result<&Connection, StoreError>) -> (bool, Answer) + Send>;
+
+/// Whether a job is refused while the disk is full.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Room {
+    /// Small, and it keeps nodes and sessions alive (a renewal, a claim, a completion).
+    Vital,
+    /// It may write much (a new session's resources, outcomes a completion carries).
+    Bulk,
+}
 
 pub(crate) enum Command {
     /// An operation whose caller waits for the answer.
-    Job(Job),
+    Job(Job, Room),
     /// A final outcome to record; answered after the commit.
     Outcome(SessionId, Fence, OutcomeRecord, OutcomeAnswer),
     /// An event to append (serialized on this thread, into its chunk); nobody waits.
@@ -76,14 +93,27 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Starts the thread that owns `conn`.
-    pub(crate) fn spawn(conn: Connection, commit_delay: Duration) -> std::io::Result<Self> {
+    /// Starts the thread that owns `conn`, and takes `reserve` there.
+    pub(crate) fn spawn(
+        conn: Connection,
+        commit_delay: Duration,
+        reserve: Reserve,
+        busy_timeout: Duration,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let pending_events = Arc::new(AtomicU64::new(0));
         let pending = Arc::clone(&pending_events);
         std::thread::Builder::new()
             .name("harvest-store".into())
-            .spawn(move || run(conn, rx, commit_delay, &pending))?;
+            .spawn(move || {
+                run(
+                    conn,
+                    rx,
+                    commit_delay,
+                    &pending,
+                    Disk::new(reserve, busy_timeout),
+                )
+            })?;
         Ok(Self { tx, pending_events })
     }
 
@@ -97,12 +127,26 @@ impl Writer {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.call_with(Room::Vital, f).await
+    }
+
+    /// [`Self::call`] for a job that may write much: refused (`DiskFull`) while the disk
+    /// is full.
+    pub(crate) async fn call_bulk<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.call_with(Room::Bulk, f).await
+    }
+
+    async fn call_with<T: Send + 'static>(
+        &self,
+        room: Room,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
-            let result = match conn {
-                Some(conn) => f(conn),
-                None => Err(StoreError::Closed),
-            };
+            let result = conn.and_then(f);
             let ok = result.is_ok();
             // A job that failed was rolled back to its savepoint and changed nothing: its
             // own error is the answer whether or not the batch then committed (a busy
@@ -118,7 +162,7 @@ impl Writer {
             });
             (ok, answer)
         });
-        self.send(Command::Job(job))?;
+        self.send(Command::Job(job, room))?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -174,16 +218,34 @@ impl Writer {
         match self.tx.try_send(command) {
             Ok(()) => Ok(()),
             // Backpressure: the disk is behind by a whole queue. Wait for room rather than
-            // drop an operation.
+            // drop an operation, and on a multi-thread runtime outside its scheduler, so
+            // that its other tasks (timers, deadlines) go on meanwhile.
             Err(TrySendError::Full(command)) => {
-                self.tx.send(command).map_err(|_| StoreError::Closed)
+                blocking(|| self.tx.send(command).map_err(|_| StoreError::Closed))
             }
             Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
         }
     }
 }
 
-fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration, pending: &AtomicU64) {
+/// Runs `f`, which may block, off the scheduler of a multi-thread runtime (a current-thread
+/// runtime has nowhere else to run its tasks: there it simply blocks).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+fn run(
+    conn: Connection,
+    rx: Receiver<Command>,
+    commit_delay: Duration,
+    pending: &AtomicU64,
+    mut disk: Disk,
+) {
     let mut batch = Vec::with_capacity(64);
     let mut closing = None;
     while let Ok(first) = rx.recv() {
@@ -223,7 +285,7 @@ fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration, pending:
             .iter()
             .filter(|c| matches!(c, Command::Event(..)))
             .count();
-        commit(&conn, &mut batch);
+        disk.write(&conn, &mut batch);
         // Committed, or lost with a failed commit: either way no longer pending.
         pending.fetch_sub(u64::try_from(events).unwrap_or(0), Ordering::AcqRel);
         if closing.is_some() {
@@ -233,9 +295,142 @@ fn run(conn: Connection, rx: Receiver<Command>, commit_delay: Duration, pending:
     if let Err((_, e)) = conn.close() {
         tracing::error!(error = %e, "store: closing the database failed");
     }
+    disk.reserve.release();
     if let Some(reply) = closing {
         let _ = reply.send(());
     }
+}
+
+/// How long after the disk was last full the writer still commits vital jobs apart from
+/// bulk (see [`Disk::write`]).
+const PRESSURE: Duration = Duration::from_secs(60);
+
+/// The writer's room on its disk.
+struct Disk {
+    reserve: Reserve,
+    /// The reserve is not held: bulk is refused.
+    full: bool,
+    /// When a commit last failed for want of space.
+    last_full: Option<Instant>,
+    /// The connection's wait for other processes' locks (a checkpoint does not wait).
+    busy_timeout: Duration,
+}
+
+impl Disk {
+    fn new(reserve: Reserve, busy_timeout: Duration) -> Self {
+        // Without the reserve's room (a disk already full at open), no bulk is written
+        // until the room is there.
+        let full = !reserve.is_held();
+        Self {
+            reserve,
+            full,
+            last_full: full.then(Instant::now),
+            busy_timeout,
+        }
+    }
+
+    /// Commits `batch`. Normally as one transaction. While the disk is full, vital jobs
+    /// only (bulk refused). For a while after it was full (the room is back but may go
+    /// again), in segments, each run of vital jobs in a transaction of its own, so that a
+    /// bulk write that finds the disk full again fails alone: the writes after it are
+    /// then committed (vital) or refused (bulk) as when full. Order is kept either way:
+    /// every job still sees what was sent before it, committed or refused.
+    fn write(&mut self, conn: &Connection, batch: &mut Vec<Command>) {
+        let now = Instant::now();
+        if self.full
+            && self.reserve.retake_due(now)
+            && retake(conn, &mut self.reserve, self.busy_timeout)
+        {
+            self.full = false;
+        }
+        let pressure = self
+            .last_full
+            .is_some_and(|at| now.saturating_duration_since(at) < PRESSURE);
+        if self.full || !pressure {
+            let failed = commit(conn, batch, self.full.then_some(&self.reserve));
+            self.failed_for_room(conn, failed);
+            return;
+        }
+        let mut rest = std::mem::take(batch).into_iter().peekable();
+        let mut segment = Vec::new();
+        while let Some(first) = rest.next() {
+            let vital = is_vital(&first);
+            segment.push(first);
+            while let Some(next) = rest.next_if(|c| is_vital(c) == vital) {
+                segment.push(next);
+            }
+            let failed = commit(conn, &mut segment, self.full.then_some(&self.reserve));
+            self.failed_for_room(conn, failed);
+        }
+    }
+
+    /// After a commit: if it failed for want of space, lets the reserve go.
+    fn failed_for_room(&mut self, conn: &Connection, failed: bool) {
+        if !failed {
+            return;
+        }
+        self.last_full = Some(Instant::now());
+        if self.full {
+            return;
+        }
+        self.full = true;
+        self.reserve.release();
+        tracing::error!(
+            reserve_bytes = self.reserve.bytes(),
+            "store: the disk is full: the reserve is released for lease renewals, claims \
+             and completions; events, outcomes and new sessions are refused until there is \
+             room for the reserve again"
+        );
+        checkpoint(conn, self.busy_timeout);
+    }
+}
+
+fn is_vital(command: &Command) -> bool {
+    matches!(command, Command::Job(_, Room::Vital))
+}
+
+/// Moves the write-ahead log into the main file and truncates it, if it can: after a
+/// commit failed for want of space, the log's tail (the failed transaction's pages) is
+/// room only the log can reuse; truncated, any write can.
+fn checkpoint(conn: &Connection, busy_timeout: Duration) {
+    // Never waiting for readers (without the locks it needs, a TRUNCATE checkpoint does
+    // what a passive one does): the renewals queued behind it must not wait.
+    let _ = conn.busy_timeout(Duration::ZERO);
+    let done = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+        row.get::<_, i64>(0)
+    });
+    let _ = conn.busy_timeout(busy_timeout);
+    match done {
+        Ok(0) => {}
+        // Busy: a reader holds an old snapshot; the next attempt may pass.
+        Ok(_) => tracing::debug!("store: the checkpoint could not finish (a reader is busy)"),
+        Err(e) => tracing::warn!(error = %e, "store: could not checkpoint the write-ahead log"),
+    }
+}
+
+/// Tries to take the reserve back (checkpointing first, which may free room); `true`
+/// when it holds it again.
+fn retake(conn: &Connection, reserve: &mut Reserve, busy_timeout: Duration) -> bool {
+    checkpoint(conn, busy_timeout);
+    match reserve.take() {
+        Ok(()) => {
+            tracing::warn!(
+                reserve_bytes = reserve.bytes(),
+                "store: there is room on the disk again: the reserve is held, events and \
+                 outcomes are written again"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "store: still no room for the reserve");
+            false
+        }
+    }
+}
+
+/// Whether SQLite failed for want of space.
+fn is_disk_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
 }
 
 /// Runs a statement without parameters or rows, from the connection's statement cache.
@@ -243,33 +438,40 @@ fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
-fn commit(conn: &Connection, batch: &mut Vec<Command>) {
+/// Runs and commits one batch; `refuse_bulk` (the disk is full) drops its events and
+/// refuses its outcomes. `true` when it failed for want of space.
+fn commit(conn: &Connection, batch: &mut Vec<Command>, refuse_bulk: Option<&Reserve>) -> bool {
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
     let mut recorded = Vec::new();
     let mut flushes = Vec::new();
     let mut chunks = Chunks::default();
     let mut tallies = Tallies::default();
     // A gathered write that failed: the batch rolls back rather than commit half of it.
-    let mut failed: Option<String> = None;
+    let mut failed: Option<rusqlite::Error> = None;
+    // Bulk this batch did not write (a flush in it fails: not everything is committed).
+    let mut dropped = false;
     let begun = conn.execute_batch("BEGIN IMMEDIATE");
     if let Err(e) = &begun {
         tracing::error!(error = %e, "store: could not begin a transaction");
     }
     for command in batch.drain(..) {
         match command {
-            Command::Job(job) if begun.is_err() => answers.push(job(None).1),
-            Command::Job(job) => {
+            Command::Job(job, Room::Bulk) if let Some(reserve) = refuse_bulk => {
+                answers.push(job(Err(reserve.refusal())).1);
+            }
+            Command::Job(job, _) if begun.is_err() => answers.push(job(Err(StoreError::Closed)).1),
+            Command::Job(job, _) => {
                 if let Err(e) = tallies.write(conn) {
-                    failed.get_or_insert(e.to_string());
+                    failed.get_or_insert(e);
                 }
                 // Prepared once and reused: parsing these twice per job was a tenth of the
                 // writer's time.
                 if let Err(e) = run_cached(conn, "SAVEPOINT job") {
                     tracing::error!(error = %e, "store: savepoint failed");
-                    answers.push(job(None).1);
+                    answers.push(job(Err(StoreError::Closed)).1);
                     continue;
                 }
-                let (ok, answer) = job(Some(conn));
+                let (ok, answer) = job(Ok(conn));
                 let ended = if ok {
                     run_cached(conn, "RELEASE job")
                 } else {
@@ -281,12 +483,17 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
                 }
                 answers.push(answer);
             }
+            Command::Outcome(_, _, _, reply) if let Some(reserve) = refuse_bulk => {
+                dropped = true;
+                reply.send(Err(reserve.refusal()));
+            }
             Command::Outcome(_, _, _, reply) if begun.is_err() => {
                 reply.send(Err(StoreError::Closed));
             }
             Command::Outcome(id, fence, outcome, reply) => {
                 recorded.push((reply, tallies.record(conn, id, fence, &outcome)));
             }
+            Command::Event(..) if refuse_bulk.is_some() => dropped = true,
             Command::Event(..) if begun.is_err() => {}
             Command::Event(fence, event) => chunks.add(fence, &event),
             Command::Flush(reply) => flushes.push(reply),
@@ -297,23 +504,23 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
     if begun.is_ok() {
         write_chunks(conn, &mut chunks);
         if let Err(e) = tallies.write(conn) {
-            failed.get_or_insert(e.to_string());
+            failed.get_or_insert(e);
         }
     }
     let committed = match (begun, failed) {
-        (Ok(()), None) => conn.execute_batch("COMMIT").map_err(|e| {
+        (Ok(()), None) => conn.execute_batch("COMMIT").inspect_err(|_| {
             // Leave no half transaction behind for the next batch.
             let _ = conn.execute_batch("ROLLBACK");
-            e.to_string()
         }),
         (Ok(()), Some(e)) => {
             tracing::error!(error = %e, "store: could not count outcomes; rolling back the batch");
             let _ = conn.execute_batch("ROLLBACK");
             Err(e)
         }
-        (Err(e), _) => Err(e.to_string()),
+        (Err(e), _) => Err(e),
     };
-    let error = committed.err();
+    let disk_full = committed.as_ref().err().is_some_and(is_disk_full);
+    let error = committed.err().map(|e| e.to_string());
     let commit_failed = |e: &str| StoreError::Backend(format!("commit failed: {e}").into());
     for answer in answers {
         answer(error.as_deref());
@@ -325,9 +532,11 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>) {
         });
     }
     for reply in flushes {
-        let _ = reply.send(match &error {
-            Some(e) => Err(commit_failed(e)),
-            None => Ok(()),
+        let _ = reply.send(match (&error, refuse_bulk) {
+            (Some(e), _) => Err(commit_failed(e)),
+            (None, Some(reserve)) if dropped => Err(reserve.refusal()),
+            (None, _) => Ok(()),
         });
     }
+    disk_full
 }
