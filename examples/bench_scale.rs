@@ -39,8 +39,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use harvest_supervisor::store::postgres::tokio_postgres;
 use harvest_supervisor::store::{PostgresOptions, PostgresStore};
 use harvest_supervisor::{
-    FailurePolicy, SessionConfig, SessionRequest, SessionStore, SqliteStore, Supervisor,
-    SupervisorConfig, finalizer_fn, harvest_fn,
+    FailurePolicy, SessionRequest, SessionStore, SqliteStore, Supervisor, SupervisorConfig,
+    finalizer_fn, harvest_fn,
 };
 use serde::{Deserialize, Serialize};
 
@@ -476,13 +476,10 @@ async fn latency(runs: usize) {
             }
         });
         let sup = Supervisor::builder(harvest, finalizer)
-            .config(SupervisorConfig {
-                session: SessionConfig {
-                    failure_policy: policy,
-                    ..impls::bench_config()
-                },
-                ..SupervisorConfig::default()
-            })
+            .config(
+                SupervisorConfig::default()
+                    .with_session(impls::bench_config().with_failure_policy(policy)),
+            )
             .start()
             .await
             .expect("supervisor");
@@ -610,13 +607,8 @@ async fn watchdog(sessions: usize, idle: Duration, sqlite: bool, no_leases: bool
         tokio::time::sleep(Duration::from_secs(3600)).await;
         Ok(())
     });
-    let mut config = SupervisorConfig {
-        session: SessionConfig {
-            monitor_interval: Duration::from_secs(1),
-            ..impls::bench_config()
-        },
-        ..SupervisorConfig::default()
-    };
+    let mut config = SupervisorConfig::default()
+        .with_session(impls::bench_config().with_monitor_interval(Duration::from_secs(1)));
     if no_leases {
         config.lease_renew_interval = Duration::from_secs(3600);
         config.lease_ttl = Duration::from_secs(7200);
@@ -824,10 +816,7 @@ async fn cluster_node(url: &str, schema: &str, harvester: &str, secs: u64, size:
         finalizer_fn(|_| async { Ok(()) }),
     )
     .store(Arc::new(store))
-    .config(SupervisorConfig {
-        session: impls::bench_config(),
-        ..SupervisorConfig::default()
-    })
+    .config(SupervisorConfig::default().with_session(impls::bench_config()))
     .start()
     .await
     .expect("supervisor");
@@ -943,13 +932,10 @@ async fn idle_node(url: &str, schema: &str, first: usize, count: usize) {
         finalizer_fn(|_| async { Ok(()) }),
     )
     .store(Arc::new(store))
-    .config(SupervisorConfig {
-        session: SessionConfig {
-            monitor_interval: Duration::from_secs(1),
-            ..impls::bench_config()
-        },
-        ..SupervisorConfig::default()
-    })
+    .config(
+        SupervisorConfig::default()
+            .with_session(impls::bench_config().with_monitor_interval(Duration::from_secs(1))),
+    )
     .start()
     .await
     .expect("supervisor");
@@ -992,12 +978,12 @@ async fn node(
     });
     let sup = Supervisor::builder(harvest, finalizer_fn(|_| async { Ok(()) }))
         .store(store)
-        .config(SupervisorConfig {
-            lease_ttl,
-            lease_renew_interval: renew,
-            rescue_interval: rescue,
-            ..SupervisorConfig::default()
-        })
+        .config(
+            SupervisorConfig::default()
+                .with_lease_ttl(lease_ttl)
+                .with_lease_renew_interval(renew)
+                .with_rescue_interval(rescue),
+        )
         .start()
         .await
         .expect("supervisor");

@@ -225,25 +225,25 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     }));
 
     let args = Args::parse();
-    let session = SessionConfig {
-        per_resource_estimate: args.per_resource_estimate,
-        buffer: args.buffer,
-        resource_timeout: args.resource_timeout.0,
-        monitor_interval: args.monitor_interval,
-        escalation_grace: args.escalation_grace,
+    let session = SessionConfig::default()
+        .with_per_resource_estimate(args.per_resource_estimate)
+        .with_buffer(args.buffer)
+        .with_resource_timeout(args.resource_timeout.0)
+        .with_monitor_interval(args.monitor_interval)
+        .with_escalation_grace(args.escalation_grace)
         // Validated to end before the escalation grace does.
-        killed_exit_wait: SessionConfig::default()
-            .killed_exit_wait
-            .min(args.escalation_grace / 2),
-        abort_grace: Duration::from_secs(1),
-        max_concurrency: args.concurrency,
-        retry: harvest_supervisor::RetryPolicy {
-            max_attempts: args.max_attempts,
-            initial_backoff: Duration::from_millis(100),
-            ..Default::default()
-        },
-        ..SessionConfig::default()
-    };
+        .with_killed_exit_wait(
+            SessionConfig::default()
+                .killed_exit_wait
+                .min(args.escalation_grace / 2),
+        )
+        .with_abort_grace(Duration::from_secs(1))
+        .with_max_concurrency(args.concurrency)
+        .with_retry(
+            harvest_supervisor::RetryPolicy::default()
+                .with_max_attempts(args.max_attempts)
+                .with_initial_backoff(Duration::from_millis(100)),
+        );
 
     let plan = Arc::new(plan(&args));
     let reports: Reports = Arc::default();
@@ -280,16 +280,16 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     let supervisor = Supervisor::builder(harvest, finalizer)
         .store(Arc::clone(&store))
-        .config(SupervisorConfig {
-            session,
-            recovery: if args.resume {
-                RecoveryPolicy::Resume
-            } else {
-                RecoveryPolicy::Finalize
-            },
-            node_name: args.node_name.clone(),
-            ..SupervisorConfig::default()
-        })
+        .config(
+            SupervisorConfig::default()
+                .with_session(session)
+                .with_recovery(if args.resume {
+                    RecoveryPolicy::Resume
+                } else {
+                    RecoveryPolicy::Finalize
+                })
+                .with_node_name(args.node_name.clone()),
+        )
         .start()
         .await?;
     // The sessions this start took over: an earlier run's that crashed (or another

@@ -112,6 +112,7 @@ pub enum FinalizerRecovery {
 /// `initial_backoff * multiplier^(n-1)`, capped at `max_backoff`, while `n < max_attempts`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// Attempts per resource, the first included; 1 means no retry.
     pub max_attempts: u32,
@@ -167,12 +168,13 @@ impl RetryPolicy {
 /// config.validate()?;
 /// assert_eq!(config.workflow_time(100), Duration::from_secs(100 * 2 + 300));
 ///
-/// let broken = SessionConfig { max_concurrency: 0, ..config };
+/// let broken = config.with_max_concurrency(0);
 /// assert_eq!(broken.validate().unwrap_err().field(), "max_concurrency");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct SessionConfig {
     /// Expected harvest time of one resource; the deadline grows with the resource count.
     #[serde(with = "humantime_serde")]
@@ -390,6 +392,7 @@ fn at_most(field: &'static str, d: Duration, max: Duration) -> Result<(), Config
 /// Settings of the whole tree.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct SupervisorConfig {
     /// The budget a session gets unless its request brings its own.
     pub session: SessionConfig,
@@ -518,6 +521,65 @@ impl SupervisorConfig {
         Ok(())
     }
 }
+
+/// Chainable setters, one per field (`with_<field>`): the configs are `#[non_exhaustive]`
+/// (a field added later breaks no construction downstream), so they are built from their
+/// `Default` (or a value at hand) with these, or changed field by field.
+macro_rules! setters {
+    ($ty:ident { $($setter:ident => $field:ident: $t:ty),* $(,)? }) => {
+        impl $ty {
+            $(
+                #[doc = concat!(
+                    "Returns this ", stringify!($ty), " with [`", stringify!($field),
+                    "`](Self::", stringify!($field), ") set to `value`."
+                )]
+                #[must_use]
+                // `value` is the field's type, or `impl Into<Option<T>>` for an optional
+                // one (`with_resource_timeout(Duration::from_secs(5))` or `(None)`).
+                #[allow(clippy::useless_conversion)]
+                pub fn $setter(mut self, value: $t) -> Self {
+                    self.$field = value.into();
+                    self
+                }
+            )*
+        }
+    };
+}
+pub(crate) use setters;
+
+setters!(RetryPolicy {
+    with_max_attempts => max_attempts: u32,
+    with_initial_backoff => initial_backoff: Duration,
+    with_multiplier => multiplier: f64,
+    with_max_backoff => max_backoff: Duration,
+});
+
+setters!(SessionConfig {
+    with_per_resource_estimate => per_resource_estimate: Duration,
+    with_buffer => buffer: Duration,
+    with_resource_timeout => resource_timeout: impl Into<Option<Duration>>,
+    with_heartbeat_timeout => heartbeat_timeout: impl Into<Option<Duration>>,
+    with_monitor_interval => monitor_interval: Duration,
+    with_escalation_grace => escalation_grace: Duration,
+    with_abort_grace => abort_grace: Duration,
+    with_killed_exit_wait => killed_exit_wait: Duration,
+    with_max_concurrency => max_concurrency: usize,
+    with_retry => retry: RetryPolicy,
+    with_failure_policy => failure_policy: FailurePolicy,
+});
+
+setters!(SupervisorConfig {
+    with_session => session: SessionConfig,
+    with_event_capacity => event_capacity: usize,
+    with_recovery => recovery: RecoveryPolicy,
+    with_finalizer_recovery => finalizer_recovery: FinalizerRecovery,
+    with_store_retry_max => store_retry_max: Duration,
+    with_shutdown_timeout => shutdown_timeout: Duration,
+    with_node_name => node_name: impl Into<Option<String>>,
+    with_lease_ttl => lease_ttl: Duration,
+    with_lease_renew_interval => lease_renew_interval: Duration,
+    with_rescue_interval => rescue_interval: Duration,
+});
 
 #[cfg(test)]
 mod tests {

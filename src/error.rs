@@ -257,6 +257,7 @@ impl StoreError {
 
 /// A session could not be started.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum StartError {
     /// One active session per harvester: this one is running.
     #[error("harvester {harvester_id} is busy with session {session}")]
@@ -311,6 +312,7 @@ impl From<StoreError> for StartError {
 
 /// A question or command about one session failed.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum SessionError {
     /// No session with this id.
     #[error("unknown session {session_id}")]
@@ -353,6 +355,7 @@ impl From<StoreError> for SessionError {
 
 /// Any error of this crate.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum Error {
     /// See [`ConfigError`].
     #[error(transparent)]

@@ -37,6 +37,7 @@ pub struct SessionEvent {
 /// What happened. Serialized with a `"kind"` tag holding the variant name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
+#[non_exhaustive]
 pub enum EventKind {
     /// The session was created.
     SessionStarted {

@@ -10,7 +10,7 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, RpcReplyPort};
 use tokio::task::JoinHandle;
 
-use crate::config::SupervisorConfig;
+use crate::config::{SessionConfig, SupervisorConfig};
 use crate::error::{Error, SessionError, StartError};
 use crate::events::{
     EventBus, EventKind, EventSubscription, LiveLogs, RecvError, SessionEvent, WeakEventBus,
@@ -252,13 +252,55 @@ impl Supervisor {
         }
     }
 
-    /// Starts a session of `resources` on `harvester_id` with the default budget.
+    /// Starts a session of `resources` on `harvester_id` with the supervisor's default
+    /// budget and policies (`SupervisorConfig::session`); [`Self::start_session_with`]
+    /// gives one session its own.
     pub async fn start_session<R: Into<ResourceId>>(
         &self,
         harvester_id: impl Into<HarvesterId>,
         resources: impl IntoIterator<Item = R>,
     ) -> Result<SessionId, StartError> {
         self.start(SessionRequest::new(harvester_id, resources))
+            .await
+    }
+
+    /// Starts a session of `resources` on `harvester_id` under `config` (its budget,
+    /// timeouts, retries and policies) instead of the supervisor's default. The config is
+    /// checked first, against the session's size too: an invalid one is
+    /// [`StartError::InvalidConfig`], naming the field.
+    ///
+    /// ```
+    /// use harvest_supervisor::{finalizer_fn, harvest_fn, SessionConfig, Supervisor};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let supervisor = Supervisor::builder(
+    ///     harvest_fn(|_| async { Ok(()) }),
+    ///     finalizer_fn(|_| async { Ok(()) }),
+    /// )
+    /// .start()
+    /// .await?;
+    /// // GeoNode's 20 s per resource is far too long for this catalogue.
+    /// let budget = SessionConfig::default()
+    ///     .with_per_resource_estimate(Duration::from_secs(2))
+    ///     .with_buffer(Duration::from_secs(60))
+    ///     .with_resource_timeout(Duration::from_secs(30));
+    /// let id = supervisor
+    ///     .start_session_with("csw", ["a", "b"], budget)
+    ///     .await?;
+    /// let record = supervisor.wait_finished(id).await?;
+    /// assert_eq!(record.workflow_time, Duration::from_secs(2 * 2 + 60));
+    /// supervisor.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn start_session_with<R: Into<ResourceId>>(
+        &self,
+        harvester_id: impl Into<HarvesterId>,
+        resources: impl IntoIterator<Item = R>,
+        config: SessionConfig,
+    ) -> Result<SessionId, StartError> {
+        self.start(SessionRequest::new(harvester_id, resources).with_config(config))
             .await
     }
 

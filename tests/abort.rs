@@ -153,10 +153,7 @@ async fn with_slow_finalizer(
         harvest_supervisor::harvest_fn(common::scripted),
         finalizer,
     )
-    .config(harvest_supervisor::SupervisorConfig {
-        session: config(),
-        ..Default::default()
-    })
+    .config(harvest_supervisor::SupervisorConfig::default().with_session(config()))
     .start()
     .await
     .expect("supervisor")

@@ -16,10 +16,7 @@ use harvest_supervisor::{
 async fn an_invalid_session_config_is_rejected_naming_the_field() {
     let rec = Recorder::new(FinalizerMode::Ok);
     let sup = supervisor(config(), &rec).await;
-    let bad = SessionConfig {
-        max_concurrency: 0,
-        ..config()
-    };
+    let bad = config().with_max_concurrency(0);
     match sup
         .start(SessionRequest::new("csw", ["ok-1"]).with_config(bad))
         .await
@@ -30,9 +27,31 @@ async fn an_invalid_session_config_is_rejected_naming_the_field() {
         }
         other => panic!("expected InvalidConfig, got {other:?}"),
     }
+    // The same through `start_session_with`.
+    match sup
+        .start_session_with(
+            "csw",
+            ["ok-1"],
+            config().with_resource_timeout(Duration::ZERO),
+        )
+        .await
+    {
+        Err(StartError::InvalidConfig(e)) => assert_eq!(e.field(), "resource_timeout"),
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
     assert!(
         sup.sessions().await.expect("list").is_empty(),
         "nothing was created"
+    );
+    // A valid one is the session's own budget.
+    let budget = config().with_buffer(Duration::from_secs(7));
+    let id = sup
+        .start_session_with("csw", ["ok-1"], budget.clone())
+        .await
+        .expect("harvester untouched");
+    assert_eq!(
+        finished(&sup, id).await.workflow_time,
+        budget.workflow_time(1)
     );
     sup.start_session("csw", ["ok-1"])
         .await
@@ -42,13 +61,8 @@ async fn an_invalid_session_config_is_rejected_naming_the_field() {
 
 #[tokio::test(start_paused = true)]
 async fn an_invalid_supervisor_config_fails_at_start() {
-    let config = SupervisorConfig {
-        session: SessionConfig {
-            monitor_interval: Duration::ZERO,
-            ..SessionConfig::default()
-        },
-        ..SupervisorConfig::default()
-    };
+    let config = SupervisorConfig::default()
+        .with_session(SessionConfig::default().with_monitor_interval(Duration::ZERO));
     let started = Supervisor::builder(
         harvest_fn(|_| async { Ok(()) }),
         finalizer_fn(|_| async { Ok(()) }),
@@ -196,61 +210,30 @@ fn lease_and_rescue_settings_out_of_bounds_are_rejected_naming_the_field() {
     let cases: Vec<(&str, SupervisorConfig)> = vec![
         (
             "lease_ttl",
-            SupervisorConfig {
-                lease_ttl: Duration::from_secs(19),
-                lease_renew_interval: Duration::from_secs(10),
-                ..ok.clone()
-            },
+            ok.clone()
+                .with_lease_ttl(Duration::from_secs(19))
+                .with_lease_renew_interval(Duration::from_secs(10)),
         ),
+        ("lease_ttl", ok.clone().with_lease_ttl(Duration::MAX)),
         (
-            "lease_ttl",
-            SupervisorConfig {
-                lease_ttl: Duration::MAX,
-                ..ok.clone()
-            },
+            "lease_renew_interval",
+            ok.clone()
+                .with_lease_renew_interval(Duration::from_millis(1)),
         ),
         (
             "lease_renew_interval",
-            SupervisorConfig {
-                lease_renew_interval: Duration::from_millis(1),
-                ..ok.clone()
-            },
-        ),
-        (
-            "lease_renew_interval",
-            SupervisorConfig {
-                lease_renew_interval: Duration::MAX,
-                ..ok.clone()
-            },
+            ok.clone().with_lease_renew_interval(Duration::MAX),
         ),
         (
             "rescue_interval",
-            SupervisorConfig {
-                rescue_interval: Duration::ZERO,
-                ..ok.clone()
-            },
+            ok.clone().with_rescue_interval(Duration::ZERO),
         ),
         (
             "rescue_interval",
-            SupervisorConfig {
-                rescue_interval: Duration::MAX,
-                ..ok.clone()
-            },
+            ok.clone().with_rescue_interval(Duration::MAX),
         ),
-        (
-            "node_name",
-            SupervisorConfig {
-                node_name: Some(" ".into()),
-                ..ok.clone()
-            },
-        ),
-        (
-            "node_name",
-            SupervisorConfig {
-                node_name: Some("a\nb".into()),
-                ..ok.clone()
-            },
-        ),
+        ("node_name", ok.clone().with_node_name(Some(" ".into()))),
+        ("node_name", ok.clone().with_node_name(Some("a\nb".into()))),
     ];
     for (field, config) in cases {
         match config.validate() {
@@ -259,12 +242,10 @@ fn lease_and_rescue_settings_out_of_bounds_are_rejected_naming_the_field() {
         }
     }
     // The tightest valid lease: twice the renewal.
-    let tight = SupervisorConfig {
-        lease_ttl: Duration::from_millis(20),
-        lease_renew_interval: Duration::from_millis(10),
-        rescue_interval: Duration::from_millis(10),
-        node_name: Some("node-1".into()),
-        ..ok
-    };
+    let tight = ok
+        .with_lease_ttl(Duration::from_millis(20))
+        .with_lease_renew_interval(Duration::from_millis(10))
+        .with_rescue_interval(Duration::from_millis(10))
+        .with_node_name(Some("node-1".into()));
     assert!(tight.validate().is_ok());
 }

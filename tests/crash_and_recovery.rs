@@ -11,6 +11,7 @@ use common::faulty::FaultyStore;
 use common::{FinalizerMode, Recorder, config, finished, has_event, supervisor_on};
 use harvest_supervisor::{
     EventKind, FinalizeReason, MemoryStore, ResourceOutcome, SessionStatus, SessionStore,
+    SupervisorConfig,
 };
 
 #[tokio::test(start_paused = true)]
@@ -222,11 +223,11 @@ async fn resuming_supervisor(
 ) -> harvest_supervisor::Supervisor {
     harvest_supervisor::Supervisor::builder(harvest, finalizer.clone())
         .store(store.clone())
-        .config(harvest_supervisor::SupervisorConfig {
-            session: config(),
-            recovery: harvest_supervisor::RecoveryPolicy::Resume,
-            ..Default::default()
-        })
+        .config(
+            SupervisorConfig::default()
+                .with_session(config())
+                .with_recovery(harvest_supervisor::RecoveryPolicy::Resume),
+        )
         .start()
         .await
         .expect("start")
@@ -334,11 +335,9 @@ async fn resume_recovery_harvests_what_had_not_succeeded_under_the_same_session(
 #[tokio::test(start_paused = true)]
 async fn a_resumed_session_runs_under_its_own_budget_not_the_new_default() {
     let store = Arc::new(MemoryStore::new());
-    let own = harvest_supervisor::SessionConfig {
-        failure_policy: harvest_supervisor::FailurePolicy::FailFast,
-        max_concurrency: 1,
-        ..config()
-    };
+    let own = config()
+        .with_failure_policy(harvest_supervisor::FailurePolicy::FailFast)
+        .with_max_concurrency(1);
     let request =
         harvest_supervisor::SessionRequest::new("csw", ["ok-1", "sleep5-2", "fail-3", "ok-4"])
             .with_config(own);
@@ -442,11 +441,11 @@ async fn shutdown_returns_in_bounded_time_and_leaves_an_unfinishable_session_to_
         rec.clone(),
     )
     .store(store.clone())
-    .config(harvest_supervisor::SupervisorConfig {
-        session: config(),
-        shutdown_timeout: Duration::from_secs(30),
-        ..Default::default()
-    })
+    .config(
+        SupervisorConfig::default()
+            .with_session(config())
+            .with_shutdown_timeout(Duration::from_secs(30)),
+    )
     .start()
     .await
     .expect("supervisor");
@@ -500,10 +499,10 @@ async fn shutdown_returns_in_bounded_time_and_leaves_an_unfinishable_session_to_
 async fn a_node_that_cannot_renew_loses_its_sessions_after_its_lease_and_not_before() {
     let shared: Arc<dyn harvest_supervisor::SessionStore> = Arc::new(MemoryStore::new());
     let a_store = Arc::new(FaultyStore::wrapping(Arc::clone(&shared)));
-    let nodes = |name: &str| harvest_supervisor::SupervisorConfig {
-        session: config(),
-        node_name: Some(name.to_owned()),
-        ..Default::default()
+    let nodes = |name: &str| {
+        SupervisorConfig::default()
+            .with_session(config())
+            .with_node_name(Some(name.to_owned()))
     };
     let defaults = harvest_supervisor::SupervisorConfig::default();
     let (ttl, renew, rescue) = (
@@ -627,18 +626,13 @@ async fn a_node_that_cannot_renew_fences_itself_and_goes_on_once_it_can() {
                 () = ctx.cancel.cancelled() => Err("cancelled".into()),
             }
         });
-    let session = harvest_supervisor::SessionConfig {
-        per_resource_estimate: Duration::from_secs(60),
-        buffer: Duration::from_secs(60),
-        max_concurrency: 2,
-        ..harvest_supervisor::SessionConfig::default()
-    };
+    let session = harvest_supervisor::SessionConfig::default()
+        .with_per_resource_estimate(Duration::from_secs(60))
+        .with_buffer(Duration::from_secs(60))
+        .with_max_concurrency(2);
     let sup = harvest_supervisor::Supervisor::builder(harvest, rec.clone())
         .store(store.clone())
-        .config(harvest_supervisor::SupervisorConfig {
-            session,
-            ..Default::default()
-        })
+        .config(SupervisorConfig::default().with_session(session))
         .start()
         .await
         .expect("supervisor");
@@ -709,10 +703,7 @@ async fn a_node_stops_a_silent_session_that_was_taken_over() {
     let a_rec = Recorder::new(FinalizerMode::Ok);
     let a = harvest_supervisor::Supervisor::builder(hang_until_cancelled, a_rec.clone())
         .store(a_store.clone())
-        .config(harvest_supervisor::SupervisorConfig {
-            session: config(),
-            ..Default::default()
-        })
+        .config(SupervisorConfig::default().with_session(config()))
         .start()
         .await
         .expect("A");

@@ -118,13 +118,10 @@ async fn child_process() {
     });
     let sup = Supervisor::builder(harvest, slow_finalizer(&db, "child"))
         .store(Arc::new(store))
-        .config(SupervisorConfig {
-            session: SessionConfig {
-                max_concurrency: 2,
-                ..SessionConfig::default()
-            },
-            ..SupervisorConfig::default()
-        })
+        .config(
+            SupervisorConfig::default()
+                .with_session(SessionConfig::default().with_max_concurrency(2)),
+        )
         .start()
         .await
         .expect("child supervisor");
@@ -258,11 +255,11 @@ async fn crash_and_recover_with(
         }),
     )
     .store(store.clone())
-    .config(SupervisorConfig {
-        recovery,
-        finalizer_recovery,
-        ..SupervisorConfig::default()
-    })
+    .config(
+        SupervisorConfig::default()
+            .with_recovery(recovery)
+            .with_finalizer_recovery(finalizer_recovery),
+    )
     .start()
     .await
     .expect("supervisor on the same file");

@@ -87,10 +87,7 @@ async fn a_harvest_that_ignores_its_token_is_dropped_before_the_finalizer_runs()
         async { Ok(()) }
     });
     let sup = Supervisor::builder(harvest, finalizer)
-        .config(SupervisorConfig {
-            session: config(),
-            ..SupervisorConfig::default()
-        })
+        .config(SupervisorConfig::default().with_session(config()))
         .start()
         .await
         .expect("supervisor starts");
@@ -305,15 +302,14 @@ async fn escalation_never_completes_a_session_while_its_finalizer_still_runs() {
         async { Ok(()) }
     });
     let sup = Supervisor::builder(harvest_fn(common::scripted), finalizer)
-        .config(SupervisorConfig {
-            session: harvest_supervisor::SessionConfig {
-                monitor_interval: Duration::from_millis(20),
-                escalation_grace: Duration::from_millis(200),
-                killed_exit_wait: Duration::from_millis(50),
-                ..config()
-            },
-            ..SupervisorConfig::default()
-        })
+        .config(
+            SupervisorConfig::default().with_session(
+                config()
+                    .with_monitor_interval(Duration::from_millis(20))
+                    .with_escalation_grace(Duration::from_millis(200))
+                    .with_killed_exit_wait(Duration::from_millis(50)),
+            ),
+        )
         .start()
         .await
         .expect("supervisor");

@@ -16,14 +16,9 @@ use harvest_supervisor::{
 async fn a_session_log_runs_from_started_to_finished_in_seq_order_and_round_trips() {
     let rec = Recorder::new(FinalizerMode::Ok);
     let sup = common::supervisor(
-        harvest_supervisor::SessionConfig {
-            resource_timeout: Some(Duration::from_secs(20)),
-            retry: harvest_supervisor::RetryPolicy {
-                max_attempts: 2,
-                ..Default::default()
-            },
-            ..config()
-        },
+        config()
+            .with_resource_timeout(Some(Duration::from_secs(20)))
+            .with_retry(harvest_supervisor::RetryPolicy::default().with_max_attempts(2)),
         &rec,
     )
     .await;
@@ -90,11 +85,11 @@ async fn a_session_log_runs_from_started_to_finished_in_seq_order_and_round_trip
 async fn a_slow_subscriber_never_blocks_the_tree_and_is_told_what_it_missed() {
     let rec = Recorder::new(FinalizerMode::Ok);
     let sup = Supervisor::builder(harvest_fn(scripted), rec.clone())
-        .config(SupervisorConfig {
-            session: config(),
-            event_capacity: 8,
-            ..SupervisorConfig::default()
-        })
+        .config(
+            SupervisorConfig::default()
+                .with_session(config())
+                .with_event_capacity(8),
+        )
         .start()
         .await
         .expect("start");
@@ -188,14 +183,12 @@ async fn session_finished_is_the_last_event_when_the_deadline_meets_the_last_out
     // session's one resource ends within a millisecond or two of its deadline, so the
     // monitor's tick (its store read, its events) races the session's finalization on the
     // other thread, many times over.
-    let cfg = harvest_supervisor::SessionConfig {
-        per_resource_estimate: Duration::from_millis(20),
-        buffer: Duration::from_millis(30),
-        monitor_interval: Duration::from_millis(1),
-        escalation_grace: Duration::from_millis(20),
-        killed_exit_wait: Duration::from_millis(10),
-        ..config()
-    };
+    let cfg = config()
+        .with_per_resource_estimate(Duration::from_millis(20))
+        .with_buffer(Duration::from_millis(30))
+        .with_monitor_interval(Duration::from_millis(1))
+        .with_escalation_grace(Duration::from_millis(20))
+        .with_killed_exit_wait(Duration::from_millis(10));
     let harvest = harvest_fn(|ctx: harvest_supervisor::HarvestContext| async move {
         let n: u64 = ctx.resource_id.parse().unwrap_or(0);
         tokio::time::sleep(Duration::from_micros(48_000 + n % 4_000)).await;
@@ -203,10 +196,7 @@ async fn session_finished_is_the_last_event_when_the_deadline_meets_the_last_out
     });
     let rec = Recorder::new(FinalizerMode::Ok);
     let sup = Supervisor::builder(harvest, rec.clone())
-        .config(SupervisorConfig {
-            session: cfg,
-            ..SupervisorConfig::default()
-        })
+        .config(SupervisorConfig::default().with_session(cfg))
         .start()
         .await
         .expect("supervisor");
@@ -264,15 +254,12 @@ async fn on_faulty_store(
 /// event of any session, and a store read each time they lagged.)
 #[tokio::test(start_paused = true)]
 async fn a_follower_is_not_woken_by_other_sessions_events() {
-    let (store, sup) = on_faulty_store(SupervisorConfig {
-        session: harvest_supervisor::SessionConfig {
-            max_concurrency: 8,
-            ..config()
-        },
-        // Small: a follower hearing every session's events lags at once.
-        event_capacity: 16,
-        ..SupervisorConfig::default()
-    })
+    let (store, sup) = on_faulty_store(
+        SupervisorConfig::default()
+            .with_session(config().with_max_concurrency(8))
+            // Small: a follower hearing every session's events lags at once.
+            .with_event_capacity(16),
+    )
     .await;
     let sup = Arc::new(sup);
     // Followed: a session whose one resource hangs until its per-resource timeout.
@@ -335,28 +322,24 @@ async fn a_follower_is_not_woken_by_other_sessions_events() {
 /// lost lease until it is renewed. `None` once the session is over.
 #[tokio::test(start_paused = true)]
 async fn live_signals_count_what_the_running_log_says() {
-    let (store, sup) = on_faulty_store(SupervisorConfig {
-        session: config(),
-        lease_renew_interval: Duration::from_secs(1),
-        lease_ttl: Duration::from_secs(10),
-        ..SupervisorConfig::default()
-    })
+    let (store, sup) = on_faulty_store(
+        SupervisorConfig::default()
+            .with_session(config())
+            .with_lease_renew_interval(Duration::from_secs(1))
+            .with_lease_ttl(Duration::from_secs(10)),
+    )
     .await;
-    let retried = harvest_supervisor::RetryPolicy {
-        max_attempts: 1000,
-        initial_backoff: Duration::from_secs(1),
-        max_backoff: Duration::from_secs(1),
-        ..Default::default()
-    };
+    let retried = harvest_supervisor::RetryPolicy::default()
+        .with_max_attempts(1000)
+        .with_initial_backoff(Duration::from_secs(1))
+        .with_max_backoff(Duration::from_secs(1));
     let silent = sup
         .start(
             harvest_supervisor::SessionRequest::new("silent", ["hang-1"]).with_config(
-                harvest_supervisor::SessionConfig {
-                    heartbeat_timeout: Some(Duration::from_secs(2)),
-                    resource_timeout: Some(Duration::from_secs(3600)),
-                    retry: retried.clone(),
-                    ..config()
-                },
+                config()
+                    .with_heartbeat_timeout(Some(Duration::from_secs(2)))
+                    .with_resource_timeout(Some(Duration::from_secs(3600)))
+                    .with_retry(retried.clone()),
             ),
         )
         .await
@@ -364,11 +347,9 @@ async fn live_signals_count_what_the_running_log_says() {
     let slow = sup
         .start(
             harvest_supervisor::SessionRequest::new("slow", ["hang-2"]).with_config(
-                harvest_supervisor::SessionConfig {
-                    resource_timeout: Some(Duration::from_secs(5)),
-                    retry: retried,
-                    ..config()
-                },
+                config()
+                    .with_resource_timeout(Some(Duration::from_secs(5)))
+                    .with_retry(retried),
             ),
         )
         .await

@@ -21,21 +21,16 @@ fn years_1000() -> Duration {
 #[test]
 fn a_monitor_interval_beyond_any_deadline_is_rejected() {
     for interval in [Duration::MAX, years_1000(), Duration::from_secs(2 * 86_400)] {
-        let c = SessionConfig {
-            monitor_interval: interval,
-            ..SessionConfig::default()
-        };
+        let c = SessionConfig::default().with_monitor_interval(interval);
         let e = c.validate().expect_err("too long an interval");
         assert_eq!(e.field(), "monitor_interval", "{interval:?}: {e}");
     }
     // Longer than the whole budget of a one-resource session: the watchdog would look only
     // after the deadline had long passed.
-    let c = SessionConfig {
-        per_resource_estimate: Duration::from_secs(1),
-        buffer: Duration::from_secs(10),
-        monitor_interval: Duration::from_secs(12),
-        ..SessionConfig::default()
-    };
+    let c = SessionConfig::default()
+        .with_per_resource_estimate(Duration::from_secs(1))
+        .with_buffer(Duration::from_secs(10))
+        .with_monitor_interval(Duration::from_secs(12));
     let e = c.validate().expect_err("interval past the deadline");
     assert_eq!(e.field(), "monitor_interval");
     assert!(e.rule().contains("workflow_time"), "{e}");
@@ -47,100 +42,52 @@ fn every_duration_has_an_upper_bound() {
     let cases: Vec<(&str, SessionConfig)> = vec![
         (
             "per_resource_estimate",
-            SessionConfig {
-                per_resource_estimate: huge,
-                ..SessionConfig::default()
-            },
+            SessionConfig::default().with_per_resource_estimate(huge),
         ),
-        (
-            "buffer",
-            SessionConfig {
-                buffer: huge,
-                ..SessionConfig::default()
-            },
-        ),
+        ("buffer", SessionConfig::default().with_buffer(huge)),
         (
             "resource_timeout",
-            SessionConfig {
-                resource_timeout: Some(huge),
-                ..SessionConfig::default()
-            },
+            SessionConfig::default().with_resource_timeout(Some(huge)),
         ),
         (
             "heartbeat_timeout",
-            SessionConfig {
-                heartbeat_timeout: Some(huge),
-                ..SessionConfig::default()
-            },
+            SessionConfig::default().with_heartbeat_timeout(Some(huge)),
         ),
         (
             "escalation_grace",
-            SessionConfig {
-                escalation_grace: huge,
-                ..SessionConfig::default()
-            },
+            SessionConfig::default().with_escalation_grace(huge),
         ),
         (
             "abort_grace",
-            SessionConfig {
-                abort_grace: huge,
-                ..SessionConfig::default()
-            },
+            SessionConfig::default().with_abort_grace(huge),
         ),
         (
             "killed_exit_wait",
-            SessionConfig {
-                killed_exit_wait: huge,
-                ..SessionConfig::default()
-            },
+            SessionConfig::default().with_killed_exit_wait(huge),
         ),
         (
             "max_concurrency",
-            SessionConfig {
-                max_concurrency: usize::MAX,
-                ..SessionConfig::default()
-            },
+            SessionConfig::default().with_max_concurrency(usize::MAX),
         ),
         (
             "retry.initial_backoff",
-            SessionConfig {
-                retry: RetryPolicy {
-                    initial_backoff: huge,
-                    max_backoff: huge,
-                    ..RetryPolicy::default()
-                },
-                ..SessionConfig::default()
-            },
+            SessionConfig::default().with_retry(
+                RetryPolicy::default()
+                    .with_initial_backoff(huge)
+                    .with_max_backoff(huge),
+            ),
         ),
         (
             "retry.max_backoff",
-            SessionConfig {
-                retry: RetryPolicy {
-                    max_backoff: huge,
-                    ..RetryPolicy::default()
-                },
-                ..SessionConfig::default()
-            },
+            SessionConfig::default().with_retry(RetryPolicy::default().with_max_backoff(huge)),
         ),
         (
             "retry.max_attempts",
-            SessionConfig {
-                retry: RetryPolicy {
-                    max_attempts: u32::MAX,
-                    ..RetryPolicy::default()
-                },
-                ..SessionConfig::default()
-            },
+            SessionConfig::default().with_retry(RetryPolicy::default().with_max_attempts(u32::MAX)),
         ),
         (
             "retry.multiplier",
-            SessionConfig {
-                retry: RetryPolicy {
-                    multiplier: 1e300,
-                    ..RetryPolicy::default()
-                },
-                ..SessionConfig::default()
-            },
+            SessionConfig::default().with_retry(RetryPolicy::default().with_multiplier(1e300)),
         ),
     ];
     for (field, config) in cases {
@@ -151,11 +98,9 @@ fn every_duration_has_an_upper_bound() {
 
 #[test]
 fn the_killed_exit_wait_must_end_before_the_monitor_escalates() {
-    let c = SessionConfig {
-        escalation_grace: Duration::from_secs(5),
-        killed_exit_wait: Duration::from_secs(5),
-        ..SessionConfig::default()
-    };
+    let c = SessionConfig::default()
+        .with_escalation_grace(Duration::from_secs(5))
+        .with_killed_exit_wait(Duration::from_secs(5));
     let e = c.validate().expect_err("wait as long as the grace");
     assert_eq!(e.field(), "killed_exit_wait");
     assert!(e.rule().contains("escalation_grace"), "{e}");
@@ -174,12 +119,11 @@ fn backoff_never_panics_whatever_the_policy() {
         ),
         (Duration::ZERO, Duration::ZERO, 1.0),
     ] {
-        let policy = RetryPolicy {
-            max_attempts: 3,
-            initial_backoff: initial,
-            multiplier,
-            max_backoff: max,
-        };
+        let policy = RetryPolicy::default()
+            .with_max_attempts(3)
+            .with_initial_backoff(initial)
+            .with_multiplier(multiplier)
+            .with_max_backoff(max);
         for attempt in [0, 1, 2, 63, 64, u32::MAX] {
             let delay = policy.backoff(attempt);
             assert!(delay <= max, "{delay:?} > {max:?}");
@@ -194,10 +138,7 @@ async fn an_event_capacity_too_large_to_allocate_is_rejected_not_a_crash() {
             harvest_fn(|_| async { Ok(()) }),
             finalizer_fn(|_| async { Ok(()) }),
         )
-        .config(SupervisorConfig {
-            event_capacity: capacity,
-            ..SupervisorConfig::default()
-        })
+        .config(SupervisorConfig::default().with_event_capacity(capacity))
         .start()
         .await;
         match started {
@@ -214,10 +155,7 @@ async fn a_budget_too_long_for_its_resource_count_is_rejected_at_start() {
     let sup = supervisor_with(harvest_fn(|_| async { Ok(()) }), fast(), &rec).await;
     // Valid on its own (a day per resource), but a year-long watchdog for 400 resources
     // watches nothing.
-    let slow = SessionConfig {
-        per_resource_estimate: Duration::from_secs(86_400),
-        ..fast()
-    };
+    let slow = fast().with_per_resource_estimate(Duration::from_secs(86_400));
     slow.validate().expect("valid on its own");
     let resources: Vec<String> = (0..400).map(|i| format!("r{i}")).collect();
     match sup
@@ -235,13 +173,11 @@ async fn a_budget_too_long_for_its_resource_count_is_rejected_at_start() {
 }
 
 fn fast() -> SessionConfig {
-    SessionConfig {
-        per_resource_estimate: Duration::from_secs(10),
-        buffer: Duration::from_secs(100),
-        monitor_interval: Duration::from_secs(5),
-        escalation_grace: Duration::from_secs(20),
-        ..SessionConfig::default()
-    }
+    SessionConfig::default()
+        .with_per_resource_estimate(Duration::from_secs(10))
+        .with_buffer(Duration::from_secs(100))
+        .with_monitor_interval(Duration::from_secs(5))
+        .with_escalation_grace(Duration::from_secs(20))
 }
 
 /// Durations from the whole range a user can type: usual values most of the time (so that
@@ -301,28 +237,28 @@ fn config() -> impl Strategy<Value = SessionConfig> {
                 max_backoff = max_backoff.max(initial);
                 interval = interval.min(estimate.saturating_add(buffer));
             }
-            SessionConfig {
-                per_resource_estimate: estimate,
-                buffer,
-                resource_timeout: timeout,
-                heartbeat_timeout: heartbeat,
-                monitor_interval: interval,
-                escalation_grace: grace,
-                abort_grace: abort,
-                killed_exit_wait: wait,
-                max_concurrency: concurrency,
-                retry: RetryPolicy {
-                    max_attempts: attempts,
-                    initial_backoff: initial,
-                    multiplier,
-                    max_backoff,
-                },
-                failure_policy: if fail_fast {
+            SessionConfig::default()
+                .with_per_resource_estimate(estimate)
+                .with_buffer(buffer)
+                .with_resource_timeout(timeout)
+                .with_heartbeat_timeout(heartbeat)
+                .with_monitor_interval(interval)
+                .with_escalation_grace(grace)
+                .with_abort_grace(abort)
+                .with_killed_exit_wait(wait)
+                .with_max_concurrency(concurrency)
+                .with_retry(
+                    RetryPolicy::default()
+                        .with_max_attempts(attempts)
+                        .with_initial_backoff(initial)
+                        .with_multiplier(multiplier)
+                        .with_max_backoff(max_backoff),
+                )
+                .with_failure_policy(if fail_fast {
                     FailurePolicy::FailFast
                 } else {
                     FailurePolicy::Continue
-                },
-            }
+                })
         },
     )
 }
@@ -346,10 +282,7 @@ async fn run(config: SessionConfig) -> Result<(), TestCaseError> {
         }
     });
     let started = Supervisor::builder(harvest, rec.clone())
-        .config(SupervisorConfig {
-            session: config.clone(),
-            ..SupervisorConfig::default()
-        })
+        .config(SupervisorConfig::default().with_session(config.clone()))
         .start()
         .await;
     let sup = match (started, valid) {

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use common::faulty::FaultyStore;
 use common::{FinalizerMode, Recorder, TIMEOUT, config, supervisor_on};
-use harvest_supervisor::{
-    EventKind, FailurePolicy, RetryPolicy, SessionConfig, SessionRequest, SessionStatus,
-};
+use harvest_supervisor::{EventKind, FailurePolicy, RetryPolicy, SessionRequest, SessionStatus};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -93,22 +91,21 @@ fn schedule() -> impl Strategy<Value = Schedule> {
 
 async fn run(s: Schedule) -> Result<(), TestCaseError> {
     let rec = Recorder::new(s.finalizer);
-    let cfg = SessionConfig {
-        max_concurrency: s.max_concurrency,
-        resource_timeout: s.resource_timeout.map(Duration::from_secs),
-        failure_policy: if s.fail_fast {
+    let cfg = config()
+        .with_max_concurrency(s.max_concurrency)
+        .with_resource_timeout(s.resource_timeout.map(Duration::from_secs))
+        .with_failure_policy(if s.fail_fast {
             FailurePolicy::FailFast
         } else {
             FailurePolicy::Continue
-        },
-        retry: RetryPolicy {
-            max_attempts: s.max_attempts,
-            initial_backoff: Duration::from_secs(1),
-            multiplier: 2.0,
-            max_backoff: Duration::from_secs(4),
-        },
-        ..config()
-    };
+        })
+        .with_retry(
+            RetryPolicy::default()
+                .with_max_attempts(s.max_attempts)
+                .with_initial_backoff(Duration::from_secs(1))
+                .with_multiplier(2.0)
+                .with_max_backoff(Duration::from_secs(4)),
+        );
     let store = FaultyStore::new();
     let sup = supervisor_on(store.clone(), cfg, &rec).await;
     if let Some(at) = s.stuck_store_at {

@@ -106,15 +106,12 @@ async fn supervisor_of(
         .expect("open on the tmpfs");
     let sup = Supervisor::builder(harvester, rec.clone())
         .store(Arc::new(store.clone()))
-        .config(SupervisorConfig {
-            session: SessionConfig {
-                max_concurrency: 64,
-                ..SessionConfig::default()
-            },
-            store_retry_max: Duration::from_millis(200),
-            shutdown_timeout: Duration::from_secs(2),
-            ..config
-        })
+        .config(
+            config
+                .with_session(SessionConfig::default().with_max_concurrency(64))
+                .with_store_retry_max(Duration::from_millis(200))
+                .with_shutdown_timeout(Duration::from_secs(2)),
+        )
         .start()
         .await
         .expect("supervisor");
@@ -289,11 +286,9 @@ async fn a_disk_that_stays_full_does_not_hold_up_shutdown_and_the_next_start_rec
 
 /// The lease settings of the tests below: a node whose renewals fail for 2 s fences.
 fn short_lease() -> SupervisorConfig {
-    SupervisorConfig {
-        lease_renew_interval: Duration::from_millis(250),
-        lease_ttl: Duration::from_secs(2),
-        ..SupervisorConfig::default()
-    }
+    SupervisorConfig::default()
+        .with_lease_renew_interval(Duration::from_millis(250))
+        .with_lease_ttl(Duration::from_secs(2))
 }
 
 /// Polls the node's health until `wanted` says yes.

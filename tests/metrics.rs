@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{FinalizerMode, Recorder, config, finished, supervisor};
+use harvest_supervisor::RetryPolicy;
 use harvest_supervisor::meters::names;
-use harvest_supervisor::{RetryPolicy, SessionConfig};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
 /// A metric's value, by name and sorted labels.
@@ -88,14 +88,9 @@ async fn a_session_counts_its_attempts_retries_outcomes_and_durations() {
 
     let rec = Recorder::new(FinalizerMode::Ok);
     let sup = supervisor(
-        SessionConfig {
-            resource_timeout: Some(Duration::from_secs(30)),
-            retry: RetryPolicy {
-                max_attempts: 2,
-                ..RetryPolicy::default()
-            },
-            ..config()
-        },
+        config()
+            .with_resource_timeout(Some(Duration::from_secs(30)))
+            .with_retry(RetryPolicy::default().with_max_attempts(2)),
         &rec,
     )
     .await;
@@ -172,10 +167,7 @@ async fn watchdog_actions_are_counted_by_kind() {
     let rec = Recorder::new(FinalizerMode::Ok);
     // A silent attempt is cut by its heartbeat; a hang without limits meets the deadline.
     let sup = supervisor(
-        SessionConfig {
-            heartbeat_timeout: Some(Duration::from_secs(20)),
-            ..config()
-        },
+        config().with_heartbeat_timeout(Some(Duration::from_secs(20))),
         &rec,
     )
     .await;

@@ -92,17 +92,12 @@ fn runs_for(db: &Path, session: SessionId) -> Vec<String> {
 }
 
 fn node_config(name: &str) -> SupervisorConfig {
-    SupervisorConfig {
-        session: SessionConfig {
-            max_concurrency: 2,
-            ..SessionConfig::default()
-        },
-        node_name: Some(name.to_owned()),
-        lease_ttl: LEASE_TTL,
-        lease_renew_interval: Duration::from_millis(200),
-        rescue_interval: RESCUE,
-        ..SupervisorConfig::default()
-    }
+    SupervisorConfig::default()
+        .with_session(SessionConfig::default().with_max_concurrency(2))
+        .with_node_name(Some(name.to_owned()))
+        .with_lease_ttl(LEASE_TTL)
+        .with_lease_renew_interval(Duration::from_millis(200))
+        .with_rescue_interval(RESCUE)
 }
 
 /// The store options of every process of a PostgreSQL test: a paused process's

@@ -54,17 +54,17 @@ async fn running(pg: &common::pg::TestPg, lease_ttl: Duration, takes: Duration) 
         }),
     )
     .store(Arc::clone(&store) as Arc<dyn SessionStore>)
-    .config(SupervisorConfig {
-        session: SessionConfig {
-            max_concurrency: 4,
-            per_resource_estimate: Duration::from_secs(1),
-            ..SessionConfig::default()
-        },
-        lease_ttl,
-        lease_renew_interval: lease_ttl / 4,
-        rescue_interval: lease_ttl / 4,
-        ..SupervisorConfig::default()
-    })
+    .config(
+        SupervisorConfig::default()
+            .with_session(
+                SessionConfig::default()
+                    .with_max_concurrency(4)
+                    .with_per_resource_estimate(Duration::from_secs(1)),
+            )
+            .with_lease_ttl(lease_ttl)
+            .with_lease_renew_interval(lease_ttl / 4)
+            .with_rescue_interval(lease_ttl / 4),
+    )
     .start()
     .await
     .expect("start");

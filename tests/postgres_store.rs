@@ -261,16 +261,11 @@ async fn processes_starting_together_migrate_once_and_share_what_is_stored() {
 /// A node whose lease is renewed only every 10 minutes: anything it does sooner, it did
 /// because it heard of it.
 fn slow_renewing(name: &str) -> SupervisorConfig {
-    SupervisorConfig {
-        session: SessionConfig {
-            max_concurrency: 2,
-            ..SessionConfig::default()
-        },
-        node_name: Some(name.to_owned()),
-        lease_ttl: Duration::from_secs(1800),
-        lease_renew_interval: Duration::from_secs(600),
-        ..SupervisorConfig::default()
-    }
+    SupervisorConfig::default()
+        .with_session(SessionConfig::default().with_max_concurrency(2))
+        .with_node_name(Some(name.to_owned()))
+        .with_lease_ttl(Duration::from_secs(1800))
+        .with_lease_renew_interval(Duration::from_secs(600))
 }
 
 /// Resources that wait for their cancellation (or take `takes` when not cancelled).

@@ -121,12 +121,10 @@ async fn health_shows_a_store_that_takes_no_lease_renewal_and_its_recovery() {
     let sup = supervisor_with(
         &store,
         &recorder,
-        harvest_supervisor::SupervisorConfig {
-            session: config(),
-            lease_renew_interval: Duration::from_secs(1),
-            lease_ttl: Duration::from_secs(10),
-            ..harvest_supervisor::SupervisorConfig::default()
-        },
+        harvest_supervisor::SupervisorConfig::default()
+            .with_session(config())
+            .with_lease_renew_interval(Duration::from_secs(1))
+            .with_lease_ttl(Duration::from_secs(10)),
     )
     .await;
     let health = sup.health(PROMPTLY);
@@ -209,12 +207,10 @@ async fn a_session_created_while_its_node_self_fenced_starts_nothing_until_it_re
         supervisor_with(
             &store,
             &recorder,
-            harvest_supervisor::SupervisorConfig {
-                session: config(),
-                lease_renew_interval: Duration::from_secs(1),
-                lease_ttl: Duration::from_secs(6),
-                ..harvest_supervisor::SupervisorConfig::default()
-            },
+            harvest_supervisor::SupervisorConfig::default()
+                .with_session(config())
+                .with_lease_renew_interval(Duration::from_secs(1))
+                .with_lease_ttl(Duration::from_secs(6)),
         )
         .await,
     );
@@ -249,12 +245,10 @@ async fn a_rescue_pass_stuck_in_the_store_holds_up_nothing_else() {
     let sup = supervisor_with(
         &store,
         &recorder,
-        harvest_supervisor::SupervisorConfig {
-            session: config(),
-            rescue_interval: Duration::from_secs(1),
-            shutdown_timeout: Duration::from_secs(5),
-            ..harvest_supervisor::SupervisorConfig::default()
-        },
+        harvest_supervisor::SupervisorConfig::default()
+            .with_session(config())
+            .with_rescue_interval(Duration::from_secs(1))
+            .with_shutdown_timeout(Duration::from_secs(5)),
     )
     .await;
     // The next pass (within 1.2 s) hangs in the store for good.

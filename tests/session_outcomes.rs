@@ -114,10 +114,7 @@ async fn a_panicking_harvest_is_recorded_with_its_message_and_the_session_goes_o
 #[tokio::test(start_paused = true)]
 async fn an_attempt_over_resource_timeout_times_out_and_the_session_goes_on() {
     let rec = Recorder::new(FinalizerMode::Ok);
-    let cfg = harvest_supervisor::SessionConfig {
-        resource_timeout: Some(Duration::from_secs(30)),
-        ..config()
-    };
+    let cfg = config().with_resource_timeout(Some(Duration::from_secs(30)));
     let sup = supervisor(cfg, &rec).await;
     let id = sup
         .start_session("csw", ["ok-1", "sleep60-2", "hang-3"])
@@ -160,15 +157,13 @@ async fn zero_resources_finish_all_ok_at_once() {
 #[tokio::test(start_paused = true)]
 async fn a_resource_failing_twice_succeeds_on_its_third_attempt_after_backoff() {
     let rec = Recorder::new(FinalizerMode::Ok);
-    let cfg = harvest_supervisor::SessionConfig {
-        retry: RetryPolicy {
-            max_attempts: 3,
-            initial_backoff: Duration::from_secs(2),
-            multiplier: 3.0,
-            max_backoff: Duration::from_secs(60),
-        },
-        ..config()
-    };
+    let cfg = config().with_retry(
+        RetryPolicy::default()
+            .with_max_attempts(3)
+            .with_initial_backoff(Duration::from_secs(2))
+            .with_multiplier(3.0)
+            .with_max_backoff(Duration::from_secs(60)),
+    );
     let sup = supervisor(cfg, &rec).await;
     let started = tokio::time::Instant::now();
     let id = sup.start_session("csw", ["flaky2-1"]).await.expect("start");
@@ -197,11 +192,9 @@ async fn a_resource_failing_twice_succeeds_on_its_third_attempt_after_backoff() 
 #[tokio::test(start_paused = true)]
 async fn fail_fast_finalizes_on_the_first_final_failure_and_cancels_the_rest() {
     let rec = Recorder::new(FinalizerMode::Ok);
-    let cfg = harvest_supervisor::SessionConfig {
-        failure_policy: FailurePolicy::FailFast,
-        max_concurrency: 2,
-        ..config()
-    };
+    let cfg = config()
+        .with_failure_policy(FailurePolicy::FailFast)
+        .with_max_concurrency(2);
     let sup = supervisor(cfg, &rec).await;
     let id = sup
         .start_session("csw", ["fail-1", "hang-2", "ok-3", "ok-4"])
@@ -236,10 +229,7 @@ async fn never_more_than_max_concurrency_workers_are_alive() {
         }
     });
     let rec = Recorder::new(FinalizerMode::Ok);
-    let cfg = harvest_supervisor::SessionConfig {
-        max_concurrency: 3,
-        ..config()
-    };
+    let cfg = config().with_max_concurrency(3);
     let sup = supervisor_with(harvest, cfg, &rec).await;
     let id = sup
         .start(SessionRequest::new("csw", ids("r", 50)))
@@ -292,11 +282,8 @@ async fn beating_and_silent(
 
 #[tokio::test(start_paused = true)]
 async fn an_attempt_silent_past_heartbeat_timeout_times_out_while_a_beating_one_goes_on() {
-    let (report, timeouts) = beating_and_silent(harvest_supervisor::SessionConfig {
-        heartbeat_timeout: Some(Duration::from_secs(12)),
-        ..config()
-    })
-    .await;
+    let (report, timeouts) =
+        beating_and_silent(config().with_heartbeat_timeout(Some(Duration::from_secs(12)))).await;
     assert_eq!(timeouts, [("silent".to_owned(), true)]);
     assert_eq!(report.outcomes[0].outcome, ResourceOutcome::Succeeded);
     assert_eq!(report.outcomes[0].elapsed, Duration::from_secs(50));
@@ -306,11 +293,11 @@ async fn an_attempt_silent_past_heartbeat_timeout_times_out_while_a_beating_one_
 
 #[tokio::test(start_paused = true)]
 async fn with_both_limits_the_earlier_one_ends_an_attempt_even_while_it_beats() {
-    let (report, mut timeouts) = beating_and_silent(harvest_supervisor::SessionConfig {
-        resource_timeout: Some(Duration::from_secs(30)),
-        heartbeat_timeout: Some(Duration::from_secs(12)),
-        ..config()
-    })
+    let (report, mut timeouts) = beating_and_silent(
+        config()
+            .with_resource_timeout(Some(Duration::from_secs(30)))
+            .with_heartbeat_timeout(Some(Duration::from_secs(12))),
+    )
     .await;
     // The log tells the two cuts apart: the time limit, and a silent heartbeat.
     timeouts.sort();

@@ -153,10 +153,7 @@ async fn a_database_locked_by_another_connection_is_refused_with_its_path() {
     create(&path).await;
     let holder = rusqlite::Connection::open(&path).expect("open");
     holder.execute_batch("BEGIN EXCLUSIVE").expect("lock");
-    let options = SqliteOptions {
-        busy_timeout: Duration::from_millis(50),
-        ..SqliteOptions::default()
-    };
+    let options = SqliteOptions::default().with_busy_timeout(Duration::from_millis(50));
     let opened = SqliteStore::open_with(&path, options).await;
     let message = opened
         .as_ref()
@@ -389,24 +386,15 @@ async fn options_beyond_their_bounds_are_a_typed_error_not_a_panic() {
     for (field, options) in [
         (
             "busy_timeout",
-            SqliteOptions {
-                busy_timeout: Duration::MAX,
-                ..SqliteOptions::default()
-            },
+            SqliteOptions::default().with_busy_timeout(Duration::MAX),
         ),
         (
             "busy_timeout",
-            SqliteOptions {
-                busy_timeout: Duration::from_secs(30 * 86_400),
-                ..SqliteOptions::default()
-            },
+            SqliteOptions::default().with_busy_timeout(Duration::from_secs(30 * 86_400)),
         ),
         (
             "commit_delay",
-            SqliteOptions {
-                commit_delay: Duration::MAX,
-                ..SqliteOptions::default()
-            },
+            SqliteOptions::default().with_commit_delay(Duration::MAX),
         ),
     ] {
         match SqliteStore::open_with(&path, options).await {
@@ -426,10 +414,7 @@ async fn reads_never_queue_behind_writes() {
     let path = dir.path().join("h.db");
     let store = SqliteStore::open_with(
         &path,
-        SqliteOptions {
-            busy_timeout: Duration::from_secs(10),
-            ..SqliteOptions::default()
-        },
+        SqliteOptions::default().with_busy_timeout(Duration::from_secs(10)),
     )
     .await
     .expect("open");
@@ -552,10 +537,7 @@ fn a_full_write_queue_does_not_stop_the_runtime() {
     let store = runtime
         .block_on(SqliteStore::open_with(
             &path,
-            SqliteOptions {
-                busy_timeout: Duration::from_secs(60),
-                ..SqliteOptions::default()
-            },
+            SqliteOptions::default().with_busy_timeout(Duration::from_secs(60)),
         ))
         .expect("open");
     let id = harvest_supervisor::SessionId::new();

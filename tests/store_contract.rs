@@ -22,11 +22,7 @@ fn new_session(harvester: &str, n: usize) -> NewSession {
         resources: (0..n).map(|i| format!("r{i}").into()).collect(),
         started: chrono::Utc::now(),
         workflow_time: Duration::from_secs(60),
-        config: SessionConfig {
-            max_concurrency: 7,
-            ..SessionConfig::default()
-        }
-        .into(),
+        config: SessionConfig::default().with_max_concurrency(7).into(),
         owner: OWNER,
     }
 }

@@ -179,11 +179,9 @@ pub async fn run_actor(n: usize) -> Duration {
 
 /// The session budget of the benchmarks: `WINDOW` workers, no per-attempt timer.
 pub fn bench_config() -> SessionConfig {
-    SessionConfig {
-        max_concurrency: WINDOW,
-        resource_timeout: None,
-        ..SessionConfig::default()
-    }
+    SessionConfig::default()
+        .with_max_concurrency(WINDOW)
+        .with_resource_timeout(None)
 }
 
 /// One harvest-supervisor session of N no-op resources, from start to finalizer.
@@ -200,11 +198,8 @@ pub async fn run_session(n: usize, store: Option<Arc<dyn SessionStore>>) -> Dura
             Ok(())
         }
     });
-    let mut builder =
-        Supervisor::builder(harvest_fn(|_| async { Ok(()) }), finalizer).config(SupervisorConfig {
-            session: bench_config(),
-            ..SupervisorConfig::default()
-        });
+    let mut builder = Supervisor::builder(harvest_fn(|_| async { Ok(()) }), finalizer)
+        .config(SupervisorConfig::default().with_session(bench_config()));
     if let Some(store) = store {
         builder = builder.store(store);
     }

@@ -84,15 +84,14 @@ impl From<SessionError> for ApiError {
             SessionError::AlreadyFinished { .. } | SessionError::Finalizing { .. } => {
                 StatusCode::CONFLICT
             }
-            SessionError::Store(_) | SessionError::SupervisorDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            // The store failing, the tree down, or what a later version adds.
+            _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         let code = match &e {
             SessionError::UnknownSession { .. } => "not_found",
             SessionError::AlreadyFinished { .. } => "already_finished",
             SessionError::Finalizing { .. } => "finalizing",
-            SessionError::Store(_) | SessionError::SupervisorDown => "unavailable",
+            _ => "unavailable",
         };
         ApiError(status, json!({ "error": e.to_string(), "code": code }))
     }

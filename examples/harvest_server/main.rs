@@ -169,15 +169,13 @@ fn check_token(token: &str) -> Result<(), String> {
 
 /// The session config this server starts sessions with.
 fn server_session_config() -> SessionConfig {
-    SessionConfig {
-        per_resource_estimate: Duration::from_millis(200),
-        buffer: Duration::from_secs(30),
-        resource_timeout: Some(Duration::from_secs(5)),
-        monitor_interval: Duration::from_secs(1),
-        escalation_grace: Duration::from_secs(5),
-        abort_grace: Duration::from_secs(2),
-        ..SessionConfig::default()
-    }
+    SessionConfig::default()
+        .with_per_resource_estimate(Duration::from_millis(200))
+        .with_buffer(Duration::from_secs(30))
+        .with_resource_timeout(Some(Duration::from_secs(5)))
+        .with_monitor_interval(Duration::from_secs(1))
+        .with_escalation_grace(Duration::from_secs(5))
+        .with_abort_grace(Duration::from_secs(2))
 }
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
@@ -222,12 +220,10 @@ async fn supervisor(
         tracing::info!(session_id = %report.session_id, status = %report.status, "session finalized");
         Ok(())
     });
-    let config = SupervisorConfig {
-        session: server_session_config(),
-        recovery: harvest_supervisor::RecoveryPolicy::Finalize,
-        node_name,
-        ..SupervisorConfig::default()
-    };
+    let config = SupervisorConfig::default()
+        .with_session(server_session_config())
+        .with_recovery(harvest_supervisor::RecoveryPolicy::Finalize)
+        .with_node_name(node_name);
     Ok(Supervisor::builder(harvest, finalizer)
         .store(store)
         .config(config)

@@ -67,6 +67,7 @@ pub enum Durability {
 
 /// Options of [`SqliteStore::open_with`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SqliteOptions {
     /// See [`Durability`].
     pub durability: Durability,
@@ -127,6 +128,13 @@ impl SqliteOptions {
         Ok(())
     }
 }
+
+crate::config::setters!(SqliteOptions {
+    with_durability => durability: Durability,
+    with_commit_delay => commit_delay: Duration,
+    with_busy_timeout => busy_timeout: Duration,
+    with_disk_reserve => disk_reserve: u64,
+});
 
 impl Default for SqliteOptions {
     fn default() -> Self {

@@ -38,6 +38,7 @@ impl std::fmt::Debug for CreatedSession {
 
 /// A session to start.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SessionRequest {
     /// The harvester; it must have no active session.
     pub harvester_id: HarvesterId,

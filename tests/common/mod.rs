@@ -23,17 +23,15 @@ pub const TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// A budget in seconds, so deadlines are easy to reason about: 10 s per resource + 100 s.
 pub fn config() -> SessionConfig {
-    SessionConfig {
-        per_resource_estimate: Duration::from_secs(10),
-        buffer: Duration::from_secs(100),
-        resource_timeout: None,
-        heartbeat_timeout: None,
-        monitor_interval: Duration::from_secs(5),
-        escalation_grace: Duration::from_secs(20),
-        abort_grace: Duration::from_secs(10),
-        max_concurrency: 4,
-        ..SessionConfig::default()
-    }
+    SessionConfig::default()
+        .with_per_resource_estimate(Duration::from_secs(10))
+        .with_buffer(Duration::from_secs(100))
+        .with_resource_timeout(None)
+        .with_heartbeat_timeout(None)
+        .with_monitor_interval(Duration::from_secs(5))
+        .with_escalation_grace(Duration::from_secs(20))
+        .with_abort_grace(Duration::from_secs(10))
+        .with_max_concurrency(4)
 }
 
 /// The harvest behaviour a resource id asks for.
@@ -142,10 +140,7 @@ pub async fn supervisor_with(
     recorder: &Recorder,
 ) -> Supervisor {
     Supervisor::builder(harvest, recorder.clone())
-        .config(SupervisorConfig {
-            session,
-            ..SupervisorConfig::default()
-        })
+        .config(SupervisorConfig::default().with_session(session))
         .start()
         .await
         .expect("supervisor starts")
@@ -157,10 +152,7 @@ pub async fn supervisor_on(
     session: SessionConfig,
     recorder: &Recorder,
 ) -> Supervisor {
-    let config = SupervisorConfig {
-        session,
-        ..SupervisorConfig::default()
-    };
+    let config = SupervisorConfig::default().with_session(session);
     supervisor_configured(store, config, recorder).await
 }
 
