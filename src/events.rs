@@ -228,6 +228,20 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// The resource a worker event is about (`None` for the session's own events).
+    pub fn resource_id(&self) -> Option<&ResourceId> {
+        match self {
+            Self::WorkerStarted { resource_id, .. }
+            | Self::WorkerSucceeded { resource_id, .. }
+            | Self::WorkerFailed { resource_id, .. }
+            | Self::WorkerPanicked { resource_id, .. }
+            | Self::WorkerTimedOut { resource_id, .. }
+            | Self::WorkerRetrying { resource_id, .. }
+            | Self::WorkerCancelled { resource_id, .. } => Some(resource_id),
+            _ => None,
+        }
+    }
+
     /// The variant's name, as in the JSON `"kind"` field.
     pub fn name(&self) -> &'static str {
         match self {

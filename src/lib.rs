@@ -53,6 +53,8 @@ mod node;
 mod session;
 pub mod store;
 mod supervisor;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod worker;
 
 pub use config::{

@@ -345,6 +345,19 @@ pub enum FinalizeReason {
 }
 
 impl FinalizeReason {
+    /// Its kebab-case name, as in JSON (`"deadline-expired"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::FailFast => "fail-fast",
+            Self::DeadlineExpired => "deadline-expired",
+            Self::Aborted => "aborted",
+            Self::SessionCrashed => "session-crashed",
+            Self::Interrupted => "interrupted",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
     /// The outcome a resource with nothing recorded gets under this reason: never success.
     pub fn missing_outcome(self) -> ResourceOutcome {
         match self {
@@ -525,6 +538,22 @@ mod tests {
         assert_eq!(json, "\"finished-some-failed\"");
         let back: SessionStatus = serde_json::from_str("\"on-going\"").expect("parse");
         assert_eq!(back, SessionStatus::OnGoing);
+    }
+
+    #[test]
+    fn reasons_names_are_their_json_names() {
+        for reason in [
+            FinalizeReason::Completed,
+            FinalizeReason::FailFast,
+            FinalizeReason::DeadlineExpired,
+            FinalizeReason::Aborted,
+            FinalizeReason::SessionCrashed,
+            FinalizeReason::Interrupted,
+            FinalizeReason::Shutdown,
+        ] {
+            let json = serde_json::to_string(&reason).expect("serialize");
+            assert_eq!(json, format!("\"{}\"", reason.as_str()));
+        }
     }
 
     #[test]

@@ -123,16 +123,7 @@ fn ending(kind: &EventKind) -> Option<(usize, Option<&str>)> {
 }
 
 fn resource_of(kind: &EventKind) -> Option<&str> {
-    match kind {
-        EventKind::WorkerStarted { resource_id, .. }
-        | EventKind::WorkerSucceeded { resource_id, .. }
-        | EventKind::WorkerFailed { resource_id, .. }
-        | EventKind::WorkerPanicked { resource_id, .. }
-        | EventKind::WorkerTimedOut { resource_id, .. }
-        | EventKind::WorkerRetrying { resource_id, .. }
-        | EventKind::WorkerCancelled { resource_id, .. } => Some(resource_id.as_str()),
-        _ => None,
-    }
+    kind.resource_id().map(|r| r.as_str())
 }
 
 struct Fold {
