@@ -140,6 +140,11 @@ pub struct Health {
     pub fenced: bool,
     /// How often the lease is renewed ([`SupervisorConfig::lease_renew_interval`]).
     pub lease_renew_interval: std::time::Duration,
+    /// The store's disk is full ([`SessionStore::disk_full`]): it keeps its last room for
+    /// renewals, claims and completions, so the node goes on with the sessions it runs,
+    /// but no session starts (`StoreError::DiskFull`) until there is room again. Not
+    /// unhealthy (restarting would not help): an operator's alert.
+    pub disk_full: bool,
 }
 
 impl Health {
@@ -457,6 +462,7 @@ impl Supervisor {
             lease_failures: failures,
             fenced,
             lease_renew_interval: interval,
+            disk_full: self.store.disk_full(),
         }
     }
 

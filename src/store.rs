@@ -476,6 +476,14 @@ pub trait SessionStore: Send + Sync + 'static {
         fence: Fence,
     ) -> Result<Option<Vec<ResourceId>>, StoreError>;
 
+    /// Whether the store refuses bulk writes (events, outcomes, new sessions:
+    /// [`StoreError::DiskFull`]) because its disk is full, keeping its last room for lease
+    /// renewals, claims and completions (the SQLite store's reserve, see
+    /// `SqliteOptions::disk_reserve`). A store without such a mode answers `false`.
+    fn disk_full(&self) -> bool {
+        false
+    }
+
     /// Waits until every write sent before (event appends included) is durable. A store
     /// without a write queue has nothing to wait for.
     async fn flush(&self) -> Result<(), StoreError> {

@@ -291,6 +291,24 @@ fn short_lease() -> SupervisorConfig {
         .with_lease_ttl(Duration::from_secs(2))
 }
 
+/// Starts a session once the store has room for its reserve again (it tries every
+/// second); until then a start is refused, and says why.
+async fn start_once_there_is_room(sup: &Supervisor) -> SessionId {
+    tokio::time::timeout(GUARD, async {
+        loop {
+            match sup.start_session("other", ["x"]).await {
+                Ok(id) => return id,
+                Err(StartError::Store(harvest_supervisor::StoreError::DiskFull { .. })) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("starts once there is room")
+}
+
 /// Polls the node's health until `wanted` says yes.
 async fn health_until(
     sup: &Supervisor,
@@ -322,11 +340,15 @@ async fn a_disk_its_own_bulk_filled_never_fences_the_node() {
     };
     let rec = Recorder::new(FinalizerMode::Ok);
     let (sup, store) = supervisor_with(&disk.path().join("harvests.db"), &rec, short_lease()).await;
+    let saw_disk_full = std::sync::atomic::AtomicBool::new(false);
     let never_fenced = async {
         loop {
             let health = sup.health(Duration::from_secs(2));
             assert!(!health.fenced, "fenced by its own bulk: {health:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if health.disk_full {
+                saw_disk_full.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     let run = async {
@@ -338,17 +360,18 @@ async fn a_disk_its_own_bulk_filled_never_fences_the_node() {
         assert_eq!(record.status, SessionStatus::FinishedAllOk);
         assert_eq!(record.counts.succeeded, RESOURCES);
         assert_eq!(rec.calls(), 1);
-        // Longer than the lease, still full, still not fenced.
+        // Longer than the lease since the disk filled: never fenced.
         tokio::time::sleep(Duration::from_secs(3)).await;
     };
     tokio::select! {
         () = never_fenced => unreachable!(),
         () = run => {}
     }
-    let again = sup
-        .start_session("other", ["x"])
-        .await
-        .expect("starts on the full disk");
+    assert!(
+        saw_disk_full.load(std::sync::atomic::Ordering::Relaxed),
+        "health said the disk was full"
+    );
+    let again = start_once_there_is_room(&sup).await;
     sup.wait_finished(again).await.expect("finished");
     sup.shutdown().await.expect("shutdown");
     let _ = store.close().await;
@@ -407,6 +430,7 @@ async fn a_disk_something_else_keeps_full_fences_the_node_until_space_returns() 
     .await;
     assert!(!fenced.store_ok() && !fenced.is_healthy(), "{fenced:?}");
     assert!(fenced.lease_failures > 0, "{fenced:?}");
+    assert!(fenced.disk_full, "{fenced:?}");
     assert!(matches!(
         sup.start_session("other", ["x"]).await,
         Err(StartError::Store(
@@ -435,21 +459,8 @@ async fn a_disk_something_else_keeps_full_fences_the_node_until_space_returns() 
     assert_eq!(rec.calls(), 1);
     let healthy = health_until(&sup, "healthy once renewals pass again", |h| h.is_healthy()).await;
     assert!(!healthy.fenced);
-    // Sessions start again once the store has its reserve back (it tries every second);
-    // until then a start is refused, and says why.
-    let again = tokio::time::timeout(GUARD, async {
-        loop {
-            match sup.start_session("other", ["x"]).await {
-                Ok(id) => return id,
-                Err(StartError::Store(harvest_supervisor::StoreError::DiskFull { .. })) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await
-    .expect("starts once there is room");
+    let again = start_once_there_is_room(&sup).await;
+    assert!(!sup.health(Duration::from_secs(2)).disk_full);
     sup.wait_finished(again).await.expect("finished");
     // Events are written again: the new session's log is whole.
     store.flush().await.expect("flush once there is room");

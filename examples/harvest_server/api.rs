@@ -41,7 +41,9 @@ pub(crate) async fn metrics_text(State(app): State<App>) -> impl IntoResponse {
 /// one succeeded, within two renewal intervals, and the node is not self-fenced), else
 /// `503`, saying which. Answered at once: no store I/O of its own and no wait in the
 /// root's queue, so it never queues behind the sessions' reads and writes nor a burst of
-/// starts, and a store that cannot be written (a full disk) shows as failing.
+/// starts, and a store that cannot be written shows as failing. A full disk on which the
+/// store still renews (in its reserve) is `disk_full: true` with a `200`: the node is
+/// not broken (restarting it would not help), but no session starts until there is room.
 pub(crate) async fn healthz(State(app): State<App>) -> Response {
     const WITHIN: Duration = Duration::from_secs(2);
     let health = app.supervisor.health(WITHIN);
@@ -61,6 +63,7 @@ pub(crate) async fn healthz(State(app): State<App>) -> Response {
             "lease_failures": health.lease_failures,
             "root_unanswered_ms": u64::try_from(health.root_unanswered_for.as_millis()).unwrap_or(u64::MAX),
             "fenced": health.fenced,
+            "disk_full": health.disk_full,
         })),
     )
         .into_response()

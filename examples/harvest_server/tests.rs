@@ -595,6 +595,7 @@ async fn metrics_and_health_are_served() {
     let (status, health) = server.json("/healthz").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["disk_full"], false, "{health}");
     server.stop().await;
 }
 

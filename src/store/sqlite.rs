@@ -751,6 +751,10 @@ impl SessionStore for SqliteStore {
             .await
     }
 
+    fn disk_full(&self) -> bool {
+        self.writer.disk_full()
+    }
+
     /// Waits until every write sent before (events included) is committed.
     async fn flush(&self) -> Result<(), StoreError> {
         self.writer.flush().await

@@ -26,7 +26,7 @@
 //! (lease renewals, claims, completions).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,8 @@ pub(crate) struct Writer {
     tx: SyncSender<Command>,
     /// Events sent and not yet through a commit (committed, or lost with a failed one).
     pending_events: Arc<AtomicU64>,
+    /// The disk is full: bulk is refused (see [`Disk`]).
+    full: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -103,18 +105,21 @@ impl Writer {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let pending_events = Arc::new(AtomicU64::new(0));
         let pending = Arc::clone(&pending_events);
+        let disk = Disk::new(reserve, busy_timeout);
+        let full = Arc::clone(&disk.shown);
         std::thread::Builder::new()
             .name("harvest-store".into())
-            .spawn(move || {
-                run(
-                    conn,
-                    rx,
-                    commit_delay,
-                    &pending,
-                    Disk::new(reserve, busy_timeout),
-                )
-            })?;
-        Ok(Self { tx, pending_events })
+            .spawn(move || run(conn, rx, commit_delay, &pending, disk))?;
+        Ok(Self {
+            tx,
+            pending_events,
+            full,
+        })
+    }
+
+    /// Whether the disk is full and bulk is refused.
+    pub(crate) fn disk_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
     }
 
     /// Whether events were appended that no commit has taken yet.
@@ -314,6 +319,8 @@ struct Disk {
     last_full: Option<Instant>,
     /// The connection's wait for other processes' locks (a checkpoint does not wait).
     busy_timeout: Duration,
+    /// `full`, for the store's readers ([`Writer::disk_full`]).
+    shown: Arc<AtomicBool>,
 }
 
 impl Disk {
@@ -326,7 +333,13 @@ impl Disk {
             full,
             last_full: full.then(Instant::now),
             busy_timeout,
+            shown: Arc::new(AtomicBool::new(full)),
         }
+    }
+
+    fn set_full(&mut self, full: bool) {
+        self.full = full;
+        self.shown.store(full, Ordering::Relaxed);
     }
 
     /// Commits `batch`. Normally as one transaction. While the disk is full, vital jobs
@@ -341,7 +354,7 @@ impl Disk {
             && self.reserve.retake_due(now)
             && retake(conn, &mut self.reserve, self.busy_timeout)
         {
-            self.full = false;
+            self.set_full(false);
         }
         let pressure = self
             .last_full
@@ -373,7 +386,7 @@ impl Disk {
         if self.full {
             return;
         }
-        self.full = true;
+        self.set_full(true);
         self.reserve.release();
         tracing::error!(
             reserve_bytes = self.reserve.bytes(),
