@@ -10,9 +10,10 @@ use std::time::Duration;
 use common::{
     FinalizerMode, Recorder, config, event_names, finished, ids, supervisor, supervisor_with,
 };
+use harvest_supervisor::testing::{RecordingFinalizer, SessionRun, run_session};
 use harvest_supervisor::{
     EventKind, FailurePolicy, FinalizeReason, HarvestContext, ResourceOutcome, RetryPolicy,
-    SessionReport, SessionRequest, SessionStatus, harvest_fn,
+    SessionConfig, SessionReport, SessionRequest, SessionStatus, SupervisorConfig, harvest_fn,
 };
 
 #[tokio::test(start_paused = true)]
@@ -90,44 +91,49 @@ async fn some_failures_finish_some_failed_and_all_failures_finish_all_failed() {
     sup.shutdown().await.expect("shutdown");
 }
 
+/// One session of the scripted harvest under `session`, through the test kit.
+async fn run(session: SessionConfig, resources: &[&str]) -> SessionRun {
+    run_session(
+        harvest_fn(common::scripted),
+        RecordingFinalizer::new(),
+        SupervisorConfig::default().with_session(session),
+        resources.iter().copied(),
+    )
+    .await
+    .expect("the session ran")
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_panicking_harvest_is_recorded_with_its_message_and_the_session_goes_on() {
-    let rec = Recorder::new(FinalizerMode::Ok);
-    let sup = supervisor(config(), &rec).await;
-    let id = sup
-        .start_session("csw", ["ok-1", "panic-2", "ok-3", "ok-4", "ok-5"])
-        .await
-        .expect("start");
-    let record = finished(&sup, id).await;
+    let run = run(config(), &["ok-1", "panic-2", "ok-3", "ok-4", "ok-5"]).await;
+    let record = &run.record;
     assert_eq!(record.status, SessionStatus::FinishedSomeFailed);
     assert_eq!((record.counts.succeeded, record.counts.panicked), (4, 1));
-    let report = &rec.reports_for(id)[0];
-    let panicked = &report.outcomes[1];
+    let panicked = &run.report().outcomes[1];
     assert!(
         matches!(&panicked.outcome, ResourceOutcome::Panicked { message } if message.contains("parser exploded on panic-2")),
         "{panicked:?}"
     );
-    assert_eq!(rec.calls(), 1);
-    sup.shutdown().await.expect("shutdown");
+    assert_eq!(run.reports.len(), 1);
+    run.log().assert_finalized_once();
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_attempt_over_resource_timeout_times_out_and_the_session_goes_on() {
-    let rec = Recorder::new(FinalizerMode::Ok);
     let cfg = config().with_resource_timeout(Some(Duration::from_secs(30)));
-    let sup = supervisor(cfg, &rec).await;
-    let id = sup
-        .start_session("csw", ["ok-1", "sleep60-2", "hang-3"])
-        .await
-        .expect("start");
-    let record = finished(&sup, id).await;
-    assert_eq!(record.reason(), Some(FinalizeReason::Completed));
-    assert_eq!((record.counts.succeeded, record.counts.timed_out), (1, 2));
-    let report = &rec.reports_for(id)[0];
-    let slow = &report.outcomes[1];
+    let run = run(cfg, &["ok-1", "sleep60-2", "hang-3"]).await;
+    assert_eq!(run.record.reason(), Some(FinalizeReason::Completed));
+    assert_eq!(
+        (run.record.counts.succeeded, run.record.counts.timed_out),
+        (1, 2)
+    );
+    let slow = &run.report().outcomes[1];
     assert_eq!(slow.outcome, ResourceOutcome::TimedOut);
     assert_eq!(slow.elapsed, Duration::from_secs(30));
-    sup.shutdown().await.expect("shutdown");
+    assert_eq!(
+        run.log().kinds_of("hang-3"),
+        ["WorkerStarted", "WorkerTimedOut"]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -156,7 +162,6 @@ async fn zero_resources_finish_all_ok_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_resource_failing_twice_succeeds_on_its_third_attempt_after_backoff() {
-    let rec = Recorder::new(FinalizerMode::Ok);
     let cfg = config().with_retry(
         RetryPolicy::default()
             .with_max_attempts(3)
@@ -164,29 +169,24 @@ async fn a_resource_failing_twice_succeeds_on_its_third_attempt_after_backoff() 
             .with_multiplier(3.0)
             .with_max_backoff(Duration::from_secs(60)),
     );
-    let sup = supervisor(cfg, &rec).await;
     let started = tokio::time::Instant::now();
-    let id = sup.start_session("csw", ["flaky2-1"]).await.expect("start");
-    let record = finished(&sup, id).await;
-    assert_eq!(record.status, SessionStatus::FinishedAllOk);
-    let outcome = &rec.reports_for(id)[0].outcomes[0];
+    let run = run(cfg, &["flaky2-1"]).await;
+    assert_eq!(run.record.status, SessionStatus::FinishedAllOk);
+    let outcome = &run.report().outcomes[0];
     assert_eq!(outcome.outcome, ResourceOutcome::Succeeded);
     assert_eq!(outcome.attempts, 3);
     // Backoff 2 s, then 6 s, on the paused clock.
     assert_eq!(outcome.elapsed, Duration::from_secs(8));
     assert!(started.elapsed() >= Duration::from_secs(8));
-    let delays: Vec<Duration> = sup
-        .events(id)
-        .await
-        .expect("events")
-        .into_iter()
+    let delays: Vec<Duration> = run
+        .events
+        .iter()
         .filter_map(|e| match e.kind {
             EventKind::WorkerRetrying { delay, .. } => Some(delay),
             _ => None,
         })
         .collect();
     assert_eq!(delays, [Duration::from_secs(2), Duration::from_secs(6)]);
-    sup.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(start_paused = true)]

@@ -396,6 +396,10 @@ async fn options_beyond_their_bounds_are_a_typed_error_not_a_panic() {
             "commit_delay",
             SqliteOptions::default().with_commit_delay(Duration::MAX),
         ),
+        (
+            "disk_reserve",
+            SqliteOptions::default().with_disk_reserve(u64::MAX),
+        ),
     ] {
         match SqliteStore::open_with(&path, options).await {
             Err(StoreError::InvalidOptions(e)) => assert_eq!(e.field(), field, "{e}"),
@@ -404,6 +408,30 @@ async fn options_beyond_their_bounds_are_a_typed_error_not_a_panic() {
         }
     }
     assert!(!path.exists(), "nothing was created");
+}
+
+/// The reserve of room is a file beside the database, written whole at open, removed at
+/// close; a store without room for it at open still opens (what it holds stays readable)
+/// and says its disk is full.
+#[tokio::test]
+async fn the_disk_reserve_is_a_file_beside_the_database_while_it_is_open() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("h.db");
+    let reserve = dir.path().join("h.db-reserve");
+    let store = SqliteStore::open_with(&path, SqliteOptions::default().with_disk_reserve(300_000))
+        .await
+        .expect("open");
+    assert_eq!(std::fs::metadata(&reserve).expect("reserve").len(), 300_000);
+    assert!(!store.disk_full());
+    store.close().await.expect("close");
+    assert!(!reserve.exists(), "removed at close");
+
+    let none = SqliteStore::open_with(&path, SqliteOptions::default().with_disk_reserve(0))
+        .await
+        .expect("open");
+    assert!(!reserve.exists(), "no reserve asked for");
+    assert!(!none.disk_full());
+    none.close().await.expect("close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
