@@ -87,6 +87,13 @@ impl Reserve {
         }
         let written = if self.bytes == 0 {
             Ok(())
+        } else if free_bytes(&self.path).is_some_and(|free| free < self.bytes) {
+            // Not even tried: writing until the disk refuses would take, for a moment,
+            // the last room of everything else on it (a log that then fails to write).
+            Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "less room on the disk than the reserve",
+            ))
         } else {
             write_reserve(&self.path, self.bytes)
         };
@@ -115,6 +122,23 @@ impl Reserve {
             tracing::error!(path = %self.path.display(), error = %e, "store: could not delete the disk reserve");
         }
     }
+}
+
+/// Room free to this process on the file system of `path` (its folder), where the
+/// platform says.
+#[cfg(unix)]
+fn free_bytes(path: &Path) -> Option<u64> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let stat = rustix::fs::statvfs(dir).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_path: &Path) -> Option<u64> {
+    None
 }
 
 /// Writes `bytes` of varying content to `path` (truncating what was there) and syncs it.
@@ -177,6 +201,18 @@ mod tests {
         let now = Instant::now();
         assert!(!reserve.retake_due(now));
         assert!(reserve.retake_due(now + RETAKE_EVERY));
+    }
+
+    #[test]
+    fn a_reserve_larger_than_the_free_room_is_not_even_written() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("h.db");
+        let free = free_bytes(&db).expect("statvfs answers here");
+        assert!(free > 0);
+        let mut reserve = Reserve::new(&db, free.saturating_add(1 << 30));
+        let e = reserve.take().expect_err("no room");
+        assert_eq!(e.kind(), std::io::ErrorKind::StorageFull);
+        assert!(!dir.path().join("h.db-reserve").exists());
     }
 
     #[test]
