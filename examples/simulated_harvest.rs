@@ -264,6 +264,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         })
     };
 
+    // Closed at exit: its write-ahead log checkpointed, its reserve of room deleted.
+    let mut sqlite = None;
     let store: Arc<dyn SessionStore> = if args.memory {
         Arc::new(harvest_supervisor::MemoryStore::new())
     } else if let Some(url) = &args.postgres {
@@ -276,7 +278,9 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         Arc::new(store)
     } else {
         println!("store: {}", args.db.display());
-        Arc::new(SqliteStore::open(&args.db).await?)
+        let store = SqliteStore::open(&args.db).await?;
+        sqlite = Some(store.clone());
+        Arc::new(store)
     };
     let supervisor = Supervisor::builder(harvest, finalizer)
         .store(Arc::clone(&store))
@@ -345,6 +349,9 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         Err(e) => problems.push(format!("the harvester is not free: {e}")),
     }
     supervisor.shutdown().await?;
+    if let Some(store) = sqlite {
+        store.close().await?;
+    }
 
     if problems.is_empty() {
         println!("\nok: finalized exactly once, every resource accounted for, harvester free");

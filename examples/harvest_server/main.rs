@@ -339,6 +339,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // Installed before the supervisor starts, so that every handle it makes records here.
     let metrics = metrics_handle();
+    // Closed at exit: its write-ahead log checkpointed, its reserve of room deleted.
+    let mut sqlite = None;
     let store: Arc<dyn SessionStore> = match &args.postgres {
         Some(url) => {
             let store = harvest_supervisor::store::PostgresStore::connect(url).await?;
@@ -351,7 +353,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         None => {
             println!("store: {}", args.db.display());
-            Arc::new(SqliteStore::open(&args.db).await?)
+            let store = SqliteStore::open(&args.db).await?;
+            sqlite = Some(store.clone());
+            Arc::new(store)
         }
     };
     let supervisor = supervisor(
@@ -393,6 +397,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     admin_stop.cancel();
     if let Some(admin) = admin {
         let _ = tokio::task::spawn_blocking(move || admin.join()).await;
+    }
+    if let Some(store) = sqlite
+        && let Err(error) = store.close().await
+    {
+        tracing::warn!(%error, "the store did not close cleanly");
     }
     served
 }
