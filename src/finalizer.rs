@@ -375,8 +375,40 @@ pub(crate) async fn finalize(
     }
 }
 
+/// The wait before the first retry of a store step that failed for a reason that may pass.
+pub(crate) const STORE_RETRY_FIRST: Duration = Duration::from_millis(50);
+
+/// A session's store step `what` failed with `error` and is tried again in `retry_in`:
+/// logged (tracing and a `StoreFailed` event) and kept in `errors` for the report.
+/// Returns the wait after the next failure: double, at most `retry_max` (and never under
+/// [`STORE_RETRY_FIRST`]).
+pub(crate) fn store_step_failed(
+    emitter: &SessionEmitter,
+    errors: &mut Vec<String>,
+    what: &str,
+    error: &StoreError,
+    retry_in: Duration,
+    retry_max: Duration,
+) -> Duration {
+    let text = error_chain(error);
+    tracing::error!(
+        operation = what,
+        error = %text,
+        retry_in = %humantime::format_duration(retry_in),
+        "a store step of the session failed; retrying"
+    );
+    emitter.emit(EventKind::StoreFailed {
+        operation: what.to_owned(),
+        error: text.clone(),
+    });
+    crate::session::state::note_store_error(errors, text);
+    retry_in
+        .saturating_mul(2)
+        .min(retry_max.max(STORE_RETRY_FIRST))
+}
+
 /// Store steps of one finalization, each tried until the store answers: with backoff from
-/// [`Retry::FIRST`] up to the supervisor's `store_retry_max`, each failure logged
+/// [`STORE_RETRY_FIRST`] up to the supervisor's `store_retry_max`, each failure logged
 /// (tracing and a `StoreFailed` event) and kept for the report. An error that trying again
 /// cannot mend (an unknown session, a step the store refuses, a closed store) ends the
 /// finalization with it.
@@ -389,15 +421,12 @@ struct Retry<'a> {
 }
 
 impl<'a> Retry<'a> {
-    /// The first wait after a failure.
-    const FIRST: Duration = Duration::from_millis(50);
-
     fn new(deps: &'a Deps, emitter: &'a SessionEmitter, lifecycle: &'a Lifecycle) -> Self {
         Self {
             deps,
             emitter,
             lifecycle,
-            delay: Self::FIRST,
+            delay: STORE_RETRY_FIRST,
             errors: Vec::new(),
         }
     }
@@ -425,25 +454,18 @@ impl<'a> Retry<'a> {
             *self.lifecycle.retry() = None;
             return Err(error);
         }
-        let text = error_chain(&error);
-        tracing::error!(
-            operation = what,
-            error = %text,
-            retry_in = %humantime::format_duration(self.delay),
-            "the store failed a finalization step; retrying"
+        let next = store_step_failed(
+            self.emitter,
+            &mut self.errors,
+            what,
+            &error,
+            self.delay,
+            self.deps.store_retry_max,
         );
-        self.emitter.emit(EventKind::StoreFailed {
-            operation: what.to_owned(),
-            error: text.clone(),
-        });
-        crate::session::state::note_store_error(&mut self.errors, text);
         *self.lifecycle.retry() = Some(Instant::now());
         tokio::time::sleep(self.delay).await;
         *self.lifecycle.retry() = Some(Instant::now());
-        self.delay = self
-            .delay
-            .saturating_mul(2)
-            .min(self.deps.store_retry_max.max(Self::FIRST));
+        self.delay = next;
         Ok(())
     }
 

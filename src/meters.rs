@@ -144,7 +144,7 @@ pub(crate) fn session_finished(
         names::SESSIONS_FINISHED,
         "harvester" => h.clone(),
         "status" => status.to_string(),
-        "reason" => reason_label(reason),
+        "reason" => reason.as_str(),
     )
     .increment(1);
     for (outcome, n) in [
@@ -166,13 +166,6 @@ pub(crate) fn session_finished(
         "status" => status.to_string(),
     )
     .record(took.as_secs_f64());
-}
-
-fn reason_label(reason: FinalizeReason) -> String {
-    match serde_json::to_value(reason) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => format!("{reason:?}"),
-    }
 }
 
 /// The user finalizer ran for `took`.

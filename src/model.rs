@@ -532,6 +532,16 @@ fn first_attempt() -> u32 {
 mod tests {
     use super::*;
 
+    const REASONS: [FinalizeReason; 7] = [
+        FinalizeReason::Completed,
+        FinalizeReason::FailFast,
+        FinalizeReason::DeadlineExpired,
+        FinalizeReason::Aborted,
+        FinalizeReason::SessionCrashed,
+        FinalizeReason::Interrupted,
+        FinalizeReason::Shutdown,
+    ];
+
     #[test]
     fn statuses_serialize_with_geonode_names() {
         let json = serde_json::to_string(&SessionStatus::FinishedSomeFailed).expect("serialize");
@@ -542,15 +552,7 @@ mod tests {
 
     #[test]
     fn reasons_names_are_their_json_names() {
-        for reason in [
-            FinalizeReason::Completed,
-            FinalizeReason::FailFast,
-            FinalizeReason::DeadlineExpired,
-            FinalizeReason::Aborted,
-            FinalizeReason::SessionCrashed,
-            FinalizeReason::Interrupted,
-            FinalizeReason::Shutdown,
-        ] {
+        for reason in REASONS {
             let json = serde_json::to_string(&reason).expect("serialize");
             assert_eq!(json, format!("\"{}\"", reason.as_str()));
         }
@@ -563,15 +565,7 @@ mod tests {
             counts.terminal_status(0, false),
             SessionStatus::FinishedAllOk
         );
-        for reason in [
-            FinalizeReason::Completed,
-            FinalizeReason::FailFast,
-            FinalizeReason::DeadlineExpired,
-            FinalizeReason::Aborted,
-            FinalizeReason::SessionCrashed,
-            FinalizeReason::Interrupted,
-            FinalizeReason::Shutdown,
-        ] {
+        for reason in REASONS {
             assert!(!reason.missing_outcome().is_success());
         }
     }

@@ -204,22 +204,18 @@ async fn enter(
     };
     let entered = match entered {
         Err(e) if e.is_transient() => {
-            let first = Duration::from_millis(50);
-            let retry_max = s.shared.deps.store_retry_max.max(first);
-            let error = crate::harvest::error_chain(&e);
             let rare = s.st.rare();
-            let wait = rare.begin_retry.unwrap_or(first);
-            rare.begin_retry = Some(wait.saturating_mul(2).min(retry_max));
-            crate::session::state::note_store_error(&mut rare.store_errors, error.clone());
-            tracing::error!(
-                error = %error,
-                retry_in = %humantime::format_duration(wait),
-                "the store failed to mark the session on-going; retrying"
-            );
-            s.shared.emitter.emit(EventKind::StoreFailed {
-                operation: "mark the session on-going".to_owned(),
-                error,
-            });
+            let wait = rare
+                .begin_retry
+                .unwrap_or(crate::finalizer::STORE_RETRY_FIRST);
+            rare.begin_retry = Some(crate::finalizer::store_step_failed(
+                &s.shared.emitter,
+                &mut rare.store_errors,
+                "mark the session on-going",
+                &e,
+                wait,
+                s.shared.deps.store_retry_max,
+            ));
             myself.send_after(wait, || SessionMessage::BeginDue);
             return Ok(());
         }

@@ -407,19 +407,22 @@ async fn a_disk_something_else_keeps_full_fences_the_node_until_space_returns() 
     let resources: Vec<String> = (0..COUNT).map(|i| format!("r{i}")).collect();
     let id = sup.start_session("csw", resources).await.expect("start");
 
-    // The hog: appends whenever there is room, until told to stop.
+    // The hog: appends whenever there is room (looking every 2 ms), until told to stop.
+    // (Real time, as in every test here: a real disk, the store's own thread, a lease.)
     let hog_path = disk.path().join("runaway.log");
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = tokio_util::sync::CancellationToken::new();
     let hog = {
-        let stop = Arc::clone(&stop);
-        let path = hog_path.clone();
-        std::thread::spawn(move || {
+        let stop = stop.clone();
+        let mut file = std::fs::File::create(&hog_path).expect("hog file");
+        tokio::spawn(async move {
             use std::io::Write;
-            let mut file = std::fs::File::create(&path).expect("hog file");
             let block = vec![0x5a_u8; 16 * 1024];
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if file.write_all(&block).is_err() {
-                    std::thread::sleep(Duration::from_millis(2));
+            while !stop.is_cancelled() {
+                // Small writes to a tmpfs: they do not hold the worker.
+                while file.write_all(&block).is_ok() {}
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(2)) => {}
+                    () = stop.cancelled() => {}
                 }
             }
         })
@@ -441,8 +444,8 @@ async fn a_disk_something_else_keeps_full_fences_the_node_until_space_returns() 
     assert!(!record.status.is_terminal(), "{record:?}");
 
     // Space returns: the hog stops and its file goes.
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    hog.join().expect("hog");
+    stop.cancel();
+    hog.await.expect("hog");
     std::fs::remove_file(&hog_path).expect("free the disk");
     gate.send_replace(true);
     let record = tokio::time::timeout(GUARD, sup.wait_finished(id))

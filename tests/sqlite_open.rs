@@ -579,21 +579,21 @@ fn a_full_write_queue_does_not_stop_the_runtime() {
         runtime.spawn(async move { append_events(&store, id, 30_000) })
     };
     let ticks = Arc::new(AtomicUsize::new(0));
+    let (fifty, heard) = std::sync::mpsc::sync_channel(1);
     let ticker = {
         let ticks = Arc::clone(&ticks);
         runtime.spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                ticks.fetch_add(1, Ordering::Relaxed);
+                if ticks.fetch_add(1, Ordering::Relaxed) + 1 == 50 {
+                    let _ = fifty.try_send(());
+                }
             }
         })
     };
-    // Watched from this thread, by the wall clock: the runtime's timers must fire while
-    // the appender waits for room.
-    let until = std::time::Instant::now() + Duration::from_secs(20);
-    while ticks.load(Ordering::Relaxed) < 50 && std::time::Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // Heard on this thread, outside the runtime (whose clock is what is under test): the
+    // runtime's timers must fire while the appender waits for room. 20 s is a guard.
+    let _ = heard.recv_timeout(Duration::from_secs(20));
     let fired = ticks.load(Ordering::Relaxed);
     let waiting = !appender.is_finished();
     // Release the lock before asserting: a failure must not leave the runtime stuck.

@@ -283,6 +283,27 @@ async fn shutdown_finalizes_running_sessions_and_leaves_the_database_consistent(
     );
 }
 
+/// A store without room for its reserve refuses new sessions: `507 disk_full`, while
+/// `/healthz` stays `200` and says `disk_full`. (The reserve cannot be written here
+/// because a folder holds its name: the store then behaves as on a full disk.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_a_full_disk_answers_507_and_health_says_so() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir(dir.path().join("s.db-reserve")).expect("a folder in the way");
+    let store = SqliteStore::open(dir.path().join("s.db"))
+        .await
+        .expect("opens without its reserve");
+    let server = Server::start_on(Arc::new(store), dir, Duration::from_millis(20)).await;
+    let refused = server.start_session("csw", json!({ "count": 3 })).await;
+    assert_eq!(status(&refused), 507);
+    let body: serde_json::Value = refused.json().await.expect("json");
+    assert_eq!(body["code"], "disk_full", "{body}");
+    let (status, health) = server.json("/healthz").await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+    assert_eq!(health["disk_full"], true, "{health}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_harvester_answers_409_with_the_running_session() {
     let server = Server::start().await;

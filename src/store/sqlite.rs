@@ -52,7 +52,7 @@ use rows::{
     count, load, nanos, node_of, outcome_row, read_resources, record, session_key, text, usize_of,
     write_resources,
 };
-use writer::Writer;
+use writer::{Room, Writer};
 
 /// How hard a commit tries to reach the disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -311,7 +311,7 @@ impl SessionStore for SqliteStore {
         // Bulk (its resources may be many): no session starts on a full disk, whose room
         // goes to those already running.
         self.writer
-            .call_bulk(move |conn| {
+            .call_with(Room::Bulk, move |conn| {
                 let id = new.id.to_string();
                 let taken = conn
                     .prepare_cached(
@@ -770,7 +770,11 @@ impl SessionStore for SqliteStore {
         let reason = text(&completion.reason)?;
         // With outcomes the store missed, it may write much: refused on a full disk (the
         // finalizer then completes without them; the report has them).
-        let bulk = !completion.unrecorded.is_empty();
+        let room = if completion.unrecorded.is_empty() {
+            Room::Vital
+        } else {
+            Room::Bulk
+        };
         let job = move |conn: &rusqlite::Connection| {
             check_fence(&load(conn, id)?, fence)?;
             let sid = id.to_string();
@@ -812,11 +816,7 @@ impl SessionStore for SqliteStore {
                 .map_err(backend)?;
             Ok(Completed::Now(load(conn, id)?))
         };
-        if bulk {
-            self.writer.call_bulk(job).await
-        } else {
-            self.writer.call(job).await
-        }
+        self.writer.call_with(room, job).await
     }
 
     async fn request_abort(&self, id: SessionId) -> Result<SessionRecord, StoreError> {

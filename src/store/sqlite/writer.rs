@@ -95,7 +95,8 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Starts the thread that owns `conn`, and takes `reserve` there.
+    /// Starts the thread that owns `conn`; `reserve` is the disk room it holds (or could
+    /// not take at open).
     pub(crate) fn spawn(
         conn: Connection,
         commit_delay: Duration,
@@ -135,16 +136,9 @@ impl Writer {
         self.call_with(Room::Vital, f).await
     }
 
-    /// [`Self::call`] for a job that may write much: refused (`DiskFull`) while the disk
-    /// is full.
-    pub(crate) async fn call_bulk<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        self.call_with(Room::Bulk, f).await
-    }
-
-    async fn call_with<T: Send + 'static>(
+    /// [`Self::call`] for a job of either kind: a bulk one is refused (`DiskFull`) while
+    /// the disk is full.
+    pub(crate) async fn call_with<T: Send + 'static>(
         &self,
         room: Room,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -310,16 +304,14 @@ fn run(
 /// bulk (see [`Disk::write`]).
 const PRESSURE: Duration = Duration::from_secs(60);
 
-/// The writer's room on its disk.
+/// The writer's room on its disk. "Full" means the reserve is not held: bulk is refused.
 struct Disk {
     reserve: Reserve,
-    /// The reserve is not held: bulk is refused.
-    full: bool,
     /// When a commit last failed for want of space.
     last_full: Option<Instant>,
     /// The connection's wait for other processes' locks (a checkpoint does not wait).
     busy_timeout: Duration,
-    /// `full`, for the store's readers ([`Writer::disk_full`]).
+    /// Whether it is full, for the store's readers ([`Writer::disk_full`]).
     shown: Arc<AtomicBool>,
 }
 
@@ -330,16 +322,19 @@ impl Disk {
         let full = !reserve.is_held();
         Self {
             reserve,
-            full,
             last_full: full.then(Instant::now),
             busy_timeout,
             shown: Arc::new(AtomicBool::new(full)),
         }
     }
 
-    fn set_full(&mut self, full: bool) {
-        self.full = full;
-        self.shown.store(full, Ordering::Relaxed);
+    fn full(&self) -> bool {
+        !self.reserve.is_held()
+    }
+
+    /// The reserve, while the disk is full (bulk is then refused).
+    fn refusing(&self) -> Option<&Reserve> {
+        self.full().then_some(&self.reserve)
     }
 
     /// Commits `batch`. Normally as one transaction. While the disk is full, vital jobs
@@ -350,17 +345,14 @@ impl Disk {
     /// every job still sees what was sent before it, committed or refused.
     fn write(&mut self, conn: &Connection, batch: &mut Vec<Command>) {
         let now = Instant::now();
-        if self.full
-            && self.reserve.retake_due(now)
-            && retake(conn, &mut self.reserve, self.busy_timeout)
-        {
-            self.set_full(false);
+        if self.reserve.retake_due(now) && retake(conn, &mut self.reserve, self.busy_timeout) {
+            self.shown.store(false, Ordering::Relaxed);
         }
         let pressure = self
             .last_full
             .is_some_and(|at| now.saturating_duration_since(at) < PRESSURE);
-        if self.full || !pressure {
-            let failed = commit(conn, batch, self.full.then_some(&self.reserve));
+        if self.full() || !pressure {
+            let failed = commit(conn, batch, self.refusing());
             self.failed_for_room(conn, failed);
             return;
         }
@@ -372,7 +364,7 @@ impl Disk {
             while let Some(next) = rest.next_if(|c| is_vital(c) == vital) {
                 segment.push(next);
             }
-            let failed = commit(conn, &mut segment, self.full.then_some(&self.reserve));
+            let failed = commit(conn, &mut segment, self.refusing());
             self.failed_for_room(conn, failed);
         }
     }
@@ -383,11 +375,11 @@ impl Disk {
             return;
         }
         self.last_full = Some(Instant::now());
-        if self.full {
+        if self.full() {
             return;
         }
-        self.set_full(true);
         self.reserve.release();
+        self.shown.store(true, Ordering::Relaxed);
         tracing::error!(
             reserve_bytes = self.reserve.bytes(),
             "store: the disk is full: the reserve is released for lease renewals, claims \
