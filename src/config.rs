@@ -28,6 +28,7 @@
 //! | `lease_renew_interval` | [`MIN_LEASE_RENEW`] (10 ms) to 1 hour |
 //! | `lease_ttl` | at least twice `lease_renew_interval`, at most [`MAX_GRACE`] (1 day) |
 //! | `rescue_interval` | [`MIN_LEASE_RENEW`] (10 ms) to [`MAX_GRACE`] (1 day) |
+//! | `adaptive` | see [`crate::budget::AdaptiveBudget`]'s fields |
 //! | `node_name` | a valid id (see [`crate::model::MAX_ID_BYTES`]) when given |
 
 use std::time::Duration;
@@ -216,6 +217,15 @@ pub struct SessionConfig {
     pub retry: RetryPolicy,
     /// What a final failure does to the session.
     pub failure_policy: FailurePolicy,
+    /// When set, the budget (and optionally the resource timeout) is learned from the
+    /// harvester's history when a session starts; see [`crate::budget`]. `None` (the
+    /// default): the static formula.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<crate::budget::AdaptiveBudget>,
+    /// How the budget of the session this config was applied to was chosen; set by the
+    /// supervisor when the session starts (whatever a request brings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget_source: Option<crate::budget::BudgetSource>,
 }
 
 impl Default for SessionConfig {
@@ -234,6 +244,8 @@ impl Default for SessionConfig {
             max_concurrency: 16,
             retry: RetryPolicy::default(),
             failure_policy: FailurePolicy::Continue,
+            adaptive: None,
+            budget_source: None,
         }
     }
 }
@@ -252,6 +264,18 @@ impl SessionConfig {
             Ok(secs) => Duration::new(secs, (total % NANOS) as u32),
             Err(_) => Duration::MAX,
         }
+    }
+
+    /// How the budget of the session this config belongs to was chosen (see
+    /// [`crate::budget`]): set on the config a session runs under
+    /// ([`crate::SessionStore::session_config`]); `None` on one that has not been applied.
+    pub fn budget_source(&self) -> Option<&crate::budget::BudgetSource> {
+        self.budget_source.as_ref()
+    }
+
+    pub(crate) fn with_budget_source(mut self, source: crate::budget::BudgetSource) -> Self {
+        self.budget_source = Some(source);
+        self
     }
 
     /// Checks every field against its bounds (see the module docs); the first broken rule
@@ -341,6 +365,9 @@ impl SessionConfig {
                 "retry.max_backoff",
                 "must be >= retry.initial_backoff",
             ));
+        }
+        if let Some(adaptive) = &self.adaptive {
+            adaptive.validate(self)?;
         }
         Ok(())
     }
@@ -566,6 +593,7 @@ setters!(SessionConfig {
     with_max_concurrency => max_concurrency: usize,
     with_retry => retry: RetryPolicy,
     with_failure_policy => failure_policy: FailurePolicy,
+    with_adaptive => adaptive: impl Into<Option<crate::budget::AdaptiveBudget>>,
 });
 
 setters!(SupervisorConfig {

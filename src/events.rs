@@ -50,6 +50,10 @@ pub enum EventKind {
             with = "crate::millis"
         )]
         workflow_time: Duration,
+        /// How the budget was chosen: the static formula, or learned from the harvester's
+        /// history (see [`crate::budget`]).
+        #[serde(default)]
+        budget: crate::budget::BudgetSource,
     },
     /// The session moved between statuses.
     StatusChanged {
@@ -848,6 +852,26 @@ pub(crate) mod samples {
             EventKind::SessionStarted {
                 total: n as usize,
                 workflow_time: d,
+                budget: crate::budget::BudgetSource::Static,
+            },
+            EventKind::SessionStarted {
+                total: n as usize,
+                workflow_time: d,
+                budget: crate::budget::BudgetSource::Adaptive {
+                    samples: n as usize,
+                    quantile: 0.99,
+                    observed: d,
+                    mean: d,
+                    learned_estimate: d,
+                    learned_timeout: Some(d),
+                },
+            },
+            EventKind::SessionStarted {
+                total: n as usize,
+                workflow_time: d,
+                budget: crate::budget::BudgetSource::HistoryUnavailable {
+                    error: text.to_owned(),
+                },
             },
             EventKind::StatusChanged {
                 from: SessionStatus::Pending,

@@ -535,8 +535,25 @@ async fn reconcile(
         started: before.started,
         store_errors: std::mem::take(&mut local.store_errors),
         finalizer_attempt: 1,
+        workflow_time: before.workflow_time,
+        budget: budget_of(deps, before.id).await,
     };
     Ok((report, unrecorded))
+}
+
+/// How the session's budget was chosen, from its stored config (for the report only: a
+/// failed read leaves it out rather than holding up the finalization).
+async fn budget_of(
+    deps: &Deps,
+    id: crate::model::SessionId,
+) -> Option<crate::budget::BudgetSource> {
+    match deps.store.session_config(id).await {
+        Ok(config) => config.and_then(|c| c.budget_source().cloned()),
+        Err(error) => {
+            tracing::warn!(session_id = %id, %error, "the session's config could not be read for its report");
+            None
+        }
+    }
 }
 
 /// One outcome per resource, in resource order: the recorded one, else the one the store

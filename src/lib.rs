@@ -38,6 +38,7 @@
 
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod events;

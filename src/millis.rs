@@ -57,6 +57,28 @@ pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D
     d.deserialize_any(Millis)
 }
 
+/// `Option<Duration>` as milliseconds or `null` (for `#[serde(with = "crate::millis::option")]`).
+pub(crate) mod option {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&super::of(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapped(#[serde(with = "super")] Duration);
+        Ok(Option::<Wrapped>::deserialize(d)?.map(|Wrapped(d)| d))
+    }
+}
+
 struct Millis;
 
 impl Visitor<'_> for Millis {

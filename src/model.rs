@@ -496,6 +496,7 @@ impl SessionRecord {
 
 /// What the finalizer is given: the reconciled outcome of the whole session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct SessionReport {
     /// The session.
     pub session_id: SessionId,
@@ -522,6 +523,18 @@ pub struct SessionReport {
     /// (`FinalizerRecovery::Rerun`): an idempotent finalizer dedupes by `session_id`.
     #[serde(default = "first_attempt")]
     pub finalizer_attempt: u32,
+    /// The session's budget (`workflow_time`), from its start to its deadline.
+    #[serde(
+        rename = "workflow_time_ms",
+        alias = "workflow_time",
+        with = "crate::millis",
+        default
+    )]
+    pub workflow_time: std::time::Duration,
+    /// How the budget was chosen (static, or learned from the history; see
+    /// [`crate::budget`]); `None` when the session's stored config could not be read.
+    #[serde(default)]
+    pub budget: Option<crate::budget::BudgetSource>,
 }
 
 fn first_attempt() -> u32 {

@@ -400,6 +400,16 @@ pub trait SessionStore: Send + Sync + 'static {
     /// so a completion never has to write a row per missing resource.
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError>;
 
+    /// How long the most recent successes of `harvester` took: the elapsed time of its
+    /// `succeeded` outcomes (from the first attempt's start, retries included), newest
+    /// session first and, within one, the latest recorded first; at most `limit` of them.
+    /// The history an adaptive budget learns from (see [`crate::budget`]).
+    async fn recent_durations(
+        &self,
+        harvester: &HarvesterId,
+        limit: usize,
+    ) -> Result<Vec<std::time::Duration>, StoreError>;
+
     /// A page of [`SessionStore::outcomes`] (derived outcomes included): `limit` from
     /// `offset`, and how many there are in all. For admin pages of sessions too large to
     /// load whole.

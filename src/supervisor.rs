@@ -368,7 +368,6 @@ async fn create_session(
 ) -> Result<Created, StartError> {
     let config = request.config.unwrap_or(default);
     config.validate_for(request.resources.len())?;
-    let config = Arc::new(config);
     request.harvester_id.check()?;
     let mut seen = HashSet::with_capacity(request.resources.len());
     for r in &request.resources {
@@ -380,6 +379,25 @@ async fn create_session(
         }
     }
     drop(seen);
+    // The budget: static, or learned from the harvester's history (one read, here in the
+    // start's task, never in the root).
+    let history = match &config.adaptive {
+        Some(adaptive) => deps
+            .store
+            .recent_durations(&request.harvester_id, adaptive.window)
+            .await
+            .map_err(|e| {
+                tracing::warn!(harvester = %request.harvester_id, error = %e,
+                    "the history of durations could not be read: the static budget applies");
+                e.to_string()
+            }),
+        None => Ok(Vec::new()),
+    };
+    let config = Arc::new(crate::budget::choose(
+        config,
+        request.resources.len(),
+        history,
+    ));
     if deps.node.is_fenced() {
         // It self-fenced since the root looked: its lease may be gone.
         return Err(StartError::Store(crate::error::StoreError::LeaseExpired {
@@ -412,6 +430,7 @@ async fn create_session(
     emitter.emit(EventKind::SessionStarted {
         total,
         workflow_time,
+        budget: config.budget_source().cloned().unwrap_or_default(),
     });
     Ok(Created {
         id,

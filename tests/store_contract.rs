@@ -977,7 +977,89 @@ async fn an_abort_from_another_node_is_recorded_for_the_owner_to_honour(
     ));
 }
 
+/// The history an adaptive budget learns from: the durations of a harvester's successes,
+/// newest session first and latest recorded first within one, bounded by the limit; no
+/// failure, no other harvester's.
+async fn recent_durations_are_the_newest_successes_of_one_harvester(store: Arc<dyn SessionStore>) {
+    let ms = Duration::from_millis;
+    let outcome = |i: usize, outcome: ResourceOutcome, elapsed: Duration| OutcomeRecord {
+        resource_id: format!("r{i}").into(),
+        outcome,
+        attempts: 1,
+        elapsed,
+    };
+    let h = "learn".into();
+    assert_eq!(store.recent_durations(&h, 100).await.expect("none"), vec![]);
+    // Two finished sessions and a running one, each with successes and other outcomes.
+    let plans: [Vec<OutcomeRecord>; 3] = [
+        vec![
+            outcome(0, ResourceOutcome::Succeeded, ms(1)),
+            outcome(1, ResourceOutcome::Failed { error: "no".into() }, ms(100)),
+            outcome(2, ResourceOutcome::Succeeded, ms(2)),
+            outcome(3, ResourceOutcome::Succeeded, ms(3)),
+        ],
+        vec![
+            outcome(0, ResourceOutcome::TimedOut, ms(200)),
+            outcome(1, ResourceOutcome::Succeeded, ms(4)),
+            outcome(2, ResourceOutcome::Succeeded, Duration::new(5, 5)),
+        ],
+        vec![outcome(0, ResourceOutcome::Succeeded, ms(6))],
+    ];
+    let last = plans.len() - 1;
+    for (n, plan) in plans.into_iter().enumerate() {
+        let r = store
+            .create_session(new_session("learn", plan.len() + 1))
+            .await
+            .expect("create");
+        for o in plan {
+            store.record_outcome(r.id, f(), o).await.expect("recorded");
+        }
+        if n < last {
+            store
+                .claim_finalization(r.id, f(), FinalizeReason::Completed)
+                .await
+                .expect("claim");
+            store
+                .complete_finalization(r.id, f(), completion(SessionStatus::FinishedSomeFailed))
+                .await
+                .expect("complete");
+        }
+    }
+    let other = store
+        .create_session(new_session("other", 1))
+        .await
+        .expect("other");
+    store
+        .record_outcome(
+            other.id,
+            f(),
+            outcome(0, ResourceOutcome::Succeeded, ms(999)),
+        )
+        .await
+        .expect("recorded");
+
+    let all = store.recent_durations(&h, 100).await.expect("history");
+    assert_eq!(
+        all,
+        vec![ms(6), Duration::new(5, 5), ms(4), ms(3), ms(2), ms(1)],
+        "newest session first, latest recorded first; successes only"
+    );
+    assert_eq!(
+        store.recent_durations(&h, 4).await.expect("limited"),
+        all[..4].to_vec()
+    );
+    assert_eq!(store.recent_durations(&h, 0).await.expect("zero"), vec![]);
+    assert_eq!(
+        store
+            .recent_durations(&"nobody".into(), 10)
+            .await
+            .expect("unknown"),
+        vec![]
+    );
+}
+
 async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
+    recent_durations_are_the_newest_successes_of_one_harvester(make()).await;
     an_abort_from_another_node_is_recorded_for_the_owner_to_honour(make()).await;
     writes_with_a_stale_fence_are_refused_and_change_nothing(make()).await;
     a_rescue_takes_over_only_sessions_of_nodes_whose_lease_expired(make()).await;

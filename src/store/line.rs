@@ -397,7 +397,7 @@ mod tests {
             ),
             (
                 r#"{"seq":1,"at":"2026-11-25T20:01:02Z","kind":"SessionStarted","total":2,"workflow_time":"1year 2days 1h"}"#,
-                r#"{"seq":1,"at":"2026-11-25T20:01:02Z","kind":"SessionStarted","total":2,"workflow_time_ms":31734000000.0}"#,
+                r#"{"seq":1,"at":"2026-11-25T20:01:02Z","kind":"SessionStarted","total":2,"workflow_time_ms":31734000000.0,"budget":{"source":"static"}}"#,
             ),
             (
                 r#"{"seq":4,"at":"2026-11-25T20:01:02Z","kind":"MonitorScheduled","interval":"1s","deadline_in":"20m"}"#,

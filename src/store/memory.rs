@@ -485,6 +485,39 @@ impl SessionStore for MemoryStore {
         Ok(SessionPage::from_overfetch(hits, limit))
     }
 
+    async fn recent_durations(
+        &self,
+        harvester: &HarvesterId,
+        limit: usize,
+    ) -> Result<Vec<std::time::Duration>, StoreError> {
+        let mut ids: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|s| s.record.harvester_id == *harvester)
+            .map(|s| s.record.id)
+            .collect();
+        ids.sort_unstable_by_key(|id| std::cmp::Reverse(*id));
+        let mut found = Vec::with_capacity(limit.min(crate::budget::MAX_WINDOW));
+        for id in ids {
+            if found.len() >= limit {
+                break;
+            }
+            // Gone meanwhile: nothing to learn from it.
+            let _ = self.with(id, |s| {
+                let successes = s.outcomes.iter().rev().filter_map(|o| match o {
+                    KeptOutcome::Succeeded { elapsed, .. } => {
+                        Some(std::time::Duration::from_nanos(*elapsed))
+                    }
+                    KeptOutcome::Other(r) if r.outcome.is_success() => Some(r.elapsed),
+                    KeptOutcome::Other(_) => None,
+                });
+                let room = limit.saturating_sub(found.len());
+                found.extend(successes.take(room));
+            });
+        }
+        Ok(found)
+    }
+
     async fn active_session(
         &self,
         harvester: &HarvesterId,

@@ -936,6 +936,38 @@ impl SessionStore for PostgresStore {
         Ok(SessionPage::from_overfetch(hits, limit))
     }
 
+    async fn recent_durations(
+        &self,
+        harvester: &HarvesterId,
+        limit: usize,
+    ) -> Result<Vec<std::time::Duration>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        // The newest sessions (at most `limit`: each gives at least one or nothing), each
+        // one's latest successes (a top-N sort of that session's outcomes), in order: the
+        // rows come presorted by session, so the outer order stops at the limit.
+        let rows = client
+            .query(
+                &self.q("SELECT o.elapsed_ns FROM \
+                     (SELECT key, id FROM @.sessions WHERE harvester_id = $1 \
+                      ORDER BY id DESC LIMIT $2) s \
+                     CROSS JOIN LATERAL \
+                     (SELECT elapsed_ns, ord FROM @.outcomes \
+                      WHERE session_key = s.key AND outcome = 'succeeded' \
+                      ORDER BY ord DESC LIMIT $2) o \
+                     ORDER BY s.id DESC, o.ord DESC LIMIT $2"),
+                &[&harvester.as_str(), &limit],
+            )
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|r| {
+                get::<i64>(r, 0)
+                    .map(|ns| std::time::Duration::from_nanos(u64::try_from(ns).unwrap_or(0)))
+            })
+            .collect()
+    }
+
     async fn active_session(
         &self,
         harvester: &HarvesterId,

@@ -305,6 +305,12 @@ impl SqliteStore {
 /// once, so a reader of a huge log never holds one for the whole log.
 const EVENT_PAGE: usize = 4096;
 
+/// See [`SessionStore::recent_durations`].
+const RECENT_DURATIONS: &str = "SELECT o.elapsed_ns FROM sessions s \
+     JOIN outcomes o ON o.place BETWEEN s.key * 4294967296 AND s.key * 4294967296 + 4294967295 \
+     WHERE s.harvester_id = ?1 AND o.outcome = 'succeeded' \
+     ORDER BY s.id DESC, o.place DESC LIMIT ?2";
+
 #[async_trait]
 impl SessionStore for SqliteStore {
     async fn create_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
@@ -414,6 +420,31 @@ impl SessionStore for SqliteStore {
                     .map_err(backend)?;
                 let hits = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
                 Ok(SessionPage::from_overfetch(hits, limit))
+            })
+            .await
+    }
+
+    async fn recent_durations(
+        &self,
+        harvester: &HarvesterId,
+        limit: usize,
+    ) -> Result<Vec<std::time::Duration>, StoreError> {
+        let harvester = harvester.to_string();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.readers
+            .read(move |conn| {
+                // The harvester's sessions newest first (its index, backwards), and each
+                // one's outcomes latest first (their rowid range, backwards): the limit
+                // stops the walk, no sort of the whole history.
+                let mut statement = conn.prepare_cached(RECENT_DURATIONS).map_err(backend)?;
+                let rows = statement
+                    .query_map(rusqlite::params![harvester, limit], |r| r.get::<_, i64>(0))
+                    .map_err(backend)?;
+                rows.map(|ns| {
+                    ns.map(|ns| std::time::Duration::from_nanos(u64::try_from(ns).unwrap_or(0)))
+                        .map_err(backend)
+                })
+                .collect()
             })
             .await
     }

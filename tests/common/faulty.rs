@@ -64,6 +64,8 @@ pub struct FaultyStore {
     pub hanging_renewals: AtomicBool,
     /// While set, takeovers (the rescue pass's) never return.
     pub hanging_takeovers: AtomicBool,
+    /// While set, `recent_durations` fails (the history cannot be read).
+    pub failing_history: AtomicBool,
     /// Answers held back while `hang_outcome_writes` is set.
     unanswered: std::sync::Mutex<Vec<OutcomeAnswer>>,
     /// Queued outcome writes not yet answered (held ones aside), and the most there ever
@@ -104,6 +106,7 @@ impl FaultyStore {
             failing_renewals: AtomicBool::new(false),
             hanging_renewals: AtomicBool::new(false),
             hanging_takeovers: AtomicBool::new(false),
+            failing_history: AtomicBool::new(false),
             unanswered: std::sync::Mutex::new(Vec::new()),
             queued_now: Arc::new(AtomicUsize::new(0)),
             queued_most: AtomicUsize::new(0),
@@ -177,6 +180,16 @@ impl SessionStore for FaultyStore {
     }
     async fn query_sessions(&self, q: &SessionQuery) -> Result<SessionPage, StoreError> {
         self.inner.query_sessions(q).await
+    }
+    async fn recent_durations(
+        &self,
+        h: &HarvesterId,
+        limit: usize,
+    ) -> Result<Vec<std::time::Duration>, StoreError> {
+        if self.failing_history.load(Ordering::SeqCst) {
+            return Err(injected());
+        }
+        self.inner.recent_durations(h, limit).await
     }
     async fn active_session(&self, h: &HarvesterId) -> Result<Option<SessionId>, StoreError> {
         self.inner.active_session(h).await
