@@ -103,7 +103,10 @@ pub struct AdaptiveBudget {
     pub below_static: bool,
     /// When set, `resource_timeout` is learned too: the observed quantile times this (1 to
     /// 1,000). Without `below_static`, never shorter than the config's own timeout, and
-    /// no timeout stays no timeout.
+    /// no timeout stays no timeout. A skewed distribution's far tail outruns any small
+    /// multiple of its p99 (at 4 x p99, about 1 healthy attempt in 7,000 was cut in the
+    /// simulation of BENCHMARKS.md): pair it with a retry (`retry.max_attempts` 2 or
+    /// more), or keep it generous.
     pub timeout_multiple: Option<f64>,
     /// The least learned `resource_timeout` (more than zero; 1 s by default).
     #[serde(with = "humantime_serde")]

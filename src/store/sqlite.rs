@@ -305,11 +305,14 @@ impl SqliteStore {
 /// once, so a reader of a huge log never holds one for the whole log.
 const EVENT_PAGE: usize = 4096;
 
-/// See [`SessionStore::recent_durations`].
-const RECENT_DURATIONS: &str = "SELECT o.elapsed_ns FROM sessions s \
-     JOIN outcomes o ON o.place BETWEEN s.key * 4294967296 AND s.key * 4294967296 + 4294967295 \
-     WHERE s.harvester_id = ?1 AND o.outcome = 'succeeded' \
-     ORDER BY s.id DESC, o.place DESC LIMIT ?2";
+/// See [`SessionStore::recent_durations`]: the harvester's sessions newest first (its
+/// index, backwards), then each one's successes latest first (a backward walk of its
+/// outcome range: no sort). One join of the two sorted the newest session's whole range
+/// before giving a row (5 ms for 100 durations next to a 10,000-resource session).
+const RECENT_SESSIONS: &str =
+    "SELECT key FROM sessions WHERE harvester_id = ?1 ORDER BY id DESC LIMIT ?2";
+const RECENT_SUCCESSES: &str = "SELECT elapsed_ns FROM outcomes \
+     WHERE place BETWEEN ?1 AND ?2 AND outcome = 'succeeded' ORDER BY place DESC LIMIT ?3";
 
 #[async_trait]
 impl SessionStore for SqliteStore {
@@ -433,18 +436,34 @@ impl SessionStore for SqliteStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.readers
             .read(move |conn| {
-                // The harvester's sessions newest first (its index, backwards), and each
-                // one's outcomes latest first (their rowid range, backwards): the limit
-                // stops the walk, no sort of the whole history.
-                let mut statement = conn.prepare_cached(RECENT_DURATIONS).map_err(backend)?;
-                let rows = statement
-                    .query_map(rusqlite::params![harvester, limit], |r| r.get::<_, i64>(0))
+                let keys: Vec<i64> = conn
+                    .prepare_cached(RECENT_SESSIONS)
+                    .and_then(|mut s| {
+                        s.query_map(rusqlite::params![harvester, limit], |r| r.get(0))?
+                            .collect()
+                    })
                     .map_err(backend)?;
-                rows.map(|ns| {
-                    ns.map(|ns| std::time::Duration::from_nanos(u64::try_from(ns).unwrap_or(0)))
-                        .map_err(backend)
-                })
-                .collect()
+                let mut found = Vec::new();
+                let mut successes = conn.prepare_cached(RECENT_SUCCESSES).map_err(backend)?;
+                for key in keys {
+                    let room = limit.saturating_sub(i64::try_from(found.len()).unwrap_or(i64::MAX));
+                    if room <= 0 {
+                        break;
+                    }
+                    let range = rows::OutcomeRange::of(key)?;
+                    let rows = successes
+                        .query_map(rusqlite::params![range.start, range.end, room], |r| {
+                            r.get::<_, i64>(0)
+                        })
+                        .map_err(backend)?;
+                    for ns in rows {
+                        let ns = ns.map_err(backend)?;
+                        found.push(std::time::Duration::from_nanos(
+                            u64::try_from(ns).unwrap_or(0),
+                        ));
+                    }
+                }
+                Ok(found)
             })
             .await
     }
