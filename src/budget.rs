@@ -27,8 +27,10 @@
 //!   opting in lets it catch a stuck one sooner too);
 //! - until the history holds `min_samples` durations, the static formula applies.
 //!
-//! The choice is made once, when the session is created, and stored with it (a session
-//! resumed after a crash keeps its budget). Its source is in the session's
+//! The choice is made once, when the session is created, and stored with it: a session
+//! resumed after a crash keeps what was learned, its budget for the resources it has left
+//! computed the same way (their rounds at the mean pace plus one at the quantile, with the
+//! margin, never less than the stored formula gives). Its source is in the session's
 //! [`EventKind::SessionStarted`](crate::EventKind::SessionStarted) event, in the
 //! [`SessionReport`](crate::SessionReport) and in [`SessionConfig::budget_source`].
 //!
@@ -80,7 +82,8 @@ pub struct AdaptiveBudget {
     /// Which quantile of the successful durations a resource is expected to stay within
     /// (more than 0, at most 1; 0.99 by default).
     pub quantile: f64,
-    /// The observed quantile is multiplied by this (1 to 1,000; 2 by default).
+    /// Each concurrent slot's expected work (its rounds at the mean pace plus one resource
+    /// at the quantile) is multiplied by this (1 to 1,000; 2 by default).
     pub margin: f64,
     /// How many successful durations the history must hold before the learned budget
     /// applies; the static formula until then (1 to `window`; 100 by default).
@@ -244,6 +247,12 @@ pub enum BudgetSource {
         /// Why.
         error: String,
     },
+    /// A budget was learned, but the config it made was not valid for the session: the
+    /// static formula.
+    LearnedInvalid {
+        /// Why.
+        error: String,
+    },
     /// Learned from the history. The values the session runs under are in its config
     /// (without `below_static`, the longer of the learned and the static ones).
     Adaptive {
@@ -251,6 +260,10 @@ pub enum BudgetSource {
         samples: usize,
         /// The quantile taken.
         quantile: f64,
+        /// The margin applied (kept so that a session resumed with fewer resources gets
+        /// the same budget for them).
+        #[serde(default = "default_margin")]
+        margin: f64,
         /// The quantile's value among the samples.
         #[serde(rename = "observed_ms", with = "crate::millis")]
         observed: Duration,
@@ -290,6 +303,9 @@ impl std::fmt::Display for BudgetSource {
             Self::HistoryUnavailable { error } => {
                 write!(f, "static (history unavailable: {error})")
             }
+            Self::LearnedInvalid { error } => {
+                write!(f, "static (learned budget invalid: {error})")
+            }
             Self::Adaptive {
                 samples,
                 quantile,
@@ -298,11 +314,39 @@ impl std::fmt::Display for BudgetSource {
             } => write!(
                 f,
                 "adaptive (p{} of {samples} samples: {})",
-                (quantile * 1000.0).round() / 10.0,
+                (quantile * 10_000.0).round() / 100.0,
                 humantime::format_duration(round_ms(*observed))
             ),
         }
     }
+}
+
+fn default_margin() -> f64 {
+    AdaptiveBudget::default().margin
+}
+
+/// The budget of a session resumed with `resources` left to harvest, under the config it
+/// was stored with: the stored formula's, or for a learned budget, the same slot
+/// computation for what is left (the learned estimate is a share of the whole session's
+/// budget, and would give a few resources left far too little), whichever is longer.
+pub(crate) fn resumed_workflow_time(config: &SessionConfig, resources: usize) -> Duration {
+    let formula = config.workflow_time(resources);
+    let BudgetSource::Adaptive {
+        margin,
+        mean,
+        observed,
+        ..
+    } = config.budget_source()
+    else {
+        return formula;
+    };
+    if resources == 0 || !margin.is_finite() || *margin < 1.0 {
+        return formula;
+    }
+    let lanes = resources.div_ceil(config.max_concurrency.max(1)) as f64;
+    let slot = secs(margin * (lanes * mean.as_secs_f64() + observed.as_secs_f64()));
+    let learned = slot.saturating_add(config.buffer).min(MAX_WORKFLOW_TIME);
+    formula.max(learned)
 }
 
 fn round_ms(d: Duration) -> Duration {
@@ -364,6 +408,7 @@ pub(crate) fn choose(
     let source = BudgetSource::Adaptive {
         samples: samples.len(),
         quantile: adaptive.quantile,
+        margin: adaptive.margin,
         observed,
         mean,
         learned_estimate,
@@ -377,8 +422,8 @@ pub(crate) fn choose(
         Ok(()) => applied,
         Err(error) => {
             tracing::warn!(%error, "the learned budget is not valid: the static one applies");
-            let error = format!("the learned budget is not valid: {error}");
-            config.with_budget_source(BudgetSource::HistoryUnavailable { error })
+            let error = error.to_string();
+            config.with_budget_source(BudgetSource::LearnedInvalid { error })
         }
     }
 }
@@ -386,8 +431,9 @@ pub(crate) fn choose(
 /// The nearest-rank `q` quantile of `samples` (not empty; reordered).
 fn quantile(samples: &mut [Duration], q: f64) -> Duration {
     let n = samples.len();
-    // 1 <= rank <= n: `q` is in (0, 1].
-    let rank = ((q * n as f64).ceil() as usize).clamp(1, n.max(1));
+    // 1 <= rank <= n: `q` is in (0, 1]. The product is rounded down by a hair first:
+    // 0.07 x 100 is 7.000000000000001 in floating point, whose ceiling would be rank 8.
+    let rank = ((q * n as f64 - 1e-9).ceil() as usize).clamp(1, n.max(1));
     let index = rank - 1;
     match samples.get(index) {
         Some(_) => *samples.select_nth_unstable(index).1,
@@ -465,11 +511,11 @@ mod tests {
 
     fn learned(config: &SessionConfig) -> (Duration, Option<Duration>) {
         match config.budget_source() {
-            Some(BudgetSource::Adaptive {
+            BudgetSource::Adaptive {
                 learned_estimate,
                 learned_timeout,
                 ..
-            }) => (*learned_estimate, *learned_timeout),
+            } => (*learned_estimate, *learned_timeout),
             other => panic!("not adaptive: {other:?}"),
         }
     }
@@ -477,7 +523,7 @@ mod tests {
     #[test]
     fn without_adaptive_the_config_is_static() {
         let c = choose(SessionConfig::default(), 10, Ok(hundred()));
-        assert_eq!(c.budget_source(), Some(&BudgetSource::Static));
+        assert_eq!(c.budget_source(), &BudgetSource::Static);
         assert_eq!(c.per_resource_estimate, Duration::from_secs(20));
     }
 
@@ -488,16 +534,16 @@ mod tests {
         let c = choose(config.clone(), 10, Ok(hundred()[..99].to_vec()));
         assert_eq!(
             c.budget_source(),
-            Some(&BudgetSource::TooFewSamples {
+            &BudgetSource::TooFewSamples {
                 samples: 99,
                 needed: 100
-            })
+            }
         );
         assert_eq!(c.workflow_time(10), config.workflow_time(10));
         let c = choose(config.clone(), 10, Err("gone".into()));
         assert!(matches!(
             c.budget_source(),
-            Some(BudgetSource::HistoryUnavailable { .. })
+            BudgetSource::HistoryUnavailable { .. }
         ));
         assert_eq!(c.workflow_time(10), config.workflow_time(10));
     }
@@ -542,7 +588,7 @@ mod tests {
         let fast = choose(config.clone(), 5, Ok(hundred()));
         assert_eq!(fast.workflow_time(5), config.workflow_time(5));
         assert_eq!(fast.resource_timeout, config.resource_timeout);
-        assert!(fast.budget_source().is_some_and(BudgetSource::is_adaptive));
+        assert!(fast.budget_source().is_adaptive());
         // A slow harvester: 200 s per resource, one at a time: 5 resources budgeted
         // 2 x (5 x 200 + 200) s; timeouts of 4 x 200 s (longer than the static 600 s).
         let slow: Vec<_> = (0..200).map(|_| Duration::from_secs(200)).collect();
@@ -606,7 +652,7 @@ mod tests {
             .with_adaptive(adaptive);
         // Durations of a year each: the ceiling, the timeout's bound, the year's budget.
         let c = choose(config.clone(), 1_000_000, Ok(vec![Duration::MAX; 3]));
-        assert!(c.budget_source().is_some_and(BudgetSource::is_adaptive));
+        assert!(c.budget_source().is_adaptive());
         assert!(c.workflow_time(1_000_000) <= MAX_WORKFLOW_TIME);
         assert_eq!(c.resource_timeout, Some(MAX_TIMEOUT));
         c.validate_for(1_000_000).expect("valid");
@@ -617,6 +663,41 @@ mod tests {
         // No resources at all.
         let c = choose(config, 0, Ok(vec![ms(5); 3]));
         assert_eq!(c.workflow_time(0), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_resumed_session_gets_the_learned_budget_for_what_it_has_left() {
+        let config = SessionConfig::default()
+            .with_max_concurrency(16)
+            .with_adaptive(AdaptiveBudget::default().with_below_static(true));
+        // 1,000 resources: 63 rounds per slot; the estimate is a thousandth of the slot's
+        // 2 x (63 x 50.5 + 99) ms.
+        let applied = choose(config.clone(), 1000, Ok(hundred()));
+        close(applied.per_resource_estimate, Duration::from_micros(6_561));
+        assert_eq!(
+            resumed_workflow_time(&applied, 1000),
+            applied.workflow_time(1000)
+        );
+        // 16 left after a crash: one round, 2 x (50.5 + 99) ms, not 16 thousandths.
+        close(
+            resumed_workflow_time(&applied, 16),
+            ms(299) + Duration::from_secs(60),
+        );
+        assert!(resumed_workflow_time(&applied, 16) > applied.workflow_time(16));
+        // A static budget resumes as it always did.
+        let fixed = choose(SessionConfig::default(), 1000, Ok(hundred()));
+        assert_eq!(resumed_workflow_time(&fixed, 16), fixed.workflow_time(16));
+    }
+
+    #[test]
+    fn the_rank_is_exact_where_floating_point_is_not() {
+        // 0.07 x 100 = 7.000000000000001: still the 7th.
+        let mut samples: Vec<Duration> = (1..=100).map(ms).collect();
+        assert_eq!(quantile(&mut samples, 0.07), ms(7));
+        assert_eq!(quantile(&mut samples, 0.5), ms(50));
+        assert_eq!(quantile(&mut samples, 0.001), ms(1));
+        assert_eq!(quantile(&mut samples, 1.0), ms(100));
+        assert_eq!(quantile(&mut [ms(3)], 0.99), ms(3));
     }
 
     #[test]
@@ -704,6 +785,7 @@ mod tests {
         let source = BudgetSource::Adaptive {
             samples: 4000,
             quantile: 0.99,
+            margin: 2.0,
             observed: ms(3200),
             mean: ms(800),
             learned_estimate: ms(400),
@@ -712,7 +794,7 @@ mod tests {
         let json = serde_json::to_string(&source).expect("json");
         assert_eq!(
             json,
-            r#"{"source":"adaptive","samples":4000,"quantile":0.99,"observed_ms":3200.0,"mean_ms":800.0,"learned_estimate_ms":400.0}"#
+            r#"{"source":"adaptive","samples":4000,"quantile":0.99,"margin":2.0,"observed_ms":3200.0,"mean_ms":800.0,"learned_estimate_ms":400.0}"#
         );
         assert_eq!(
             serde_json::from_str::<BudgetSource>(&json).expect("reads"),
@@ -723,5 +805,15 @@ mod tests {
             "adaptive (p99 of 4000 samples: 3s 200ms)"
         );
         assert_eq!(BudgetSource::Static.to_string(), "static");
+        let fine = BudgetSource::Adaptive {
+            samples: 10,
+            quantile: 0.9999,
+            margin: 2.0,
+            observed: ms(5),
+            mean: ms(1),
+            learned_estimate: ms(1),
+            learned_timeout: None,
+        };
+        assert_eq!(fine.to_string(), "adaptive (p99.99 of 10 samples: 5ms)");
     }
 }

@@ -222,8 +222,10 @@ pub struct SessionConfig {
     /// default): the static formula.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adaptive: Option<crate::budget::AdaptiveBudget>,
-    /// How the budget of the session this config was applied to was chosen; set by the
-    /// supervisor when the session starts (whatever a request brings).
+    /// How the budget of the session this config was applied to was chosen, when it was
+    /// not the static formula; set by the supervisor when the session starts (whatever a
+    /// request brings). Absent for a static budget, so that a static session's stored
+    /// config reads in versions that predate adaptive budgets.
     #[serde(skip_serializing_if = "Option::is_none")]
     budget_source: Option<crate::budget::BudgetSource>,
 }
@@ -267,14 +269,22 @@ impl SessionConfig {
     }
 
     /// How the budget of the session this config belongs to was chosen (see
-    /// [`crate::budget`]): set on the config a session runs under
-    /// ([`crate::SessionStore::session_config`]); `None` on one that has not been applied.
-    pub fn budget_source(&self) -> Option<&crate::budget::BudgetSource> {
-        self.budget_source.as_ref()
+    /// [`crate::budget`]), as the config a session runs under says
+    /// ([`crate::Supervisor::session_config`]): [`BudgetSource::Static`] for a static
+    /// budget, for a session stored before adaptive budgets existed, and for a config not
+    /// yet applied to a session.
+    ///
+    /// [`BudgetSource::Static`]: crate::budget::BudgetSource::Static
+    pub fn budget_source(&self) -> &crate::budget::BudgetSource {
+        static STATIC: crate::budget::BudgetSource = crate::budget::BudgetSource::Static;
+        self.budget_source.as_ref().unwrap_or(&STATIC)
     }
 
     pub(crate) fn with_budget_source(mut self, source: crate::budget::BudgetSource) -> Self {
-        self.budget_source = Some(source);
+        self.budget_source = match source {
+            crate::budget::BudgetSource::Static => None,
+            other => Some(other),
+        };
         self
     }
 

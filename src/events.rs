@@ -860,6 +860,7 @@ pub(crate) mod samples {
                 budget: crate::budget::BudgetSource::Adaptive {
                     samples: n as usize,
                     quantile: 0.99,
+                    margin: 2.5,
                     observed: d,
                     mean: d,
                     learned_estimate: d,

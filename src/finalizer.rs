@@ -548,7 +548,10 @@ async fn budget_of(
     id: crate::model::SessionId,
 ) -> Option<crate::budget::BudgetSource> {
     match deps.store.session_config(id).await {
-        Ok(config) => config.and_then(|c| c.budget_source().cloned()),
+        // A session stored without its config (an earlier version's) had a static budget.
+        Ok(config) => Some(config.map_or(crate::budget::BudgetSource::Static, |c| {
+            c.budget_source().clone()
+        })),
         Err(error) => {
             tracing::warn!(session_id = %id, %error, "the session's config could not be read for its report");
             None

@@ -510,6 +510,35 @@ impl Supervisor {
         })
     }
 
+    /// The config session `id` runs (or ran) under, as applied: a learned budget's values
+    /// in its fields, and how they were chosen in
+    /// [`SessionConfig::budget_source`](crate::SessionConfig::budget_source). `None` for a
+    /// session stored without one (by a version that did not keep it).
+    ///
+    /// ```
+    /// use harvest_supervisor::{finalizer_fn, harvest_fn, BudgetSource, Supervisor};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let supervisor = Supervisor::builder(
+    ///     harvest_fn(|_| async { Ok(()) }),
+    ///     finalizer_fn(|_| async { Ok(()) }),
+    /// )
+    /// .start()
+    /// .await?;
+    /// let id = supervisor.start_session("csw", ["a"]).await?;
+    /// let config = supervisor.session_config(id).await?.expect("kept");
+    /// assert_eq!(config.budget_source(), &BudgetSource::Static);
+    /// # supervisor.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn session_config(
+        &self,
+        id: SessionId,
+    ) -> Result<Option<crate::SessionConfig>, SessionError> {
+        Ok(self.store.session_config(id).await?)
+    }
+
     /// The outcomes recorded for a session (all of them, reconciled, once it is terminal).
     pub async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, SessionError> {
         Ok(self.store.outcomes(id).await?)

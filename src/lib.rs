@@ -58,6 +58,7 @@ mod supervisor;
 pub mod testing;
 mod worker;
 
+pub use budget::{AdaptiveBudget, BudgetSource};
 pub use config::{
     FailurePolicy, FinalizerRecovery, RecoveryPolicy, RetryPolicy, SessionConfig, SupervisorConfig,
 };

@@ -402,7 +402,8 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// How long the most recent successes of `harvester` took: the elapsed time of its
     /// `succeeded` outcomes (from the first attempt's start, retries included), newest
-    /// session first and, within one, the latest recorded first; at most `limit` of them.
+    /// session first (within one, in no particular order: the memory and SQLite stores
+    /// give the latest recorded first, PostgreSQL its key order); at most `limit` of them.
     /// The history an adaptive budget learns from (see [`crate::budget`]).
     async fn recent_durations(
         &self,

@@ -382,6 +382,17 @@ async fn create_session(
     // The budget: static, or learned from the harvester's history (one read, here in the
     // start's task, never in the root).
     let history = match &config.adaptive {
+        // A harvester that is busy now is refused by `create_session` below: no history
+        // read for a start that cannot succeed (a loop of such starts would load the
+        // store with reads of up to `window` durations each).
+        Some(_)
+            if matches!(
+                deps.store.active_session(&request.harvester_id).await,
+                Ok(Some(_))
+            ) =>
+        {
+            Ok(Vec::new())
+        }
         Some(adaptive) => deps
             .store
             .recent_durations(&request.harvester_id, adaptive.window)
@@ -430,7 +441,7 @@ async fn create_session(
     emitter.emit(EventKind::SessionStarted {
         total,
         workflow_time,
-        budget: config.budget_source().cloned().unwrap_or_default(),
+        budget: config.budget_source().clone(),
     });
     Ok(Created {
         id,
@@ -463,7 +474,13 @@ fn session_shared(
     resumed: bool,
 ) -> Arc<SessionShared> {
     let now = Instant::now();
-    let budget = config.workflow_time(resources.len());
+    // A resumed session's budget for what it has left (a learned budget is recomputed
+    // for it: see `budget::resumed_workflow_time`).
+    let budget = if resumed {
+        crate::budget::resumed_workflow_time(&config, resources.len())
+    } else {
+        config.workflow_time(resources.len())
+    };
     // Validation keeps budgets within a year; a stored budget from elsewhere that is too
     // large for the clock means "no deadline in practice" (~30 years), and an instant that
     // far is always there.

@@ -91,7 +91,13 @@ async fn a_static_session_says_so_everywhere() {
         .await
         .expect("read")
         .expect("kept");
-    assert_eq!(stored.budget_source(), Some(&BudgetSource::Static));
+    assert_eq!(stored.budget_source(), &BudgetSource::Static);
+    // Stored as before adaptive budgets: a version that predates them reads it.
+    let json = serde_json::to_string(&stored).expect("json");
+    assert!(
+        !json.contains("budget_source") && !json.contains("adaptive"),
+        "{json}"
+    );
     supervisor.shutdown().await.expect("shutdown");
 }
 
@@ -145,6 +151,7 @@ async fn the_budget_is_learned_once_the_history_suffices() {
         BudgetSource::Adaptive {
             samples: 80,
             quantile: 0.99,
+            margin: 2.0,
             observed: Duration::from_secs(1),
             mean: Duration::from_millis(550),
             learned_estimate: Duration::from_millis(325),
@@ -155,13 +162,14 @@ async fn the_budget_is_learned_once_the_history_suffices() {
     assert_eq!(record.counts.succeeded, 40, "no good harvest cut");
     let report = finalizer.reports().pop().expect("a report");
     assert_eq!(report.budget, Some(source.clone()));
-    // Stored as applied: a resumed session runs under the same budget.
+    // Stored as applied: a resumed session keeps what was learned (its budget for what it
+    // has left is computed the same way: see the unit tests of `budget`).
     let stored = store
         .session_config(third)
         .await
         .expect("read")
         .expect("kept");
-    assert_eq!(stored.budget_source(), Some(&source));
+    assert_eq!(stored.budget_source(), &source);
     assert_eq!(stored.workflow_time(40), record.workflow_time);
     assert_eq!(stored.resource_timeout, Some(Duration::from_secs(4)));
     assert!(
@@ -293,4 +301,76 @@ async fn a_bad_adaptive_setting_is_refused_at_start_naming_the_field() {
         other => panic!("not refused: {other:?}"),
     }
     supervisor.shutdown().await.expect("shutdown");
+}
+
+/// A session resumed after a crash with few resources left gets the learned budget for
+/// those, not a few thousandths of the whole session's (the learned estimate is a share
+/// of a budget spread over every resource).
+#[tokio::test(start_paused = true)]
+async fn a_resumed_session_gets_a_learned_budget_for_what_it_has_left() {
+    let store = Arc::new(harvest_supervisor::MemoryStore::new());
+    let harvest = || harvest_supervisor::harvest_fn(common::scripted);
+    // A history of 50 successes: 49 of 1 s and one of 100 s (its p99).
+    let first = Supervisor::builder(harvest(), RecordingFinalizer::new())
+        .config(SupervisorConfig::default().with_session(common::config()))
+        .store(store.clone())
+        .start()
+        .await
+        .expect("started");
+    let mut ids: Vec<String> = (0..49).map(|i| format!("sleep1-h{i}")).collect();
+    ids.push("sleep100-h".into());
+    let history = first.start_session("csw", ids).await.expect("history");
+    first.wait_finished(history).await.expect("finished");
+    first.shutdown().await.expect("shutdown");
+
+    // 400 resources, 16 at a time: learned 2 x (25 x 2.98 s + 100 s) for the session.
+    // The last 16 (one of them takes 150 s) are running when the process dies.
+    let learned = common::config().with_max_concurrency(16).with_adaptive(
+        AdaptiveBudget::default()
+            .with_min_samples(50)
+            .with_below_static(true),
+    );
+    let mut ids: Vec<String> = (0..399).map(|i| format!("sleep1-r{i}")).collect();
+    ids.push("sleep150-last".into());
+    let dead = Supervisor::builder(harvest(), RecordingFinalizer::new())
+        .config(SupervisorConfig::default().with_session(common::config()))
+        .store(store.clone())
+        .start()
+        .await
+        .expect("started");
+    let id = dead
+        .start_session_with("csw", ids, learned)
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_millis(24_500)).await;
+    dead.actor().kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let done = store.outcomes(id).await.expect("outcomes").len();
+    assert!(
+        (380..=390).contains(&done),
+        "{done} recorded before the crash"
+    );
+
+    // Resumed: the 16 left get 2 x (1 round x 2.98 s + 100 s) + 60 s, not 16 x 0.87 s +
+    // 60 s (which the 150 s one would outlive).
+    let finalizer = RecordingFinalizer::new();
+    let next = Supervisor::builder(harvest(), finalizer.clone())
+        .config(
+            SupervisorConfig::default()
+                .with_session(common::config())
+                .with_recovery(harvest_supervisor::RecoveryPolicy::Resume),
+        )
+        .store(store.clone())
+        .start()
+        .await
+        .expect("started");
+    let record = next.wait_finished(id).await.expect("finished");
+    assert_eq!(
+        record.reason(),
+        Some(FinalizeReason::Completed),
+        "{record:?}"
+    );
+    assert_eq!(record.counts.succeeded, 400);
+    assert_eq!(finalizer.calls(), 1);
+    next.shutdown().await.expect("shutdown");
 }

@@ -960,6 +960,15 @@ async fn the_page_starts_a_session_and_its_timeline_reaches_a_terminal_status() 
         .script("return document.querySelectorAll('#timeline line[stroke=\"#000\"]').length")
         .await;
     assert!(finalizer_marks.as_u64().unwrap_or(0) >= 1);
+    // The budget and where it came from, beside the counts.
+    let budget = browser
+        .script("return document.getElementById('timeline-budget').textContent")
+        .await;
+    let budget = budget.as_str().unwrap_or_default();
+    assert!(
+        budget.starts_with("budget ") && budget.ends_with("(static)"),
+        "{budget}"
+    );
     // The list shows it too, without an abort button once it is over.
     browser
         .until("document.querySelector('#sessions tbody tr .status').textContent === 'finished-some-failed'")
@@ -1186,6 +1195,54 @@ async fn with_a_read_token_reads_need_it_or_the_write_token_and_it_cannot_write(
     server.stop().await;
 }
 
+/// A budget learned from the harvester's history: asked for in the start's `config`,
+/// said in the timeline (and on the page beside the counts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_budget_says_where_it_came_from() {
+    let server = Server::start().await;
+    let adaptive = json!({ "adaptive": { "min_samples": 3, "below_static": true } });
+    let first = started(
+        server
+            .start_session("learns", json!({ "count": 4, "config": adaptive }))
+            .await,
+    )
+    .await;
+    server.record_when(&first, "finished-all-ok").await;
+    let (_, t) = server.json(&format!("/sessions/{first}/timeline")).await;
+    assert_eq!(t["budget"]["source"], "too-few-samples", "{t}");
+    assert_eq!(t["budget"]["samples"], 0);
+    let second = started(
+        server
+            .start_session("learns", json!({ "count": 4, "config": adaptive }))
+            .await,
+    )
+    .await;
+    server.record_when(&second, "finished-all-ok").await;
+    let (status, t) = server.json(&format!("/sessions/{second}/timeline")).await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(t["budget"]["source"], "adaptive", "{t}");
+    assert_eq!(t["budget"]["samples"], 4);
+    assert!(t["budget"]["observed_ms"].is_number());
+    assert!(
+        t["budget_text"]
+            .as_str()
+            .expect("text")
+            .starts_with("adaptive (p99 of 4 samples"),
+        "{t}"
+    );
+    // A bad adaptive setting is a 400 naming it.
+    let r = server
+        .start_session(
+            "learns",
+            json!({ "count": 1, "config": { "adaptive": { "quantile": 2.0 } } }),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 400);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["field"], "config.adaptive.quantile", "{body}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_timeline_summary_counts_each_resource_once_retries_aside() {
     let server = Server::start().await;
@@ -1234,6 +1291,8 @@ async fn the_timeline_summary_counts_each_resource_once_retries_aside() {
     assert!(t["lanes"].is_null(), "300 resources: no lanes");
     assert!(t["marks"]["finalizer_finished_ms"].is_number());
     assert!(t["last_seq"].as_u64().expect("seq") > 600);
+    assert_eq!(t["budget"]["source"], "static", "{t}");
+    assert_eq!(t["budget_text"], "static");
     // Bad input is a 400 naming it; an unknown session a 404.
     let (status, body) = server
         .json(&format!("/sessions/{id}/timeline?buckets=0"))

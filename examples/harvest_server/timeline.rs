@@ -7,6 +7,7 @@
 //! `last_seq` and updates the summary in place.
 
 use chrono::{DateTime, Utc};
+use harvest_supervisor::budget::BudgetSource;
 use harvest_supervisor::{EventKind, FinalizeReason, OutcomeCounts, SessionEvent, SessionRecord};
 
 use super::*;
@@ -87,6 +88,11 @@ pub(crate) struct Timeline {
     span_ms: f64,
     /// The deadline, in ms from `t0`.
     deadline_ms: f64,
+    /// How the budget was chosen (static, or learned from the harvester's history), and
+    /// the same in one line for a person; `null` when the session's config could not be
+    /// read.
+    budget: Option<BudgetSource>,
+    budget_text: Option<String>,
     bucket_ms: f64,
     /// Outcome kinds, in the order of each bucket's counts.
     kinds: [&'static str; 6],
@@ -399,11 +405,22 @@ pub(crate) async fn timeline(
             }
         }
     }
+    // From the stored config, not the log: a memory store keeps only a session's newest
+    // events, and `SessionStarted` is the first.
+    let budget = match app.supervisor.store().session_config(id).await {
+        Ok(config) => Some(config.map_or(BudgetSource::Static, |c| c.budget_source().clone())),
+        Err(error) => {
+            tracing::warn!(session_id = %id, %error, "the session's config could not be read");
+            None
+        }
+    };
     Ok(Json(Timeline {
         counts,
         t0,
         span_ms,
         deadline_ms,
+        budget_text: budget.as_ref().map(ToString::to_string),
+        budget,
         bucket_ms: fold.bucket_ms,
         kinds: KINDS,
         buckets: fold.buckets,

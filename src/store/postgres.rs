@@ -944,18 +944,18 @@ impl SessionStore for PostgresStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let client = self.client().await?;
         // The newest sessions (at most `limit`: each gives at least one or nothing), each
-        // one's latest successes (a top-N sort of that session's outcomes), in order: the
-        // rows come presorted by session, so the outer order stops at the limit.
+        // one's successes in the order of its primary key (no index has the recorded
+        // order, and sorting a long session's outcomes cost every start a scan of them):
+        // the rows come presorted by session, so the outer order stops at the limit.
         let rows = client
             .query(
                 &self.q("SELECT o.elapsed_ns FROM \
                      (SELECT key, id FROM @.sessions WHERE harvester_id = $1 \
                       ORDER BY id DESC LIMIT $2) s \
                      CROSS JOIN LATERAL \
-                     (SELECT elapsed_ns, ord FROM @.outcomes \
-                      WHERE session_key = s.key AND outcome = 'succeeded' \
-                      ORDER BY ord DESC LIMIT $2) o \
-                     ORDER BY s.id DESC, o.ord DESC LIMIT $2"),
+                     (SELECT elapsed_ns FROM @.outcomes \
+                      WHERE session_key = s.key AND outcome = 'succeeded' LIMIT $2) o \
+                     ORDER BY s.id DESC LIMIT $2"),
                 &[&harvester.as_str(), &limit],
             )
             .await
