@@ -15,6 +15,7 @@
 //! cargo run --example simulated_harvest -- --resource-timeout none --hang-rate 0.01   # the monitor's deadline cuts hangs
 //! cargo run --example simulated_harvest -- --crash-after 50    # dies mid-session, like a power cut
 //! cargo run --example simulated_harvest -- --resume            # picks the interrupted session up again
+//! cargo run --example simulated_harvest -- --adaptive          # the deadline learned from earlier runs
 //! ```
 
 use std::collections::HashMap;
@@ -72,6 +73,10 @@ struct Args {
     /// How long the monitor waits before escalating a stuck session.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     escalation_grace: Duration,
+    /// Learn the deadline from this harvester's earlier sessions in the database (the
+    /// static budget until it holds 50 successes): run twice to see it learned.
+    #[arg(long)]
+    adaptive: bool,
     /// Attempts per resource (1 = no retry).
     #[arg(long, default_value_t = 1)]
     max_attempts: u32,
@@ -239,6 +244,12 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         )
         .with_abort_grace(Duration::from_secs(1))
         .with_max_concurrency(args.concurrency)
+        .with_adaptive(args.adaptive.then(|| {
+            harvest_supervisor::AdaptiveBudget::default()
+                .with_min_samples(50)
+                .with_below_static(true)
+                .with_buffer(args.buffer)
+        }))
         .with_retry(
             harvest_supervisor::RetryPolicy::default()
                 .with_max_attempts(args.max_attempts)
@@ -478,20 +489,25 @@ fn print_record(
         "  resources       {} = {} ok + {} failed + {} panicked + {} timed out + {} cancelled + {} lost",
         record.total, c.succeeded, c.failed, c.panicked, c.timed_out, c.cancelled, c.lost
     );
+    let report = reports
+        .lock()
+        .ok()
+        .and_then(|r| r.get(&record.id).and_then(|v| v.last().cloned()));
+    // To the millisecond: a learned budget is not a round number.
+    let millis = u64::try_from(record.workflow_time.as_millis()).unwrap_or(u64::MAX);
     println!(
         "  workflow time   {}",
-        humantime::format_duration(record.workflow_time)
+        humantime::format_duration(Duration::from_millis(millis))
     );
+    if let Some(budget) = report.as_ref().and_then(|r| r.budget.as_ref()) {
+        println!("  budget          {budget}");
+    }
     if let Some(took) = took {
         println!("  took            {took:.2?}");
     }
     if let Some(err) = &record.finalizer_error {
         println!("  finalizer error {err}");
     }
-    let report = reports
-        .lock()
-        .ok()
-        .and_then(|r| r.get(&record.id).and_then(|v| v.last().cloned()));
     if let Some(o) = report
         .as_ref()
         .and_then(|r| r.outcomes.iter().max_by_key(|o| o.elapsed))
