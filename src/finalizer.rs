@@ -293,6 +293,10 @@ pub(crate) async fn finalize(
         Run::No(error) => Some(error),
     };
 
+    // Outcomes the store missed: written with the completion if they fit, and again
+    // once it is over (whatever of them the completion could not write: see
+    // `write_late_outcomes`). Copied only in that rare case.
+    let late = unrecorded.clone();
     let mut completion = Completion {
         reason,
         status,
@@ -370,9 +374,60 @@ pub(crate) async fn finalize(
                 from: before.status,
                 to: status,
             });
+            if !late.is_empty() {
+                write_late_outcomes(Arc::clone(&deps.store), id, late, deps.store_retry_max);
+            }
             Ok(Finalized::Now(record))
         }
     }
+}
+
+/// How long the outcomes a completion could not write are tried again for (a disk full
+/// for longer than this loses them, as a process that dies before does).
+const LATE_OUTCOMES_FOR: Duration = Duration::from_secs(24 * 3600);
+
+/// Writes, in a task of its own, the outcomes a finalized session observed and the store
+/// missed, which its completion could not write (a full disk, a lost connection: the
+/// finalization completed without them rather than wait). Until they are written the
+/// stored outcomes derive those resources from the reason (`lost` for a completed
+/// session) while its counts have the truth; tried again with backoff while the store
+/// answers with an error that may pass, for up to [`LATE_OUTCOMES_FOR`]. Writing those
+/// already written writes nothing.
+fn write_late_outcomes(
+    store: Arc<dyn SessionStore>,
+    id: SessionId,
+    outcomes: Vec<OutcomeRecord>,
+    retry_max: Duration,
+) {
+    tokio::spawn(async move {
+        let began = Instant::now();
+        let mut delay = STORE_RETRY_FIRST;
+        loop {
+            match store.record_late_outcomes(id, outcomes.clone()).await {
+                Ok(0) => return,
+                Ok(written) => {
+                    tracing::info!(session_id = %id, written,
+                        "the outcomes the completion could not write are stored now");
+                    return;
+                }
+                Err(error) if error.is_transient() && began.elapsed() < LATE_OUTCOMES_FOR => {
+                    tracing::warn!(session_id = %id, %error, outcomes = outcomes.len(),
+                        retry_in = %humantime::format_duration(delay),
+                        "the outcomes the completion could not write are not stored yet");
+                    tokio::time::sleep(delay).await;
+                    delay = delay
+                        .saturating_mul(2)
+                        .min(retry_max.max(STORE_RETRY_FIRST));
+                }
+                Err(error) => {
+                    tracing::error!(session_id = %id, %error, outcomes = outcomes.len(),
+                        "the outcomes the completion could not write are lost: the stored \
+                         list derives them from the reason, the counts have them");
+                    return;
+                }
+            }
+        }
+    });
 }
 
 /// The wait before the first retry of a store step that failed for a reason that may pass.

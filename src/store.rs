@@ -400,6 +400,21 @@ pub trait SessionStore: Send + Sync + 'static {
     /// so a completion never has to write a row per missing resource.
     async fn outcomes(&self, id: SessionId) -> Result<Vec<OutcomeRecord>, StoreError>;
 
+    /// Records, for a terminal session, those of `outcomes` (of its own resources) whose
+    /// resource has no recorded outcome yet (until now derived from the reason; see [`SessionStore::outcomes`]),
+    /// and answers how many it wrote. For the outcomes a session observed but the store
+    /// could not take, when the completion that carried them failed and completed
+    /// without them (a full disk, a lost connection): written once the store can, so that
+    /// the stored outcomes agree with the session's counts. An open session's outcomes
+    /// are not touched (its actor records them); writing the same ones twice writes
+    /// nothing the second time. A bulk write: a store whose disk is full refuses it
+    /// ([`StoreError::DiskFull`]) until there is room.
+    async fn record_late_outcomes(
+        &self,
+        id: SessionId,
+        outcomes: Vec<OutcomeRecord>,
+    ) -> Result<usize, StoreError>;
+
     /// How long the most recent successes of `harvester` took: the elapsed time of its
     /// `succeeded` outcomes (from the first attempt's start, retries included), newest
     /// session first (within one, in no particular order: the memory and SQLite stores

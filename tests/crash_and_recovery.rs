@@ -184,6 +184,44 @@ async fn failed_outcome_writes_lose_nothing(writes: Writes) {
     sup.shutdown().await.expect("shutdown");
 }
 
+/// Outcomes the store missed, whose completion failed and went on without them (a full
+/// disk, a lost connection): written once the store takes them, so that the stored list
+/// agrees with the counts instead of deriving them as `lost`.
+#[tokio::test(start_paused = true)]
+async fn outcomes_a_failed_completion_dropped_are_written_once_the_store_takes_them() {
+    let store = FaultyStore::new();
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor_on(store.clone(), config(), &rec).await;
+    store.failing_outcome_writes.store(true, Ordering::SeqCst);
+    store.failing_completions.store(1, Ordering::SeqCst);
+    store.failing_late_outcomes.store(true, Ordering::SeqCst);
+    let id = sup
+        .start_session("csw", ["ok-1", "fail-2", "ok-3"])
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+    store.failing_outcome_writes.store(false, Ordering::SeqCst);
+    assert_eq!((record.counts.succeeded, record.counts.failed), (2, 1));
+    assert_eq!(rec.calls(), 1);
+    // Completed without them: the list derives all three from the reason for now.
+    let outcomes = |list: Vec<harvest_supervisor::OutcomeRecord>| -> Vec<String> {
+        list.iter()
+            .map(|o| format!("{}={}", o.resource_id, o.outcome.name()))
+            .collect()
+    };
+    assert_eq!(
+        outcomes(store.outcomes(id).await.expect("outcomes")),
+        ["ok-1=lost", "fail-2=lost", "ok-3=lost"]
+    );
+    // The store takes writes again: the observed outcomes replace the derived ones.
+    store.failing_late_outcomes.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let mut now = outcomes(store.outcomes(id).await.expect("outcomes"));
+    now.sort();
+    assert_eq!(now, ["fail-2=failed", "ok-1=succeeded", "ok-3=succeeded"]);
+    sup.shutdown().await.expect("shutdown");
+}
+
 /// What a dead process leaves: the session, its dead handle, and its finalizer's record.
 type LeftBehind = (
     harvest_supervisor::SessionId,

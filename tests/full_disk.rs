@@ -57,6 +57,15 @@ impl Tmpfs {
     fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// The disk grows to `size` (room returns), its files kept.
+    fn grow(&self, size: &str) {
+        let grown = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status();
+        assert!(matches!(grown, Ok(s) if s.success()), "remount: {grown:?}");
+    }
 }
 
 impl Drop for Tmpfs {
@@ -371,6 +380,29 @@ async fn a_disk_its_own_bulk_filled_never_fences_the_node() {
         saw_disk_full.load(std::sync::atomic::Ordering::Relaxed),
         "health said the disk was full"
     );
+    // Completed without the outcomes the store missed (they did not fit); once the disk
+    // has room, they are written and the stored list agrees with the counts (it derived
+    // them as `lost` until then).
+    disk.grow("64m");
+    let id = sup
+        .history(&harvest_supervisor::SessionQuery::default())
+        .await
+        .expect("history")
+        .sessions[0]
+        .id;
+    let agreed = async {
+        loop {
+            let outcomes = sup.outcomes(id).await.expect("outcomes");
+            let succeeded = outcomes.iter().filter(|o| o.outcome.is_success()).count();
+            if succeeded == RESOURCES {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(GUARD, agreed)
+        .await
+        .expect("the stored outcomes agree with the counts once there is room");
     let again = start_once_there_is_room(&sup).await;
     sup.wait_finished(again).await.expect("finished");
     sup.shutdown().await.expect("shutdown");

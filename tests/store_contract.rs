@@ -1067,7 +1067,96 @@ async fn recent_durations_are_the_newest_successes_of_one_harvester(store: Arc<d
     );
 }
 
+/// Outcomes a completion could not write, written once the session is terminal: only
+/// where none is recorded, once.
+async fn late_outcomes_fill_in_only_what_a_terminal_session_is_missing(
+    store: Arc<dyn SessionStore>,
+) {
+    let o = |i: usize, outcome: ResourceOutcome| OutcomeRecord {
+        resource_id: format!("r{i}").into(),
+        outcome,
+        attempts: 2,
+        elapsed: Duration::from_millis(7),
+    };
+    let r = store
+        .create_session(new_session("late", 3))
+        .await
+        .expect("create");
+    store
+        .record_outcome(r.id, f(), o(0, ResourceOutcome::Succeeded))
+        .await
+        .expect("recorded");
+    let late = vec![
+        o(
+            0,
+            ResourceOutcome::Failed {
+                error: "stale".into(),
+            },
+        ),
+        o(1, ResourceOutcome::Succeeded),
+        o(
+            2,
+            ResourceOutcome::Panicked {
+                message: "boom".into(),
+            },
+        ),
+        o(2, ResourceOutcome::Succeeded),
+    ];
+    // An open session's outcomes are its actor's to record.
+    assert_eq!(
+        store
+            .record_late_outcomes(r.id, late.clone())
+            .await
+            .expect("open"),
+        0
+    );
+    assert_eq!(store.outcomes(r.id).await.expect("o").len(), 1);
+    store
+        .claim_finalization(r.id, f(), FinalizeReason::Completed)
+        .await
+        .expect("claim");
+    let mut c = completion(SessionStatus::FinishedSomeFailed);
+    c.counts.succeeded = 2;
+    c.counts.panicked = 1;
+    store
+        .complete_finalization(r.id, f(), c)
+        .await
+        .expect("complete");
+    // Derived until then.
+    let derived = store.outcomes(r.id).await.expect("o");
+    assert_eq!(derived[1].outcome, ResourceOutcome::Lost);
+    assert_eq!(
+        store
+            .record_late_outcomes(r.id, late.clone())
+            .await
+            .expect("late"),
+        2
+    );
+    let now = store.outcomes(r.id).await.expect("o");
+    assert_eq!(
+        now,
+        vec![
+            o(0, ResourceOutcome::Succeeded),
+            late[1].clone(),
+            late[2].clone()
+        ]
+    );
+    assert_eq!(
+        store.record_late_outcomes(r.id, late).await.expect("again"),
+        0,
+        "written once"
+    );
+    assert_eq!(store.outcomes(r.id).await.expect("o"), now);
+    assert!(matches!(
+        store
+            .record_late_outcomes(SessionId::new(), vec![o(0, ResourceOutcome::Lost)])
+            .await,
+        Err(StoreError::UnknownSession { .. })
+    ));
+}
+
 async fn contract(make: impl Fn() -> Arc<dyn SessionStore>) {
+    late_outcomes_fill_in_only_what_a_terminal_session_is_missing(make()).await;
     recent_durations_are_the_newest_successes_of_one_harvester(make()).await;
     an_abort_from_another_node_is_recorded_for_the_owner_to_honour(make()).await;
     writes_with_a_stale_fence_are_refused_and_change_nothing(make()).await;

@@ -485,6 +485,29 @@ impl SessionStore for MemoryStore {
         Ok(SessionPage::from_overfetch(hits, limit))
     }
 
+    async fn record_late_outcomes(
+        &self,
+        id: SessionId,
+        outcomes: Vec<OutcomeRecord>,
+    ) -> Result<usize, StoreError> {
+        self.with(id, |s| {
+            if !s.record.status.is_terminal() {
+                return 0;
+            }
+            let have: std::collections::HashSet<ResourceId> =
+                s.outcomes.iter().map(|o| o.resource_id().clone()).collect();
+            let mut written = 0;
+            let mut seen = std::collections::HashSet::new();
+            for o in &outcomes {
+                if !have.contains(&o.resource_id) && seen.insert(o.resource_id.clone()) {
+                    s.outcomes.push(KeptOutcome::keep(o));
+                    written += 1;
+                }
+            }
+            written
+        })
+    }
+
     async fn recent_durations(
         &self,
         harvester: &HarvesterId,

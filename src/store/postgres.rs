@@ -615,7 +615,7 @@ impl PostgresStore {
                     .await
                     .map_err(backend)?;
                 match insert_outcomes(tx, schema, key, &completion.unrecorded).await {
-                    Ok(()) => tx
+                    Ok(_) => tx
                         .batch_execute("RELEASE SAVEPOINT unrecorded")
                         .await
                         .map_err(backend)?,
@@ -800,13 +800,14 @@ async fn read_resources(
 }
 
 /// Inserts outcomes (a completion's unrecorded ones) after the session's last, ignoring
-/// any resource that has one. The session's row is locked by the caller.
+/// any resource that has one, and answers how many it wrote. The session's row is locked
+/// by the caller.
 async fn insert_outcomes(
     tx: &impl deadpool_postgres::GenericClient,
     schema: &str,
     key: i64,
     outcomes: &[OutcomeRecord],
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     let resources: Vec<&str> = outcomes.iter().map(|o| o.resource_id.as_str()).collect();
     let (names, details): (Vec<&str>, Vec<_>) =
         outcomes.iter().map(|o| outcome_columns(&o.outcome)).unzip();
@@ -838,8 +839,7 @@ async fn insert_outcomes(
         ],
     )
     .await
-    .map_err(backend)?;
-    Ok(())
+    .map_err(backend)
 }
 
 /// Commits `tx` if `result` is `Ok`, else rolls it back (a typed refusal changed
@@ -934,6 +934,30 @@ impl SessionStore for PostgresStore {
             .map_err(backend)?;
         let hits = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
         Ok(SessionPage::from_overfetch(hits, limit))
+    }
+
+    async fn record_late_outcomes(
+        &self,
+        id: SessionId,
+        outcomes: Vec<OutcomeRecord>,
+    ) -> Result<usize, StoreError> {
+        if outcomes.is_empty() {
+            return Ok(0);
+        }
+        let schema = self.schema.as_str();
+        let mut client = self.write_client().await?;
+        let txn = client.transaction().await.map_err(backend)?;
+        let result = async {
+            let tx = &txn;
+            if !lock(tx, schema, id).await?.status.is_terminal() {
+                return Ok(0);
+            }
+            let key = key_of(tx, schema, id).await?;
+            let written = insert_outcomes(tx, schema, key, &outcomes).await?;
+            Ok(usize::try_from(written).unwrap_or(usize::MAX))
+        }
+        .await;
+        end(txn, result).await
     }
 
     async fn recent_durations(

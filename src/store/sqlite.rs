@@ -427,6 +427,32 @@ impl SessionStore for SqliteStore {
             .await
     }
 
+    async fn record_late_outcomes(
+        &self,
+        id: SessionId,
+        outcomes: Vec<OutcomeRecord>,
+    ) -> Result<usize, StoreError> {
+        if outcomes.is_empty() {
+            return Ok(0);
+        }
+        // Bulk: on a full disk it waits for room like any other (the session is over, its
+        // counts already right; only its list of outcomes is behind).
+        self.writer
+            .call_with(Room::Bulk, move |conn| {
+                if !load(conn, id)?.status.is_terminal() {
+                    return Ok(0);
+                }
+                let mut cursor = OutcomeCursor::read(conn, id)?;
+                let mut insert = conn.prepare_cached(INSERT_OUTCOME).map_err(backend)?;
+                let mut written = 0;
+                for o in &outcomes {
+                    written += usize::from(cursor.insert(&mut insert, o)?);
+                }
+                Ok(written)
+            })
+            .await
+    }
+
     async fn recent_durations(
         &self,
         harvester: &HarvesterId,

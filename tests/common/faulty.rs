@@ -66,6 +66,10 @@ pub struct FaultyStore {
     pub hanging_takeovers: AtomicBool,
     /// While set, `recent_durations` fails (the history cannot be read).
     pub failing_history: AtomicBool,
+    /// The next this-many completions fail (a full disk at the finalization's last step).
+    pub failing_completions: AtomicUsize,
+    /// While set, `record_late_outcomes` fails.
+    pub failing_late_outcomes: AtomicBool,
     /// Answers held back while `hang_outcome_writes` is set.
     unanswered: std::sync::Mutex<Vec<OutcomeAnswer>>,
     /// Queued outcome writes not yet answered (held ones aside), and the most there ever
@@ -107,6 +111,8 @@ impl FaultyStore {
             hanging_renewals: AtomicBool::new(false),
             hanging_takeovers: AtomicBool::new(false),
             failing_history: AtomicBool::new(false),
+            failing_completions: AtomicUsize::new(0),
+            failing_late_outcomes: AtomicBool::new(false),
             unanswered: std::sync::Mutex::new(Vec::new()),
             queued_now: Arc::new(AtomicUsize::new(0)),
             queued_most: AtomicUsize::new(0),
@@ -180,6 +186,18 @@ impl SessionStore for FaultyStore {
     }
     async fn query_sessions(&self, q: &SessionQuery) -> Result<SessionPage, StoreError> {
         self.inner.query_sessions(q).await
+    }
+    async fn record_late_outcomes(
+        &self,
+        id: SessionId,
+        outcomes: Vec<OutcomeRecord>,
+    ) -> Result<usize, StoreError> {
+        if self.failing_late_outcomes.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend(
+                "injected write failure: database or disk is full".into(),
+            ));
+        }
+        self.inner.record_late_outcomes(id, outcomes).await
     }
     async fn recent_durations(
         &self,
@@ -375,6 +393,15 @@ impl SessionStore for FaultyStore {
         c: Completion,
     ) -> Result<Completed, StoreError> {
         self.finalization_fault()?;
+        if self
+            .failing_completions
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError::Backend(
+                "injected write failure: database or disk is full".into(),
+            ));
+        }
         self.inner.complete_finalization(id, fence, c).await
     }
     async fn request_abort(&self, id: SessionId) -> Result<SessionRecord, StoreError> {
