@@ -64,6 +64,32 @@ pub(crate) struct Deps {
     pub(crate) finalizer_recovery: FinalizerRecovery,
     /// This process's node: its id owns the sessions it creates.
     pub(crate) node: Arc<crate::node::Node>,
+    /// The tasks writing outcomes a completion had to drop (see `write_late_outcomes`).
+    pub(crate) late: LateWrites,
+}
+
+/// The tasks writing outcomes a completion had to drop: shutdown asks them for one last
+/// try and waits for them (bounded), so that a clean stop loses nothing it could write.
+#[derive(Clone, Default)]
+pub(crate) struct LateWrites {
+    pub(crate) tasks: tokio_util::task::TaskTracker,
+    pub(crate) stop: tokio_util::sync::CancellationToken,
+}
+
+impl LateWrites {
+    /// Asks every task for its last try and waits up to `bound` for them.
+    pub(crate) async fn finish(&self, bound: Duration) {
+        self.stop.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(bound, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "outcomes a completion had dropped were still being written at shutdown"
+            );
+        }
+    }
 }
 
 /// Where a session's finalization stands, as this process last wrote it to the store.
@@ -375,7 +401,7 @@ pub(crate) async fn finalize(
                 to: status,
             });
             if !late.is_empty() {
-                write_late_outcomes(Arc::clone(&deps.store), id, late, deps.store_retry_max);
+                write_late_outcomes(deps, id, late);
             }
             Ok(Finalized::Now(record))
         }
@@ -386,38 +412,52 @@ pub(crate) async fn finalize(
 /// for longer than this loses them, as a process that dies before does).
 const LATE_OUTCOMES_FOR: Duration = Duration::from_secs(24 * 3600);
 
+/// The longest wait between two tries of those (at least the supervisor's own).
+const LATE_OUTCOMES_RETRY_MAX: Duration = Duration::from_secs(300);
+
 /// Writes, in a task of its own, the outcomes a finalized session observed and the store
-/// missed, which its completion could not write (a full disk, a lost connection: the
-/// finalization completed without them rather than wait). Until they are written the
-/// stored outcomes derive those resources from the reason (`lost` for a completed
-/// session) while its counts have the truth; tried again with backoff while the store
-/// answers with an error that may pass, for up to [`LATE_OUTCOMES_FOR`]. Writing those
-/// already written writes nothing.
-fn write_late_outcomes(
-    store: Arc<dyn SessionStore>,
-    id: SessionId,
-    outcomes: Vec<OutcomeRecord>,
-    retry_max: Duration,
-) {
-    tokio::spawn(async move {
+/// missed, which its completion may not have written (a full disk, a lost connection:
+/// the finalization completed without them rather than wait; writing those already
+/// written writes nothing). Until they are written the stored outcomes derive those
+/// resources from the reason (`lost` for a completed session) while its counts have the
+/// truth. Tried again with backoff (up to [`LATE_OUTCOMES_RETRY_MAX`]) while the store
+/// answers with an error that may pass, for up to [`LATE_OUTCOMES_FOR`]; a shutdown asks
+/// for one last try. The first failure is a warning, the next ones debug lines.
+fn write_late_outcomes(deps: &Deps, id: SessionId, outcomes: Vec<OutcomeRecord>) {
+    let store = Arc::clone(&deps.store);
+    let retry_max = deps.store_retry_max.max(LATE_OUTCOMES_RETRY_MAX);
+    let stop = deps.late.stop.clone();
+    deps.late.tasks.spawn(async move {
         let began = Instant::now();
         let mut delay = STORE_RETRY_FIRST;
+        let mut failures = 0u32;
         loop {
-            match store.record_late_outcomes(id, outcomes.clone()).await {
-                Ok(0) => return,
+            let last = stop.is_cancelled();
+            match store.record_late_outcomes(id, &outcomes).await {
                 Ok(written) => {
-                    tracing::info!(session_id = %id, written,
-                        "the outcomes the completion could not write are stored now");
+                    if written > 0 {
+                        tracing::info!(session_id = %id, written,
+                            "the outcomes the completion could not write are stored now");
+                    }
                     return;
                 }
-                Err(error) if error.is_transient() && began.elapsed() < LATE_OUTCOMES_FOR => {
-                    tracing::warn!(session_id = %id, %error, outcomes = outcomes.len(),
-                        retry_in = %humantime::format_duration(delay),
-                        "the outcomes the completion could not write are not stored yet");
-                    tokio::time::sleep(delay).await;
-                    delay = delay
-                        .saturating_mul(2)
-                        .min(retry_max.max(STORE_RETRY_FIRST));
+                Err(error)
+                    if error.is_transient() && !last && began.elapsed() < LATE_OUTCOMES_FOR =>
+                {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        tracing::warn!(session_id = %id, %error, outcomes = outcomes.len(),
+                            "the outcomes the completion could not write are not stored yet; \
+                             trying again until the store takes them");
+                    } else {
+                        tracing::debug!(session_id = %id, %error, failures,
+                            "late outcomes still not stored");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stop.cancelled() => {}
+                    }
+                    delay = delay.saturating_mul(2).min(retry_max);
                 }
                 Err(error) => {
                     tracing::error!(session_id = %id, %error, outcomes = outcomes.len(),

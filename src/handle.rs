@@ -76,6 +76,7 @@ impl SupervisorBuilder {
         let node = Arc::new(crate::node::Node::new(&self.config));
         let gauges = Arc::new(crate::meters::Gauges::new());
         node.register(store.as_ref()).await?;
+        let late = crate::finalizer::LateWrites::default();
         let deps = Arc::new(Deps {
             store: Arc::clone(&store),
             harvester: self.harvester,
@@ -86,6 +87,7 @@ impl SupervisorBuilder {
             store_retry_max: self.config.store_retry_max,
             finalizer_recovery: self.config.finalizer_recovery,
             node: Arc::clone(&node),
+            late: late.clone(),
         });
         let shutdown_timeout = self.config.shutdown_timeout;
         let pulse = Arc::new(crate::supervisor::pulse::Pulse::new());
@@ -116,6 +118,7 @@ impl SupervisorBuilder {
             join: std::sync::Mutex::new(Some(join)),
             shutdown_timeout,
             pulse,
+            late,
         })
     }
 }
@@ -211,6 +214,8 @@ pub struct Supervisor {
     shutdown_timeout: std::time::Duration,
     /// Health checks' pulses (see [`Supervisor::health`]).
     pulse: Arc<crate::supervisor::pulse::Pulse>,
+    /// Outcomes a completion had to drop, still being written.
+    late: crate::finalizer::LateWrites,
 }
 
 impl Supervisor {
@@ -740,6 +745,9 @@ impl Supervisor {
                 }
             }
         }
+        // Outcomes a completion had to drop: one last try each (the tree is gone: no new
+        // ones come), bounded.
+        self.late.finish(Self::SHUTDOWN_GRACE).await;
         // End the lease now, not whenever the lease keeper gets to it: what shutdown left
         // unfinished can be taken over at once by another node, even if this process
         // exits right away.

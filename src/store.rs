@@ -412,7 +412,7 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn record_late_outcomes(
         &self,
         id: SessionId,
-        outcomes: Vec<OutcomeRecord>,
+        outcomes: &[OutcomeRecord],
     ) -> Result<usize, StoreError>;
 
     /// How long the most recent successes of `harvester` took: the elapsed time of its

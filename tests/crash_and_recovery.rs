@@ -184,11 +184,16 @@ async fn failed_outcome_writes_lose_nothing(writes: Writes) {
     sup.shutdown().await.expect("shutdown");
 }
 
-/// Outcomes the store missed, whose completion failed and went on without them (a full
-/// disk, a lost connection): written once the store takes them, so that the stored list
-/// agrees with the counts instead of deriving them as `lost`.
-#[tokio::test(start_paused = true)]
-async fn outcomes_a_failed_completion_dropped_are_written_once_the_store_takes_them() {
+/// A finished session whose outcome writes failed, whose first completion (carrying
+/// them) failed too, and whose late writes of them fail until the test says otherwise.
+async fn outcomes_dropped_by_the_completion(
+    resources: &[&str],
+) -> (
+    Arc<FaultyStore>,
+    harvest_supervisor::Supervisor,
+    Recorder,
+    harvest_supervisor::SessionRecord,
+) {
     let store = FaultyStore::new();
     let rec = Recorder::new(FinalizerMode::Ok);
     let sup = supervisor_on(store.clone(), config(), &rec).await;
@@ -196,11 +201,22 @@ async fn outcomes_a_failed_completion_dropped_are_written_once_the_store_takes_t
     store.failing_completions.store(1, Ordering::SeqCst);
     store.failing_late_outcomes.store(true, Ordering::SeqCst);
     let id = sup
-        .start_session("csw", ["ok-1", "fail-2", "ok-3"])
+        .start_session("csw", resources.iter().copied())
         .await
         .expect("start");
     let record = finished(&sup, id).await;
     store.failing_outcome_writes.store(false, Ordering::SeqCst);
+    (store, sup, rec, record)
+}
+
+/// Outcomes the store missed, whose completion failed and went on without them (a full
+/// disk, a lost connection): written once the store takes them, so that the stored list
+/// agrees with the counts instead of deriving them as `lost`.
+#[tokio::test(start_paused = true)]
+async fn outcomes_a_failed_completion_dropped_are_written_once_the_store_takes_them() {
+    let (store, sup, rec, record) =
+        outcomes_dropped_by_the_completion(&["ok-1", "fail-2", "ok-3"]).await;
+    let id = record.id;
     assert_eq!((record.counts.succeeded, record.counts.failed), (2, 1));
     assert_eq!(rec.calls(), 1);
     // Completed without them: the list derives all three from the reason for now.
@@ -220,6 +236,29 @@ async fn outcomes_a_failed_completion_dropped_are_written_once_the_store_takes_t
     now.sort();
     assert_eq!(now, ["fail-2=failed", "ok-1=succeeded", "ok-3=succeeded"]);
     sup.shutdown().await.expect("shutdown");
+}
+
+/// A clean shutdown gives the outcomes still waiting for the store one last try instead
+/// of leaving them in a sleeping task.
+#[tokio::test(start_paused = true)]
+async fn shutdown_gives_late_outcomes_a_last_try() {
+    let (store, sup, _rec, record) = outcomes_dropped_by_the_completion(&["ok-1", "ok-2"]).await;
+    let id = record.id;
+    // Long enough for its retries to wait minutes apart.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    store.failing_late_outcomes.store(false, Ordering::SeqCst);
+    let stopped = tokio::time::Instant::now();
+    sup.shutdown().await.expect("shutdown");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        stopped.elapsed()
+    );
+    let outcomes = store.outcomes(id).await.expect("outcomes");
+    assert!(
+        outcomes.iter().all(|o| o.outcome.is_success()),
+        "written at shutdown: {outcomes:?}"
+    );
 }
 
 /// What a dead process leaves: the session, its dead handle, and its finalizer's record.

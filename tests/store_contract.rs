@@ -1104,10 +1104,7 @@ async fn late_outcomes_fill_in_only_what_a_terminal_session_is_missing(
     ];
     // An open session's outcomes are its actor's to record.
     assert_eq!(
-        store
-            .record_late_outcomes(r.id, late.clone())
-            .await
-            .expect("open"),
+        store.record_late_outcomes(r.id, &late).await.expect("open"),
         0
     );
     assert_eq!(store.outcomes(r.id).await.expect("o").len(), 1);
@@ -1126,10 +1123,7 @@ async fn late_outcomes_fill_in_only_what_a_terminal_session_is_missing(
     let derived = store.outcomes(r.id).await.expect("o");
     assert_eq!(derived[1].outcome, ResourceOutcome::Lost);
     assert_eq!(
-        store
-            .record_late_outcomes(r.id, late.clone())
-            .await
-            .expect("late"),
+        store.record_late_outcomes(r.id, &late).await.expect("late"),
         2
     );
     let now = store.outcomes(r.id).await.expect("o");
@@ -1142,14 +1136,19 @@ async fn late_outcomes_fill_in_only_what_a_terminal_session_is_missing(
         ]
     );
     assert_eq!(
-        store.record_late_outcomes(r.id, late).await.expect("again"),
+        store
+            .record_late_outcomes(r.id, &late)
+            .await
+            .expect("again"),
         0,
         "written once"
     );
     assert_eq!(store.outcomes(r.id).await.expect("o"), now);
+    let (page, total) = store.outcomes_page(r.id, 1, 5).await.expect("page");
+    assert_eq!((page.as_slice(), total), (&now[1..], 3));
     assert!(matches!(
         store
-            .record_late_outcomes(SessionId::new(), vec![o(0, ResourceOutcome::Lost)])
+            .record_late_outcomes(SessionId::new(), &[o(0, ResourceOutcome::Lost)])
             .await,
         Err(StoreError::UnknownSession { .. })
     ));

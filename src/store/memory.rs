@@ -488,7 +488,7 @@ impl SessionStore for MemoryStore {
     async fn record_late_outcomes(
         &self,
         id: SessionId,
-        outcomes: Vec<OutcomeRecord>,
+        outcomes: &[OutcomeRecord],
     ) -> Result<usize, StoreError> {
         self.with(id, |s| {
             if !s.record.status.is_terminal() {
@@ -498,7 +498,7 @@ impl SessionStore for MemoryStore {
                 s.outcomes.iter().map(|o| o.resource_id().clone()).collect();
             let mut written = 0;
             let mut seen = std::collections::HashSet::new();
-            for o in &outcomes {
+            for o in outcomes {
                 if !have.contains(&o.resource_id) && seen.insert(o.resource_id.clone()) {
                     s.outcomes.push(KeptOutcome::keep(o));
                     written += 1;

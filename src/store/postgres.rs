@@ -831,6 +831,7 @@ async fn insert_outcomes(
              (session_key, resource_id, ord, outcome, detail, attempts, elapsed_ns) \
              SELECT $1, r, $2 + n, o, d, a, e FROM unnest($3::text[], $4::text[], $5::text[], \
                  $6::int8[], $7::int8[]) WITH ORDINALITY AS v(r, o, d, a, e, n) \
+             ORDER BY n \
              ON CONFLICT (session_key, resource_id) DO NOTHING",
             schema,
         ),
@@ -939,7 +940,7 @@ impl SessionStore for PostgresStore {
     async fn record_late_outcomes(
         &self,
         id: SessionId,
-        outcomes: Vec<OutcomeRecord>,
+        outcomes: &[OutcomeRecord],
     ) -> Result<usize, StoreError> {
         if outcomes.is_empty() {
             return Ok(0);
@@ -953,7 +954,7 @@ impl SessionStore for PostgresStore {
                 return Ok(0);
             }
             let key = key_of(tx, schema, id).await?;
-            let written = insert_outcomes(tx, schema, key, &outcomes).await?;
+            let written = insert_outcomes(tx, schema, key, outcomes).await?;
             Ok(usize::try_from(written).unwrap_or(usize::MAX))
         }
         .await;

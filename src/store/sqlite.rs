@@ -305,6 +305,9 @@ impl SqliteStore {
 /// once, so a reader of a huge log never holds one for the whole log.
 const EVENT_PAGE: usize = 4096;
 
+/// Late outcomes written per job (see [`SessionStore::record_late_outcomes`]).
+const LATE_OUTCOMES_CHUNK: usize = 1000;
+
 /// See [`SessionStore::recent_durations`]: the harvester's sessions newest first (its
 /// index, backwards), then each one's successes latest first (a backward walk of its
 /// outcome range: no sort). One join of the two sorted the newest session's whole range
@@ -430,27 +433,35 @@ impl SessionStore for SqliteStore {
     async fn record_late_outcomes(
         &self,
         id: SessionId,
-        outcomes: Vec<OutcomeRecord>,
+        outcomes: &[OutcomeRecord],
     ) -> Result<usize, StoreError> {
         if outcomes.is_empty() {
             return Ok(0);
         }
         // Bulk: on a full disk it waits for room like any other (the session is over, its
-        // counts already right; only its list of outcomes is behind).
-        self.writer
-            .call_with(Room::Bulk, move |conn| {
-                if !load(conn, id)?.status.is_terminal() {
-                    return Ok(0);
-                }
-                let mut cursor = OutcomeCursor::read(conn, id)?;
-                let mut insert = conn.prepare_cached(INSERT_OUTCOME).map_err(backend)?;
-                let mut written = 0;
-                for o in &outcomes {
-                    written += usize::from(cursor.insert(&mut insert, o)?);
-                }
-                Ok(written)
-            })
-            .await
+        // counts already right; only its list of outcomes is behind). In chunks, each its
+        // own job: what fits is kept, and a retry (which skips what is written) goes on
+        // from there instead of needing room for all of them at once.
+        let mut written = 0;
+        for chunk in outcomes.chunks(LATE_OUTCOMES_CHUNK) {
+            let chunk = chunk.to_vec();
+            written += self
+                .writer
+                .call_with(Room::Bulk, move |conn| {
+                    if !load(conn, id)?.status.is_terminal() {
+                        return Ok(0);
+                    }
+                    let mut cursor = OutcomeCursor::read(conn, id)?;
+                    let mut insert = conn.prepare_cached(INSERT_OUTCOME).map_err(backend)?;
+                    let mut written = 0;
+                    for o in &chunk {
+                        written += usize::from(cursor.insert(&mut insert, o)?);
+                    }
+                    Ok(written)
+                })
+                .await?;
+        }
+        Ok(written)
     }
 
     async fn recent_durations(

@@ -190,7 +190,7 @@ impl SessionStore for FaultyStore {
     async fn record_late_outcomes(
         &self,
         id: SessionId,
-        outcomes: Vec<OutcomeRecord>,
+        outcomes: &[OutcomeRecord],
     ) -> Result<usize, StoreError> {
         if self.failing_late_outcomes.load(Ordering::SeqCst) {
             return Err(StoreError::Backend(
