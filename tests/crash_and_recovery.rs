@@ -182,6 +182,8 @@ async fn failed_outcome_writes_lose_nothing(writes: Writes) {
         .await
         .expect("harvester is free");
     sup.shutdown().await.expect("shutdown");
+    // The completion wrote them all: nothing was left to write once it was over.
+    assert_eq!(store.late_outcome_calls.load(Ordering::SeqCst), 0);
 }
 
 /// A finished session whose outcome writes failed, whose first completion (carrying

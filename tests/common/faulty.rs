@@ -70,6 +70,8 @@ pub struct FaultyStore {
     pub failing_completions: AtomicUsize,
     /// While set, `record_late_outcomes` fails.
     pub failing_late_outcomes: AtomicBool,
+    /// How many times `record_late_outcomes` was called.
+    pub late_outcome_calls: AtomicUsize,
     /// Answers held back while `hang_outcome_writes` is set.
     unanswered: std::sync::Mutex<Vec<OutcomeAnswer>>,
     /// Queued outcome writes not yet answered (held ones aside), and the most there ever
@@ -113,6 +115,7 @@ impl FaultyStore {
             failing_history: AtomicBool::new(false),
             failing_completions: AtomicUsize::new(0),
             failing_late_outcomes: AtomicBool::new(false),
+            late_outcome_calls: AtomicUsize::new(0),
             unanswered: std::sync::Mutex::new(Vec::new()),
             queued_now: Arc::new(AtomicUsize::new(0)),
             queued_most: AtomicUsize::new(0),
@@ -192,6 +195,7 @@ impl SessionStore for FaultyStore {
         id: SessionId,
         outcomes: &[OutcomeRecord],
     ) -> Result<usize, StoreError> {
+        self.late_outcome_calls.fetch_add(1, Ordering::SeqCst);
         if self.failing_late_outcomes.load(Ordering::SeqCst) {
             return Err(StoreError::Backend(
                 "injected write failure: database or disk is full".into(),
