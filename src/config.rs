@@ -28,6 +28,7 @@
 //! | `lease_renew_interval` | [`MIN_LEASE_RENEW`] (10 ms) to 1 hour |
 //! | `lease_ttl` | at least twice `lease_renew_interval`, at most [`MAX_GRACE`] (1 day) |
 //! | `rescue_interval` | [`MIN_LEASE_RENEW`] (10 ms) to [`MAX_GRACE`] (1 day) |
+//! | `max_concurrent_starts` | 1 to [`MAX_CONCURRENT_STARTS`] (10,000) |
 //! | `adaptive` | see [`crate::budget::AdaptiveBudget`]'s fields |
 //! | `node_name` | a valid id (see [`crate::model::MAX_ID_BYTES`]) when given |
 
@@ -472,6 +473,15 @@ pub struct SupervisorConfig {
     /// The first look is at start.
     #[serde(with = "humantime_serde")]
     pub rescue_interval: Duration,
+    /// How many session starts are validated and created at once (default 8, 1 to
+    /// [`MAX_CONCURRENT_STARTS`]); more wait their turn, first come first served. A burst
+    /// of starts (every harvester's cron at the same minute, 500 API calls at once) then
+    /// takes a bounded share of the process: the sessions already running keep their
+    /// pace, where creating hundreds of sessions at once left each of them a sliver of the
+    /// CPU. A start's wait counts in no session's budget (its deadline counts from its
+    /// creation); it is the `harvest_start_wait_seconds` metric. Starts still waiting at
+    /// shutdown are refused with [`crate::StartError::SupervisorDown`].
+    pub max_concurrent_starts: usize,
 }
 
 /// The shortest `lease_renew_interval` and `rescue_interval`.
@@ -482,6 +492,9 @@ pub const MAX_LEASE_RENEW: Duration = Duration::from_secs(3600);
 
 /// The shortest `store_retry_max`.
 pub const MIN_STORE_RETRY: Duration = Duration::from_millis(50);
+
+/// The most `max_concurrent_starts`.
+pub const MAX_CONCURRENT_STARTS: usize = 10_000;
 
 impl Default for SupervisorConfig {
     fn default() -> Self {
@@ -496,6 +509,7 @@ impl Default for SupervisorConfig {
             lease_ttl: Duration::from_secs(30),
             lease_renew_interval: Duration::from_secs(10),
             rescue_interval: Duration::from_secs(15),
+            max_concurrent_starts: 8,
         }
     }
 }
@@ -547,6 +561,15 @@ impl SupervisorConfig {
                      renewal does not lose the lease (got {})",
                     show(self.lease_renew_interval),
                     show(self.lease_ttl)
+                ),
+            ));
+        }
+        if self.max_concurrent_starts == 0 || self.max_concurrent_starts > MAX_CONCURRENT_STARTS {
+            return Err(ConfigError::new(
+                "max_concurrent_starts",
+                format!(
+                    "must be at least 1 and at most {MAX_CONCURRENT_STARTS} (got {})",
+                    self.max_concurrent_starts
                 ),
             ));
         }
@@ -617,6 +640,7 @@ setters!(SupervisorConfig {
     with_lease_ttl => lease_ttl: Duration,
     with_lease_renew_interval => lease_renew_interval: Duration,
     with_rescue_interval => rescue_interval: Duration,
+    with_max_concurrent_starts => max_concurrent_starts: usize,
 });
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 //! | `harvest_resource_duration_seconds` | histogram | `outcome` | one attempt, start to end |
 //! | `harvest_finalizer_duration_seconds` | histogram | | the user finalizer's run |
 //! | `harvest_slot_wait_seconds` | histogram | | how long a resource waited for a concurrency slot before its first attempt |
+//! | `harvest_start_wait_seconds` | histogram | | how long a session start waited for its turn (`max_concurrent_starts`) before its validation and creation |
 //! | `harvest_active_sessions` | gauge | | sessions running in this process (within a monitor tick; exactly 0 when idle) |
 //! | `harvest_active_workers` | gauge | | attempts running in this process (within a monitor tick; exactly 0 when idle) |
 //!
@@ -56,6 +57,8 @@ pub mod names {
     pub const FINALIZER_DURATION: &str = "harvest_finalizer_duration_seconds";
     /// Histogram (seconds): wait for a concurrency slot before a first attempt.
     pub const SLOT_WAIT: &str = "harvest_slot_wait_seconds";
+    /// Histogram (seconds): a start's wait for its turn (`max_concurrent_starts`).
+    pub const START_WAIT: &str = "harvest_start_wait_seconds";
     /// Gauge: sessions running in this process.
     pub const ACTIVE_SESSIONS: &str = "harvest_active_sessions";
     /// Gauge: attempts running in this process.
@@ -166,6 +169,11 @@ pub(crate) fn session_finished(
         "status" => status.to_string(),
     )
     .record(took.as_secs_f64());
+}
+
+/// A start waited `took` for its turn.
+pub(crate) fn start_waited(took: Duration) {
+    metrics::histogram!(names::START_WAIT).record(took.as_secs_f64());
 }
 
 /// The user finalizer ran for `took`.

@@ -74,6 +74,9 @@ pub(crate) struct RootState {
     root: ActorRef<SupervisorMessage>,
     /// Health checks' pulses (see [`pulse::Pulse`]).
     pulse: Arc<pulse::Pulse>,
+    /// The starts' turns (`max_concurrent_starts`); closed at shutdown, which refuses
+    /// the starts still waiting.
+    starts: Arc<tokio::sync::Semaphore>,
 }
 
 impl Actor for HarvestSupervisor {
@@ -86,7 +89,11 @@ impl Actor for HarvestSupervisor {
         myself: ActorRef<Self::Msg>,
         args: SupervisorArgs,
     ) -> Result<RootState, ActorProcessingErr> {
+        let starts = Arc::new(tokio::sync::Semaphore::new(
+            args.config.max_concurrent_starts.max(1),
+        ));
         Ok(RootState {
+            starts,
             config: args.config,
             deps: args.deps,
             sessions: HashMap::new(),
@@ -139,7 +146,11 @@ impl Actor for HarvestSupervisor {
                 }
             }
             SupervisorMessage::SessionCreated(created) => {
-                let CreatedSession { session, reply } = *created;
+                let CreatedSession {
+                    session,
+                    reply,
+                    admitted,
+                } = *created;
                 let id = session.id;
                 let aborts = state.creating.remove(&id).unwrap_or_default();
                 let shared = session_shared(
@@ -159,6 +170,8 @@ impl Actor for HarvestSupervisor {
                         session_id: id,
                         message,
                     });
+                // Its actor runs (or could not be spawned): the next start's turn.
+                drop(admitted);
                 if state.stopping
                     && let Some(running) = state.sessions.get(&id)
                 {
@@ -209,6 +222,8 @@ impl Actor for HarvestSupervisor {
                 state.shutdown.push(reply);
                 if !state.stopping {
                     state.stopping = true;
+                    // The starts still waiting for their turn are refused.
+                    state.starts.close();
                     for running in state.sessions.values() {
                         let _ = running.actor.send_message(SessionMessage::Shutdown);
                     }
@@ -323,14 +338,28 @@ fn spawn_start(
     let deps = Arc::clone(&state.deps);
     let default = state.config.session.clone();
     let root = myself.clone();
+    let starts = Arc::clone(&state.starts);
     tokio::spawn(async move {
         // Tells the root the creation failed however the task ends without a session
         // (an error, or a store that panicked): it never waits for it for ever.
         let mut failed = StartFailedGuard(Some((root.clone(), id)));
+        // Its turn first (`max_concurrent_starts`): a burst of starts queues here, first
+        // come first served, instead of taking the whole process from the running sessions.
+        let waiting = tokio::time::Instant::now();
+        let Ok(admitted) = starts.acquire_owned().await else {
+            // Closed: the supervisor is shutting down.
+            let _ = reply.send(Err(StartError::SupervisorDown));
+            return;
+        };
+        crate::meters::start_waited(waiting.elapsed());
         match create_session(&deps, default, request, id).await {
             Ok(session) => {
                 failed.0 = None;
-                let created = Box::new(CreatedSession { session, reply });
+                let created = Box::new(CreatedSession {
+                    session,
+                    reply,
+                    admitted,
+                });
                 if let Err(ractor::MessagingErr::SendErr(SupervisorMessage::SessionCreated(c))) =
                     root.send_message(SupervisorMessage::SessionCreated(created))
                 {

@@ -272,3 +272,111 @@ async fn a_rescue_pass_stuck_in_the_store_holds_up_nothing_else() {
         .expect("shutdown returns")
         .expect("shutdown");
 }
+
+/// Starts `n` sessions at once, each on a harvester of its own, in tasks.
+fn start_many(
+    sup: &Arc<harvest_supervisor::Supervisor>,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Result<harvest_supervisor::SessionId, StartError>>> {
+    (0..n)
+        .map(|i| {
+            let sup = Arc::clone(sup);
+            tokio::spawn(async move { sup.start_session(format!("h-{i}"), ["ok-1"]).await })
+        })
+        .collect()
+}
+
+/// Lets the tasks run until they wait (on paused time).
+async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_starts_is_created_a_few_at_a_time() {
+    let store = FaultyStore::new();
+    let recorder = Recorder::new(FinalizerMode::Ok);
+    let settings = harvest_supervisor::SupervisorConfig::default()
+        .with_session(config())
+        .with_max_concurrent_starts(2);
+    let sup = Arc::new(supervisor_with(&store, &recorder, settings).await);
+    store.hold_creates.store(true, Ordering::SeqCst);
+    let starts = start_many(&sup, 6);
+    settle().await;
+    // Two creations in the store at a time; the other four wait their turn.
+    assert_eq!(store.held_creates.lock().expect("lock").len(), 2);
+    // The root answers meanwhile.
+    tokio::time::timeout(PROMPTLY, sup.ping())
+        .await
+        .expect("the root answers while starts wait their turn")
+        .expect("alive");
+    // Once the store answers, each waiting start gets its turn.
+    store.create_gate.add_permits(1);
+    for start in starts {
+        let id = start
+            .await
+            .expect("task")
+            .expect("every start gets its turn");
+        assert_eq!(
+            finished(&sup, id).await.status,
+            SessionStatus::FinishedAllOk
+        );
+    }
+    assert_eq!(store.held_creates.lock().expect("lock").len(), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn starts_still_waiting_for_their_turn_at_shutdown_are_refused() {
+    let store = FaultyStore::new();
+    let recorder = Recorder::new(FinalizerMode::Ok);
+    let settings = harvest_supervisor::SupervisorConfig::default()
+        .with_session(config())
+        .with_max_concurrent_starts(1);
+    let sup = Arc::new(supervisor_with(&store, &recorder, settings).await);
+    store.hold_creates.store(true, Ordering::SeqCst);
+    let mut starts = start_many(&sup, 3);
+    settle().await;
+    assert_eq!(store.held_creates.lock().expect("lock").len(), 1);
+    let shutdown = tokio::spawn({
+        let sup = Arc::clone(&sup);
+        async move { sup.shutdown().await }
+    });
+    settle().await;
+    // The two waiting are refused at once; the one in the store completes and is ended.
+    for start in starts.drain(1..) {
+        assert!(matches!(
+            start.await.expect("task"),
+            Err(StartError::SupervisorDown)
+        ));
+    }
+    store.create_gate.add_permits(1);
+    let id = starts
+        .pop()
+        .expect("the first")
+        .await
+        .expect("task")
+        .expect("the start in the store completes");
+    shutdown.await.expect("task").expect("shutdown");
+    let record = store.session(id).await.expect("record");
+    assert_eq!(record.reason(), Some(FinalizeReason::Shutdown));
+    assert_eq!(store.held_creates.lock().expect("lock").len(), 1);
+    assert_eq!(store.list_sessions().await.expect("list").len(), 1);
+}
+
+#[test]
+fn max_concurrent_starts_is_bounded() {
+    use harvest_supervisor::SupervisorConfig;
+    for bad in [0, harvest_supervisor::config::MAX_CONCURRENT_STARTS + 1] {
+        let error = SupervisorConfig::default()
+            .with_max_concurrent_starts(bad)
+            .validate()
+            .expect_err("out of bounds");
+        assert_eq!(error.field(), "max_concurrent_starts");
+    }
+    SupervisorConfig::default()
+        .with_max_concurrent_starts(harvest_supervisor::config::MAX_CONCURRENT_STARTS)
+        .validate()
+        .expect("the most is valid");
+}

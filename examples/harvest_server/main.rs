@@ -126,6 +126,11 @@ struct Args {
     /// main port and the runtime are.
     #[arg(long, value_name = "PORT")]
     admin_port: Option<u16>,
+    /// Session starts validated and created at once; more wait their turn, so that a
+    /// burst of starts leaves the running sessions their pace (the library's
+    /// `max_concurrent_starts`, 1 to 10,000).
+    #[arg(long, default_value_t = 8)]
+    max_concurrent_starts: usize,
 }
 
 /// See `--log-format`.
@@ -199,6 +204,7 @@ async fn supervisor(
     store: Arc<dyn SessionStore>,
     work: Duration,
     node_name: Option<String>,
+    max_concurrent_starts: usize,
 ) -> Result<Supervisor, Box<dyn std::error::Error>> {
     let harvest = harvest_fn(move |ctx: HarvestContext| async move {
         if ctx.resource_id.contains("hang") {
@@ -223,7 +229,8 @@ async fn supervisor(
     let config = SupervisorConfig::default()
         .with_session(server_session_config())
         .with_recovery(harvest_supervisor::RecoveryPolicy::Finalize)
-        .with_node_name(node_name);
+        .with_node_name(node_name)
+        .with_max_concurrent_starts(max_concurrent_starts);
     Ok(Supervisor::builder(harvest, finalizer)
         .store(store)
         .config(config)
@@ -362,6 +369,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         store,
         Duration::from_millis(args.work_ms),
         args.node_name.clone(),
+        args.max_concurrent_starts,
     )
     .await?;
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.port)).await?;

@@ -12,6 +12,8 @@ use crate::model::{HarvesterId, ResourceId, SessionId, SessionRecord};
 pub struct CreatedSession {
     pub(crate) session: super::Created,
     pub(crate) reply: RpcReplyPort<Result<SessionId, StartError>>,
+    /// The start's turn (see `max_concurrent_starts`), given back once its actor runs.
+    pub(crate) admitted: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Sessions a rescue pass took over, on their way to the root (see
