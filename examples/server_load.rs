@@ -1,8 +1,8 @@
 //! A bounded load on a running harvest server (loopback only): `streams` open event
-//! streams and, `rounds` times, `starts` session starts at once beside a timed session,
-//! while `/healthz` is asked every 10 ms; then the same timed session on the quiet server. Prints `/healthz`
-//! latencies (p50, p99, max) under load and the timed session's cost per resource under
-//! load and quiet.
+//! streams and, `rounds` times, a timed session started and then, while it runs, `starts`
+//! session starts at once, while `/healthz` is asked every 10 ms; then the same timed
+//! session on the quiet server. Prints `/healthz` latencies (p50, p99, max) under load and
+//! the timed session's cost per resource (start to end) under load and quiet.
 //!
 //! ```text
 //! cargo run --release --example harvest_server -- --port 8099 --admin-port 8100 --token $TOKEN \
@@ -95,12 +95,17 @@ async fn finished(http: &reqwest::Client, args: &Args, id: &str, since: Instant)
     }
 }
 
-/// The timed session: µs per resource from its start to its end.
-async fn timed(http: &reqwest::Client, args: &Args, harvester: &str) -> f64 {
+/// Starts the timed session: its id, and when it was asked for.
+async fn start_timed(http: &reqwest::Client, args: &Args, harvester: &str) -> (String, Instant) {
     let since = Instant::now();
     let id = start(http, args, harvester, args.timed)
         .await
         .expect("the timed session starts");
+    (id, since)
+}
+
+/// The timed session's µs per resource, from its start to its end.
+async fn timed_cost(http: &reqwest::Client, args: &Args, (id, since): (String, Instant)) -> f64 {
     let took = finished(http, args, &id, since).await;
     took.as_secs_f64() * 1e6 / args.timed as f64
 }
@@ -176,8 +181,9 @@ async fn main() {
             let args = &args;
             async move { start(&http, args, &format!("load-{run}-{round}-{i}"), 10).await }
         }));
-        let timed_harvester = format!("load-{run}-{round}-timed");
-        let (accepted, cost) = tokio::join!(starts, timed(&http, &args, &timed_harvester));
+        // A running session: started, then the burst comes.
+        let timed = start_timed(&http, &args, &format!("load-{run}-{round}-timed")).await;
+        let (accepted, cost) = tokio::join!(starts, timed_cost(&http, &args, timed));
         started += accepted.iter().filter(|s| s.is_some()).count();
         under_load.push(cost);
     }
@@ -194,7 +200,8 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut quiet = Vec::new();
     for round in 0..args.rounds {
-        quiet.push(timed(&http, &args, &format!("load-{run}-{round}-quiet")).await);
+        let timed = start_timed(&http, &args, &format!("load-{run}-{round}-quiet")).await;
+        quiet.push(timed_cost(&http, &args, timed).await);
     }
     quiet.sort_by(f64::total_cmp);
     let quiet = quiet.get(quiet.len() / 2).copied().unwrap_or(f64::NAN);

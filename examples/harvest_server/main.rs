@@ -210,9 +210,13 @@ async fn supervisor(
         if ctx.resource_id.contains("hang") {
             std::future::pending::<()>().await;
         }
-        tokio::select! {
-            () = tokio::time::sleep(work) => {}
-            () = ctx.cancel.cancelled() => return Err("cancelled".into()),
+        // No work is no wait: tokio's timer has a resolution of 1 ms, and a zero sleep
+        // would last until its next tick (on a busy runtime, longer).
+        if !work.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(work) => {}
+                () = ctx.cancel.cancelled() => return Err("cancelled".into()),
+            }
         }
         if ctx.resource_id.contains("fail") {
             return Err(format!("remote answered 500 for {}", ctx.resource_id).into());
