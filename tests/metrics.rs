@@ -143,7 +143,11 @@ async fn a_session_counts_its_attempts_retries_outcomes_and_durations() {
     );
     assert_eq!(seen.samples(names::FINALIZER_DURATION), 1);
     assert_eq!(seen.samples(names::SESSION_DURATION), 1);
-    assert_eq!(seen.samples(names::START_WAIT), 1, "the start's wait for its turn");
+    assert_eq!(
+        seen.samples(names::START_WAIT),
+        1,
+        "the start's wait for its turn"
+    );
     assert_eq!(seen.counter(names::WATCHDOG_ACTIONS, &[]), 0);
 
     sup.shutdown().await.expect("shutdown");

@@ -52,9 +52,18 @@ pub(crate) const QUEUE: usize = 16 * 1024;
 type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
 
 /// A job run inside the batch transaction, or told why it cannot run (the transaction
-/// could not begin; the disk is full and it is bulk). `false` means it failed and its
-/// savepoint is rolled back.
-type Job = Box<dyn FnOnce(Result<&Connection, StoreError>) -> (bool, Answer) + Send>;
+/// could not begin; the disk is full and it is bulk). A job that did not end
+/// [`Ran::Done`] has its savepoint rolled back.
+type Job = Box<dyn FnOnce(Result<&Connection, StoreError>) -> (Ran, Answer) + Send>;
+
+/// How a job ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Ran {
+    Done,
+    Failed,
+    /// Failed for want of room on the disk: the disk is full, as when a commit fails so.
+    NoRoom,
+}
 
 /// Whether a job is refused while the disk is full.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -144,24 +153,7 @@ impl Writer {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let result = conn.and_then(f);
-            let ok = result.is_ok();
-            // A job that failed was rolled back to its savepoint and changed nothing: its
-            // own error is the answer whether or not the batch then committed (a busy
-            // harvester stays `HarvesterBusy` on a full disk).
-            let answer: Answer = Box::new(move |commit_error| {
-                let _ = reply.send(match (commit_error, result) {
-                    (_, Err(e)) => Err(e),
-                    (Some(e), Ok(_)) => {
-                        Err(StoreError::Backend(format!("commit failed: {e}").into()))
-                    }
-                    (None, ok) => ok,
-                });
-            });
-            (ok, answer)
-        });
-        self.send(Command::Job(job, room))?;
+        self.send(Command::Job(job(f, reply), room))?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -390,6 +382,43 @@ impl Disk {
     }
 }
 
+/// `f` as a job of the batch, answering on `reply`.
+fn job<T: Send + 'static>(
+    f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+) -> Job {
+    Box::new(move |conn| {
+        let result = conn.and_then(f);
+        let ran = match &result {
+            Ok(_) => Ran::Done,
+            Err(e) if is_no_room(e) => Ran::NoRoom,
+            Err(_) => Ran::Failed,
+        };
+        // A job that failed was rolled back to its savepoint and changed nothing: its
+        // own error is the answer whether or not the batch then committed (a busy
+        // harvester stays `HarvesterBusy` on a full disk).
+        let answer: Answer = Box::new(move |commit_error| {
+            let _ = reply.send(match (commit_error, result) {
+                (_, Err(e)) => Err(e),
+                (Some(e), Ok(_)) => Err(StoreError::Backend(format!("commit failed: {e}").into())),
+                (None, ok) => ok,
+            });
+        });
+        (ran, answer)
+    })
+}
+
+/// Whether a job's error is SQLite's "database or disk is full" (a large job can meet it
+/// before the commit, when its pages spill to the log).
+fn is_no_room(e: &StoreError) -> bool {
+    match e {
+        StoreError::Backend(source) => source
+            .downcast_ref::<rusqlite::Error>()
+            .is_some_and(is_disk_full),
+        _ => false,
+    }
+}
+
 fn is_vital(command: &Command) -> bool {
     matches!(command, Command::Job(_, Room::Vital))
 }
@@ -455,6 +484,8 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>, refuse_bulk: Option<&Rese
     let mut failed: Option<rusqlite::Error> = None;
     // Bulk this batch did not write (a flush in it fails: not everything is committed).
     let mut dropped = false;
+    // A job failed for want of room (the rest may still commit: the disk is full anyway).
+    let mut no_room = false;
     let begun = conn.execute_batch("BEGIN IMMEDIATE");
     if let Err(e) = &begun {
         tracing::error!(error = %e, "store: could not begin a transaction");
@@ -476,8 +507,9 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>, refuse_bulk: Option<&Rese
                     answers.push(job(Err(StoreError::Closed)).1);
                     continue;
                 }
-                let (ok, answer) = job(Ok(conn));
-                let ended = if ok {
+                let (ran, answer) = job(Ok(conn));
+                no_room |= ran == Ran::NoRoom;
+                let ended = if ran == Ran::Done {
                     run_cached(conn, "RELEASE job")
                 } else {
                     run_cached(conn, "ROLLBACK TO job")
@@ -524,7 +556,7 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>, refuse_bulk: Option<&Rese
         }
         (Err(e), _) => Err(e),
     };
-    let disk_full = committed.as_ref().err().is_some_and(is_disk_full);
+    let disk_full = no_room || committed.as_ref().err().is_some_and(is_disk_full);
     let error = committed.err().map(|e| e.to_string());
     let commit_failed = |e: &str| StoreError::Backend(format!("commit failed: {e}").into());
     for answer in answers {
@@ -544,4 +576,92 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>, refuse_bulk: Option<&Rese
         });
     }
     disk_full
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SQLite's "database or disk is full", as a job's statement would meet it.
+    fn no_room() -> StoreError {
+        crate::store::sqlite::rows::backend(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        ))
+    }
+
+    #[test]
+    fn a_job_that_fails_for_want_of_room_lets_the_reserve_go_though_the_batch_commits() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("h.db");
+        let conn = Connection::open(&db).expect("open");
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER)")
+            .expect("schema");
+        let mut reserve = Reserve::new(&db, 4096);
+        reserve.take().expect("room");
+        let mut disk = Disk::new(reserve, Duration::from_millis(10));
+        assert!(!disk.full());
+
+        let (big, big_answer) = oneshot::channel::<Result<(), StoreError>>();
+        let (small, small_answer) = oneshot::channel::<Result<(), StoreError>>();
+        let mut batch = vec![
+            Command::Job(
+                job(
+                    |conn| {
+                        conn.execute("INSERT INTO t VALUES (1)", [])
+                            .map_err(crate::store::sqlite::rows::backend)?;
+                        Err(no_room())
+                    },
+                    big,
+                ),
+                Room::Bulk,
+            ),
+            Command::Job(
+                job(
+                    |conn| {
+                        conn.execute("INSERT INTO t VALUES (2)", [])
+                            .map_err(crate::store::sqlite::rows::backend)?;
+                        Ok(())
+                    },
+                    small,
+                ),
+                Room::Vital,
+            ),
+        ];
+        disk.write(&conn, &mut batch);
+
+        // The small job committed, the large one rolled back to its savepoint...
+        assert!(small_answer.blocking_recv().expect("answer").is_ok());
+        assert!(big_answer.blocking_recv().expect("answer").is_err());
+        let rows: Vec<i64> = conn
+            .prepare("SELECT x FROM t")
+            .expect("query")
+            .query_map([], |r| r.get(0))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(rows, vec![2]);
+        // ...and the disk is full: its reserve goes to the vital writes, bulk is refused.
+        assert!(disk.full());
+        assert!(disk.shown.load(Ordering::Relaxed));
+        assert!(!dir.path().join("h.db-reserve").exists());
+    }
+
+    #[test]
+    fn a_job_that_fails_otherwise_keeps_the_reserve() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("h.db");
+        let conn = Connection::open(&db).expect("open");
+        let mut reserve = Reserve::new(&db, 4096);
+        reserve.take().expect("room");
+        let mut disk = Disk::new(reserve, Duration::from_millis(10));
+        let (reply, answer) = oneshot::channel::<Result<(), StoreError>>();
+        let mut batch = vec![Command::Job(
+            job(|_| Err(StoreError::Backend("no such table".into())), reply),
+            Room::Vital,
+        )];
+        disk.write(&conn, &mut batch);
+        assert!(answer.blocking_recv().expect("answer").is_err());
+        assert!(!disk.full());
+    }
 }
