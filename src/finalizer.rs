@@ -319,11 +319,10 @@ pub(crate) async fn finalize(
         Run::No(error) => Some(error),
     };
 
-    // Outcomes the store missed: written with the completion if they fit; a completion
-    // that had to drop them (see below) leaves them to `write_late_outcomes` once it is
-    // over. Copied only in that rare case.
+    // Outcomes the store missed: written with the completion if they fit, and again
+    // once it is over (whatever of them the completion could not write: see
+    // `write_late_outcomes`). Copied only in that rare case.
     let late = unrecorded.clone();
-    let mut dropped = false;
     let mut completion = Completion {
         reason,
         status,
@@ -348,7 +347,6 @@ pub(crate) async fn finalize(
                     "completing without the outcomes the store missed"
                 );
                 completion.unrecorded = Vec::new();
-                dropped = true;
             }
             let completion = completion.clone();
             let in_store = in_store.as_ref();
@@ -402,7 +400,7 @@ pub(crate) async fn finalize(
                 from: before.status,
                 to: status,
             });
-            if dropped {
+            if !late.is_empty() {
                 write_late_outcomes(deps, id, late);
             }
             Ok(Finalized::Now(record))

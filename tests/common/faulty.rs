@@ -70,8 +70,9 @@ pub struct FaultyStore {
     pub failing_completions: AtomicUsize,
     /// While set, `record_late_outcomes` fails.
     pub failing_late_outcomes: AtomicBool,
-    /// How many times `record_late_outcomes` was called.
-    pub late_outcome_calls: AtomicUsize,
+    /// While set, completions succeed without the outcomes they carry, as a store does
+    /// when they do not fit (SQLite's and PostgreSQL's savepoint for them).
+    pub completing_without_outcomes: AtomicBool,
     /// Answers held back while `hang_outcome_writes` is set.
     unanswered: std::sync::Mutex<Vec<OutcomeAnswer>>,
     /// Queued outcome writes not yet answered (held ones aside), and the most there ever
@@ -115,7 +116,7 @@ impl FaultyStore {
             failing_history: AtomicBool::new(false),
             failing_completions: AtomicUsize::new(0),
             failing_late_outcomes: AtomicBool::new(false),
-            late_outcome_calls: AtomicUsize::new(0),
+            completing_without_outcomes: AtomicBool::new(false),
             unanswered: std::sync::Mutex::new(Vec::new()),
             queued_now: Arc::new(AtomicUsize::new(0)),
             queued_most: AtomicUsize::new(0),
@@ -195,7 +196,6 @@ impl SessionStore for FaultyStore {
         id: SessionId,
         outcomes: &[OutcomeRecord],
     ) -> Result<usize, StoreError> {
-        self.late_outcome_calls.fetch_add(1, Ordering::SeqCst);
         if self.failing_late_outcomes.load(Ordering::SeqCst) {
             return Err(StoreError::Backend(
                 "injected write failure: database or disk is full".into(),
@@ -394,9 +394,12 @@ impl SessionStore for FaultyStore {
         &self,
         id: SessionId,
         fence: Fence,
-        c: Completion,
+        mut c: Completion,
     ) -> Result<Completed, StoreError> {
         self.finalization_fault()?;
+        if self.completing_without_outcomes.load(Ordering::SeqCst) {
+            c.unrecorded.clear();
+        }
         if self
             .failing_completions
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
