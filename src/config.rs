@@ -473,7 +473,7 @@ pub struct SupervisorConfig {
     /// The first look is at start.
     #[serde(with = "humantime_serde")]
     pub rescue_interval: Duration,
-    /// How many session starts are validated and created at once (default 8, 1 to
+    /// How many session starts are validated and created at once (default 4, 1 to
     /// [`MAX_CONCURRENT_STARTS`]); more wait their turn, first come first served. A burst
     /// of starts (every harvester's cron at the same minute, 500 API calls at once) then
     /// takes a bounded share of the process: the sessions already running keep their
@@ -509,7 +509,7 @@ impl Default for SupervisorConfig {
             lease_ttl: Duration::from_secs(30),
             lease_renew_interval: Duration::from_secs(10),
             rescue_interval: Duration::from_secs(15),
-            max_concurrent_starts: 8,
+            max_concurrent_starts: 4,
         }
     }
 }

@@ -129,7 +129,7 @@ struct Args {
     /// Session starts validated and created at once; more wait their turn, so that a
     /// burst of starts leaves the running sessions their pace (the library's
     /// `max_concurrent_starts`, 1 to 10,000).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     max_concurrent_starts: usize,
 }
 

@@ -42,7 +42,7 @@ impl Server {
         read_token: Option<&str>,
     ) -> Self {
         let metrics = metrics_handle();
-        let supervisor = supervisor(store, work, None, 8).await.expect("supervisor");
+        let supervisor = supervisor(store, work, None, 4).await.expect("supervisor");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
