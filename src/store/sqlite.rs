@@ -894,8 +894,10 @@ impl SessionStore for SqliteStore {
             }
             if !completion.unrecorded.is_empty() {
                 // Best effort, in a savepoint of its own: if they do not fit (a full
-                // disk), the completion goes on without them.
-                write_unrecorded(conn, id, &completion.unrecorded);
+                // disk), the completion goes on without them, unless SQLite rolled the
+                // whole transaction back (then nothing below may run: it would commit
+                // alone).
+                write_unrecorded(conn, id, &completion.unrecorded)?;
             }
             // Only this session's own lock: never a newer session's.
             conn.prepare_cached("DELETE FROM harvester_locks WHERE session_id = ?1")
@@ -1147,14 +1149,23 @@ fn load_node(conn: &rusqlite::Connection, node: NodeId) -> Result<NodeRecord, St
 /// savepoint: should they not fit, they are rolled back alone and the completion (O(1)
 /// new space) goes on. The session's counts, written with the completion, have them
 /// either way.
-fn write_unrecorded(conn: &rusqlite::Connection, id: SessionId, unrecorded: &[OutcomeRecord]) {
+///
+/// But SQLite answers some errors (a full disk met by a statement without a statement
+/// journal, an I/O error) by rolling back the whole transaction: the batch's and this
+/// job's work is gone, and a statement run after it would commit on its own (the
+/// harvester's lock freed while the session stays open). That error is returned.
+fn write_unrecorded(
+    conn: &rusqlite::Connection,
+    id: SessionId,
+    unrecorded: &[OutcomeRecord],
+) -> Result<(), StoreError> {
     let run = |sql: &str| {
         conn.prepare_cached(sql)
             .and_then(|mut s| s.execute([]).map(drop))
     };
     if let Err(e) = run("SAVEPOINT unrecorded") {
         tracing::warn!(error = %e, "store: could not write the unrecorded outcomes");
-        return;
+        return Ok(());
     }
     let written = (|| {
         let mut cursor = OutcomeCursor::read(conn, id)?;
@@ -1164,8 +1175,9 @@ fn write_unrecorded(conn: &rusqlite::Connection, id: SessionId, unrecorded: &[Ou
         }
         Ok::<(), StoreError>(())
     })();
-    let end = match &written {
+    let end = match written {
         Ok(()) => run("RELEASE unrecorded"),
+        Err(error) if conn.is_autocommit() => return Err(error),
         Err(error) => {
             tracing::warn!(
                 %error,
@@ -1178,5 +1190,57 @@ fn write_unrecorded(conn: &rusqlite::Connection, id: SessionId, unrecorded: &[Ou
     };
     if let Err(e) = end {
         tracing::warn!(error = %e, "store: savepoint failed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unrecorded_outcomes_that_fill_the_disk_never_leave_the_completion_writing_alone() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("h.db");
+        let conn = schema::open(&path, &SqliteOptions::default()).expect("open");
+        let id = SessionId::new();
+        conn.execute(
+            "INSERT INTO sessions (id, harvester_id, status, total, started, workflow_time_ns, \
+             config, owner, epoch) VALUES (?1, 'h', 'on-going', 1, ?2, 1, '{}', NULL, 1)",
+            params![id.to_string(), chrono::Utc::now()],
+        )
+        .expect("session");
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("pages");
+        conn.pragma_update(None, "max_page_count", pages + 2)
+            .expect("limit");
+        let unrecorded: Vec<OutcomeRecord> = (0..20_000)
+            .map(|i| OutcomeRecord {
+                resource_id: ResourceId::parse(&format!("resource-{i:06}-{}", "x".repeat(100)))
+                    .expect("id"),
+                outcome: crate::model::ResourceOutcome::Succeeded,
+                attempts: 1,
+                elapsed: Duration::from_millis(5),
+            })
+            .collect();
+
+        conn.execute_batch("BEGIN IMMEDIATE").expect("begin");
+        conn.execute(
+            "UPDATE sessions SET status = 'finished' WHERE id = ?1",
+            [id.to_string()],
+        )
+        .expect("update");
+        let written = write_unrecorded(&conn, id, &unrecorded);
+        // They do not fit. Either SQLite undid only their savepoint (the completion goes on
+        // inside its transaction) or it rolled the whole transaction back (the completion
+        // must stop: whatever it ran next would commit on its own).
+        match written {
+            Ok(()) => assert!(!conn.is_autocommit(), "went on outside any transaction"),
+            Err(e) => {
+                assert!(conn.is_autocommit(), "{e}");
+                assert!(writer::is_no_room(&e), "{e}");
+            }
+        }
     }
 }

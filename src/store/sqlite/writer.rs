@@ -410,7 +410,7 @@ fn job<T: Send + 'static>(
 
 /// Whether a job's error is SQLite's "database or disk is full" (a large job can meet it
 /// before the commit, when its pages spill to the log).
-fn is_no_room(e: &StoreError) -> bool {
+pub(super) fn is_no_room(e: &StoreError) -> bool {
     match e {
         StoreError::Backend(source) => source
             .downcast_ref::<rusqlite::Error>()
@@ -484,21 +484,33 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>, refuse_bulk: Option<&Rese
     let mut failed: Option<rusqlite::Error> = None;
     // Bulk this batch did not write (a flush in it fails: not everything is committed).
     let mut dropped = false;
-    // A job failed for want of room (the rest may still commit: the disk is full anyway).
+    // A write failed for want of room: the disk is full, whether or not the rest commits.
     let mut no_room = false;
+    // SQLite rolled the whole transaction back itself (it does on a full disk met by a
+    // statement without a statement journal, on an I/O error): nothing more may run on
+    // the connection in this batch, since each statement would commit on its own.
+    let mut gone = false;
     let begun = conn.execute_batch("BEGIN IMMEDIATE");
     if let Err(e) = &begun {
         tracing::error!(error = %e, "store: could not begin a transaction");
     }
+    let lost = || StoreError::Backend("the batch's transaction was rolled back".into());
     for command in batch.drain(..) {
         match command {
             Command::Job(job, Room::Bulk) if let Some(reserve) = refuse_bulk => {
                 answers.push(job(Err(reserve.refusal())).1);
             }
             Command::Job(job, _) if begun.is_err() => answers.push(job(Err(StoreError::Closed)).1),
+            Command::Job(job, _) if gone => answers.push(job(Err(lost())).1),
             Command::Job(job, _) => {
                 if let Err(e) = tallies.write(conn) {
+                    no_room |= is_disk_full(&e);
                     failed.get_or_insert(e);
+                }
+                if conn.is_autocommit() {
+                    gone = true;
+                    answers.push(job(Err(lost())).1);
+                    continue;
                 }
                 // Prepared once and reused: parsing these twice per job was a tenth of the
                 // writer's time.
@@ -527,24 +539,48 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>, refuse_bulk: Option<&Rese
             Command::Outcome(_, _, _, reply) if begun.is_err() => {
                 reply.send(Err(StoreError::Closed));
             }
+            Command::Outcome(_, _, _, reply) if gone => reply.send(Err(lost())),
             Command::Outcome(id, fence, outcome, reply) => {
-                recorded.push((reply, tallies.record(conn, id, fence, &outcome)));
+                let result = tallies.record(conn, id, fence, &outcome);
+                no_room |= result.as_ref().is_err_and(is_no_room);
+                recorded.push((reply, result));
             }
             Command::Event(..) if refuse_bulk.is_some() => dropped = true,
-            Command::Event(..) if begun.is_err() => {}
+            Command::Event(..) if begun.is_err() || gone => {}
             Command::Event(fence, event) => chunks.add(fence, &event),
             Command::Flush(reply) => flushes.push(reply),
             // Taken out of the batch by `run` before it commits.
             Command::Close(reply) => drop(reply),
         }
-    }
-    if begun.is_ok() {
-        write_chunks(conn, &mut chunks);
-        if let Err(e) = tallies.write(conn) {
-            failed.get_or_insert(e);
+        if begun.is_ok() && !gone && conn.is_autocommit() {
+            gone = true;
         }
     }
+    if begun.is_ok() && !gone {
+        write_chunks(conn, &mut chunks);
+        if let Err(e) = tallies.write(conn) {
+            no_room |= is_disk_full(&e);
+            failed.get_or_insert(e);
+        }
+        gone = conn.is_autocommit();
+    }
+    if gone {
+        tracing::error!(
+            no_room,
+            "store: SQLite rolled the batch's transaction back; its writes are answered as \
+             failed"
+        );
+    }
     let committed = match (begun, failed) {
+        // Rolled back already: nothing to commit, nothing to roll back.
+        (Ok(()), _) if gone => Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(if no_room {
+                rusqlite::ffi::SQLITE_FULL
+            } else {
+                rusqlite::ffi::SQLITE_ABORT
+            }),
+            Some("the batch's transaction was rolled back".into()),
+        )),
         (Ok(()), None) => conn.execute_batch("COMMIT").inspect_err(|_| {
             // Leave no half transaction behind for the next batch.
             let _ = conn.execute_batch("ROLLBACK");
@@ -582,69 +618,75 @@ fn commit(conn: &Connection, batch: &mut Vec<Command>, refuse_bulk: Option<&Rese
 mod tests {
     use super::*;
 
-    /// SQLite's "database or disk is full", as a job's statement would meet it.
-    fn no_room() -> StoreError {
-        crate::store::sqlite::rows::backend(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
-            None,
-        ))
+    /// A database at `dir` with a table `t`, in WAL mode, that may grow by only a few
+    /// pages more (SQLite's `max_page_count`: a real "database or disk is full").
+    fn tight(dir: &std::path::Path) -> (Connection, std::path::PathBuf) {
+        let db = dir.join("h.db");
+        let conn = Connection::open(&db).expect("open");
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x BLOB)")
+            .expect("schema");
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("pages");
+        conn.pragma_update(None, "max_page_count", pages + 4)
+            .expect("limit");
+        (conn, db)
+    }
+
+    /// A job inserting a blob of `bytes` into `t`.
+    fn insert(bytes: usize, room: Room) -> (Command, oneshot::Receiver<Result<(), StoreError>>) {
+        let (reply, answer) = oneshot::channel();
+        let f = move |conn: &Connection| {
+            conn.execute("INSERT INTO t VALUES (?1)", [vec![7u8; bytes]])
+                .map(drop)
+                .map_err(crate::store::sqlite::rows::backend)
+        };
+        (Command::Job(job(f, reply), room), answer)
+    }
+
+    fn rows(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .expect("count")
     }
 
     #[test]
-    fn a_job_that_fails_for_want_of_room_lets_the_reserve_go_though_the_batch_commits() {
+    fn a_job_that_meets_a_full_disk_fails_its_whole_batch_and_lets_the_reserve_go() {
         let dir = tempfile::tempdir().expect("dir");
-        let db = dir.path().join("h.db");
-        let conn = Connection::open(&db).expect("open");
-        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER)")
-            .expect("schema");
+        let (conn, db) = tight(dir.path());
         let mut reserve = Reserve::new(&db, 4096);
         reserve.take().expect("room");
         let mut disk = Disk::new(reserve, Duration::from_millis(10));
-        assert!(!disk.full());
 
-        let (big, big_answer) = oneshot::channel::<Result<(), StoreError>>();
-        let (small, small_answer) = oneshot::channel::<Result<(), StoreError>>();
-        let mut batch = vec![
-            Command::Job(
-                job(
-                    |conn| {
-                        conn.execute("INSERT INTO t VALUES (1)", [])
-                            .map_err(crate::store::sqlite::rows::backend)?;
-                        Err(no_room())
-                    },
-                    big,
-                ),
-                Room::Bulk,
-            ),
-            Command::Job(
-                job(
-                    |conn| {
-                        conn.execute("INSERT INTO t VALUES (2)", [])
-                            .map_err(crate::store::sqlite::rows::backend)?;
-                        Ok(())
-                    },
-                    small,
-                ),
-                Room::Vital,
-            ),
-        ];
+        let (before, before_answer) = insert(10, Room::Vital);
+        let (big, big_answer) = insert(1 << 20, Room::Bulk);
+        let (after, after_answer) = insert(10, Room::Vital);
+        let mut batch = vec![before, big, after];
         disk.write(&conn, &mut batch);
 
-        // The small job committed, the large one rolled back to its savepoint...
-        assert!(small_answer.blocking_recv().expect("answer").is_ok());
+        // SQLite rolled the transaction back at the large insert: the job before it is
+        // undone, and the one after it must not have run on its own (it would have
+        // committed alone). Each is answered as failed.
         assert!(big_answer.blocking_recv().expect("answer").is_err());
-        let rows: Vec<i64> = conn
-            .prepare("SELECT x FROM t")
-            .expect("query")
-            .query_map([], |r| r.get(0))
-            .expect("rows")
-            .collect::<Result<_, _>>()
-            .expect("rows");
-        assert_eq!(rows, vec![2]);
-        // ...and the disk is full: its reserve goes to the vital writes, bulk is refused.
+        assert!(before_answer.blocking_recv().expect("answer").is_err());
+        assert!(after_answer.blocking_recv().expect("answer").is_err());
+        assert_eq!(rows(&conn), 0);
+        assert!(conn.is_autocommit(), "no transaction left open");
+        // The disk is full: the reserve goes to the vital writes, bulk is refused.
         assert!(disk.full());
         assert!(disk.shown.load(Ordering::Relaxed));
         assert!(!dir.path().join("h.db-reserve").exists());
+
+        // Vital jobs still commit while it is full; bulk ones are refused.
+        let (vital, vital_answer) = insert(10, Room::Vital);
+        let (bulk, bulk_answer) = insert(10, Room::Bulk);
+        let mut batch = vec![vital, bulk];
+        disk.write(&conn, &mut batch);
+        assert!(vital_answer.blocking_recv().expect("answer").is_ok());
+        assert!(matches!(
+            bulk_answer.blocking_recv().expect("answer"),
+            Err(StoreError::DiskFull { .. })
+        ));
+        assert_eq!(rows(&conn), 1);
     }
 
     #[test]
