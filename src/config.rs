@@ -473,11 +473,12 @@ pub struct SupervisorConfig {
     /// The first look is at start.
     #[serde(with = "humantime_serde")]
     pub rescue_interval: Duration,
-    /// How many session starts are validated and created at once (default 4, 1 to
-    /// [`MAX_CONCURRENT_STARTS`]); more wait their turn, first come first served. A burst
+    /// How many session starts are created at once (default 4, 1 to
+    /// [`MAX_CONCURRENT_STARTS`]): more wait their turn, in about the order they came (a
+    /// request that cannot start, an invalid config or id, is refused at once). A burst
     /// of starts (every harvester's cron at the same minute, 500 API calls at once) then
-    /// takes a bounded share of the process: the sessions already running keep their
-    /// pace, where creating hundreds of sessions at once left each of them a sliver of the
+    /// takes a bounded share of the process: the sessions already running keep more of
+    /// their pace, where creating hundreds of sessions at once left each of them a sliver of the
     /// CPU. A start's wait counts in no session's budget (its deadline counts from its
     /// creation); it is the `harvest_start_wait_seconds` metric. Starts still waiting at
     /// shutdown are refused with [`crate::StartError::SupervisorDown`].

@@ -19,7 +19,7 @@
 //! | `harvest_resource_duration_seconds` | histogram | `outcome` | one attempt, start to end |
 //! | `harvest_finalizer_duration_seconds` | histogram | | the user finalizer's run |
 //! | `harvest_slot_wait_seconds` | histogram | | how long a resource waited for a concurrency slot before its first attempt |
-//! | `harvest_start_wait_seconds` | histogram | | how long a session start waited for its turn (`max_concurrent_starts`) before its validation and creation |
+//! | `harvest_start_wait_seconds` | histogram | | how long a session start waited for its turn (`max_concurrent_starts`) before its creation |
 //! | `harvest_active_sessions` | gauge | | sessions running in this process (within a monitor tick; exactly 0 when idle) |
 //! | `harvest_active_workers` | gauge | | attempts running in this process (within a monitor tick; exactly 0 when idle) |
 //!

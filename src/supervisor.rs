@@ -75,8 +75,19 @@ pub(crate) struct RootState {
     /// Health checks' pulses (see [`pulse::Pulse`]).
     pulse: Arc<pulse::Pulse>,
     /// The starts' turns (`max_concurrent_starts`); closed at shutdown, which refuses
-    /// the starts still waiting.
-    starts: Arc<tokio::sync::Semaphore>,
+    /// the starts still waiting, and whenever the root's state goes (see [`Turns`]).
+    starts: Turns,
+}
+
+/// The starts' turns, closed when dropped: a root that dies without a shutdown (killed
+/// when it did not answer one in time, a panic) drops its state, and the starts still
+/// waiting are refused rather than creating sessions nobody will run.
+struct Turns(Arc<tokio::sync::Semaphore>);
+
+impl Drop for Turns {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 impl Actor for HarvestSupervisor {
@@ -89,9 +100,9 @@ impl Actor for HarvestSupervisor {
         myself: ActorRef<Self::Msg>,
         args: SupervisorArgs,
     ) -> Result<RootState, ActorProcessingErr> {
-        let starts = Arc::new(tokio::sync::Semaphore::new(
+        let starts = Turns(Arc::new(tokio::sync::Semaphore::new(
             args.config.max_concurrent_starts.max(1),
-        ));
+        )));
         Ok(RootState {
             starts,
             config: args.config,
@@ -223,7 +234,7 @@ impl Actor for HarvestSupervisor {
                 if !state.stopping {
                     state.stopping = true;
                     // The starts still waiting for their turn are refused.
-                    state.starts.close();
+                    state.starts.0.close();
                     for running in state.sessions.values() {
                         let _ = running.actor.send_message(SessionMessage::Shutdown);
                     }
@@ -338,21 +349,35 @@ fn spawn_start(
     let deps = Arc::clone(&state.deps);
     let default = state.config.session.clone();
     let root = myself.clone();
-    let starts = Arc::clone(&state.starts);
+    let starts = Arc::clone(&state.starts.0);
     tokio::spawn(async move {
         // Tells the root the creation failed however the task ends without a session
         // (an error, or a store that panicked): it never waits for it for ever.
         let mut failed = StartFailedGuard(Some((root.clone(), id)));
-        // Its turn first (`max_concurrent_starts`): a burst of starts queues here, first
-        // come first served, instead of taking the whole process from the running sessions.
+        // A request that cannot start is refused at once, without waiting for a turn.
+        let (config, request) = match checked(default, request) {
+            Ok(checked) => checked,
+            Err(error) => {
+                let _ = reply.send(Err(error));
+                return;
+            }
+        };
+        // Then its turn (`max_concurrent_starts`): a burst of starts queues here (in about
+        // the order they came: tokio's semaphore is fair to its waiters), instead of
+        // taking the whole process from the running sessions.
         let waiting = tokio::time::Instant::now();
         let Ok(admitted) = starts.acquire_owned().await else {
-            // Closed: the supervisor is shutting down.
+            // Closed: the supervisor is shutting down (or its root is gone).
             let _ = reply.send(Err(StartError::SupervisorDown));
             return;
         };
         crate::meters::start_waited(waiting.elapsed());
-        match create_session(&deps, default, request, id).await {
+        if reply.is_closed() {
+            // Its caller gave up while it waited (a client gone, a dropped future): no
+            // session nobody asked for any more (its turn goes to the next).
+            return;
+        }
+        match create_session(&deps, config, request, id).await {
             Ok(session) => {
                 failed.0 = None;
                 let created = Box::new(CreatedSession {
@@ -386,16 +411,13 @@ impl Drop for StartFailedGuard {
     }
 }
 
-/// Validates a request and creates its session in the store (the busy lock there decides
-/// between concurrent starts for one harvester). Runs in a task of its own; the root
-/// spawns the session's actor when it is told.
-async fn create_session(
-    deps: &Arc<Deps>,
+/// The request's config (its own, or the default) and the request, if they can start:
+/// the config valid for its resources, every id well formed, no resource twice.
+fn checked(
     default: crate::config::SessionConfig,
-    request: SessionRequest,
-    id: SessionId,
-) -> Result<Created, StartError> {
-    let config = request.config.unwrap_or(default);
+    mut request: SessionRequest,
+) -> Result<(crate::config::SessionConfig, SessionRequest), StartError> {
+    let config = request.config.take().unwrap_or(default);
     config.validate_for(request.resources.len())?;
     request.harvester_id.check()?;
     let mut seen = HashSet::with_capacity(request.resources.len());
@@ -408,6 +430,18 @@ async fn create_session(
         }
     }
     drop(seen);
+    Ok((config, request))
+}
+
+/// Creates a checked request's session in the store (the busy lock there decides
+/// between concurrent starts for one harvester), its budget chosen first. Runs in a task of its own; the root
+/// spawns the session's actor when it is told.
+async fn create_session(
+    deps: &Arc<Deps>,
+    config: crate::config::SessionConfig,
+    request: SessionRequest,
+    id: SessionId,
+) -> Result<Created, StartError> {
     // The budget: static, or learned from the harvester's history (one read, here in the
     // start's task, never in the root).
     let history = match &config.adaptive {

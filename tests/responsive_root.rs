@@ -315,10 +315,11 @@ async fn a_burst_of_starts_is_created_a_few_at_a_time() {
     // Once the store answers, each waiting start gets its turn.
     store.create_gate.add_permits(1);
     for start in starts {
-        let id = start
+        let id = tokio::time::timeout(PROMPTLY, start)
             .await
+            .expect("every start gets its turn, none waits for ever")
             .expect("task")
-            .expect("every start gets its turn");
+            .expect("started");
         assert_eq!(
             finished(&sup, id).await.status,
             SessionStatus::FinishedAllOk
@@ -346,23 +347,97 @@ async fn starts_still_waiting_for_their_turn_at_shutdown_are_refused() {
     settle().await;
     // The two waiting are refused at once; the one in the store completes and is ended.
     for start in starts.drain(1..) {
-        assert!(matches!(
-            start.await.expect("task"),
-            Err(StartError::SupervisorDown)
-        ));
+        let refused = tokio::time::timeout(PROMPTLY, start)
+            .await
+            .expect("refused at once, not left waiting")
+            .expect("task");
+        assert!(matches!(refused, Err(StartError::SupervisorDown)));
     }
     store.create_gate.add_permits(1);
-    let id = starts
-        .pop()
-        .expect("the first")
+    let first = starts.pop().expect("the first");
+    let id = tokio::time::timeout(PROMPTLY, first)
         .await
+        .expect("the start in the store completes")
         .expect("task")
-        .expect("the start in the store completes");
-    shutdown.await.expect("task").expect("shutdown");
+        .expect("started");
+    tokio::time::timeout(PROMPTLY, shutdown)
+        .await
+        .expect("the shutdown ends")
+        .expect("task")
+        .expect("shutdown");
     let record = store.session(id).await.expect("record");
     assert_eq!(record.reason(), Some(FinalizeReason::Shutdown));
     assert_eq!(store.held_creates.lock().expect("lock").len(), 1);
     assert_eq!(store.list_sessions().await.expect("list").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_that_cannot_start_is_refused_without_waiting_for_a_turn() {
+    let store = FaultyStore::new();
+    let recorder = Recorder::new(FinalizerMode::Ok);
+    let settings = harvest_supervisor::SupervisorConfig::default()
+        .with_session(config())
+        .with_max_concurrent_starts(1);
+    let sup = Arc::new(supervisor_with(&store, &recorder, settings).await);
+    store.hold_creates.store(true, Ordering::SeqCst);
+    let held = start_many(&sup, 1);
+    settle().await;
+    assert_eq!(store.held_creates.lock().expect("lock").len(), 1);
+    // The only turn is taken; a request that can never start is told so at once.
+    let invalid = harvest_supervisor::SessionRequest::new("other", ["ok-1"])
+        .with_config(config().with_max_concurrency(0));
+    let refused = tokio::time::timeout(PROMPTLY, sup.start(invalid))
+        .await
+        .expect("refused without waiting for a turn");
+    assert!(
+        matches!(refused, Err(StartError::InvalidConfig(_))),
+        "{refused:?}"
+    );
+    let duplicate = tokio::time::timeout(PROMPTLY, sup.start_session("other", ["a", "a"]))
+        .await
+        .expect("refused without waiting for a turn");
+    assert!(matches!(
+        duplicate,
+        Err(StartError::DuplicateResource { .. })
+    ));
+    store.create_gate.add_permits(1);
+    for start in held {
+        start.await.expect("task").expect("started");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_whose_caller_gave_up_while_it_waited_creates_nothing() {
+    let store = FaultyStore::new();
+    let recorder = Recorder::new(FinalizerMode::Ok);
+    let settings = harvest_supervisor::SupervisorConfig::default()
+        .with_session(config())
+        .with_max_concurrent_starts(1);
+    let sup = Arc::new(supervisor_with(&store, &recorder, settings).await);
+    store.hold_creates.store(true, Ordering::SeqCst);
+    let mut starts = start_many(&sup, 2);
+    settle().await;
+    assert_eq!(store.held_creates.lock().expect("lock").len(), 1);
+    // The second caller goes away (a client that disconnected) while it waits its turn.
+    let gone = starts.pop().expect("second");
+    gone.abort();
+    let _ = gone.await;
+    store.create_gate.add_permits(1);
+    let first = starts.pop().expect("first");
+    tokio::time::timeout(PROMPTLY, first)
+        .await
+        .expect("the first completes")
+        .expect("task")
+        .expect("started");
+    settle().await;
+    // Its turn came and went: no session was created for it.
+    assert_eq!(store.held_creates.lock().expect("lock").len(), 1);
+    assert_eq!(store.list_sessions().await.expect("list").len(), 1);
+    // And the turn was given back: the next start runs.
+    tokio::time::timeout(PROMPTLY, sup.start_session("next", ["ok-1"]))
+        .await
+        .expect("the next start gets the turn")
+        .expect("started");
 }
 
 #[test]

@@ -126,8 +126,8 @@ struct Args {
     /// main port and the runtime are.
     #[arg(long, value_name = "PORT")]
     admin_port: Option<u16>,
-    /// Session starts validated and created at once; more wait their turn, so that a
-    /// burst of starts leaves the running sessions their pace (the library's
+    /// Session starts created at once; more wait their turn, so that a burst of starts
+    /// leaves the running sessions more of their pace (the library's
     /// `max_concurrent_starts`, 1 to 10,000).
     #[arg(long, default_value_t = 4)]
     max_concurrent_starts: usize,
