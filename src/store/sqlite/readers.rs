@@ -64,12 +64,12 @@ impl Readers {
                 Some(conn) => conn,
                 None => this.open()?,
             };
-            let result = conn
-                .execute_batch("BEGIN")
-                .map_err(backend)
-                .and_then(|()| f(&conn));
+            // From the connection's statement cache: `execute_batch` parsed both anew on
+            // every read.
+            let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
+            let result = run("BEGIN").map_err(backend).and_then(|_| f(&conn));
             // A read transaction commits nothing; ending it lets the WAL be checkpointed.
-            let ended = conn.execute_batch("COMMIT");
+            let ended = run("COMMIT");
             if ended.is_ok() {
                 this.idle().push(conn);
             }
