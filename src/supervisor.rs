@@ -434,8 +434,8 @@ fn checked(
 }
 
 /// Creates a checked request's session in the store (the busy lock there decides
-/// between concurrent starts for one harvester), its budget chosen first. Runs in a task of its own; the root
-/// spawns the session's actor when it is told.
+/// between concurrent starts for one harvester), its budget chosen first. Runs in a task
+/// of its own; the root spawns the session's actor when it is told.
 async fn create_session(
     deps: &Arc<Deps>,
     config: crate::config::SessionConfig,

@@ -273,6 +273,19 @@ async fn a_rescue_pass_stuck_in_the_store_holds_up_nothing_else() {
         .expect("shutdown");
 }
 
+/// A supervisor with `turns` start turns on a store that holds every creation until the
+/// test opens its gate.
+async fn with_turns(turns: usize) -> (Arc<FaultyStore>, Arc<harvest_supervisor::Supervisor>) {
+    let store = FaultyStore::new();
+    let recorder = Recorder::new(FinalizerMode::Ok);
+    let settings = harvest_supervisor::SupervisorConfig::default()
+        .with_session(config())
+        .with_max_concurrent_starts(turns);
+    let sup = Arc::new(supervisor_with(&store, &recorder, settings).await);
+    store.hold_creates.store(true, Ordering::SeqCst);
+    (store, sup)
+}
+
 /// Starts `n` sessions at once, each on a harvester of its own, in tasks.
 fn start_many(
     sup: &Arc<harvest_supervisor::Supervisor>,
@@ -296,13 +309,7 @@ async fn settle() {
 
 #[tokio::test(start_paused = true)]
 async fn a_burst_of_starts_is_created_a_few_at_a_time() {
-    let store = FaultyStore::new();
-    let recorder = Recorder::new(FinalizerMode::Ok);
-    let settings = harvest_supervisor::SupervisorConfig::default()
-        .with_session(config())
-        .with_max_concurrent_starts(2);
-    let sup = Arc::new(supervisor_with(&store, &recorder, settings).await);
-    store.hold_creates.store(true, Ordering::SeqCst);
+    let (store, sup) = with_turns(2).await;
     let starts = start_many(&sup, 6);
     settle().await;
     // Two creations in the store at a time; the other four wait their turn.
@@ -330,13 +337,7 @@ async fn a_burst_of_starts_is_created_a_few_at_a_time() {
 
 #[tokio::test(start_paused = true)]
 async fn starts_still_waiting_for_their_turn_at_shutdown_are_refused() {
-    let store = FaultyStore::new();
-    let recorder = Recorder::new(FinalizerMode::Ok);
-    let settings = harvest_supervisor::SupervisorConfig::default()
-        .with_session(config())
-        .with_max_concurrent_starts(1);
-    let sup = Arc::new(supervisor_with(&store, &recorder, settings).await);
-    store.hold_creates.store(true, Ordering::SeqCst);
+    let (store, sup) = with_turns(1).await;
     let mut starts = start_many(&sup, 3);
     settle().await;
     assert_eq!(store.held_creates.lock().expect("lock").len(), 1);
@@ -373,13 +374,7 @@ async fn starts_still_waiting_for_their_turn_at_shutdown_are_refused() {
 
 #[tokio::test(start_paused = true)]
 async fn a_start_that_cannot_start_is_refused_without_waiting_for_a_turn() {
-    let store = FaultyStore::new();
-    let recorder = Recorder::new(FinalizerMode::Ok);
-    let settings = harvest_supervisor::SupervisorConfig::default()
-        .with_session(config())
-        .with_max_concurrent_starts(1);
-    let sup = Arc::new(supervisor_with(&store, &recorder, settings).await);
-    store.hold_creates.store(true, Ordering::SeqCst);
+    let (store, sup) = with_turns(1).await;
     let held = start_many(&sup, 1);
     settle().await;
     assert_eq!(store.held_creates.lock().expect("lock").len(), 1);
@@ -408,13 +403,7 @@ async fn a_start_that_cannot_start_is_refused_without_waiting_for_a_turn() {
 
 #[tokio::test(start_paused = true)]
 async fn a_start_whose_caller_gave_up_while_it_waited_creates_nothing() {
-    let store = FaultyStore::new();
-    let recorder = Recorder::new(FinalizerMode::Ok);
-    let settings = harvest_supervisor::SupervisorConfig::default()
-        .with_session(config())
-        .with_max_concurrent_starts(1);
-    let sup = Arc::new(supervisor_with(&store, &recorder, settings).await);
-    store.hold_creates.store(true, Ordering::SeqCst);
+    let (store, sup) = with_turns(1).await;
     let mut starts = start_many(&sup, 2);
     settle().await;
     assert_eq!(store.held_creates.lock().expect("lock").len(), 1);

@@ -75,7 +75,9 @@ impl SessionRequest {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum SupervisorMessage {
-    /// Start a session; `HarvesterBusy` if its harvester has one running.
+    /// Start a session; `HarvesterBusy` if its harvester has one running. It waits for a
+    /// turn first (`SupervisorConfig::max_concurrent_starts`); if the reply port's
+    /// receiver is gone by then (the caller gave up), no session is created.
     StartSession(
         Box<SessionRequest>,
         RpcReplyPort<Result<SessionId, StartError>>,
