@@ -41,6 +41,10 @@ struct Args {
     /// `/healthz` probes for the percentiles; the per-resource cost is their median.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Timed sessions on the quiet server, one after the other; the quiet cost is their
+    /// median (2,000 no-op resources take about 50 ms: a few runs are noisy).
+    #[arg(long, default_value_t = 15)]
+    quiet_runs: usize,
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
@@ -199,7 +203,7 @@ async fn main() {
     // The same session on a quiet server (the load's sessions ended).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut quiet = Vec::new();
-    for round in 0..args.rounds {
+    for round in 0..args.quiet_runs {
         let timed = start_timed(&http, &args, &format!("load-{run}-{round}-quiet")).await;
         quiet.push(timed_cost(&http, &args, timed).await);
     }
