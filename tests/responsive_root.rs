@@ -373,6 +373,46 @@ async fn starts_still_waiting_for_their_turn_at_shutdown_are_refused() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn starts_waiting_for_their_turn_when_the_root_dies_are_refused() {
+    let (store, sup) = with_turns(1).await;
+    let mut starts = start_many(&sup, 3);
+    settle().await;
+    assert_eq!(store.held_creates.lock().expect("lock").len(), 1);
+    // The root dies (a crash, not a shutdown): its turns close with its state, and the
+    // starts waiting for one are told the supervisor is down rather than wait for ever.
+    sup.actor().kill();
+    settle().await;
+    for start in starts.drain(1..) {
+        let refused = tokio::time::timeout(PROMPTLY, start)
+            .await
+            .expect("refused, not left waiting for a turn that never comes")
+            .expect("task");
+        assert!(
+            matches!(refused, Err(StartError::SupervisorDown)),
+            "{refused:?}"
+        );
+    }
+    // The one in the store finds no root to spawn its actor and is refused as well;
+    // nothing but its own creation reached the store.
+    store.create_gate.add_permits(1);
+    let first = starts.pop().expect("the first");
+    let first = tokio::time::timeout(PROMPTLY, first)
+        .await
+        .expect("the start in the store is answered")
+        .expect("task");
+    assert!(
+        matches!(first, Err(StartError::SupervisorDown)),
+        "{first:?}"
+    );
+    assert_eq!(store.held_creates.lock().expect("lock").len(), 1);
+    // A start after the root died is refused at once.
+    let late = tokio::time::timeout(PROMPTLY, sup.start_session("late", ["ok-1"]))
+        .await
+        .expect("refused at once");
+    assert!(matches!(late, Err(StartError::SupervisorDown)), "{late:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_start_that_cannot_start_is_refused_without_waiting_for_a_turn() {
     let (store, sup) = with_turns(1).await;
     let held = start_many(&sup, 1);
