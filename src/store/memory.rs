@@ -349,6 +349,9 @@ pub struct MemoryStore {
     /// session is 400 bytes (10,000 idle sessions: 0.24 KiB less each).
     sessions: Arc<DashMap<SessionId, Box<StoredSession>, IdHasher>>,
     active: Arc<DashMap<HarvesterId, SessionId>>,
+    /// Each harvester's sessions, oldest first: what an adaptive start reads is its own
+    /// harvester's newest sessions, not a scan of every session kept.
+    by_harvester: Arc<DashMap<HarvesterId, Vec<SessionId>>>,
     nodes: Arc<DashMap<NodeId, Lease>>,
     event_limit: usize,
 }
@@ -373,6 +376,7 @@ impl MemoryStore {
         Self {
             sessions: Arc::default(),
             active: Arc::default(),
+            by_harvester: Arc::default(),
             nodes: Arc::default(),
             event_limit: limit.max(1),
         }
@@ -417,6 +421,12 @@ impl SessionStore for MemoryStore {
                 session_id: *held.get(),
             }),
             Entry::Vacant(slot) => {
+                let mut ids = self.by_harvester.entry(new.harvester_id.clone()).or_default();
+                // Ids are UUID v7 (creation order): nearly always the last; kept sorted
+                // whatever the caller's ids.
+                let at = ids.partition_point(|id| *id < new.id);
+                ids.insert(at, new.id);
+                drop(ids);
                 let record = SessionRecord {
                     id: new.id,
                     harvester_id: new.harvester_id,
@@ -513,15 +523,14 @@ impl SessionStore for MemoryStore {
         harvester: &HarvesterId,
         limit: usize,
     ) -> Result<Vec<std::time::Duration>, StoreError> {
-        let mut ids: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|s| s.record.harvester_id == *harvester)
-            .map(|s| s.record.id)
-            .collect();
-        ids.sort_unstable_by_key(|id| std::cmp::Reverse(*id));
         let mut found = Vec::with_capacity(limit.min(crate::budget::MAX_WINDOW));
-        for id in ids {
+        let Some(ids) = self.by_harvester.get(harvester) else {
+            return Ok(found);
+        };
+        // Newest first, until the window is full. (The index's shard stays read-locked
+        // meanwhile; a creation takes it only before it touches `sessions`, so the two
+        // are never waited for in the other order.)
+        for id in ids.iter().rev().copied() {
             if found.len() >= limit {
                 break;
             }
