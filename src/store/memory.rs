@@ -421,7 +421,10 @@ impl SessionStore for MemoryStore {
                 session_id: *held.get(),
             }),
             Entry::Vacant(slot) => {
-                let mut ids = self.by_harvester.entry(new.harvester_id.clone()).or_default();
+                let mut ids = self
+                    .by_harvester
+                    .entry(new.harvester_id.clone())
+                    .or_default();
                 // Ids are UUID v7 (creation order): nearly always the last; kept sorted
                 // whatever the caller's ids.
                 let at = ids.partition_point(|id| *id < new.id);
@@ -530,12 +533,12 @@ impl SessionStore for MemoryStore {
         // Newest first, until the window is full. (The index's shard stays read-locked
         // meanwhile; a creation takes it only before it touches `sessions`, so the two
         // are never waited for in the other order.)
-        for id in ids.iter().rev().copied() {
+        for id in ids.iter().rev() {
             if found.len() >= limit {
                 break;
             }
             // A read lock of its shard only; gone meanwhile: nothing to learn from it.
-            if let Some(s) = self.sessions.get(&id) {
+            if let Some(s) = self.sessions.get(id) {
                 let successes = s.outcomes.iter().rev().filter_map(|o| match o {
                     KeptOutcome::Succeeded { elapsed, .. } => {
                         Some(std::time::Duration::from_nanos(*elapsed))
