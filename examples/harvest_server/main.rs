@@ -34,8 +34,10 @@
 //! `{"error": text, "code": stable code, "field"?: what was wrong, "session_id"?: ...}`,
 //! with codes `bad_request`, `bad_body`, `unauthorized`, `not_found`, `method_not_allowed`,
 //! `busy`, `already_finished`, `finalizing`, `unavailable`; a page's `limit` outside its
-//! range is a `400` naming it. Ctrl-C stops accepting, finalizes running sessions
-//! (`Shutdown`), and closes the database.
+//! range is a `400` naming it. Ctrl-C or SIGTERM stops accepting, finalizes running
+//! sessions (`Shutdown`), and closes the database. A server that cannot start (a bad
+//! flag, a port in use, a database it cannot open) says why on stderr and exits with 1
+//! (2 for a refused token), before it opens anything when it can tell.
 //!
 //! Logs go to stderr (`--log-format text|json`; colours only on a terminal), with one
 //! access line per request; a generated token is printed there too, never on stdout.
@@ -203,8 +205,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestP
 async fn supervisor(
     store: Arc<dyn SessionStore>,
     work: Duration,
-    node_name: Option<String>,
-    max_concurrent_starts: usize,
+    config: SupervisorConfig,
 ) -> Result<Supervisor, Box<dyn std::error::Error>> {
     let harvest = harvest_fn(move |ctx: HarvestContext| async move {
         if ctx.resource_id.contains("hang") {
@@ -230,11 +231,6 @@ async fn supervisor(
         tracing::info!(session_id = %report.session_id, status = %report.status, "session finalized");
         Ok(())
     });
-    let config = SupervisorConfig::default()
-        .with_session(server_session_config())
-        .with_recovery(harvest_supervisor::RecoveryPolicy::Finalize)
-        .with_node_name(node_name)
-        .with_max_concurrent_starts(max_concurrent_starts);
     Ok(Supervisor::builder(harvest, finalizer)
         .store(store)
         .config(config)
@@ -308,9 +304,63 @@ fn random_token() -> String {
         .collect()
 }
 
+/// Resolves at the first Ctrl-C (SIGINT) or SIGTERM (what a service manager or a
+/// container runtime sends to stop a server), naming it. Both shut down the same way.
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = &'static str>> {
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = term.recv() => "terminated",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
+        }
+    })
+}
+
+/// The tree's settings from the command line: checked before anything is opened.
+fn supervisor_config(node_name: Option<String>, max_concurrent_starts: usize) -> SupervisorConfig {
+    SupervisorConfig::default()
+        .with_session(server_session_config())
+        .with_recovery(harvest_supervisor::RecoveryPolicy::Finalize)
+        .with_node_name(node_name)
+        .with_max_concurrent_starts(max_concurrent_starts)
+}
+
+/// `error` and its causes, for a person: `a: b: c`.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause = cause.to_string();
+        // Many errors already print their source in their own message.
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = source.and_then(std::error::Error::source);
+    }
+    text
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+async fn main() {
+    if let Err(error) = run(Args::parse()).await {
+        // A person reads this (a wrong flag, a busy port, a database that cannot be
+        // opened): the message, not a debug dump.
+        eprintln!("harvest_server: {}", chain(error.as_ref()));
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Logs on stderr: colours only on a terminal, JSON lines on request. One access line
     // per request (tower-http), at info.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -348,6 +398,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     }
+    // Checked before the store is opened (or a database file made) for a server that
+    // would refuse to start.
+    let config = supervisor_config(args.node_name.clone(), args.max_concurrent_starts);
+    config.validate()?;
+    // Bound before the tree starts, so that a port in use stops nothing half started.
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.port))
+        .await
+        .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;
+    let admin_listener = match args.admin_port {
+        Some(port) => Some(
+            std::net::TcpListener::bind(SocketAddr::new(args.host, port)).map_err(|e| {
+                format!("cannot listen on {}:{port} (--admin-port): {e}", args.host)
+            })?,
+        ),
+        None => None,
+    };
     // Installed before the supervisor starts, so that every handle it makes records here.
     let metrics = metrics_handle();
     // Closed at exit: its write-ahead log checkpointed, its reserve of room deleted.
@@ -369,14 +435,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Arc::new(store)
         }
     };
-    let supervisor = supervisor(
-        store,
-        Duration::from_millis(args.work_ms),
-        args.node_name.clone(),
-        args.max_concurrent_starts,
-    )
-    .await?;
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.port)).await?;
+    let supervisor = supervisor(store, Duration::from_millis(args.work_ms), config).await?;
     println!("serving on http://{}", listener.local_addr()?);
     let app = App {
         supervisor: Arc::new(supervisor),
@@ -389,9 +448,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         streams: Arc::new(tokio::sync::Semaphore::new(args.max_streams)),
     };
     let admin_stop = tokio_util::sync::CancellationToken::new();
-    let admin = match args.admin_port {
-        Some(port) => {
-            let listener = std::net::TcpListener::bind(SocketAddr::new(args.host, port))?;
+    let admin = match admin_listener {
+        Some(listener) => {
             println!(
                 "admin (/healthz, /metrics) on http://{}",
                 listener.local_addr()?
@@ -400,9 +458,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         None => None,
     };
+    let stop_signal = stop_signal()?;
     let served = serve(listener, app, async {
-        let _ = tokio::signal::ctrl_c().await;
-        println!("shutting down: finalizing running sessions");
+        let signal = stop_signal.await;
+        println!("{signal}: shutting down, finalizing running sessions");
     })
     .await;
     // The admin port answers until the sessions are finalized and the store closed.

@@ -42,7 +42,9 @@ impl Server {
         read_token: Option<&str>,
     ) -> Self {
         let metrics = metrics_handle();
-        let supervisor = supervisor(store, work, None, 4).await.expect("supervisor");
+        let supervisor = supervisor(store, work, supervisor_config(None, 4))
+            .await
+            .expect("supervisor");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -693,6 +695,41 @@ async fn the_page_carries_a_content_security_policy_and_cannot_be_framed() {
     assert_eq!(header("x-content-type-options"), "nosniff");
     assert_eq!(header("x-frame-options"), "DENY");
     server.stop().await;
+}
+
+/// SIGTERM (what systemd, Docker or Kubernetes send to stop a service) stops the server
+/// as Ctrl-C does, rather than kill it with its sessions left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_asks_for_the_same_shutdown_as_ctrl_c() {
+    let signal = stop_signal().expect("signal handlers");
+    // Handled from here on: the signal below does not end the test process.
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &std::process::id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let name = tokio::time::timeout(Duration::from_secs(10), signal)
+        .await
+        .expect("SIGTERM is heard");
+    assert_eq!(name, "terminated");
+}
+
+/// A server that cannot start says why in a sentence, not a debug dump.
+#[test]
+fn startup_errors_read_as_sentences_with_their_causes() {
+    let config = supervisor_config(None, 0)
+        .validate()
+        .expect_err("0 turns is refused");
+    assert_eq!(
+        chain(&config),
+        "invalid config `max_concurrent_starts`: must be at least 1 and at most 10000 (got 0)"
+    );
+    let io = std::io::Error::other("Address already in use");
+    let wrapped: Box<dyn std::error::Error> = format!("cannot listen on 127.0.0.1:80: {io}").into();
+    assert_eq!(
+        chain(wrapped.as_ref()),
+        "cannot listen on 127.0.0.1:80: Address already in use"
+    );
 }
 
 #[test]
