@@ -195,6 +195,10 @@ pub(crate) struct Local {
     /// and any difference (a failed write, an outcome from elsewhere) falls back to
     /// finding them by id.
     pub(crate) submitted: Vec<u32>,
+    /// How the session's budget was chosen, when the finalizing actor knows (it runs
+    /// under the config the store keeps); `None`: read the stored config. A read less per
+    /// session on the way to its finalizer.
+    pub(crate) budget: Option<crate::budget::BudgetSource>,
 }
 
 /// Whether and how the finalizer runs in this finalization.
@@ -631,7 +635,10 @@ async fn reconcile(
         store_errors: std::mem::take(&mut local.store_errors),
         finalizer_attempt: 1,
         workflow_time: before.workflow_time,
-        budget: budget_of(deps, before.id).await,
+        budget: match local.budget.take() {
+            Some(known) => Some(known),
+            None => budget_of(deps, before.id).await,
+        },
     };
     Ok((report, unrecorded))
 }

@@ -270,7 +270,7 @@ async fn stop_taken_over(myself: &ActorRef<SessionMessage>, s: &mut Session) {
     );
     s.shared.cancel.cancel();
     let killed = s.st.kill_workers(&myself.get_cell());
-    let _ = s.st.wind_down(&s.shared.resources, false);
+    let _ = s.st.wind_down(&s.shared.resources, false, s.shared.config.budget_source());
     await_exits(&killed, s.shared.config.killed_exit_wait).await;
     stop_monitor(s, false).await;
     myself.stop(Some(STOP_TAKEN_OVER.to_owned()));
@@ -482,7 +482,11 @@ async fn finalize_now(
     // Every outcome write must be answered first: a failed one is reconciled from memory.
     s.st.writes.drain().await;
     s.st.settle_writes(&s.shared.emitter);
-    let local = s.st.wind_down(&s.shared.resources, !s.shared.resumed);
+    let local = s.st.wind_down(
+        &s.shared.resources,
+        !s.shared.resumed,
+        s.shared.config.budget_source(),
+    );
     await_exits(&killed, s.shared.config.killed_exit_wait).await;
     let shared = Arc::clone(&s.shared);
     let result = finalizer::finalize(

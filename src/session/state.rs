@@ -212,7 +212,12 @@ impl SessionState {
     /// outcomes, store errors.
     /// `whole`: `resources` is the session's whole list (a resumed session holds only
     /// what it re-harvests).
-    pub(crate) fn wind_down(&mut self, resources: &Arc<[ResourceId]>, whole: bool) -> Local {
+    pub(crate) fn wind_down(
+        &mut self,
+        resources: &Arc<[ResourceId]>,
+        whole: bool,
+        budget: &crate::budget::BudgetSource,
+    ) -> Local {
         let in_flight = self.stop_all(resources);
         let (unrecorded, store_errors) = match &mut self.rare {
             Some(rare) => (
@@ -231,6 +236,7 @@ impl SessionState {
             } else {
                 Vec::new()
             },
+            budget: Some(budget.clone()),
         }
     }
 
