@@ -105,7 +105,9 @@ async fn finished(
             let seen = since.elapsed();
             let at = |t: &str| chrono::DateTime::parse_from_rfc3339(t).expect("an RFC 3339 time");
             let started = view["record"]["started"].as_str().expect("started");
-            let recorded = (at(ended) - at(started)).to_std().expect("ended after it started");
+            let recorded = (at(ended) - at(started))
+                .to_std()
+                .expect("ended after it started");
             return (seen, recorded);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -270,7 +270,8 @@ async fn stop_taken_over(myself: &ActorRef<SessionMessage>, s: &mut Session) {
     );
     s.shared.cancel.cancel();
     let killed = s.st.kill_workers(&myself.get_cell());
-    let _ = s.st.wind_down(&s.shared.resources, false, s.shared.config.budget_source());
+    let _ =
+        s.st.wind_down(&s.shared.resources, false, s.shared.config.budget_source());
     await_exits(&killed, s.shared.config.killed_exit_wait).await;
     stop_monitor(s, false).await;
     myself.stop(Some(STOP_TAKEN_OVER.to_owned()));
