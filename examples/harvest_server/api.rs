@@ -154,7 +154,7 @@ pub(crate) struct StartBody {
 
 pub(crate) async fn start_session(
     State(app): State<App>,
-    Path(harvester): Path<String>,
+    HarvesterPath(harvester): HarvesterPath,
     headers: HeaderMap,
     body: Result<Json<StartBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -279,7 +279,7 @@ pub(crate) struct HistoryQuery {
 
 pub(crate) async fn history(
     State(app): State<App>,
-    Path(harvester): Path<String>,
+    HarvesterPath(harvester): HarvesterPath,
     JsonQuery(q): JsonQuery<HistoryQuery>,
 ) -> Result<Json<harvest_supervisor::SessionPage>, ApiError> {
     page_of(&app, Some(HarvesterId::from(harvester)), q).await
@@ -406,12 +406,15 @@ pub(crate) fn admin_router(app: App) -> Router {
 }
 
 /// `routes` with what every listener of the server has: JSON errors for unknown routes
-/// and methods, the body limit, an access line per request.
+/// and methods, the body's size and time limits, an access line per request.
 fn served(routes: Router<App>, app: App) -> Router {
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            super::BODY_TIMEOUT,
+        ))
         // An access line per request: method, path, status, latency.
         .layer(
             tower_http::trace::TraceLayer::new_for_http()

@@ -58,6 +58,24 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for SessionPath {
     }
 }
 
+/// A harvester id from the path, or a JSON `400` naming it (a path segment that is not
+/// UTF-8 once percent-decoded).
+pub(crate) struct HarvesterPath(pub(crate) String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for HarvesterPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Self(id)),
+            Err(e) => Err(rejected("harvester", e.status(), e.body_text())),
+        }
+    }
+}
+
 /// A query string, or a JSON `400` naming what does not parse.
 pub(crate) struct JsonQuery<T>(pub(crate) T);
 

@@ -18,6 +18,7 @@
 //! | `GET /sessions/{id}/timeline?buckets=` | the log summarized: outcome counts per time bucket, marks, first failures, lanes when few |
 //! | `GET /now` | running sessions with progress, deadline and warnings |
 //! | `GET /sessions?status=&before=&limit=` | every harvester's sessions, newest first |
+//! | `GET /nodes` | the nodes (supervisor starts) on this database, with their leases |
 //! | `GET /` | the page: now, the sessions (filtered, paged), a session's timeline and failures |
 //! | `GET /metrics` | the library's metrics, Prometheus text (`harvest_supervisor::meters` lists them) |
 //! | `GET /healthz` | `200` when the supervisor is alive (its root takes its messages) and its last lease renewal (a store write) succeeded, else `503`; answered at once |
@@ -26,16 +27,18 @@
 //! thread of their own (answered however busy the main port is).
 //!
 //! Mutating requests need `Authorization: Bearer <token>` (any case of `Bearer`; `--token`,
-//! or `HARVEST_SERVER_TOKEN`, at least 16 characters, or a random one printed at start);
+//! or `HARVEST_SERVER_TOKEN`, at least 16 characters of visible ASCII, or a random one
+//! printed at start);
 //! with `--read-token`, the read routes need it (or the write token) too.
 //! Bodies over 64 KiB get `413`, sessions over `--max-resources` a `400` (a `count` is
 //! checked before any resource is made). A partial `config` is merged over the server's
 //! own session config, nested fields one by one. Every error is JSON:
 //! `{"error": text, "code": stable code, "field"?: what was wrong, "session_id"?: ...}`,
 //! with codes `bad_request`, `bad_body`, `unauthorized`, `not_found`, `method_not_allowed`,
-//! `busy`, `already_finished`, `finalizing`, `unavailable`; a page's `limit` outside its
-//! range is a `400` naming it. Ctrl-C or SIGTERM stops accepting, finalizes running
-//! sessions (`Shutdown`), and closes the database. A server that cannot start (a bad
+//! `busy`, `already_finished`, `finalizing`, `too_many_streams`, `disk_full`,
+//! `unavailable`; a page's `limit` outside its range is a `400` naming it. A body must
+//! arrive within 30 s. Ctrl-C or SIGTERM finalizes running sessions (`Shutdown`), ends the
+//! event streams, stops accepting (open connections get 5 s), and closes the database. A server that cannot start (a bad
 //! flag, a port in use, a database it cannot open) says why on stderr and exits with 1
 //! (2 for a refused token), before it opens anything when it can tell.
 //!
@@ -101,8 +104,8 @@ struct Args {
     /// Bearer token for mutating requests (else HARVEST_SERVER_TOKEN, else a random one).
     #[arg(long, env = "HARVEST_SERVER_TOKEN")]
     token: Option<String>,
-    /// Bearer token for the read routes (sessions, events, nodes, metrics; the write token
-    /// reads too). Unset (and no HARVEST_SERVER_READ_TOKEN): reads are open, as for a
+    /// Bearer token for the read routes (every GET but /healthz and the page: sessions,
+    /// history, events, timelines, /now, nodes, metrics; the write token reads too). Unset (and no HARVEST_SERVER_READ_TOKEN): reads are open, as for a
     /// server on loopback. `/healthz` and the page itself are always open.
     #[arg(long, env = "HARVEST_SERVER_READ_TOKEN")]
     read_token: Option<String>,
@@ -120,9 +123,10 @@ struct Args {
     /// (one object per line).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
-    /// Most event streams open at once; past it, `429`.
-    #[arg(long, default_value_t = 256)]
-    max_streams: usize,
+    /// Most event streams open at once; past it, `429` (1 to 100,000: each holds a
+    /// connection and a file descriptor).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_streams: u32,
     /// Also serve `/healthz` and `/metrics` on this port (same host), from a thread of
     /// their own: health checks and scrapes are then answered promptly however busy the
     /// main port and the runtime are.
@@ -162,13 +166,17 @@ fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
 /// The shortest bearer token the server accepts at start.
 const MIN_TOKEN_LEN: usize = 16;
 
-/// Refuses an empty or short token: a server with one would reject everything, or accept
-/// a guess.
+/// Refuses an empty or short token (a server with one would reject everything, or accept
+/// a guess), and one a client cannot send: an `Authorization` header is read as visible
+/// ASCII, so a token with a space, a control character or a non-ASCII letter (`ä`) could
+/// never match, and every request would get `401`.
 fn check_token(token: &str) -> Result<(), String> {
-    if token.trim().len() < MIN_TOKEN_LEN || token.trim() != token {
+    let sendable = token.bytes().all(|b| b.is_ascii_graphic());
+    if token.len() < MIN_TOKEN_LEN || !sendable {
         return Err(format!(
-            "the bearer token must be at least {MIN_TOKEN_LEN} characters, without surrounding \
-             spaces (leave --token and HARVEST_SERVER_TOKEN unset for a random one)"
+            "the bearer token must be at least {MIN_TOKEN_LEN} characters of visible ASCII \
+             (letters, digits, punctuation; no spaces or other letters) (leave --token and \
+             HARVEST_SERVER_TOKEN unset for a random one)"
         ));
     }
     Ok(())
@@ -268,6 +276,15 @@ fn serve_admin(
         })
 }
 
+/// How long, once the sessions are finalized and the event streams told to end, open
+/// connections get to close before the server stops waiting for them (a stream drains
+/// for `STREAM_DRAIN` of it).
+const CONNECTIONS_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a request's body may take to arrive: a client that declares a body and sends
+/// it slowly, or never, gets a `400` rather than hold its connection and task for ever.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves until `shutdown` resolves, then finalizes running sessions and closes the store.
 async fn serve(
     listener: tokio::net::TcpListener,
@@ -281,16 +298,33 @@ async fn serve(
     // shutdown_timeout), which ends the streams of this server's sessions with their
     // `SessionFinished`; then end every other open stream, and only then let the HTTP
     // server drain (it waits for open connections).
+    let (stopped, draining) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
         if let Err(error) = stopping.shutdown().await {
             tracing::warn!(%error, "the supervisor did not stop cleanly");
         }
         closing.cancel();
+        let _ = stopped.send(());
     };
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(signal)
-        .await?;
+    let served = axum::serve(listener, router(app)).with_graceful_shutdown(signal);
+    // The HTTP server's drain waits for every open connection, and a client can hold one
+    // for ever (a stream it does not read, a body it never finishes sending): past
+    // `CONNECTIONS_GRACE` after the sessions are finalized, they are left to close with
+    // the process, and the store is closed all the same.
+    let cut = async {
+        match draining.await {
+            Ok(()) => tokio::time::sleep(CONNECTIONS_GRACE).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = served.into_future() => served?,
+        () = cut => tracing::warn!(
+            grace_secs = CONNECTIONS_GRACE.as_secs(),
+            "connections still open after the grace: closed with the process"
+        ),
+    }
     supervisor.shutdown().await?;
     supervisor.store().flush().await?;
     Ok(())
@@ -445,7 +479,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         defaults: Arc::new(server_session_config()),
         closing: tokio_util::sync::CancellationToken::new(),
         metrics,
-        streams: Arc::new(tokio::sync::Semaphore::new(args.max_streams)),
+        streams: Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(args.max_streams).unwrap_or(usize::MAX),
+        )),
     };
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let admin = match admin_listener {

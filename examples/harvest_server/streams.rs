@@ -80,7 +80,34 @@ pub(crate) async fn events(
             };
             match next {
                 Some(Ok(e)) => {
-                    if tx.send(send(&e)).await.is_err() {
+                    // A client that does not read fills the channel: the send waits, but
+                    // never past the server's stop (the client resumes elsewhere from
+                    // its `Last-Event-ID`).
+                    let event = send(&e);
+                    let sent = match drain_until {
+                        None => {
+                            let sending = tx.send(event);
+                            tokio::pin!(sending);
+                            tokio::select! {
+                                // A send that can go goes first: the stop only bounds it.
+                                biased;
+                                sent = &mut sending => sent.is_ok(),
+                                () = closing.cancelled() => {
+                                    let until = tokio::time::Instant::now() + STREAM_DRAIN;
+                                    drain_until = Some(until);
+                                    matches!(
+                                        tokio::time::timeout_at(until, sending).await,
+                                        Ok(Ok(()))
+                                    )
+                                }
+                            }
+                        }
+                        Some(until) => matches!(
+                            tokio::time::timeout_at(until, tx.send(event)).await,
+                            Ok(Ok(()))
+                        ),
+                    };
+                    if !sent {
                         return;
                     }
                 }

@@ -569,6 +569,11 @@ async fn hostile_and_sloppy_requests_get_json_errors_and_break_nothing() {
         (format!("/sessions/{id}?limit=abc"), 400, Some("query")),
         ("/sessions?limit=100000".to_owned(), 400, Some("limit")),
         ("/sessions/not-a-uuid".to_owned(), 400, Some("session_id")),
+        (
+            "/harvesters/%FF/sessions".to_owned(),
+            400,
+            Some("harvester"),
+        ),
         ("/no/such/route".to_owned(), 404, None),
     ] {
         let (status, body) = server.json(&path).await;
@@ -587,7 +592,76 @@ async fn hostile_and_sloppy_requests_get_json_errors_and_break_nothing() {
     assert_eq!(r.status().as_u16(), 405);
     let body: serde_json::Value = r.json().await.expect("json");
     assert_eq!(code(&body), "method_not_allowed");
+    // A harvester id that is not UTF-8 on a start: JSON too (it was axum's plain text).
+    let r = server.start_session("%FF", json!({ "count": 1 })).await;
+    assert_eq!(r.status().as_u16(), 400);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(
+        (code(&body).as_str(), &body["field"]),
+        ("bad_request", &json!("harvester"))
+    );
     server.stop().await;
+}
+
+/// A client that holds its connection (a body declared and never sent, an event stream
+/// it does not read) cannot hold up the server's stop: the sessions are finalized, then
+/// open connections get `CONNECTIONS_GRACE` to close, and the store is closed anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_holding_connections_do_not_hold_up_the_stop() {
+    use tokio::io::AsyncWriteExt as _;
+    let server = Server::start().await;
+    let r = server
+        .start_session("csw", json!({ "resources": ["a", "b-hang"] }))
+        .await;
+    let id = started(r).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    // A start whose body never finishes arriving.
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    slow.write_all(
+        format!(
+            "POST /harvesters/slow/sessions HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer \
+             {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: 60000\r\n\r\n{{\"count\""
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("partial request");
+    // An event stream of a running session, never read, on a socket with a small
+    // receive buffer.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("buffer");
+    let mut unread = socket
+        .connect(addr.parse().expect("addr"))
+        .await
+        .expect("connect");
+    unread
+        .write_all(format!("GET /sessions/{id}/events HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("stream request");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let began = std::time::Instant::now();
+    let dir = tokio::time::timeout(CONNECTIONS_GRACE + Duration::from_secs(10), server.stop())
+        .await
+        .expect("the stop does not wait for the clients");
+    assert!(
+        began.elapsed() < CONNECTIONS_GRACE + Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    // The session was finalized for the shutdown, and the store closed cleanly.
+    let store = SqliteStore::open(dir.path().join("s.db"))
+        .await
+        .expect("reopen");
+    use harvest_supervisor::SessionStore;
+    let id: SessionId = serde_json::from_value(json!(id)).expect("id");
+    let record = store.session(id).await.expect("record");
+    assert_eq!(
+        record.reason(),
+        Some(harvest_supervisor::FinalizeReason::Shutdown)
+    );
+    drop((slow, unread));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -739,10 +813,14 @@ fn an_empty_short_or_padded_token_is_refused_at_start() {
         "short",
         "                    ",
         " padded-but-long-enough ",
+        "a-long-enough-token with a space",
+        "pässwörd-für-den-server",
+        "tab\tinside-a-long-token",
     ] {
         assert!(check_token(bad).is_err(), "{bad:?}");
     }
     assert!(check_token("a-long-enough-token").is_ok());
+    assert!(check_token("Punct!$%&'()*+,-./:;<=>?@[]^_`{|}~").is_ok());
 }
 
 /// A minimal WebDriver client (the W3C protocol is JSON over HTTP) for the browser test.
