@@ -238,7 +238,9 @@ pub(crate) async fn abort_session(
     Ok((StatusCode::ACCEPTED, Json(json!({ "session_id": id }))).into_response())
 }
 
+/// A misspelt parameter (`limt=5`) is a `400` naming it, not silently the default.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct Page {
     #[serde(default)]
     offset: usize,
@@ -271,6 +273,7 @@ pub(crate) async fn get_session(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct HistoryQuery {
     status: Option<SessionStatus>,
     before: Option<SessionId>,

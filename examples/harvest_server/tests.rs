@@ -589,6 +589,8 @@ async fn hostile_and_sloppy_requests_get_json_errors_and_break_nothing() {
             400,
             Some("harvester"),
         ),
+        ("/sessions?limt=5".to_owned(), 400, Some("query")),
+        (format!("/sessions/{id}?ofset=5"), 400, Some("query")),
         ("/no/such/route".to_owned(), 404, None),
     ] {
         let (status, body) = server.json(&path).await;
