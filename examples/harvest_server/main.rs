@@ -37,7 +37,7 @@
 //! with codes `bad_request`, `bad_body`, `unauthorized`, `not_found`, `method_not_allowed`,
 //! `busy`, `already_finished`, `finalizing`, `too_many_streams`, `disk_full`,
 //! `unavailable`; a page's `limit` outside its range is a `400` naming it. A body must
-//! arrive within 30 s; at most `--max-connections` are open at once (see `listener`). Ctrl-C or SIGTERM finalizes running sessions (`Shutdown`), ends the
+//! arrive within 30 s. Ctrl-C or SIGTERM finalizes running sessions (`Shutdown`), ends the
 //! event streams, stops accepting (open connections get 5 s), and closes the database. A server that cannot start (a bad
 //! flag, a port in use, a database it cannot open) says why on stderr and exits with 1
 //! (2 for a refused token), before it opens anything when it can tell.
@@ -54,7 +54,6 @@
 // `tests.rs` the HTTP and browser tests; `assets/` the page.
 mod api;
 mod errors;
-mod listener;
 mod streams;
 mod timeline;
 
@@ -128,11 +127,6 @@ struct Args {
     /// connection and a file descriptor).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_streams: u32,
-    /// Most connections open at once on the main port (each holds a file descriptor);
-    /// past it, new ones wait in the kernel's backlog. Default: `--max-streams` + 256;
-    /// must exceed `--max-streams` (every event stream is a connection).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=1_000_000))]
-    max_connections: Option<u32>,
     /// Also serve `/healthz` and `/metrics` on this port (same host), from a thread of
     /// their own: health checks and scrapes are then answered promptly however busy the
     /// main port and the runtime are.
@@ -293,7 +287,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves until `shutdown` resolves, then finalizes running sessions and closes the store.
 async fn serve(
-    listener: listener::Capped,
+    listener: tokio::net::TcpListener,
     app: App,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -442,18 +436,6 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // would refuse to start.
     let config = supervisor_config(args.node_name.clone(), args.max_concurrent_starts);
     config.validate()?;
-    let max_connections = match args.max_connections {
-        Some(n) if n <= args.max_streams => {
-            return Err(format!(
-                "--max-connections ({n}) must exceed --max-streams ({}): every event stream \
-                 is a connection",
-                args.max_streams
-            )
-            .into());
-        }
-        Some(n) => n,
-        None => args.max_streams.saturating_add(256),
-    };
     // Bound before the tree starts, so that a port in use stops nothing half started.
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.port))
         .await
@@ -513,10 +495,6 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => None,
     };
     let stop_signal = stop_signal()?;
-    let listener = listener::Capped::new(
-        listener,
-        usize::try_from(max_connections).unwrap_or(usize::MAX),
-    );
     let served = serve(listener, app, async {
         let signal = stop_signal.await;
         println!("{signal}: shutting down, finalizing running sessions");

@@ -5,7 +5,6 @@ use std::os::unix::process::CommandExt as _;
 const TOKEN: &str = "test-token-of-some-length";
 /// The test servers' cap on open event streams.
 const TEST_MAX_STREAMS: usize = 3;
-const TEST_MAX_CONNECTIONS: usize = 64;
 
 struct Server {
     base: String,
@@ -42,16 +41,6 @@ impl Server {
         work: Duration,
         read_token: Option<&str>,
     ) -> Self {
-        Self::start_capped(store, dir, work, read_token, TEST_MAX_CONNECTIONS).await
-    }
-
-    async fn start_capped(
-        store: Arc<dyn SessionStore>,
-        dir: tempfile::TempDir,
-        work: Duration,
-        read_token: Option<&str>,
-        max_connections: usize,
-    ) -> Self {
         let metrics = metrics_handle();
         let supervisor = supervisor(store, work, supervisor_config(None, 4))
             .await
@@ -74,13 +63,9 @@ impl Server {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = app.clone();
         let done = tokio::spawn(async move {
-            serve(
-                listener::Capped::new(listener, max_connections),
-                served,
-                async {
-                    let _ = stopped.await;
-                },
-            )
+            serve(listener, served, async {
+                let _ = stopped.await;
+            })
             .await
             .expect("serve");
         });
@@ -617,47 +602,6 @@ async fn hostile_and_sloppy_requests_get_json_errors_and_break_nothing() {
         (code(&body).as_str(), &body["field"]),
         ("bad_request", &json!("harvester"))
     );
-    server.stop().await;
-}
-
-/// Past `--max-connections` open connections, the server accepts no more until one
-/// closes: idle sockets cannot use up its file descriptors.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn past_the_connection_cap_new_connections_wait_for_one_to_close() {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = SqliteStore::open(dir.path().join("s.db"))
-        .await
-        .expect("store");
-    let server =
-        Server::start_capped(Arc::new(store), dir, Duration::from_millis(20), None, 2).await;
-    let addr = server.base.trim_start_matches("http://").to_owned();
-    // Two idle connections take both places.
-    let first = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    let second = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let health = format!("{}/healthz", server.base);
-    let waiting = tokio::spawn({
-        let http = reqwest::Client::new();
-        async move { http.get(health).send().await.map(|r| r.status().as_u16()) }
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !waiting.is_finished(),
-        "a third connection was served past the cap"
-    );
-    // One closes: the waiting request is served.
-    drop(first);
-    let status = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("served once a place is free")
-        .expect("task")
-        .expect("request");
-    assert_eq!(status, 200);
-    drop(second);
     server.stop().await;
 }
 
