@@ -36,8 +36,9 @@
 //! `{"error": text, "code": stable code, "field"?: what was wrong, "session_id"?: ...}`,
 //! with codes `bad_request`, `bad_body`, `unauthorized`, `not_found`, `method_not_allowed`,
 //! `busy`, `already_finished`, `finalizing`, `too_many_streams`, `disk_full`,
-//! `unavailable`; a page's `limit` outside its range is a `400` naming it. A body must
-//! arrive within 30 s. Ctrl-C or SIGTERM finalizes running sessions (`Shutdown`), ends the
+//! `unavailable`; a page's `limit` outside its range is a `400` naming it. A request's
+//! head must arrive within 30 s (idle connections are closed then too), its body within
+//! 30 s more (see `http`). Ctrl-C or SIGTERM finalizes running sessions (`Shutdown`), ends the
 //! event streams, stops accepting (open connections get 5 s), and closes the database. A server that cannot start (a bad
 //! flag, a port in use, a database it cannot open) says why on stderr and exits with 1
 //! (2 for a refused token), before it opens anything when it can tell.
@@ -54,6 +55,7 @@
 // `tests.rs` the HTTP and browser tests; `assets/` the page.
 mod api;
 mod errors;
+mod http;
 mod streams;
 mod timeline;
 
@@ -261,16 +263,18 @@ fn serve_admin(
         .name("admin-http".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let served = match tokio::net::TcpListener::from_std(listener) {
+                match tokio::net::TcpListener::from_std(listener) {
                     Ok(listener) => {
-                        axum::serve(listener, admin_router(app))
-                            .with_graceful_shutdown(stop.cancelled_owned())
-                            .await
+                        http::serve(
+                            listener,
+                            admin_router(app),
+                            stop.cancelled_owned(),
+                            http::HEADER_READ_TIMEOUT,
+                            CONNECTIONS_GRACE,
+                        )
+                        .await;
                     }
-                    Err(error) => Err(error),
-                };
-                if let Err(error) = served {
-                    tracing::error!(%error, "the admin listener failed");
+                    Err(error) => tracing::error!(%error, "the admin listener failed"),
                 }
             });
         })
@@ -290,6 +294,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     app: App,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    header_read_timeout: Duration,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let supervisor = Arc::clone(&app.supervisor);
     let closing = app.closing.clone();
@@ -298,33 +303,25 @@ async fn serve(
     // shutdown_timeout), which ends the streams of this server's sessions with their
     // `SessionFinished`; then end every other open stream, and only then let the HTTP
     // server drain (it waits for open connections).
-    let (stopped, draining) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
         if let Err(error) = stopping.shutdown().await {
             tracing::warn!(%error, "the supervisor did not stop cleanly");
         }
         closing.cancel();
-        let _ = stopped.send(());
     };
-    let served = axum::serve(listener, router(app)).with_graceful_shutdown(signal);
-    // The HTTP server's drain waits for every open connection, and a client can hold one
-    // for ever (a stream it does not read, a body it never finishes sending): past
+    // The drain waits for the open connections, and a client can hold one for ever (a
+    // stream it does not read, a body it never finishes sending): past
     // `CONNECTIONS_GRACE` after the sessions are finalized, they are left to close with
     // the process, and the store is closed all the same.
-    let cut = async {
-        match draining.await {
-            Ok(()) => tokio::time::sleep(CONNECTIONS_GRACE).await,
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        served = served.into_future() => served?,
-        () = cut => tracing::warn!(
-            grace_secs = CONNECTIONS_GRACE.as_secs(),
-            "connections still open after the grace: closed with the process"
-        ),
-    }
+    http::serve(
+        listener,
+        router(app),
+        signal,
+        header_read_timeout,
+        CONNECTIONS_GRACE,
+    )
+    .await;
     supervisor.shutdown().await?;
     supervisor.store().flush().await?;
     Ok(())
@@ -495,10 +492,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => None,
     };
     let stop_signal = stop_signal()?;
-    let served = serve(listener, app, async {
-        let signal = stop_signal.await;
-        println!("{signal}: shutting down, finalizing running sessions");
-    })
+    let served = serve(
+        listener,
+        app,
+        async {
+            let signal = stop_signal.await;
+            println!("{signal}: shutting down, finalizing running sessions");
+        },
+        http::HEADER_READ_TIMEOUT,
+    )
     .await;
     // The admin port answers until the sessions are finalized and the store closed.
     admin_stop.cancel();

@@ -41,6 +41,16 @@ impl Server {
         work: Duration,
         read_token: Option<&str>,
     ) -> Self {
+        Self::start_full(store, dir, work, read_token, http::HEADER_READ_TIMEOUT).await
+    }
+
+    async fn start_full(
+        store: Arc<dyn SessionStore>,
+        dir: tempfile::TempDir,
+        work: Duration,
+        read_token: Option<&str>,
+        header_read_timeout: Duration,
+    ) -> Self {
         let metrics = metrics_handle();
         let supervisor = supervisor(store, work, supervisor_config(None, 4))
             .await
@@ -63,9 +73,14 @@ impl Server {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = app.clone();
         let done = tokio::spawn(async move {
-            serve(listener, served, async {
-                let _ = stopped.await;
-            })
+            serve(
+                listener,
+                served,
+                async {
+                    let _ = stopped.await;
+                },
+                header_read_timeout,
+            )
             .await
             .expect("serve");
         });
@@ -601,6 +616,79 @@ async fn hostile_and_sloppy_requests_get_json_errors_and_break_nothing() {
     assert_eq!(
         (code(&body).as_str(), &body["field"]),
         ("bad_request", &json!("harvester"))
+    );
+    server.stop().await;
+}
+
+/// A client that sends its request's head slowly, or keeps a connection idle, loses it
+/// after the header-read timeout; a long response (an event stream) is not cut by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_and_idle_connections_are_closed_streams_are_not() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().expect("dir");
+    let store = SqliteStore::open(dir.path().join("s.db"))
+        .await
+        .expect("store");
+    let timeout = Duration::from_secs(1);
+    let server = Server::start_full(
+        Arc::new(store),
+        dir,
+        Duration::from_millis(20),
+        None,
+        timeout,
+    )
+    .await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    // A session that runs for a while, followed by a stream.
+    let id = started(
+        server
+            .start_session("csw", json!({ "resources": ["a", "b-hang"] }))
+            .await,
+    )
+    .await;
+    let mut stream = server
+        .http
+        .get(format!("{}/sessions/{id}/events", server.base))
+        .send()
+        .await
+        .expect("stream");
+    // A head that never ends, and a connection that is never used.
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .expect("half a head");
+    let mut idle = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    // Both are closed by the server (read returns 0 or an error), within the timeout and
+    // some slack; without the timeout they would stay open for ever.
+    for (what, socket) in [("slow head", &mut slow), ("idle", &mut idle)] {
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(timeout * 5, async {
+            loop {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{what}: still open after {:?}", timeout * 5);
+    }
+    // The stream outlived the timeout and still delivers: its first events arrived, and
+    // the connection is not closed while the session runs.
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
+        .await
+        .expect("an event")
+        .expect("body")
+        .expect("not ended");
+    assert!(!first.is_empty());
+    let more = tokio::time::timeout(timeout * 2, stream.chunk()).await;
+    assert!(
+        !matches!(more, Ok(Ok(None)) | Ok(Err(_))),
+        "the stream was cut: {more:?}"
     );
     server.stop().await;
 }
