@@ -424,7 +424,10 @@ impl SessionStore for MemoryStore {
                 let mut ids = self
                     .by_harvester
                     .entry(new.harvester_id.clone())
-                    .or_default();
+                    // Room for one: most harvesters of a busy store have few sessions,
+                    // and 10,000 idle sessions on as many harvesters pay 48 bytes less
+                    // each than with a vector's first growth to four.
+                    .or_insert_with(|| Vec::with_capacity(1));
                 // Ids are UUID v7 (creation order): nearly always the last; kept sorted
                 // whatever the caller's ids.
                 let at = ids.partition_point(|id| *id < new.id);
