@@ -9,8 +9,9 @@
 //! as an event stream, is not waiting for a head and is not cut). Otherwise as
 //! `axum::serve`, but HTTP/1 only (the page, curl and every client speak it; HTTP/2
 //! without TLS is rare, and its detection waited for a silent connection for ever) and
-//! without upgrades (no route uses one), with a graceful stop that lets requests in flight finish; past `grace`, the
-//! connections still open are left to close with the process.
+//! without upgrades (no route uses one), with a graceful stop that lets requests in
+//! flight finish; past `grace`, the connections still open are left to close with the
+//! process.
 
 use std::time::Duration;
 
@@ -51,10 +52,20 @@ pub(crate) async fn serve(
         };
         let stream = match accepted {
             Ok((stream, _)) => stream,
+            // A connection that failed before it was accepted: the next one is fine.
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                continue;
+            }
             Err(error) => {
-                // Out of descriptors (EMFILE), or a connection reset before it was
-                // accepted: the next accept may succeed; wait a little if the process
-                // is out of something, as axum does.
+                // The process is out of something (descriptors: EMFILE): wait a little
+                // before the next try, as axum does.
                 tracing::warn!(%error, "could not accept a connection");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => continue,
