@@ -41,6 +41,22 @@ pub(crate) async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// The path's one parameter as a `T`, or a JSON `400` naming `field`.
+async fn path_param<T, S>(
+    parts: &mut axum::http::request::Parts,
+    state: &S,
+    field: &str,
+) -> Result<T, ApiError>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    match <Path<T> as axum::extract::FromRequestParts<S>>::from_request_parts(parts, state).await {
+        Ok(Path(value)) => Ok(value),
+        Err(e) => Err(rejected(field, e.status(), e.body_text())),
+    }
+}
+
 /// A session id from the path, or a JSON `400` naming it.
 pub(crate) struct SessionPath(pub(crate) SessionId);
 
@@ -51,10 +67,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for SessionPath {
         parts: &mut axum::http::request::Parts,
         state: &S,
     ) -> Result<Self, ApiError> {
-        match Path::<SessionId>::from_request_parts(parts, state).await {
-            Ok(Path(id)) => Ok(Self(id)),
-            Err(e) => Err(rejected("session_id", e.status(), e.body_text())),
-        }
+        path_param(parts, state, "session_id").await.map(Self)
     }
 }
 
@@ -69,10 +82,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for HarvesterPath {
         parts: &mut axum::http::request::Parts,
         state: &S,
     ) -> Result<Self, ApiError> {
-        match Path::<String>::from_request_parts(parts, state).await {
-            Ok(Path(id)) => Ok(Self(id)),
-            Err(e) => Err(rejected("harvester", e.status(), e.body_text())),
-        }
+        path_param(parts, state, "harvester").await.map(Self)
     }
 }
 
