@@ -69,11 +69,11 @@ fn log_run(db: &Path, who: &str, report: &SessionReport) -> std::io::Result<()> 
         .create(true)
         .append(true)
         .open(db.with_extension("finalized"))?;
-    writeln!(
-        f,
-        "{who} {} {}",
-        report.session_id, report.finalizer_attempt
-    )?;
+    // One write of the whole line: `writeln!` on a file writes each piece of the format
+    // apart, and two processes appending at once interleaved their pieces (a line lost
+    // to the check below: seen once in a storm).
+    let line = format!("{who} {} {}\n", report.session_id, report.finalizer_attempt);
+    f.write_all(line.as_bytes())?;
     f.sync_all()
 }
 
