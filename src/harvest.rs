@@ -16,7 +16,8 @@ use crate::model::{HarvesterId, ResourceId, SessionId, SessionReport};
 /// The error user code returns: any error, kept with its source chain until it is recorded.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// Harvests one resource. Called once per attempt, each time in a fresh `ResourceWorker`.
+/// Harvests one resource. Called once per attempt (a session's workers run its attempts
+/// one after another, at most `max_concurrency` at a time).
 ///
 /// The attempt may succeed, fail, panic, time out or hang: all of them end the attempt with
 /// an outcome; none of them keeps the session from finalizing.

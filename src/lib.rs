@@ -14,7 +14,8 @@
 //! HarvestSupervisor            root: busy lock, start/abort/query, rescue of last resort
 //!  └─ SessionActor             one per running session
 //!      ├─ MonitorActor         watchdog: deadline = resources x estimate + buffer
-//!      └─ ResourceWorker ...   one per attempt, at most `max_concurrency` alive
+//!      └─ ResourceWorker ...   tasks, at most `max_concurrency`, each running attempts
+//!                              one after another from the session's queue
 //! ```
 //!
 //! - [`Supervisor`]: the async handle you hold ([`SupervisorMessage`] if you prefer actors).

@@ -1,7 +1,8 @@
 //! `SessionActor`: one running session.
 //!
 //! It spawns its MonitorActor first, moves the session `pending -> on-going`, keeps at most
-//! `max_concurrency` ResourceWorkers alive, applies the retry and failure policies, records
+//! `max_concurrency` ResourceWorkers running (each takes attempts from the session's queue,
+//! [`dispatch`], and reports how each ended), applies the retry and failure policies, records
 //! each final outcome in the store as it arrives, and finalizes (through
 //! [`crate::finalizer`]) when every resource is done, on `FailFast`, on the monitor's
 //! `DeadlineExpired`, on abort, or on shutdown: it kills the workers still running and
@@ -12,6 +13,7 @@
 //! finalizes the session from the store with `SessionCrashed`.
 
 mod attempts;
+pub(crate) mod dispatch;
 pub(crate) mod messages;
 pub(crate) mod state;
 pub(crate) mod writes;
@@ -19,7 +21,7 @@ pub(crate) mod writes;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, ActorStatus, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +32,7 @@ use crate::finalizer::{self, Deps, Finalized, Lifecycle, Mode};
 use crate::model::{FinalizeReason, HarvesterId, ResourceId, SessionId, SessionStatus};
 use crate::monitor::{MonitorActor, MonitorArgs};
 use crate::supervisor::SupervisorMessage;
-use attempts::{on_child_event, start_worker};
+use attempts::{on_child_event, on_report};
 pub use messages::SessionMessage;
 use state::{Phase, SessionState};
 
@@ -39,6 +41,11 @@ pub(crate) struct SessionShared {
     pub(crate) id: SessionId,
     pub(crate) harvester_id: HarvesterId,
     pub(crate) resources: Arc<[ResourceId]>,
+    /// The attempts' queue, shared with the workers.
+    pub(crate) dispatch: dispatch::Dispatch,
+    /// The workers' tasks, to wait for their exit (the root waits on it after killing the
+    /// session's actor, whose dropped state aborts them).
+    pub(crate) worker_exits: tokio_util::task::TaskTracker,
     /// The same `Arc` the store was given (the memory store keeps it rather than a copy).
     pub(crate) config: Arc<SessionConfig>,
     /// `started + workflow_time`, on tokio's clock (so paused-clock tests control it).
@@ -145,12 +152,19 @@ impl Actor for SessionActor {
         message: SessionMessage,
         s: &mut Session,
     ) -> Result<(), ActorProcessingErr> {
-        // Messages are rare (deadline, abort, retries, shutdown); worker exits are not.
-        // Boxed, this handler's future stays out of the mailbox loop that ractor allocates
-        // once per actor and sizes for every handler's future at once: that loop is most
-        // of an idle session's own memory.
         let span = s.shared.emitter.span().clone();
-        Box::pin(async move { in_span!(&span, on_message(&myself, message, s)) }).await
+        // Other messages are rare (deadline, abort, retries, shutdown); attempts' ends are
+        // not. Boxed, their handler's future stays out of the mailbox loop that ractor
+        // allocates once per actor and sizes for every handler's future at once: that loop
+        // is most of an idle session's own memory.
+        match message {
+            SessionMessage::AttemptEnded(report) => {
+                in_span!(&span, on_report(&myself, report, s))
+            }
+            message => {
+                Box::pin(async move { in_span!(&span, on_message(&myself, message, s)) }).await
+            }
+        }
     }
 
     // Never the default: it would stop the session whenever a worker exits.
@@ -269,10 +283,14 @@ async fn stop_taken_over(myself: &ActorRef<SessionMessage>, s: &mut Session) {
         "another node took this session over; this node stops it without finalizing"
     );
     s.shared.cancel.cancel();
-    let killed = s.st.kill_workers(&myself.get_cell());
-    let _ =
-        s.st.wind_down(&s.shared.resources, false, s.shared.config.budget_source());
-    await_exits(&killed, s.shared.config.killed_exit_wait).await;
+    s.st.kill_workers(&s.shared.dispatch);
+    let _ = s.st.wind_down(
+        &s.shared.resources,
+        &s.shared.dispatch,
+        false,
+        s.shared.config.budget_source(),
+    );
+    await_exits(&mut s.st.workers, s.shared.config.killed_exit_wait).await;
     stop_monitor(s, false).await;
     myself.stop(Some(STOP_TAKEN_OVER.to_owned()));
 }
@@ -288,6 +306,8 @@ async fn on_message(
     s: &mut Session,
 ) -> Result<(), ActorProcessingErr> {
     match message {
+        // Handled before boxing (see `handle`).
+        SessionMessage::AttemptEnded(report) => on_report(myself, report, s).await,
         SessionMessage::DeadlineExpired => {
             finalize(myself, s, FinalizeReason::DeadlineExpired).await
         }
@@ -311,9 +331,9 @@ async fn on_message(
             if s.st.phase == Phase::Running
                 && let Some(w) = s.st.take_waiting(index)
             {
-                s.st.rare()
-                    .ready
-                    .push_back((index, w.next_attempt, w.first_started));
+                s.shared
+                    .dispatch
+                    .push_ready(index, w.next_attempt, w.first_started);
                 advance(myself, s).await?;
             }
             Ok(())
@@ -327,6 +347,7 @@ async fn on_message(
                 return Ok(());
             }
             s.st.rare().fenced = true;
+            s.shared.dispatch.close();
             s.shared.emitter.emit(EventKind::LeaseLost {
                 node: s.shared.deps.node.id(),
             });
@@ -340,8 +361,8 @@ async fn on_message(
         }
         SessionMessage::FenceGraceElapsed => {
             if s.st.phase != Phase::Finalized && s.st.is_fenced() {
-                // Their exits come back as attempts to run again.
-                let _ = s.st.kill_workers(&myself.get_cell());
+                // Their attempts come back (as killed) to run again.
+                s.st.kill_workers(&s.shared.dispatch);
             }
             Ok(())
         }
@@ -380,6 +401,9 @@ async fn abort(myself: &ActorRef<SessionMessage>, s: &mut Session) -> Result<(),
         Phase::Finalized => return abort_answer(&store.session(id).await?),
         Phase::Running => {}
     }
+    // No attempt starts while the abort is written (`advance` opens the queue again if
+    // the session turns out not to be abortable).
+    s.shared.dispatch.close();
     if !store
         .transition(
             id,
@@ -431,7 +455,7 @@ async fn advance(
     match s.st.phase {
         Phase::Finalized => Ok(()),
         Phase::Aborting => {
-            if s.st.in_flight.is_empty() {
+            if s.shared.dispatch.is_idle() {
                 finalize(myself, s, FinalizeReason::Aborted).await?;
             }
             Ok(())
@@ -441,14 +465,15 @@ async fn advance(
         Phase::Running => {
             let total = s.shared.resources.len();
             // A self-fenced node starts nothing (its lease may be gone).
-            while !s.st.is_fenced() && s.st.in_flight.len() < s.shared.config.max_concurrency {
-                let Some((index, attempt, first)) = s.st.next_attempt(total) else {
-                    break;
-                };
-                start_worker(myself, s, index, attempt, first).await?;
-                if s.st.phase != Phase::Running {
-                    return Ok(());
-                }
+            let open = !s.st.is_fenced();
+            let (more, generation) = s
+                .shared
+                .dispatch
+                .open_for(open, s.shared.config.max_concurrency);
+            // Workers that ended are let go of (their results are nothing).
+            while s.st.workers.try_join_next().is_some() {}
+            for _ in 0..more {
+                crate::worker::spawn(&mut s.st.workers, &s.shared, myself, generation);
             }
             if s.st.done == total {
                 finalize(myself, s, FinalizeReason::Completed).await?;
@@ -479,16 +504,17 @@ async fn finalize_now(
 ) -> Result<(), ActorProcessingErr> {
     s.st.phase = Phase::Finalized;
     s.shared.cancel.cancel();
-    let killed = s.st.kill_workers(&myself.get_cell());
+    s.st.kill_workers(&s.shared.dispatch);
     // Every outcome write must be answered first: a failed one is reconciled from memory.
     s.st.writes.drain().await;
     s.st.settle_writes(&s.shared.emitter);
     let local = s.st.wind_down(
         &s.shared.resources,
+        &s.shared.dispatch,
         !s.shared.resumed,
         s.shared.config.budget_source(),
     );
-    await_exits(&killed, s.shared.config.killed_exit_wait).await;
+    await_exits(&mut s.st.workers, s.shared.config.killed_exit_wait).await;
     let shared = Arc::clone(&s.shared);
     let result = finalizer::finalize(
         &shared.deps,
@@ -518,16 +544,13 @@ async fn finalize_now(
 
 /// Waits until the killed workers have exited, so that no harvest still runs beside the
 /// finalizer; after `wait` (the session's `killed_exit_wait`), goes on with a warning.
-async fn await_exits(killed: &[ActorCell], wait: Duration) {
-    if killed.is_empty() {
+async fn await_exits(workers: &mut tokio::task::JoinSet<()>, wait: Duration) {
+    if workers.is_empty() {
         return;
     }
-    let exits = futures::future::join_all(killed.iter().map(|worker| worker.wait(None)));
+    let exits = async { while workers.join_next().await.is_some() {} };
     if tokio::time::timeout(wait, exits).await.is_err() {
-        let still = killed
-            .iter()
-            .filter(|w| w.get_status() != ActorStatus::Stopped)
-            .count();
+        let still = workers.len();
         tracing::warn!(
             still,
             "killed workers have not exited (a harvest that does not yield?); the finalizer runs anyway"

@@ -552,10 +552,13 @@ fn session_shared(
         .or_else(|| now.checked_add(std::time::Duration::from_secs(1 << 30)))
         .unwrap_or(now);
     let meters = crate::meters::SessionMeters::new(&harvester_id);
+    let dispatch = crate::session::dispatch::Dispatch::new(resources.len(), config.max_concurrency);
     Arc::new(SessionShared {
         id,
         harvester_id,
         resources,
+        dispatch,
+        worker_exits: tokio_util::task::TaskTracker::new(),
         config,
         deadline,
         deps: Arc::clone(&state.deps),
@@ -716,8 +719,8 @@ fn force(state: &mut RootState, id: SessionId, reason: FinalizeReason) {
     }
     running.forcing = true;
     running.shared.cancel.cancel();
-    // Its children (the monitor, the workers) are killed with it: noted first, so that the
-    // finalization waits for them too.
+    // Its children (the monitor) are killed with it, and its workers' tasks aborted as its
+    // state is dropped: noted first, so that the finalization waits for them too.
     let actor = running.actor.get_cell();
     let children = actor.get_children();
     // Kill, not stop: a stuck handler never returns, and kill drops it at its next await.
@@ -725,6 +728,7 @@ fn force(state: &mut RootState, id: SessionId, reason: FinalizeReason) {
     let killed = Killed {
         actor,
         children,
+        workers: running.shared.worker_exits.clone(),
         wait: running.shared.config.killed_exit_wait,
     };
     let emitter = running.shared.emitter.clone();
@@ -759,6 +763,8 @@ impl Drop for ReportBack {
 pub(crate) struct Killed {
     actor: ractor::ActorCell,
     children: Vec<ractor::ActorCell>,
+    /// Its workers' tasks (aborted when its state is dropped).
+    workers: tokio_util::task::TaskTracker,
     /// The session's `killed_exit_wait`.
     wait: std::time::Duration,
 }
@@ -780,7 +786,11 @@ impl Killed {
                  thread?): the session stays unfinished, its harvester busy, until it does"
             );
         }
-        let children = futures::future::join_all(self.children.iter().map(|c| c.wait(None)));
+        self.workers.close();
+        let children = futures::future::join(
+            futures::future::join_all(self.children.iter().map(|c| c.wait(None))),
+            self.workers.wait(),
+        );
         if tokio::time::timeout(self.wait, children).await.is_err() {
             tracing::warn!(
                 "workers of the killed session have not exited (a harvest that does not \

@@ -1,93 +1,166 @@
-//! `ResourceWorker`: one attempt of the user's harvest for one resource.
+//! `ResourceWorker`: a task that runs the session's resource attempts one after another.
 //!
-//! The attempt runs in `post_start` under the per-attempt timeout, the heartbeat watchdog and
-//! the session's cancellation token; then the worker stops itself with its report in its
-//! state (see [`messages`]). A panic in user code is caught by ractor and reaches the
-//! SessionActor as `ActorFailed` with the panic message: it never takes the session down.
-//! `kill()` drops the attempt at its next `.await`, which is how the session stops workers
-//! that ignore their cancellation token.
+//! A session runs at most `max_concurrency` workers. Each takes its next attempt from the
+//! session's queue ([`crate::session::dispatch`]) itself, runs it under the per-attempt
+//! timeout, the heartbeat watchdog and the session's cancellation token, reports how it
+//! ended to the SessionActor (a message, [`AttemptReport`]), and takes the next one; it
+//! ends when the queue is empty or closed. A resource thus costs no actor and no trip
+//! through the session's mailbox before it starts: under load, those trips through
+//! tokio's run queues were most of a short resource's time.
+//!
+//! A panic in user code is caught around the attempt and reported with its message: it
+//! never takes the worker, nor the session, down. The session kills its workers (tokio's
+//! abort: the attempt is dropped at its next `.await`) when it finalizes, or when its
+//! node self-fenced and the attempts ignored their cancellation; an attempt dropped so is
+//! reported as [`Ended::Killed`].
 
 pub(crate) mod messages;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use futures::FutureExt;
+use ractor::ActorRef;
 use tokio::time::Instant;
 
-use crate::events::in_span;
+use crate::events::{EventKind, in_span};
 use crate::harvest::{HarvestContext, Heartbeat, error_chain};
 use crate::model::ResourceId;
 use crate::session::SessionShared;
-pub(crate) use messages::{AttemptResult, WorkerMessage};
+use crate::session::dispatch::Claimed;
+use crate::session::messages::SessionMessage;
+pub(crate) use messages::{AttemptReport, AttemptResult, Ended};
 
-/// The actor (config lives in its arguments; it has none of its own).
-pub(crate) struct ResourceWorker;
+/// Starts a worker of `generation` (see [`crate::session::dispatch::Dispatch::open_for`])
+/// in the session's set of workers.
+pub(crate) fn spawn(
+    workers: &mut tokio::task::JoinSet<()>,
+    shared: &Arc<SessionShared>,
+    session: &ActorRef<SessionMessage>,
+    generation: u32,
+) {
+    let work = run(Arc::clone(shared), session.clone(), generation);
+    workers.spawn(shared.worker_exits.track_future(work));
+}
+
+/// The worker: attempts until the queue has none for it.
+async fn run(shared: Arc<SessionShared>, session: ActorRef<SessionMessage>, generation: u32) {
+    loop {
+        let claimed = shared.dispatch.next(generation, |c| {
+            if let Some(resource_id) = shared.resources.get(c.index).cloned() {
+                shared.emitter.emit(EventKind::WorkerStarted {
+                    resource_id,
+                    attempt: c.attempt,
+                });
+            }
+        });
+        let Some(claimed) = claimed.await else {
+            return;
+        };
+        let ended = attempt(&shared, &session, &claimed).await;
+        let report = AttemptReport {
+            key: claimed.key,
+            ended,
+        };
+        if session
+            .send_message(SessionMessage::AttemptEnded(report))
+            .is_err()
+        {
+            return; // the session is gone
+        }
+        // A harvest that never waits would keep this worker's thread for the whole
+        // session: give way once tokio's cooperative budget is spent.
+        tokio::task::consume_budget().await;
+    }
+}
+
+/// One attempt, with its panic caught.
+async fn attempt(
+    shared: &Arc<SessionShared>,
+    session: &ActorRef<SessionMessage>,
+    c: &Claimed,
+) -> Ended {
+    shared.meters.attempt_started(
+        c.first
+            .then(|| c.started.saturating_duration_since(shared.opened)),
+    );
+    let _running = shared.deps.gauges.running(crate::meters::Kind::Workers);
+    let Some(resource_id) = shared.resources.get(c.index).cloned() else {
+        return Ended::Report(AttemptResult::Failed("no such resource".into()));
+    };
+    // Reports the attempt as killed if it is dropped before it ends (tokio's abort).
+    let mut unreported = Unreported {
+        session,
+        key: Some(c.key),
+    };
+    let span = tracing::info_span!(
+        parent: shared.emitter.span(),
+        "resource",
+        resource_id = %resource_id,
+        attempt = c.attempt
+    );
+    let args = WorkerArgs {
+        session: shared,
+        resource_id,
+        attempt: c.attempt,
+        started: c.started,
+        cancel: shared.cancel.token(),
+    };
+    let ended = std::panic::AssertUnwindSafe(async { in_span!(&span, run_attempt(args)) })
+        .catch_unwind()
+        .await;
+    unreported.key = None;
+    match ended {
+        Ok(result) => Ended::Report(result),
+        Err(panic) => Ended::Panicked(panic_message(panic.as_ref())),
+    }
+}
+
+/// A panic's message (its payload, when it is a string).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic whose payload is not a string".to_owned()
+    }
+}
+
+/// Tells the session that an attempt was dropped before it ended, when dropped armed.
+struct Unreported<'a> {
+    session: &'a ActorRef<SessionMessage>,
+    key: Option<u64>,
+}
+
+impl Drop for Unreported<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let report = AttemptReport {
+                key,
+                ended: Ended::Killed,
+            };
+            let _ = self
+                .session
+                .send_message(SessionMessage::AttemptEnded(report));
+        }
+    }
+}
 
 /// What one attempt needs: the session's shared part (harvester, limits, cancellation
-/// token, span) and what is the attempt's own. Kept small: it is moved a few times on
-/// every spawn.
-pub(crate) struct WorkerArgs {
-    pub(crate) session: Arc<SessionShared>,
-    pub(crate) resource_id: ResourceId,
-    pub(crate) attempt: u32,
-    /// When the session started this attempt (the heartbeat's origin).
-    pub(crate) started: Instant,
-    /// The attempt's cancellation token (the session's attempts' token, see
-    /// `SessionState::attempts`).
-    pub(crate) cancel: tokio_util::sync::CancellationToken,
+/// token, span) and what is the attempt's own.
+struct WorkerArgs<'a> {
+    session: &'a SessionShared,
+    resource_id: ResourceId,
+    attempt: u32,
+    /// When this attempt started (the heartbeat's origin).
+    started: Instant,
+    /// The attempt's cancellation token (see `SessionShared::cancel`).
+    cancel: tokio_util::sync::CancellationToken,
 }
 
-/// The worker's state; its final value carries the result the session reads.
-pub(crate) struct WorkerState {
-    args: Option<WorkerArgs>,
-    pub(crate) result: Option<AttemptResult>,
-    /// On the active-workers gauge while the worker (or its final state) lives.
-    _running: crate::meters::Running,
-}
-
-impl Actor for ResourceWorker {
-    type Msg = WorkerMessage;
-    type State = WorkerState;
-    type Arguments = WorkerArgs;
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        args: WorkerArgs,
-    ) -> Result<WorkerState, ActorProcessingErr> {
-        Ok(WorkerState {
-            _running: args
-                .session
-                .deps
-                .gauges
-                .running(crate::meters::Kind::Workers),
-            args: Some(args),
-            result: None,
-        })
-    }
-
-    async fn post_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut WorkerState,
-    ) -> Result<(), ActorProcessingErr> {
-        if let Some(args) = state.args.take() {
-            let span = tracing::info_span!(
-                parent: args.session.emitter.span(),
-                "resource",
-                resource_id = %args.resource_id,
-                attempt = args.attempt
-            );
-            state.result = Some(in_span!(&span, run_attempt(args)));
-        }
-        myself.stop(None);
-        Ok(())
-    }
-}
-
-async fn run_attempt(args: WorkerArgs) -> AttemptResult {
-    let shared = &args.session;
+async fn run_attempt(args: WorkerArgs<'_>) -> AttemptResult {
+    let shared = args.session;
     let resource_timeout = shared.config.resource_timeout;
     let heartbeat_timeout = shared.config.heartbeat_timeout;
     let heartbeat = Heartbeat::new(heartbeat_timeout.is_some(), args.started);

@@ -140,6 +140,41 @@ async fn a_slow_store_holds_at_most_4097_outcome_writes_of_a_session_in_flight()
     sup.shutdown().await.expect("shutdown");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_slow_store_holds_the_workers_too_nothing_piles_up_behind_it() {
+    // Workers take their attempts from the session's queue themselves and report each end
+    // to the session; while the session waits for its oldest outcome writes (see above),
+    // they may run on only until twice `max_concurrency` attempts await its reading, so
+    // that a fast harvest and a slow disk pile up neither reports nor attempts.
+    let store = FaultyStore::new();
+    store.queued_outcomes.store(true, Ordering::SeqCst);
+    store.late_answers.store(true, Ordering::SeqCst);
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&started);
+    let harvest = harvest_supervisor::harvest_fn(move |_ctx| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { Ok(()) }
+    });
+    let sup = harvest_supervisor::Supervisor::builder(harvest, rec.clone())
+        .store(store.clone())
+        .config(harvest_supervisor::SupervisorConfig::default().with_session(config()))
+        .start()
+        .await
+        .expect("supervisor starts");
+    let resources: Vec<String> = (0..10_000).map(|i| format!("ok-{i}")).collect();
+    let id = sup.start_session("csw", resources).await.expect("start");
+    // Answers come 5 s after each write: at 1 s, the session has waited for a while.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ran = started.load(Ordering::SeqCst);
+    // 4,097 outcomes read (the writes in flight), and at most 2 x 4 attempts beyond them.
+    assert!((4_097..=4_105).contains(&ran), "{ran} attempts ran");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.counts.succeeded, 10_000);
+    assert_eq!(started.load(Ordering::SeqCst), 10_000, "each resource once");
+    sup.shutdown().await.expect("shutdown");
+}
+
 /// Outcome writes that fail, taken by the store in each of its ways.
 async fn failed_outcome_writes_lose_nothing(writes: Writes) {
     let store = FaultyStore::new();

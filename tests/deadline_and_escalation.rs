@@ -353,3 +353,58 @@ async fn escalation_never_completes_a_session_while_its_finalizer_still_runs() {
     assert!(record.status.is_terminal());
     sup.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_force_finalized_session_has_no_harvest_running_beside_its_finalizer() {
+    // The session actor is stuck in a handler (an outcome write that never returns), so the
+    // root kills it; its workers are tasks, not actors, and must be gone (their harvests
+    // dropped) before the root runs the finalizer, as a killed actor's children would be.
+    let store = FaultyStore::new();
+    store.hang_outcome_writes.store(true, Ordering::SeqCst);
+    let alive = Arc::new(AtomicUsize::new(0));
+    let in_harvest = Arc::clone(&alive);
+    let harvest = harvest_fn(move |ctx: harvest_supervisor::HarvestContext| {
+        in_harvest.fetch_add(1, Ordering::SeqCst);
+        let guard = Alive(Arc::clone(&in_harvest));
+        async move {
+            let _guard = guard;
+            if ctx.resource_id.as_str().starts_with("hang") {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        }
+    });
+    let alive_at_finalizer = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (seen, count) = (Arc::clone(&alive_at_finalizer), Arc::clone(&alive));
+    let finalizer = finalizer_fn(move |_report| {
+        seen.lock().unwrap().push(count.load(Ordering::SeqCst));
+        async { Ok(()) }
+    });
+    let sup = Supervisor::builder(harvest, finalizer)
+        .store(store.clone())
+        .config(SupervisorConfig::default().with_session(config()))
+        .start()
+        .await
+        .expect("supervisor starts");
+    let id = sup
+        .start_session("csw", ["hang-1", "ok-2", "hang-3"])
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+    assert!(
+        has_event(&sup, id, |k| matches!(
+            k,
+            EventKind::MonitorEscalated { .. }
+        ))
+        .await,
+        "the root finalized it"
+    );
+    assert_eq!(record.reason(), Some(FinalizeReason::DeadlineExpired));
+    assert_eq!(
+        *alive_at_finalizer.lock().unwrap(),
+        [0],
+        "no harvest alive then"
+    );
+    store.hang_outcome_writes.store(false, Ordering::SeqCst);
+    sup.shutdown().await.expect("shutdown");
+}

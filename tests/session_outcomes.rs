@@ -119,6 +119,41 @@ async fn a_panicking_harvest_is_recorded_with_its_message_and_the_session_goes_o
 }
 
 #[tokio::test(start_paused = true)]
+async fn one_worker_runs_every_attempt_after_panics_failures_timeouts_and_retries() {
+    // `max_concurrency` 1: one worker runs the session's attempts one after another, so
+    // whatever one attempt does (panic, error, hang past its timeout, fail and wait for a
+    // retry) must not end that worker or skip an attempt.
+    let cfg = config()
+        .with_max_concurrency(1)
+        .with_resource_timeout(Some(Duration::from_secs(30)))
+        .with_retry(
+            RetryPolicy::default()
+                .with_max_attempts(3)
+                .with_initial_backoff(Duration::from_secs(1))
+                .with_multiplier(1.0)
+                .with_max_backoff(Duration::from_secs(1)),
+        );
+    let resources = [
+        "panic-1", "ok-2", "fail-3", "hang-4", "flaky2-5", "panic-6", "ok-7",
+    ];
+    let run = run(cfg, &resources).await;
+    let record = &run.record;
+    assert_eq!(record.reason(), Some(FinalizeReason::Completed));
+    assert_eq!(
+        (
+            record.counts.succeeded,
+            record.counts.panicked,
+            record.counts.failed,
+            record.counts.timed_out
+        ),
+        (3, 2, 1, 1)
+    );
+    let attempts: Vec<u32> = run.report().outcomes.iter().map(|o| o.attempts).collect();
+    assert_eq!(attempts, [3, 1, 3, 3, 3, 3, 1]);
+    run.log().assert_finalized_once();
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_attempt_over_resource_timeout_times_out_and_the_session_goes_on() {
     let cfg = config().with_resource_timeout(Some(Duration::from_secs(30)));
     let run = run(cfg, &["ok-1", "sleep60-2", "hang-3"]).await;

@@ -1,108 +1,36 @@
-//! Attempts: starting a ResourceWorker, hearing how it ended (its report inside
-//! `ActorTerminated`, a panic as `ActorFailed`), retrying with backoff or recording the final
-//! outcome, and settling outcome writes the store answered.
+//! Attempts: hearing how each ended (a worker's [`AttemptReport`]), retrying with backoff
+//! or recording the final outcome, and settling outcome writes the store answered; and
+//! the monitor's exits.
 
-use std::sync::Arc;
-
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::time::Instant;
 
 use crate::config::FailurePolicy;
 use crate::events::{EventKind, SessionEmitter};
 use crate::model::{FinalizeReason, OutcomeRecord, ResourceId, ResourceOutcome};
-use crate::session::state::{Phase, Slot, Times, Waiting};
+use crate::session::state::{Phase, Times, Waiting};
 use crate::session::{Session, SessionMessage, advance, finalize, spawn_monitor};
-use crate::worker::{AttemptResult, ResourceWorker, WorkerArgs, WorkerState};
+use crate::worker::{AttemptReport, AttemptResult, Ended};
 
-/// Starts attempt `attempt` of resource `index`; `first_started` is when the resource's
-/// first attempt started (`None`: this is it).
-pub(super) async fn start_worker(
+/// A worker's report of an attempt that ended.
+pub(super) async fn on_report(
     myself: &ActorRef<SessionMessage>,
-    s: &mut Session,
-    index: usize,
-    attempt: u32,
-    first_started: Option<Instant>,
-) -> Result<(), ActorProcessingErr> {
-    let Some(resource_id) = s.shared.resources.get(index).cloned() else {
-        return Ok(());
-    };
-    // The one clock read of an attempt's start: it times the attempt, the resource (on a
-    // first attempt) and is the heartbeat's origin.
-    let started = Instant::now();
-    s.shared.meters.attempt_started(
-        first_started
-            .is_none()
-            .then(|| started.saturating_duration_since(s.shared.opened)),
-    );
-    let first_started = first_started.unwrap_or(started);
-    s.shared.emitter.emit(EventKind::WorkerStarted {
-        resource_id: resource_id.clone(),
-        attempt,
-    });
-    let args = WorkerArgs {
-        session: Arc::clone(&s.shared),
-        resource_id,
-        attempt,
-        started,
-        cancel: s.shared.cancel.token(),
-    };
-    let times = Times {
-        first_started,
-        started,
-    };
-    // Boxed: ractor's spawn future is the largest part of the worker-exit handler, and
-    // ractor's mailbox loop holds that handler's future twice, for the session's whole
-    // life. A small short-lived box per attempt buys ~2 KiB less per idle session.
-    let spawn = Box::pin(Actor::spawn_linked(
-        None,
-        ResourceWorker,
-        args,
-        myself.get_cell(),
-    ));
-    match spawn.await {
-        Ok((worker, _)) => {
-            let slot = Slot {
-                index,
-                attempt,
-                times,
-            };
-            s.st.in_flight.insert(worker.get_id(), slot);
-            Ok(())
-        }
-        Err(e) => {
-            // Could not even start: a failed attempt of this resource, not of the session.
-            let error = format!("could not spawn the worker: {e}");
-            let next = on_attempt(
-                myself,
-                s,
-                (index, attempt, times),
-                Ended::SpawnFailed(error),
-            );
-            match next {
-                Some(reason) => finalize(myself, s, reason).await,
-                None => Ok(()),
-            }
-        }
-    }
-}
-
-pub(super) async fn on_child_event(
-    myself: &ActorRef<SessionMessage>,
-    event: SupervisionEvent,
+    report: AttemptReport,
     s: &mut Session,
 ) -> Result<(), ActorProcessingErr> {
     // Everything up to the awaits is synchronous, so the locals it needs never live in
     // this handler's future: ractor keeps that future, twice over, in every session's
     // mailbox loop for the session's whole life.
-    let next = match child_exit(event, s) {
-        Exit::Worker(slot, ended) => on_attempt(myself, s, slot, ended),
-        Exit::Monitor(None) | Exit::Other => return Ok(()),
-        Exit::Monitor(Some(error)) => {
-            s.shared.emitter.emit(EventKind::MonitorRestarted { error });
-            spawn_monitor(myself, s).await;
-            return Ok(());
-        }
+    let Some(slot) = s.shared.dispatch.take(report.key) else {
+        // Already wound down (the session finalized): nothing to hear.
+        return Ok(());
     };
+    let next = on_attempt(
+        myself,
+        s,
+        (slot.index, slot.attempt, slot.times),
+        report.ended,
+    );
     if s.st.writes.over_limit() {
         s.st.writes.throttle().await;
         s.st.settle_writes(&s.shared.emitter);
@@ -118,57 +46,31 @@ pub(super) async fn on_child_event(
     advance(myself, s).await
 }
 
-/// Which child exited, and how.
-enum Exit {
-    /// A worker's attempt ended.
-    Worker((usize, u32, Times), Ended),
-    /// The monitor stopped (`None`) or crashed and must be restarted (`Some(error)`).
-    Monitor(Option<String>),
-    /// Not a child exit, or one this session no longer tracks.
-    Other,
-}
-
-fn child_exit(event: SupervisionEvent, s: &mut Session) -> Exit {
-    // `Ok`: the child stopped, with its final state; `Err`: it failed (a panic, or the
-    // monitor's error), with the message.
+/// The session's children are its monitor (its workers are tasks, not actors): a crashed
+/// monitor is restarted.
+pub(super) async fn on_child_event(
+    myself: &ActorRef<SessionMessage>,
+    event: SupervisionEvent,
+    s: &mut Session,
+) -> Result<(), ActorProcessingErr> {
+    // `Ok`: the child stopped; `Err`: it failed, with the message.
     let (cell, ending) = match event {
-        SupervisionEvent::ActorTerminated(cell, final_state, _) => (cell, Ok(final_state)),
+        SupervisionEvent::ActorTerminated(cell, _, _) => (cell, Ok(())),
         SupervisionEvent::ActorFailed(cell, error) => (cell, Err(error.to_string())),
-        _ => return Exit::Other,
+        _ => return Ok(()),
     };
     let id = cell.get_id();
-    if s.st.monitor.as_ref().is_some_and(|m| m.get_id() == id) {
-        s.st.monitor = None;
-        return match ending {
-            Err(error) if s.st.phase != Phase::Finalized => Exit::Monitor(Some(error)),
-            _ => Exit::Monitor(None),
-        };
+    if s.st.monitor.as_ref().is_none_or(|m| m.get_id() != id) {
+        return Ok(());
     }
-    let Some(slot) = s.st.in_flight.remove(&id) else {
-        return Exit::Other;
-    };
-    let ended = match ending {
-        Ok(final_state) => Ended::Report(
-            final_state
-                .and_then(|mut b| b.take::<WorkerState>().ok())
-                .and_then(|w| w.result)
-                .unwrap_or_else(|| {
-                    AttemptResult::Failed("the worker stopped without a report".into())
-                }),
-        ),
-        Err(panic_message) => Ended::Panicked(panic_message),
-    };
-    Exit::Worker((slot.index, slot.attempt, slot.times), ended)
-}
-
-/// How an attempt ended, as the session learns it.
-enum Ended {
-    /// The worker stopped with its result.
-    Report(AttemptResult),
-    /// The user's harvest panicked (ractor's `ActorFailed`), with the message.
-    Panicked(String),
-    /// The worker could not be spawned.
-    SpawnFailed(String),
+    s.st.monitor = None;
+    if let Err(error) = ending
+        && s.st.phase != Phase::Finalized
+    {
+        s.shared.emitter.emit(EventKind::MonitorRestarted { error });
+        spawn_monitor(myself, s).await;
+    }
+    Ok(())
 }
 
 /// One attempt ended: schedule its retry, or record its final outcome. Returns the reason
@@ -193,9 +95,10 @@ fn on_attempt(
     );
     let outcome = match ended {
         Ended::Report(AttemptResult::Succeeded) => ResourceOutcome::Succeeded,
-        Ended::Report(AttemptResult::Failed(error)) | Ended::SpawnFailed(error) => {
-            ResourceOutcome::Failed { error }
-        }
+        Ended::Report(AttemptResult::Failed(error)) => ResourceOutcome::Failed { error },
+        Ended::Killed => ResourceOutcome::Failed {
+            error: "the worker was stopped before the attempt ended".to_owned(),
+        },
         Ended::Report(AttemptResult::TimedOut { .. }) => ResourceOutcome::TimedOut,
         Ended::Report(AttemptResult::Cancelled) => ResourceOutcome::Cancelled,
         Ended::Panicked(message) => ResourceOutcome::Panicked { message },
@@ -222,7 +125,7 @@ fn on_attempt(
     let cut = s.st.phase == Phase::Running
         && (outcome == ResourceOutcome::Cancelled || (s.st.is_fenced() && !outcome.is_success()));
     if cut {
-        s.st.rare().ready.push_back((index, attempt, first_started));
+        s.shared.dispatch.push_ready(index, attempt, first_started);
         return None;
     }
     let retryable = matches!(

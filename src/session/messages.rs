@@ -4,10 +4,12 @@ use ractor::RpcReplyPort;
 
 use crate::error::SessionError;
 
-/// What a SessionActor is told. Worker reports arrive as supervision events, not here.
+/// What a SessionActor is told.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum SessionMessage {
+    /// From one of its workers: an attempt ended (made only by the library's workers).
+    AttemptEnded(crate::worker::AttemptReport),
     /// From the monitor: `started + workflow_time` has passed. Finalizes with
     /// `DeadlineExpired`; unfinished resources count as `TimedOut`.
     DeadlineExpired,

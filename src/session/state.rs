@@ -1,19 +1,20 @@
-//! The SessionActor's mutable state: the worker window, retries waiting on their backoff,
-//! and the phase.
+//! The SessionActor's mutable state: its workers, retries waiting on their backoff, and
+//! the phase. (The attempts' queue is shared with the workers: see `dispatch`.)
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use ractor::{ActorCell, ActorId, ActorRef, MessagingErr};
+use ractor::{ActorRef, MessagingErr};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::error::StoreError;
 use crate::events::{EventKind, SessionEmitter};
 use crate::finalizer::{InFlight, Local};
-use crate::model::{IdHasher, OutcomeRecord, ResourceId};
+use crate::model::{OutcomeRecord, ResourceId};
 use crate::monitor::MonitorMessage;
 use crate::session::SessionMessage;
+use crate::session::dispatch::Dispatch;
 use crate::session::writes::OutcomeWrites;
 
 /// Store errors kept for the report; more are counted in the last line.
@@ -39,11 +40,7 @@ pub(crate) struct Times {
     pub(crate) started: Instant,
 }
 
-/// One attempt in flight.
-///
-/// It holds no reference to its worker (one reference count less to raise and drop per
-/// attempt, on a line the worker's thread also writes): the session finds its workers
-/// among its ractor children when it stops them ([`SessionState::kill_workers`]).
+/// One attempt in flight (in the session's queue, by its key).
 pub(crate) struct Slot {
     pub(crate) index: usize,
     pub(crate) attempt: u32,
@@ -60,10 +57,8 @@ pub(crate) struct Waiting {
 /// Mutable data of one SessionActor.
 pub(crate) struct SessionState {
     pub(crate) phase: Phase,
-    /// Next never-started resource index.
-    pub(crate) next_fresh: usize,
-    /// Attempts running now, by worker actor id. Its size is the window.
-    pub(crate) in_flight: HashMap<ActorId, Slot, IdHasher>,
+    /// The workers' tasks (at most `max_concurrency` run; see `dispatch`).
+    pub(crate) workers: tokio::task::JoinSet<()>,
     /// Resources with a final outcome.
     pub(crate) done: usize,
     pub(crate) monitor: Option<ActorRef<MonitorMessage>>,
@@ -80,8 +75,6 @@ pub(crate) struct SessionState {
 /// for these 136 bytes (10,000 idle sessions: 0.1 KiB less each).
 #[derive(Default)]
 pub(crate) struct Rare {
-    /// Retries whose backoff is over, first come first served, before fresh resources.
-    pub(crate) ready: VecDeque<(usize, u32, Instant)>,
     /// Retries waiting on their backoff timer, by resource index.
     pub(crate) waiting: HashMap<usize, Waiting>,
     /// Final outcomes the store failed to record, kept for the finalizer.
@@ -103,8 +96,7 @@ impl SessionState {
     pub(crate) fn new() -> Self {
         Self {
             phase: Phase::Running,
-            next_fresh: 0,
-            in_flight: HashMap::default(),
+            workers: tokio::task::JoinSet::new(),
             done: 0,
             monitor: None,
             writes: OutcomeWrites::default(),
@@ -121,22 +113,6 @@ impl SessionState {
     /// The retry waiting for resource `index`, taken out.
     pub(crate) fn take_waiting(&mut self, index: usize) -> Option<Waiting> {
         self.rare.as_mut()?.waiting.remove(&index)
-    }
-
-    /// The next attempt to start: a due retry first (with its resource's first start),
-    /// else a fresh resource (no first start yet).
-    pub(crate) fn next_attempt(&mut self, total: usize) -> Option<(usize, u32, Option<Instant>)> {
-        if let Some(rare) = &mut self.rare
-            && let Some((index, attempt, first_started)) = rare.ready.pop_front()
-        {
-            return Some((index, attempt, Some(first_started)));
-        }
-        if self.next_fresh < total {
-            let index = self.next_fresh;
-            self.next_fresh += 1;
-            return Some((index, 1, None));
-        }
-        None
     }
 
     /// Stops retry timers but keeps the waiting resources, so finalization still knows the
@@ -195,16 +171,11 @@ impl SessionState {
         self.rare.as_ref().is_some_and(|r| r.taken_over)
     }
 
-    /// Kills every worker still running (`myself`: the session's own cell) and returns
-    /// them. A killed worker drops its attempt at its next `.await`.
-    pub(crate) fn kill_workers(&self, myself: &ActorCell) -> Vec<ActorCell> {
-        // A worker no longer among the children has ended: its exit is in the mailbox.
-        let mut workers = myself.get_children();
-        workers.retain(|child| self.in_flight.contains_key(&child.get_id()));
-        for worker in &workers {
-            worker.kill();
-        }
-        workers
+    /// Kills every worker still running (the queue closed, and they written off): a
+    /// killed worker drops its attempt at its next `.await` and reports it as killed.
+    pub(crate) fn kill_workers(&mut self, dispatch: &Dispatch) {
+        dispatch.kill();
+        self.workers.abort_all();
     }
 
     /// Forgets the workers ([`Self::kill_workers`] stopped them), stops every timer, and
@@ -215,10 +186,11 @@ impl SessionState {
     pub(crate) fn wind_down(
         &mut self,
         resources: &Arc<[ResourceId]>,
+        dispatch: &Dispatch,
         whole: bool,
         budget: &crate::budget::BudgetSource,
     ) -> Local {
-        let in_flight = self.stop_all(resources);
+        let in_flight = self.stop_all(resources, dispatch);
         let (unrecorded, store_errors) = match &mut self.rare {
             Some(rare) => (
                 std::mem::take(&mut rare.unrecorded),
@@ -240,23 +212,22 @@ impl SessionState {
         }
     }
 
-    fn stop_all(&mut self, resources: &[ResourceId]) -> InFlight {
+    fn stop_all(&mut self, resources: &[ResourceId], dispatch: &Dispatch) -> InFlight {
         let mut unfinished = InFlight::new();
         let mut note = |index: usize, attempts: u32, first: Instant| {
             if let Some(id) = resources.get(index) {
                 unfinished.insert(id.clone(), (attempts, first.elapsed()));
             }
         };
-        for (_, slot) in self.in_flight.drain() {
-            note(slot.index, slot.attempt, slot.times.first_started);
+        // In flight (with the attempts made so far), and ready to run again (made one
+        // fewer).
+        for (index, attempts, first) in dispatch.drain() {
+            note(index, attempts, first);
         }
         if let Some(rare) = &mut self.rare {
             for (index, w) in rare.waiting.drain() {
                 w.timer.abort();
                 note(index, w.next_attempt - 1, w.first_started);
-            }
-            for (index, attempt, first) in rare.ready.drain(..) {
-                note(index, attempt - 1, first);
             }
             if let Some(t) = rare.abort_timer.take() {
                 t.abort();

@@ -1,15 +1,29 @@
-//! What a `ResourceWorker` says. It takes no commands: it runs one attempt from `post_start`
-//! and stops. Its report travels in its final state, which ractor hands to the SessionActor
-//! inside `SupervisionEvent::ActorTerminated`, so the report and the worker's exit arrive as
-//! one event and can never be seen out of order. A panic arrives as `ActorFailed` instead.
-//! The session times attempts itself (it knows when it spawned the worker and when it heard
-//! of its exit), so a worker reads no clock unless it has a limit to watch.
+//! What a `ResourceWorker` says: how each attempt it ran ended, as one
+//! [`SessionMessage::AttemptEnded`](crate::SessionMessage::AttemptEnded) each. A worker
+//! takes no messages; the session times attempts itself (the queue notes when each
+//! started), so a worker reads no clock unless it has a limit to watch.
 
-/// A worker takes no messages (the enum has no variants).
+/// How one attempt ended, as the worker reports it to its session. Made only by the
+/// library's workers.
 #[derive(Debug)]
-pub(crate) enum WorkerMessage {}
+pub struct AttemptReport {
+    /// The attempt's key in the session's queue.
+    pub(crate) key: u64,
+    pub(crate) ended: Ended,
+}
 
-/// How one attempt ended (a panic is reported by ractor, not here).
+/// How an attempt ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// The harvest returned, or a limit cut it.
+    Report(AttemptResult),
+    /// The user's harvest panicked, with the message.
+    Panicked(String),
+    /// The attempt was dropped before it ended (its worker was killed).
+    Killed,
+}
+
+/// How one attempt ended when it was not a panic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum AttemptResult {
     /// The harvest returned `Ok`.
