@@ -783,3 +783,64 @@ async fn a_nul_character_in_an_error_text_is_stored_replaced_and_blocks_nothing(
     )));
     sup.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_chunks_are_stored_with_lz4_where_the_server_has_it() {
+    // A chunk of events is tens of KiB of JSON, compressed as it is stored: pglz, the
+    // server's default, was a large part of the writer's time per resource.
+    let test = "event_chunks_are_stored_with_lz4_where_the_server_has_it";
+    let Some(pg) = server(test) else {
+        return;
+    };
+    let options = pg.options();
+    let schema = options.schema_name().to_owned();
+    let store = PostgresStore::connect_with(options).await.expect("connect");
+    let owner = NodeId::new();
+    let fence = harvest_supervisor::Fence::new(owner);
+    let id = SessionId::new();
+    store
+        .create_session(NewSession {
+            id,
+            harvester_id: "csw".into(),
+            resources: vec!["r0".into()].into(),
+            started: chrono::Utc::now(),
+            workflow_time: Duration::from_secs(60),
+            config: SessionConfig::default().into(),
+            owner,
+        })
+        .await
+        .expect("create");
+    for seq in 1..=256 {
+        let event = harvest_supervisor::SessionEvent {
+            seq,
+            at: chrono::Utc::now(),
+            session_id: id,
+            harvester_id: "csw".into(),
+            kind: EventKind::WorkerFailed {
+                resource_id: format!("r{seq}").into(),
+                attempt: 1,
+                error: format!("remote said 500 for resource number {seq} of the catalogue"),
+            },
+        };
+        store.append_event(fence, event).expect("append");
+    }
+    store.flush().await.expect("flush");
+    let (client, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let server_has_lz4 = client
+        .batch_execute("SET default_toast_compression = 'lz4'")
+        .await
+        .is_ok();
+    let rows = client
+        .query(
+            &format!("SELECT DISTINCT pg_column_compression(body) FROM {schema}.event_chunks"),
+            &[],
+        )
+        .await
+        .expect("query");
+    let methods: Vec<Option<String>> = rows.iter().map(|r| r.get(0)).collect();
+    let expected = if server_has_lz4 { "lz4" } else { "pglz" };
+    assert_eq!(methods, [Some(expected.to_owned())], "{methods:?}");
+}
