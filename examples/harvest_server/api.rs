@@ -20,6 +20,8 @@ pub(crate) struct App {
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// A permit per open event stream (`--max-streams`).
     pub(crate) streams: Arc<tokio::sync::Semaphore>,
+    /// Finished sessions' timelines, and a cap on folds at once.
+    pub(crate) timelines: Arc<crate::timeline::Timelines>,
 }
 
 /// `GET /metrics`: the library's metrics, in Prometheus' text format (see

@@ -476,6 +476,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         defaults: Arc::new(server_session_config()),
         closing: tokio_util::sync::CancellationToken::new(),
         metrics,
+        timelines: Arc::new(timeline::Timelines::new()),
         streams: Arc::new(tokio::sync::Semaphore::new(
             usize::try_from(args.max_streams).unwrap_or(usize::MAX),
         )),

@@ -67,6 +67,7 @@ impl Server {
             defaults: Arc::new(server_session_config()),
             closing: tokio_util::sync::CancellationToken::new(),
             metrics,
+            timelines: Arc::new(timeline::Timelines::new()),
             streams: Arc::new(tokio::sync::Semaphore::new(TEST_MAX_STREAMS)),
         };
         let closing = app.closing.clone();
@@ -1743,4 +1744,60 @@ async fn now_warns_of_attempts_cut_for_a_silent_heartbeat() {
     assert_eq!(status(&r), 202);
     server.record_when(&id, "aborted").await;
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_sessions_timeline_is_folded_once_a_running_ones_each_time() {
+    // A finished session's log never changes: its summary is kept (`Cache-Status: hit`),
+    // so asking again costs no fold of its whole log. A running one's is folded each time.
+    let server = Server::start().await;
+    let timeline = async |id: &str| {
+        let r = server
+            .http
+            .get(format!("{}/sessions/{id}/timeline?buckets=9", server.base))
+            .send()
+            .await
+            .expect("timeline");
+        assert_eq!(r.status().as_u16(), 200);
+        let cache = r
+            .headers()
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        (cache, r.text().await.expect("body"))
+    };
+    let running = started(
+        server
+            .start_session("hangs", json!({ "resources": ["hang-1", "r2"] }))
+            .await,
+    )
+    .await;
+    for _ in 0..2 {
+        let (cache, _) = timeline(&running).await;
+        assert_eq!(
+            cache, "harvest-server; fwd=miss",
+            "a running session's is not kept"
+        );
+    }
+    let done = started(server.start_session("done", json!({ "count": 30 })).await).await;
+    server.record_when(&done, "finished-all-ok").await;
+    // Kept once the fold has seen the log's end (`SessionFinished` may be written just
+    // after the record says finished).
+    let mut first = None;
+    for _ in 0..100 {
+        let (cache, body) = timeline(&done).await;
+        if cache == "harvest-server; hit" {
+            first = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = first.expect("a finished session's timeline is kept");
+    let (cache, again) = timeline(&done).await;
+    assert_eq!(cache, "harvest-server; hit");
+    assert_eq!(again, first, "the same summary");
+    let t: serde_json::Value = serde_json::from_str(&first).expect("json");
+    assert_eq!(t["record"]["status"], "finished-all-ok");
+    assert_eq!(t["buckets"].as_array().map(Vec::len), Some(9));
 }

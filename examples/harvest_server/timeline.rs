@@ -152,6 +152,8 @@ struct Fold {
     ends: HashMap<u64, End>,
     hasher: std::collections::hash_map::RandomState,
     last_seq: u64,
+    /// The log's last event, `SessionFinished`, was folded: the summary is final.
+    finished: bool,
 }
 
 /// A resource's ending as counted: when, which kind, whether its failure is in the list.
@@ -170,6 +172,7 @@ impl Fold {
 
     fn event(&mut self, e: &SessionEvent) {
         self.last_seq = e.seq;
+        self.finished |= matches!(e.kind, EventKind::SessionFinished { .. });
         let at = offset_ms(self.t0, e.at);
         let kind = &e.kind;
         match kind {
@@ -303,7 +306,7 @@ pub(crate) async fn timeline(
     State(app): State<App>,
     SessionPath(id): SessionPath,
     JsonQuery(q): JsonQuery<TimelineQuery>,
-) -> Result<Json<Timeline>, ApiError> {
+) -> Result<Response, ApiError> {
     let buckets = match q.buckets {
         None => DEFAULT_BUCKETS,
         Some(n) if (1..=MAX_BUCKETS).contains(&n) => n,
@@ -314,6 +317,40 @@ pub(crate) async fn timeline(
             ));
         }
     };
+    let json = |body: axum::body::Bytes, status: &'static str| {
+        (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::HeaderName::from_static("cache-status"), status),
+            ],
+            body,
+        )
+            .into_response()
+    };
+    if let Some(body) = app.timelines.done.get(&(id, buckets)) {
+        return Ok(json(body, "harvest-server; hit"));
+    }
+    // A fold of a long log keeps a core busy while it reads and folds page after page:
+    // a few at a time, the others wait their turn (never the supervision).
+    // (Never closed: a turn always comes.)
+    let _turn = app.timelines.folds.acquire().await.ok();
+    let (timeline, finished) = fold(&app, id, buckets).await?;
+    let body = axum::body::Bytes::from(serde_json::to_vec(&timeline).map_err(|e| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "error": e.to_string(), "code": "unavailable" }),
+        )
+    })?);
+    if finished {
+        // A finished session's log never changes: its summary is served as it is.
+        app.timelines.done.insert((id, buckets), body.clone());
+    }
+    Ok(json(body, "harvest-server; fwd=miss"))
+}
+
+/// Session `id`'s summary over `buckets`, and whether it is final (the session's log
+/// was folded to its end).
+async fn fold(app: &App, id: SessionId, buckets: usize) -> Result<(Timeline, bool), ApiError> {
     let record = app.supervisor.session(id).await?;
     let t0 = record.started;
     let deadline_ms = record.workflow_time.as_secs_f64() * 1000.0;
@@ -340,6 +377,7 @@ pub(crate) async fn timeline(
         ends: HashMap::new(),
         hasher: std::collections::hash_map::RandomState::new(),
         last_seq: 0,
+        finished: false,
     };
     loop {
         let page = app.supervisor.events_after(id, fold.last_seq, PAGE).await?;
@@ -414,7 +452,8 @@ pub(crate) async fn timeline(
             None
         }
     };
-    Ok(Json(Timeline {
+    let finished = fold.finished && record.ended.is_some();
+    let timeline = Timeline {
         counts,
         t0,
         span_ms,
@@ -432,7 +471,31 @@ pub(crate) async fn timeline(
         lanes: fold.lanes.map(|(lanes, _)| lanes),
         last_seq: fold.last_seq,
         record,
-    }))
+    };
+    Ok((timeline, finished))
+}
+
+/// Finished sessions' timelines, and the folds running at once.
+pub(crate) struct Timelines {
+    /// Serialized, by session and buckets: a finished session's log never changes.
+    done: quick_cache::sync::Cache<(SessionId, usize), axum::body::Bytes>,
+    /// A permit per fold running.
+    folds: tokio::sync::Semaphore,
+}
+
+/// Finished sessions' timelines kept at most (each at most a few hundred KiB: the
+/// buckets, lanes, failures and ticks are all capped).
+const CACHED_TIMELINES: usize = 64;
+/// Folds running at once at most (one per core on the reference machine).
+const FOLDS: usize = 2;
+
+impl Timelines {
+    pub(crate) fn new() -> Self {
+        Self {
+            done: quick_cache::sync::Cache::new(CACHED_TIMELINES),
+            folds: tokio::sync::Semaphore::new(FOLDS),
+        }
+    }
 }
 
 use std::collections::HashMap;
