@@ -32,7 +32,7 @@ use crate::finalizer::{self, Deps, Finalized, Lifecycle, Mode};
 use crate::model::{FinalizeReason, HarvesterId, ResourceId, SessionId, SessionStatus};
 use crate::monitor::{MonitorActor, MonitorArgs};
 use crate::supervisor::SupervisorMessage;
-use attempts::{on_child_event, on_report};
+use attempts::{on_child_event, on_report, record_ended};
 pub use messages::SessionMessage;
 use state::{Phase, SessionState};
 
@@ -505,6 +505,8 @@ async fn finalize_now(
     s.st.phase = Phase::Finalized;
     s.shared.cancel.cancel();
     s.st.kill_workers(&s.shared.dispatch);
+    // What ended before the session read it is an outcome, not an unfinished resource.
+    record_ended(myself, s);
     // Every outcome write must be answered first: a failed one is reconciled from memory.
     s.st.writes.drain().await;
     s.st.settle_writes(&s.shared.emitter);

@@ -719,8 +719,12 @@ fn force(state: &mut RootState, id: SessionId, reason: FinalizeReason) {
     }
     running.forcing = true;
     running.shared.cancel.cancel();
-    // Its children (the monitor) are killed with it, and its workers' tasks aborted as its
-    // state is dropped: noted first, so that the finalization waits for them too.
+    // Its workers are killed now (their attempts dropped at their next `.await`, none
+    // started any more), not when its dropped state reaches this root: ractor hands a
+    // killed actor's state over in its termination event.
+    running.shared.dispatch.kill();
+    // Its children (the monitor) are killed with it: noted first, so that the
+    // finalization waits for them, and for its workers, too.
     let actor = running.actor.get_cell();
     let children = actor.get_children();
     // Kill, not stop: a stuck handler never returns, and kill drops it at its next await.

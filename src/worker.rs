@@ -43,10 +43,27 @@ pub(crate) fn spawn(
     workers.spawn(shared.worker_exits.track_future(work));
 }
 
-/// The worker: attempts until the queue has none for it.
+/// The worker: attempts until the queue has none for it, or until the session (or the
+/// root) kills its workers, whichever comes first (the attempt is dropped then).
 async fn run(shared: Arc<SessionShared>, session: ActorRef<SessionMessage>, generation: u32) {
+    tokio::select! {
+        () = attempts(&shared, &session, generation) => {}
+        () = shared.dispatch.until_killed(generation) => {}
+    }
+}
+
+async fn attempts(
+    shared: &Arc<SessionShared>,
+    session: &ActorRef<SessionMessage>,
+    generation: u32,
+) {
     loop {
+        // The attempt's token is taken under the queue's lock, as its start is logged: a
+        // self-fencing session closes the queue before it cancels the running attempts'
+        // token, so an attempt is either not started or cancelled with the others.
+        let mut cancel = None;
         let claimed = shared.dispatch.next(generation, |c| {
+            cancel = Some(shared.cancel.token());
             if let Some(resource_id) = shared.resources.get(c.index).cloned() {
                 shared.emitter.emit(EventKind::WorkerStarted {
                     resource_id,
@@ -57,14 +74,21 @@ async fn run(shared: Arc<SessionShared>, session: ActorRef<SessionMessage>, gene
         let Some(claimed) = claimed.await else {
             return;
         };
-        let ended = attempt(&shared, &session, &claimed).await;
-        let report = AttemptReport {
-            key: claimed.key,
-            ended,
-        };
-        if session
-            .send_message(SessionMessage::AttemptEnded(report))
-            .is_err()
+        let cancel = cancel.unwrap_or_else(|| shared.cancel.token());
+        let ended = attempt(shared, session, &claimed, cancel).await;
+        if fails_fast(shared, &claimed, &ended) {
+            // The session will finalize on it: no more attempts start meanwhile (it opens
+            // the queue again if it decides otherwise, e.g. for a self-fenced node).
+            shared.dispatch.close();
+        }
+        // Kept in the queue, then told: should the session finalize before it reads the
+        // report, it still records this outcome (see `Dispatch::take_ended`).
+        if shared.dispatch.finish(claimed.key, ended)
+            && session
+                .send_message(SessionMessage::AttemptEnded(AttemptReport {
+                    key: claimed.key,
+                }))
+                .is_err()
         {
             return; // the session is gone
         }
@@ -74,11 +98,25 @@ async fn run(shared: Arc<SessionShared>, session: ActorRef<SessionMessage>, gene
     }
 }
 
+/// Whether the session will finalize with `FailFast` on this attempt: a failure with no
+/// retry left, under that policy.
+fn fails_fast(shared: &SessionShared, c: &Claimed, ended: &Ended) -> bool {
+    let failed = matches!(
+        ended,
+        Ended::Panicked(_)
+            | Ended::Report(AttemptResult::Failed(_) | AttemptResult::TimedOut { .. })
+    );
+    failed
+        && shared.config.failure_policy == crate::config::FailurePolicy::FailFast
+        && c.attempt >= shared.config.retry.max_attempts
+}
+
 /// One attempt, with its panic caught.
 async fn attempt(
     shared: &Arc<SessionShared>,
     session: &ActorRef<SessionMessage>,
     c: &Claimed,
+    cancel: tokio_util::sync::CancellationToken,
 ) -> Ended {
     shared.meters.attempt_started(
         c.first
@@ -88,8 +126,9 @@ async fn attempt(
     let Some(resource_id) = shared.resources.get(c.index).cloned() else {
         return Ended::Report(AttemptResult::Failed("no such resource".into()));
     };
-    // Reports the attempt as killed if it is dropped before it ends (tokio's abort).
+    // Reports the attempt as killed if it is dropped before it ends (a kill).
     let mut unreported = Unreported {
+        shared,
         session,
         key: Some(c.key),
     };
@@ -104,7 +143,7 @@ async fn attempt(
         resource_id,
         attempt: c.attempt,
         started: c.started,
-        cancel: shared.cancel.token(),
+        cancel,
     };
     let ended = std::panic::AssertUnwindSafe(async { in_span!(&span, run_attempt(args)) })
         .catch_unwind()
@@ -129,20 +168,19 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Tells the session that an attempt was dropped before it ended, when dropped armed.
 struct Unreported<'a> {
+    shared: &'a SessionShared,
     session: &'a ActorRef<SessionMessage>,
     key: Option<u64>,
 }
 
 impl Drop for Unreported<'_> {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            let report = AttemptReport {
-                key,
-                ended: Ended::Killed,
-            };
+        if let Some(key) = self.key.take()
+            && self.shared.dispatch.finish(key, Ended::Killed)
+        {
             let _ = self
                 .session
-                .send_message(SessionMessage::AttemptEnded(report));
+                .send_message(SessionMessage::AttemptEnded(AttemptReport { key }));
         }
     }
 }

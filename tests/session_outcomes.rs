@@ -246,6 +246,74 @@ async fn fail_fast_finalizes_on_the_first_final_failure_and_cancels_the_rest() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn fail_fast_starts_nothing_after_the_failure_and_loses_no_outcome_that_ended() {
+    // Workers take their next attempt as soon as they report one. Under FailFast the
+    // worker whose failure is final closes the queue itself (the session has not read it
+    // yet): nothing new starts. And whatever ended before the session read it is recorded
+    // as it ended, never as cancelled (found by review: ok-3 and ok-4 ran after fail-1
+    // and were recorded `Cancelled`).
+    let ran = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = Arc::clone(&ran);
+    let harvest = harvest_fn(move |ctx: HarvestContext| {
+        let seen = Arc::clone(&seen);
+        async move {
+            seen.lock().unwrap().push(ctx.resource_id.to_string());
+            common::scripted(ctx).await
+        }
+    });
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let cfg = config()
+        .with_failure_policy(FailurePolicy::FailFast)
+        .with_max_concurrency(2);
+    let sup = supervisor_with(harvest, cfg, &rec).await;
+    let id = sup
+        .start_session("csw", ["ok-0", "fail-1", "hang-2", "ok-3", "ok-4"])
+        .await
+        .expect("start");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::FailFast));
+    let ran = ran.lock().unwrap().clone();
+    assert!(
+        !ran.iter().any(|r| r == "ok-3" || r == "ok-4"),
+        "nothing starts after the failure: {ran:?}"
+    );
+    let outcomes = sup.outcomes(id).await.expect("outcomes");
+    let of = |r: &str| {
+        outcomes
+            .iter()
+            .find(|o| o.resource_id.as_str() == r)
+            .map(|o| o.outcome.clone())
+    };
+    assert_eq!(of("ok-0"), Some(ResourceOutcome::Succeeded), "{outcomes:?}");
+    assert!(matches!(of("fail-1"), Some(ResourceOutcome::Failed { .. })));
+    assert_eq!(record.counts.succeeded, 1);
+    assert_eq!(record.counts.failed, 1);
+    assert_eq!(record.counts.total(), 5);
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_that_ended_before_a_deadline_finalization_are_recorded_as_they_ended() {
+    // Many no-op resources and one that hangs: the deadline finalizes the session. Every
+    // no-op attempt that ran ended well before it and is a success, whether or not the
+    // session had read its report; only the hanging one is unfinished (timed out).
+    let rec = Recorder::new(FinalizerMode::Ok);
+    let sup = supervisor(config().with_max_concurrency(4), &rec).await;
+    let mut resources = vec!["hang-0".to_owned()];
+    resources.extend((1..200).map(|i| format!("ok-{i}")));
+    let id = sup.start_session("csw", resources).await.expect("start");
+    let record = finished(&sup, id).await;
+    assert_eq!(record.reason(), Some(FinalizeReason::DeadlineExpired));
+    assert_eq!(
+        (record.counts.succeeded, record.counts.timed_out),
+        (199, 1),
+        "{:?}",
+        record.counts
+    );
+    sup.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(start_paused = true)]
 async fn never_more_than_max_concurrency_workers_are_alive() {
     let alive = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));

@@ -25,11 +25,13 @@ pub(super) async fn on_report(
         // Already wound down (the session finalized): nothing to hear.
         return Ok(());
     };
+    let ended = slot.ended.unwrap_or(Ended::Killed);
     let next = on_attempt(
         myself,
         s,
         (slot.index, slot.attempt, slot.times),
-        report.ended,
+        ended,
+        false,
     );
     if s.st.writes.over_limit() {
         s.st.writes.throttle().await;
@@ -44,6 +46,22 @@ pub(super) async fn on_report(
         return finalize(myself, s, reason).await;
     }
     advance(myself, s).await
+}
+
+/// For a session that finalizes now: records the outcomes of attempts that ended before
+/// it read their reports (a worker takes its next attempt at once), as it would have had
+/// it read them first; what was killed, or runs still, stays unfinished.
+pub(super) fn record_ended(myself: &ActorRef<SessionMessage>, s: &mut Session) {
+    for slot in s.shared.dispatch.take_ended() {
+        let ended = slot.ended.unwrap_or(Ended::Killed);
+        let _ = on_attempt(
+            myself,
+            s,
+            (slot.index, slot.attempt, slot.times),
+            ended,
+            true,
+        );
+    }
 }
 
 /// The session's children are its monitor (its workers are tasks, not actors): a crashed
@@ -75,14 +93,16 @@ pub(super) async fn on_child_event(
 
 /// One attempt ended: schedule its retry, or record its final outcome. Returns the reason
 /// to finalize now (`FailFast`), if any. The caller then throttles the writes, and calls
-/// [`advance`] (or finalizes).
+/// [`advance`] (or finalizes). `last`: the session is finalizing, and records what ended
+/// before it read the report (see [`record_ended`]).
 fn on_attempt(
     myself: &ActorRef<SessionMessage>,
     s: &mut Session,
     (index, attempt, times): (usize, u32, Times),
     ended: Ended,
+    last: bool,
 ) -> Option<FinalizeReason> {
-    if s.st.phase == Phase::Finalized {
+    if s.st.phase == Phase::Finalized && !last {
         return None;
     }
     let resource_id = s.shared.resources.get(index).cloned()?;
@@ -96,9 +116,9 @@ fn on_attempt(
     let outcome = match ended {
         Ended::Report(AttemptResult::Succeeded) => ResourceOutcome::Succeeded,
         Ended::Report(AttemptResult::Failed(error)) => ResourceOutcome::Failed { error },
-        Ended::Killed => ResourceOutcome::Failed {
-            error: "the worker was stopped before the attempt ended".to_owned(),
-        },
+        // Dropped by a kill: while the session runs (a self-fenced node's kill), a cut
+        // attempt that runs again below, however late its report is read.
+        Ended::Killed => ResourceOutcome::Cancelled,
         Ended::Report(AttemptResult::TimedOut { .. }) => ResourceOutcome::TimedOut,
         Ended::Report(AttemptResult::Cancelled) => ResourceOutcome::Cancelled,
         Ended::Panicked(message) => ResourceOutcome::Panicked { message },

@@ -35,6 +35,8 @@ pub(crate) struct Dispatch {
     /// workers then wait too, and nothing piles up in its mailbox). A worker takes a
     /// permit for each attempt; the session gives it back when it reads the report.
     room: tokio::sync::Semaphore,
+    /// Told when the workers are killed (see [`Self::until_killed`]).
+    killed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -73,6 +75,7 @@ impl Dispatch {
                 ..Queue::default()
             }),
             room: tokio::sync::Semaphore::new(room),
+            killed: tokio::sync::Notify::new(),
         }
     }
 
@@ -137,6 +140,7 @@ impl Dispatch {
                 index,
                 attempt,
                 times,
+                ended: None,
             },
         );
         let claimed = Claimed {
@@ -173,13 +177,63 @@ impl Dispatch {
         self.lock().open = false;
     }
 
-    /// Closes the queue and writes its workers off (the session kills them): a killed
-    /// worker that still reaches the queue takes nothing.
+    /// Closes the queue and kills its workers: their attempts are dropped at their next
+    /// `.await` ([`Self::until_killed`]), and a killed worker that still reaches the queue
+    /// (one whose harvest does not yield) takes nothing.
     pub(crate) fn kill(&self) {
+        {
+            let mut q = self.lock();
+            q.open = false;
+            q.workers = 0;
+            q.generation = q.generation.wrapping_add(1);
+        }
+        self.killed.notify_waiters();
+    }
+
+    /// Returns once the workers of `generation` are killed.
+    pub(crate) async fn until_killed(&self, generation: u32) {
+        loop {
+            let killed = self.killed.notified();
+            tokio::pin!(killed);
+            // Registered before the look, so a kill between the two is not missed.
+            killed.as_mut().enable();
+            if self.lock().generation != generation {
+                return;
+            }
+            killed.await;
+        }
+    }
+
+    /// Notes how the attempt with this key ended; `false` if it is no longer in flight
+    /// (the session wound down: nothing to tell).
+    pub(crate) fn finish(&self, key: u64, ended: crate::worker::Ended) -> bool {
+        match self.lock().in_flight.get_mut(&key) {
+            Some(slot) => {
+                slot.ended = Some(ended);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The attempts that ended (not killed) and whose reports the session has not read:
+    /// taken out, for a session that finalizes now to record their outcomes.
+    pub(crate) fn take_ended(&self) -> Vec<Slot> {
         let mut q = self.lock();
-        q.open = false;
-        q.workers = 0;
-        q.generation = q.generation.wrapping_add(1);
+        let keys: Vec<u64> = q
+            .in_flight
+            .iter()
+            .filter(|(_, s)| {
+                s.ended
+                    .as_ref()
+                    .is_some_and(|e| !matches!(e, crate::worker::Ended::Killed))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        let taken: Vec<Slot> = keys.iter().filter_map(|k| q.in_flight.remove(k)).collect();
+        drop(q);
+        self.room.add_permits(taken.len());
+        taken
     }
 
     /// The attempt with this key, no longer in flight (`None`: already taken out, by
@@ -265,6 +319,34 @@ mod tests {
         let drained = d.drain();
         assert_eq!(drained.len(), 2);
         assert!(drained.iter().any(|(i, n, _)| *i == a.index && *n == 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_finalizing_session_takes_what_ended_unread_and_leaves_the_rest_unfinished() {
+        use crate::worker::{AttemptResult, Ended};
+        let d = Dispatch::new(10, 2);
+        let (_, generation) = d.open_for(true, 2);
+        let mut keys = Vec::new();
+        for _ in 0..4 {
+            keys.push(d.next(generation, |_| {}).await.unwrap().key);
+        }
+        assert!(d.finish(keys[0], Ended::Report(AttemptResult::Succeeded)));
+        assert!(d.finish(keys[1], Ended::Killed));
+        assert!(d.finish(keys[2], Ended::Panicked("boom".into())));
+        // keys[3] still runs.
+        d.kill();
+        let ended = d.take_ended();
+        assert_eq!(ended.len(), 2, "the success and the panic: outcomes");
+        assert!(
+            d.take(keys[0]).is_none(),
+            "taken: its report is nothing to read"
+        );
+        let unfinished = d.drain();
+        assert_eq!(unfinished.len(), 2, "the killed one and the running one");
+        assert!(
+            !d.finish(keys[3], Ended::Report(AttemptResult::Succeeded)),
+            "wound down"
+        );
     }
 
     #[tokio::test(start_paused = true)]

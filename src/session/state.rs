@@ -45,6 +45,8 @@ pub(crate) struct Slot {
     pub(crate) index: usize,
     pub(crate) attempt: u32,
     pub(crate) times: Times,
+    /// How it ended, once it has (its report is then on its way to the session).
+    pub(crate) ended: Option<crate::worker::Ended>,
 }
 
 /// A resource waiting for its retry's backoff.
@@ -173,6 +175,7 @@ impl SessionState {
 
     /// Kills every worker still running (the queue closed, and they written off): a
     /// killed worker drops its attempt at its next `.await` and reports it as killed.
+    /// (The queue tells them; the abort is for a worker between attempts.)
     pub(crate) fn kill_workers(&mut self, dispatch: &Dispatch) {
         dispatch.kill();
         self.workers.abort_all();

@@ -1,15 +1,15 @@
-//! What a `ResourceWorker` says: how each attempt it ran ended, as one
-//! [`SessionMessage::AttemptEnded`](crate::SessionMessage::AttemptEnded) each. A worker
+//! What a `ResourceWorker` says: that an attempt it ran ended, as one
+//! `SessionMessage::AttemptEnded` each (how it ended is kept in the session's queue). A worker
 //! takes no messages; the session times attempts itself (the queue notes when each
 //! started), so a worker reads no clock unless it has a limit to watch.
 
-/// How one attempt ended, as the worker reports it to its session. Made only by the
+/// That an attempt ended: how is kept with the attempt in the session's queue, so that
+/// a session that finalizes before it reads this still records it. Made only by the
 /// library's workers.
 #[derive(Debug)]
 pub struct AttemptReport {
     /// The attempt's key in the session's queue.
     pub(crate) key: u64,
-    pub(crate) ended: Ended,
 }
 
 /// How an attempt ended.
@@ -19,7 +19,9 @@ pub(crate) enum Ended {
     Report(AttemptResult),
     /// The user's harvest panicked, with the message.
     Panicked(String),
-    /// The attempt was dropped before it ended (its worker was killed).
+    /// The attempt was dropped before it ended (its worker was killed): not an outcome;
+    /// it runs again if the session goes on (a self-fenced node's kill), else it is
+    /// unfinished.
     Killed,
 }
 
