@@ -283,7 +283,7 @@ async fn stop_taken_over(myself: &ActorRef<SessionMessage>, s: &mut Session) {
         "another node took this session over; this node stops it without finalizing"
     );
     s.shared.cancel.cancel();
-    s.st.kill_workers(&s.shared.dispatch);
+    s.st.kill_workers(&s.shared.dispatch, true);
     let _ = s.st.wind_down(
         &s.shared.resources,
         &s.shared.dispatch,
@@ -362,7 +362,7 @@ async fn on_message(
         SessionMessage::FenceGraceElapsed => {
             if s.st.phase != Phase::Finalized && s.st.is_fenced() {
                 // Their attempts come back (as killed) to run again.
-                s.st.kill_workers(&s.shared.dispatch);
+                s.st.kill_workers(&s.shared.dispatch, false);
             }
             Ok(())
         }
@@ -502,11 +502,14 @@ async fn finalize_now(
     s: &mut Session,
     reason: FinalizeReason,
 ) -> Result<(), ActorProcessingErr> {
+    // What the session was doing: attempts it had not read yet are decided as then.
+    let was = s.st.phase;
     s.st.phase = Phase::Finalized;
     s.shared.cancel.cancel();
-    s.st.kill_workers(&s.shared.dispatch);
-    // What ended before the session read it is an outcome, not an unfinished resource.
-    record_ended(myself, s);
+    s.st.kill_workers(&s.shared.dispatch, true);
+    // What ended before the session read it is decided as if read before: a final outcome
+    // is recorded; a retry or a cut stays unfinished.
+    record_ended(myself, s, was);
     // Every outcome write must be answered first: a failed one is reconciled from memory.
     s.st.writes.drain().await;
     s.st.settle_writes(&s.shared.emitter);

@@ -722,7 +722,7 @@ fn force(state: &mut RootState, id: SessionId, reason: FinalizeReason) {
     // Its workers are killed now (their attempts dropped at their next `.await`, none
     // started any more), not when its dropped state reaches this root: ractor hands a
     // killed actor's state over in its termination event.
-    running.shared.dispatch.kill();
+    running.shared.dispatch.kill(true);
     // Its children (the monitor) are killed with it: noted first, so that the
     // finalization waits for them, and for its workers, too.
     let actor = running.actor.get_cell();

@@ -2,17 +2,19 @@
 //!
 //! A session runs at most `max_concurrency` workers. Each takes its next attempt from the
 //! session's queue ([`crate::session::dispatch`]) itself, runs it under the per-attempt
-//! timeout, the heartbeat watchdog and the session's cancellation token, reports how it
-//! ended to the SessionActor (a message, [`AttemptReport`]), and takes the next one; it
-//! ends when the queue is empty or closed. A resource thus costs no actor and no trip
-//! through the session's mailbox before it starts: under load, those trips through
-//! tokio's run queues were most of a short resource's time.
+//! timeout, the heartbeat watchdog and the session's cancellation token, notes how it
+//! ended in the queue and tells the SessionActor (a message, [`AttemptReport`]), and takes
+//! the next one; it ends when the queue is empty or closed. A resource thus costs no actor
+//! and no trip through the session's mailbox before it starts: under load, those trips
+//! through tokio's run queues were most of a short resource's time. (A failure that is
+//! final under `FailFast` closes the queue at once, so nothing starts while the session
+//! reads it; an outcome the session had not read when it finalized is still recorded.)
 //!
 //! A panic in user code is caught around the attempt and reported with its message: it
-//! never takes the worker, nor the session, down. The session kills its workers (tokio's
-//! abort: the attempt is dropped at its next `.await`) when it finalizes, or when its
-//! node self-fenced and the attempts ignored their cancellation; an attempt dropped so is
-//! reported as [`Ended::Killed`].
+//! never takes the worker, nor the session, down. The session (or the root, forcing a
+//! stuck session) kills its workers through the queue (the attempt is dropped at its next
+//! `.await`) when it finalizes, or when its node self-fenced and the attempts ignored
+//! their cancellation; an attempt dropped so is reported as [`Ended::Killed`].
 
 pub(crate) mod messages;
 
@@ -76,14 +78,14 @@ async fn attempts(
         };
         let cancel = cancel.unwrap_or_else(|| shared.cancel.token());
         let ended = attempt(shared, session, &claimed, cancel).await;
-        if fails_fast(shared, &claimed, &ended) {
-            // The session will finalize on it: no more attempts start meanwhile (it opens
-            // the queue again if it decides otherwise, e.g. for a self-fenced node).
-            shared.dispatch.close();
-        }
+        // The session will finalize on a failure final under FailFast: the queue closes
+        // now and stays closed until the session has read it, so nothing starts meanwhile
+        // (it opens the queue again if it decides otherwise, e.g. a self-fenced node's
+        // cut).
+        let holds = fails_fast(shared, &claimed, &ended);
         // Kept in the queue, then told: should the session finalize before it reads the
-        // report, it still records this outcome (see `Dispatch::take_ended`).
-        if shared.dispatch.finish(claimed.key, ended)
+        // report, it still decides this outcome (see `Dispatch::take_ended`).
+        if shared.dispatch.finish(claimed.key, ended, holds)
             && session
                 .send_message(SessionMessage::AttemptEnded(AttemptReport {
                     key: claimed.key,
@@ -176,7 +178,7 @@ struct Unreported<'a> {
 impl Drop for Unreported<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take()
-            && self.shared.dispatch.finish(key, Ended::Killed)
+            && self.shared.dispatch.finish(key, Ended::Killed, false)
         {
             let _ = self
                 .session

@@ -31,7 +31,7 @@ pub(super) async fn on_report(
         s,
         (slot.index, slot.attempt, slot.times),
         ended,
-        false,
+        None,
     );
     if s.st.writes.over_limit() {
         s.st.writes.throttle().await;
@@ -48,10 +48,12 @@ pub(super) async fn on_report(
     advance(myself, s).await
 }
 
-/// For a session that finalizes now: records the outcomes of attempts that ended before
-/// it read their reports (a worker takes its next attempt at once), as it would have had
-/// it read them first; what was killed, or runs still, stays unfinished.
-pub(super) fn record_ended(myself: &ActorRef<SessionMessage>, s: &mut Session) {
+/// For a session that finalizes now: decides the attempts that ended before it read
+/// their reports (a worker takes its next attempt at once) as it would have had it read
+/// them first, in phase `was` (the one it finalized from): a final outcome is recorded; a
+/// retry or a cut stays unfinished (queued, so the finalizer counts it with its attempts);
+/// what was killed, or runs still, stays unfinished.
+pub(super) fn record_ended(myself: &ActorRef<SessionMessage>, s: &mut Session, was: Phase) {
     for slot in s.shared.dispatch.take_ended() {
         let ended = slot.ended.unwrap_or(Ended::Killed);
         let _ = on_attempt(
@@ -59,7 +61,7 @@ pub(super) fn record_ended(myself: &ActorRef<SessionMessage>, s: &mut Session) {
             s,
             (slot.index, slot.attempt, slot.times),
             ended,
-            true,
+            Some(was),
         );
     }
 }
@@ -93,16 +95,18 @@ pub(super) async fn on_child_event(
 
 /// One attempt ended: schedule its retry, or record its final outcome. Returns the reason
 /// to finalize now (`FailFast`), if any. The caller then throttles the writes, and calls
-/// [`advance`] (or finalizes). `last`: the session is finalizing, and records what ended
-/// before it read the report (see [`record_ended`]).
+/// [`advance`] (or finalizes). `finalizing`: the session is finalizing from that phase,
+/// and decides what ended before it read the report (see [`record_ended`]): nothing is
+/// scheduled then, a retry or a cut is queued to count as unfinished.
 fn on_attempt(
     myself: &ActorRef<SessionMessage>,
     s: &mut Session,
     (index, attempt, times): (usize, u32, Times),
     ended: Ended,
-    last: bool,
+    finalizing: Option<Phase>,
 ) -> Option<FinalizeReason> {
-    if s.st.phase == Phase::Finalized && !last {
+    let phase = finalizing.unwrap_or(s.st.phase);
+    if phase == Phase::Finalized {
         return None;
     }
     let resource_id = s.shared.resources.get(index).cloned()?;
@@ -142,7 +146,7 @@ fn on_attempt(
     // Cut by the node's self-fencing (cancelled while the session runs, or ended any way
     // but success while fenced): not an outcome; run again, same attempt, once the node
     // has renewed its lease.
-    let cut = s.st.phase == Phase::Running
+    let cut = phase == Phase::Running
         && (outcome == ResourceOutcome::Cancelled || (s.st.is_fenced() && !outcome.is_success()));
     if cut {
         s.shared.dispatch.push_ready(index, attempt, first_started);
@@ -154,7 +158,14 @@ fn on_attempt(
             | ResourceOutcome::Panicked { .. }
             | ResourceOutcome::TimedOut
     );
-    if s.st.phase == Phase::Running && retryable && attempt < s.shared.config.retry.max_attempts {
+    if phase == Phase::Running && retryable && attempt < s.shared.config.retry.max_attempts {
+        if finalizing.is_some() {
+            // It would have waited for its retry: unfinished, with the attempts it made.
+            s.shared
+                .dispatch
+                .push_ready(index, attempt.saturating_add(1), first_started);
+            return None;
+        }
         let delay = s.shared.config.retry.backoff(attempt);
         s.shared.meters.retried();
         s.shared.emitter.emit(EventKind::WorkerRetrying {
@@ -194,7 +205,8 @@ fn on_attempt(
     s.st.settle_writes(&s.shared.emitter);
     s.st.done += 1;
     let fail_fast = failed
-        && s.st.phase == Phase::Running
+        && finalizing.is_none()
+        && phase == Phase::Running
         && s.shared.config.failure_policy == FailurePolicy::FailFast;
     fail_fast.then_some(FinalizeReason::FailFast)
 }

@@ -4,8 +4,8 @@
 //! A worker (see [`crate::worker`]) takes its next attempt here itself, right after
 //! reporting the last one, so a resource costs no trip through the session's mailbox
 //! before it starts: the session only hears of attempts that ended (in order, through its
-//! mailbox) and decides their retries and outcomes. Everything here is under one lock held
-//! for a few map operations, never across an `.await`.
+//! mailbox) and decides their retries and outcomes. Everything here is under one lock,
+//! never held across an `.await` (a claim logs the attempt's start under it).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
@@ -61,6 +61,12 @@ struct Queue {
     /// Raised when the session kills its workers: a killed worker that still reaches the
     /// queue (one that did not yield) neither takes an attempt nor counts itself out again.
     generation: u32,
+    /// A failure final under `FailFast` ended and its report is unread: the queue stays
+    /// closed whatever else the session reads first (it finalizes on it, or, if it cuts
+    /// it, opens the queue again once it has read it).
+    held: bool,
+    /// The session finalizes (or was killed): the queue never opens again.
+    dead: bool,
 }
 
 impl Dispatch {
@@ -141,6 +147,7 @@ impl Dispatch {
                 attempt,
                 times,
                 ended: None,
+                holds: false,
             },
         );
         let claimed = Claimed {
@@ -159,6 +166,7 @@ impl Dispatch {
     /// `max` run while there is work: how many, and their generation.
     pub(crate) fn open_for(&self, open: bool, max: usize) -> (usize, u32) {
         let mut q = self.lock();
+        let open = open && !q.held && !q.dead;
         q.open = open;
         if !open {
             return (0, q.generation);
@@ -180,10 +188,13 @@ impl Dispatch {
     /// Closes the queue and kills its workers: their attempts are dropped at their next
     /// `.await` ([`Self::until_killed`]), and a killed worker that still reaches the queue
     /// (one whose harvest does not yield) takes nothing.
-    pub(crate) fn kill(&self) {
+    /// `for_good`: the session finalizes (or is killed); else (a self-fenced node's kill)
+    /// it may open the queue again.
+    pub(crate) fn kill(&self, for_good: bool) {
         {
             let mut q = self.lock();
             q.open = false;
+            q.dead |= for_good;
             q.workers = 0;
             q.generation = q.generation.wrapping_add(1);
         }
@@ -205,15 +216,20 @@ impl Dispatch {
     }
 
     /// Notes how the attempt with this key ended; `false` if it is no longer in flight
-    /// (the session wound down: nothing to tell).
-    pub(crate) fn finish(&self, key: u64, ended: crate::worker::Ended) -> bool {
-        match self.lock().in_flight.get_mut(&key) {
-            Some(slot) => {
-                slot.ended = Some(ended);
-                true
-            }
-            None => false,
+    /// (the session wound down: nothing to tell). `holds`: a failure final under
+    /// `FailFast`: the queue closes, and stays closed until the session has read it.
+    pub(crate) fn finish(&self, key: u64, ended: crate::worker::Ended, holds: bool) -> bool {
+        let mut q = self.lock();
+        let Some(slot) = q.in_flight.get_mut(&key) else {
+            return false;
+        };
+        slot.ended = Some(ended);
+        slot.holds = holds;
+        if holds {
+            q.held = true;
+            q.open = false;
         }
+        true
     }
 
     /// The attempts that ended (not killed) and whose reports the session has not read:
@@ -239,7 +255,14 @@ impl Dispatch {
     /// The attempt with this key, no longer in flight (`None`: already taken out, by
     /// [`Self::drain`]).
     pub(crate) fn take(&self, key: u64) -> Option<Slot> {
-        let slot = self.lock().in_flight.remove(&key);
+        let slot = {
+            let mut q = self.lock();
+            let slot = q.in_flight.remove(&key);
+            if slot.as_ref().is_some_and(|s| s.holds) {
+                q.held = false;
+            }
+            slot
+        };
         if slot.is_some() {
             self.room.add_permits(1);
         }
@@ -307,7 +330,7 @@ mod tests {
         let (n, old) = d.open_for(true, 3);
         assert_eq!(n, 3);
         let a = d.claim(old, |_| {}).unwrap();
-        d.kill();
+        d.kill(false);
         let (n, new) = d.open_for(true, 3);
         assert_eq!(n, 3, "the killed workers are written off");
         assert!(
@@ -330,11 +353,11 @@ mod tests {
         for _ in 0..4 {
             keys.push(d.next(generation, |_| {}).await.unwrap().key);
         }
-        assert!(d.finish(keys[0], Ended::Report(AttemptResult::Succeeded)));
-        assert!(d.finish(keys[1], Ended::Killed));
-        assert!(d.finish(keys[2], Ended::Panicked("boom".into())));
+        assert!(d.finish(keys[0], Ended::Report(AttemptResult::Succeeded), false));
+        assert!(d.finish(keys[1], Ended::Killed, false));
+        assert!(d.finish(keys[2], Ended::Panicked("boom".into()), false));
         // keys[3] still runs.
-        d.kill();
+        d.kill(false);
         let ended = d.take_ended();
         assert_eq!(ended.len(), 2, "the success and the panic: outcomes");
         assert!(
@@ -344,9 +367,33 @@ mod tests {
         let unfinished = d.drain();
         assert_eq!(unfinished.len(), 2, "the killed one and the running one");
         assert!(
-            !d.finish(keys[3], Ended::Report(AttemptResult::Succeeded)),
+            !d.finish(keys[3], Ended::Report(AttemptResult::Succeeded), false),
             "wound down"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fail_fast_failure_keeps_the_queue_closed_until_read_and_a_final_kill_for_good() {
+        use crate::worker::{AttemptResult, Ended};
+        let d = Dispatch::new(10, 2);
+        let (_, generation) = d.open_for(true, 2);
+        let ok = d.next(generation, |_| {}).await.unwrap().key;
+        let failed = d.next(generation, |_| {}).await.unwrap().key;
+        assert!(d.finish(ok, Ended::Report(AttemptResult::Succeeded), false));
+        assert!(d.finish(
+            failed,
+            Ended::Report(AttemptResult::Failed("x".into())),
+            true
+        ));
+        // The session reads the success first and asks for workers: none, still closed.
+        assert!(d.take(ok).is_some());
+        assert_eq!(d.open_for(true, 2).0, 0);
+        assert!(d.next(generation, |_| {}).await.is_none());
+        // Read (and, say, cut by a self-fenced node): the queue may open again.
+        assert!(d.take(failed).is_some());
+        assert!(d.open_for(true, 2).0 > 0);
+        d.kill(true);
+        assert_eq!(d.open_for(true, 2).0, 0, "killed for good: never again");
     }
 
     #[tokio::test(start_paused = true)]

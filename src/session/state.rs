@@ -47,6 +47,8 @@ pub(crate) struct Slot {
     pub(crate) times: Times,
     /// How it ended, once it has (its report is then on its way to the session).
     pub(crate) ended: Option<crate::worker::Ended>,
+    /// It ended with a failure final under `FailFast`, which holds the queue closed.
+    pub(crate) holds: bool,
 }
 
 /// A resource waiting for its retry's backoff.
@@ -176,8 +178,8 @@ impl SessionState {
     /// Kills every worker still running (the queue closed, and they written off): a
     /// killed worker drops its attempt at its next `.await` and reports it as killed.
     /// (The queue tells them; the abort is for a worker between attempts.)
-    pub(crate) fn kill_workers(&mut self, dispatch: &Dispatch) {
-        dispatch.kill();
+    pub(crate) fn kill_workers(&mut self, dispatch: &Dispatch, for_good: bool) {
+        dispatch.kill(for_good);
         self.workers.abort_all();
     }
 
