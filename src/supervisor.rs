@@ -913,6 +913,7 @@ fn abandon(myself: &ActorRef<SupervisorMessage>, state: &mut RootState) {
             timeout = %humantime::format_duration(state.config.shutdown_timeout),
             "shutdown: the session did not finish in time; the rescue (the next start's, or a live node's) will"
         );
+        running.shared.dispatch.kill(true);
         running.actor.kill();
     }
     state.by_actor.clear();

@@ -61,10 +61,10 @@ struct Queue {
     /// Raised when the session kills its workers: a killed worker that still reaches the
     /// queue (one that did not yield) neither takes an attempt nor counts itself out again.
     generation: u32,
-    /// A failure final under `FailFast` ended and its report is unread: the queue stays
-    /// closed whatever else the session reads first (it finalizes on it, or, if it cuts
+    /// Failures final under `FailFast` that ended with their reports unread: while any,
+    /// the queue stays closed whatever else the session reads first (it finalizes on it, or, if it cuts
     /// it, opens the queue again once it has read it).
-    held: bool,
+    held: u32,
     /// The session finalizes (or was killed): the queue never opens again.
     dead: bool,
 }
@@ -166,7 +166,7 @@ impl Dispatch {
     /// `max` run while there is work: how many, and their generation.
     pub(crate) fn open_for(&self, open: bool, max: usize) -> (usize, u32) {
         let mut q = self.lock();
-        let open = open && !q.held && !q.dead;
+        let open = open && q.held == 0 && !q.dead;
         q.open = open;
         if !open {
             return (0, q.generation);
@@ -226,23 +226,29 @@ impl Dispatch {
         slot.ended = Some(ended);
         slot.holds = holds;
         if holds {
-            q.held = true;
+            q.held = q.held.saturating_add(1);
             q.open = false;
         }
         true
     }
 
-    /// The attempts that ended (not killed) and whose reports the session has not read:
-    /// taken out, for a session that finalizes now to record their outcomes.
+    /// The attempts that ended (neither killed nor cancelled) and whose reports the
+    /// session has not read: taken out, for a session that finalizes now to decide them.
     pub(crate) fn take_ended(&self) -> Vec<Slot> {
         let mut q = self.lock();
         let keys: Vec<u64> = q
             .in_flight
             .iter()
+            // Killed, or cancelled by this very finalization (its token fires first):
+            // unfinished, counted with the attempt made, as one still running.
             .filter(|(_, s)| {
-                s.ended
-                    .as_ref()
-                    .is_some_and(|e| !matches!(e, crate::worker::Ended::Killed))
+                s.ended.as_ref().is_some_and(|e| {
+                    !matches!(
+                        e,
+                        crate::worker::Ended::Killed
+                            | crate::worker::Ended::Report(crate::worker::AttemptResult::Cancelled)
+                    )
+                })
             })
             .map(|(k, _)| *k)
             .collect();
@@ -259,7 +265,7 @@ impl Dispatch {
             let mut q = self.lock();
             let slot = q.in_flight.remove(&key);
             if slot.as_ref().is_some_and(|s| s.holds) {
-                q.held = false;
+                q.held = q.held.saturating_sub(1);
             }
             slot
         };
@@ -354,7 +360,7 @@ mod tests {
             keys.push(d.next(generation, |_| {}).await.unwrap().key);
         }
         assert!(d.finish(keys[0], Ended::Report(AttemptResult::Succeeded), false));
-        assert!(d.finish(keys[1], Ended::Killed, false));
+        assert!(d.finish(keys[1], Ended::Report(AttemptResult::Cancelled), false));
         assert!(d.finish(keys[2], Ended::Panicked("boom".into()), false));
         // keys[3] still runs.
         d.kill(false);
@@ -365,7 +371,8 @@ mod tests {
             "taken: its report is nothing to read"
         );
         let unfinished = d.drain();
-        assert_eq!(unfinished.len(), 2, "the killed one and the running one");
+        assert_eq!(unfinished.len(), 2, "the cancelled one and the running one");
+        assert!(unfinished.iter().all(|(_, attempts, _)| *attempts == 1));
         assert!(
             !d.finish(keys[3], Ended::Report(AttemptResult::Succeeded), false),
             "wound down"
@@ -389,9 +396,23 @@ mod tests {
         assert!(d.take(ok).is_some());
         assert_eq!(d.open_for(true, 2).0, 0);
         assert!(d.next(generation, |_| {}).await.is_none());
-        // Read (and, say, cut by a self-fenced node): the queue may open again.
+        // Read (and, say, cut by a self-fenced node): the queue may open again; two such
+        // failures hold it until both are read.
         assert!(d.take(failed).is_some());
         assert!(d.open_for(true, 2).0 > 0);
+        let a = d.next(generation, |_| {}).await.unwrap().key;
+        let b = d.next(generation, |_| {}).await.unwrap().key;
+        assert!(d.finish(a, Ended::Panicked("a".into()), true));
+        assert!(d.finish(b, Ended::Panicked("b".into()), true));
+        assert!(d.take(a).is_some());
+        d.open_for(true, 2);
+        assert!(
+            d.next(generation, |_| {}).await.is_none(),
+            "b still holds it"
+        );
+        assert!(d.take(b).is_some());
+        d.open_for(true, 2);
+        assert!(d.next(generation, |_| {}).await.is_some());
         d.kill(true);
         assert_eq!(d.open_for(true, 2).0, 0, "killed for good: never again");
     }
